@@ -1,0 +1,195 @@
+//! `wanmig`: the command line. Thin: parses arguments, loads `vm.toml`, and
+//! calls into the library crates; `demo` chains the other commands.
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use wanmig_vmm::control::{self, Request, ServeEnd};
+use wanmig_vmm::vcpu::GuestStop;
+use wanmig_vmm::{Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "wanmig", version, about = "Live-migrate KVM virtual machines across data centres")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the VM described by vm.toml and serve its control socket.
+    Run {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Start a VM from a snapshot directory and serve its control socket.
+    Restore {
+        /// The VM's configuration (host resources: disks, console, socket).
+        config: PathBuf,
+        /// Snapshot directory written by `wanmig snapshot`.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Pause a running VM and save it to a directory (it stays paused).
+    Snapshot {
+        /// The VM's configuration (names its control socket).
+        config: PathBuf,
+        /// Directory to write (created if missing).
+        dir: PathBuf,
+        /// Resume the VM after saving.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Pause a running VM.
+    Pause {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Print a VM's state as JSON.
+    Status {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Stop a VM and its `wanmig run` process.
+    Shutdown {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Check a snapshot of the built-in test guest with its oracle.
+    Verify {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// The disk image the guest writes to, as it was at the snapshot.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
+    /// Write the built-in test guest (a multiboot kernel) to a file.
+    Testguest {
+        /// Output file.
+        #[arg(long)]
+        write: PathBuf,
+    },
+    /// Boot the test guest, snapshot it, restore it in a new process, and
+    /// show that it continues where it stopped.
+    Demo {
+        /// Work directory (default: a new temporary one, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wanmig: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: &Path) -> Result<VmConfig> {
+    Ok(VmConfig::load(config)?)
+}
+
+fn ask(config: &Path, req: &Request) -> Result<control::Response> {
+    let cfg = load(config)?;
+    Ok(control::request(&cfg.control_socket, req)?)
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let cfg = load(&config)?;
+            let mut vm = Vm::boot(&cfg).map_err(chain).context("cannot start the VM")?;
+            vm.resume();
+            eprintln!("wanmig: VM '{}' running; control socket {}", cfg.name, cfg.control_socket.display());
+            serve(vm, &cfg)
+        }
+        Command::Restore { config, from } => {
+            let cfg = load(&config)?;
+            let t = std::time::Instant::now();
+            let mut vm = Vm::restore(&cfg, &from)
+                .map_err(chain)
+                .with_context(|| format!("cannot restore from {}", from.display()))?;
+            vm.resume();
+            eprintln!(
+                "wanmig: VM '{}' restored from {} in {:.1} ms; control socket {}",
+                cfg.name,
+                from.display(),
+                t.elapsed().as_secs_f64() * 1e3,
+                cfg.control_socket.display()
+            );
+            serve(vm, &cfg)
+        }
+        Command::Snapshot { config, dir, resume } => {
+            let dir = std::path::absolute(&dir)?;
+            let r = ask(&config, &Request::Snapshot { dir: dir.clone(), resume })?;
+            let s = r.save.context("the VM answered without save figures")?;
+            println!(
+                "saved to {}: pause {:.1} ms, state {:.1} ms, memory {:.1} ms ({} MiB of non-zero pages)",
+                dir.display(),
+                s.pause_ms,
+                s.state_ms,
+                s.memory_ms,
+                s.memory_bytes >> 20
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { config } => ask(&config, &Request::Pause).map(|_| ExitCode::SUCCESS),
+        Command::Resume { config } => ask(&config, &Request::Resume).map(|_| ExitCode::SUCCESS),
+        Command::Shutdown { config } => ask(&config, &Request::Shutdown).map(|_| ExitCode::SUCCESS),
+        Command::Status { config } => {
+            let r = ask(&config, &Request::Status)?;
+            println!("{}", serde_json::to_string_pretty(&r.status)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir, disk } => {
+            let report = demo::verify(&dir, disk.as_deref())?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Testguest { write } => {
+            std::fs::write(&write, wanmig_vmm::testguest::IMAGE)
+                .with_context(|| format!("cannot write {}", write.display()))?;
+            println!(
+                "wrote {} ({} bytes): a multiboot kernel; boot it with e.g. \
+                 qemu-system-x86_64 -kernel {} -append 'ws_mib=16 rate_mib=8' -serial stdio",
+                write.display(),
+                wanmig_vmm::testguest::IMAGE.len(),
+                write.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir } => demo::run(dir).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn serve(vm: Vm, cfg: &VmConfig) -> Result<ExitCode> {
+    match control::serve(vm, &cfg.control_socket)? {
+        ServeEnd::Shutdown => Ok(ExitCode::SUCCESS),
+        ServeEnd::GuestStopped(GuestStop::Shutdown(why)) => {
+            eprintln!("wanmig: guest stopped: {why}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ServeEnd::GuestStopped(GuestStop::Failed(why)) => {
+            eprintln!("wanmig: guest failed: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Flattens an error's source chain into one anyhow message.
+fn chain(e: impl std::error::Error) -> anyhow::Error {
+    anyhow::anyhow!(control::error_chain(&e))
+}

@@ -1,0 +1,70 @@
+//! The guest-physical and I/O-port map every wanmig VM has.
+//!
+//! ```text
+//! 0x0000_0000 ..  RAM (low)          up to 3 GiB
+//!   0x0000_9000   multiboot info, command line at +0x400, memory map at +0x800
+//! 0xC000_0000 ..  MMIO gap           3 GiB .. 4 GiB
+//!   0xD000_0000   virtio-mmio slot i at + i * 0x1000, IRQ 5 + i
+//!   0xFEC0_0000   IOAPIC (in-kernel)
+//!   0xFEE0_0000   LAPIC (in-kernel)
+//! 0x1_0000_0000 ..  RAM (high)       the rest of guest RAM
+//! port 0x3f8      8250 serial, IRQ 4
+//! ```
+
+use vm_memory::GuestAddress;
+
+/// Start of the MMIO gap below 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// End of the MMIO gap (RAM resumes here).
+pub const MMIO_GAP_END: u64 = 1 << 32;
+/// First virtio-mmio slot.
+pub const VIRTIO_MMIO_BASE: u64 = 0xD000_0000;
+/// Distance between virtio-mmio slots.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// Number of virtio-mmio slots.
+pub const VIRTIO_MMIO_SLOTS: usize = 8;
+/// GSI of virtio-mmio slot 0; slot i uses `VIRTIO_IRQ_BASE + i`.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// First I/O port of the 8250 serial console.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// GSI of the serial console.
+pub const SERIAL_IRQ: u32 = 4;
+/// Where the multiboot information structure is written.
+pub const MULTIBOOT_INFO: u64 = 0x9000;
+/// Where the guest command line is written (at most [`CMDLINE_MAX`] bytes).
+pub const MULTIBOOT_CMDLINE: u64 = 0x9400;
+/// Longest command line, including its NUL.
+pub const CMDLINE_MAX: usize = 0x400;
+/// Where the multiboot memory map is written.
+pub const MULTIBOOT_MMAP: u64 = 0x9800;
+/// KVM's TSS for real-mode emulation (three pages just below the BIOS area).
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// The RAM regions of a guest with `bytes` of memory: `(start, length)`.
+pub fn ram_regions(bytes: u64) -> Vec<(GuestAddress, u64)> {
+    if bytes <= MMIO_GAP_START {
+        vec![(GuestAddress(0), bytes)]
+    } else {
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), bytes - MMIO_GAP_START)]
+    }
+}
+
+/// Base address of virtio-mmio slot `slot`.
+pub fn virtio_mmio_addr(slot: usize) -> u64 {
+    VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_STRIDE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_split_around_the_gap() {
+        assert_eq!(ram_regions(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
+        assert_eq!(ram_regions(4 << 30), vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]);
+        let last = virtio_mmio_addr(VIRTIO_MMIO_SLOTS - 1) + VIRTIO_MMIO_STRIDE;
+        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && last <= 0xFEC0_0000);
+    }
+}

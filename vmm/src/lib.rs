@@ -1,0 +1,31 @@
+//! wanmig's micro-VMM: a KVM virtual machine built on the rust-vmm crates,
+//! with everything live migration needs from it.
+//!
+//! - [`config`]: `vm.toml`.
+//! - [`vm::Vm`]: create, boot, pause/resume, save/restore a VM; harvest
+//!   dirty pages.
+//! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the
+//!   VMM's own bitmap of device writes).
+//! - [`vcpu`]: vCPU setup, run loop, register state.
+//! - [`devices`]: the 8250 console and virtio-blk over virtio-mmio, whose
+//!   writes feed a per-disk write log.
+//! - [`boot`]: the multiboot loader; [`testguest`]: the built-in guest and
+//!   its oracle.
+//! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
+//! - [`control`]: the control socket of `wanmig run`.
+//! - [`layout`]: the guest's physical and port map.
+
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod snapshot;
+pub mod state;
+pub mod testguest;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use vm::{Vm, VmError};

@@ -1,0 +1,231 @@
+//! A VM snapshot on disk: a directory with two files.
+//!
+//! - `state.bin`: everything but RAM, in the checksummed container of
+//!   [`crate::state`] (vCPUs, irqchip, PIT, clock, devices, memory layout).
+//! - `memory.bin`: guest RAM, the regions of the layout back to back. Zero
+//!   pages are holes (the file is sparse), and restore reads only the data
+//!   extents (`SEEK_DATA`/`SEEK_HOLE`).
+//!
+//! Disk images are not copied: the snapshot names their sizes and expects
+//! the same images, unmodified, at restore.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio_mmio::MmioSnapshot;
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestRam;
+use crate::state::Pod;
+use crate::vcpu::VcpuState;
+
+/// Name of the state file inside a snapshot directory.
+pub const STATE_FILE: &str = "state.bin";
+/// Name of the memory file inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
+
+/// Everything about a paused VM except its RAM contents.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    /// The VM's name at save time.
+    pub name: String,
+    /// RAM regions: (guest-physical start, length).
+    pub memory: Vec<(u64, u64)>,
+    /// One entry per vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// The 8259 PICs and the IOAPIC: master, slave, IOAPIC.
+    pub irqchips: Vec<Pod<kvm_irqchip>>,
+    /// The i8254 PIT.
+    pub pit: Pod<kvm_pit_state2>,
+    /// kvmclock.
+    pub clock: Pod<kvm_clock_data>,
+    /// The serial console.
+    pub serial: SerialSnapshot,
+    /// virtio-mmio slots in order.
+    pub virtio: Vec<MmioSnapshot>,
+}
+
+/// Errors reading or writing guest RAM files.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// An I/O error on the memory file.
+    #[error("cannot {what} the memory file")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not have the size the layout needs.
+    #[error("memory file is {found} bytes, the saved layout needs {expected}")]
+    Size {
+        /// Its size.
+        found: u64,
+        /// The layout's size.
+        expected: u64,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MemoryFileError {
+    move |source| MemoryFileError::Io { what, source }
+}
+
+/// Host view of a whole region as a byte slice.
+///
+/// # Safety
+/// The caller must ensure nothing writes the region while the slice lives
+/// (all vCPUs paused, no device activity) — or accept torn reads.
+unsafe fn region_bytes(ram: &GuestRam, start: GuestAddress, len: u64) -> &[u8] {
+    let host = ram.mem().get_host_address(start).expect("region start is mapped");
+    // SAFETY: the region is `len` bytes mapped at `host` for the lifetime of
+    // `ram`; the caller guarantees the absence of concurrent writers.
+    unsafe { std::slice::from_raw_parts(host, len as usize) }
+}
+
+/// Writes guest RAM to `path`, skipping zero pages (left as holes).
+/// Returns the number of bytes of data written.
+pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> {
+    let file = File::create(path).map_err(io("create"))?;
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    for (start, len) in ram.regions() {
+        // SAFETY: snapshots are taken with every vCPU parked; devices only
+        // run on vCPU threads.
+        let bytes = unsafe { region_bytes(ram, start, len) };
+        let mut run: Option<usize> = None; // start of a run of non-zero pages
+        for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+            let zero = is_zero(page);
+            match (run, zero) {
+                (None, false) => run = Some(i),
+                (Some(r), true) => {
+                    written += write_run(&file, bytes, r, i, offset)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(r) = run {
+            written += write_run(&file, bytes, r, bytes.len().div_ceil(PAGE_SIZE as usize), offset)?;
+        }
+        offset += len;
+    }
+    file.set_len(offset).map_err(io("size"))?;
+    file.sync_all().map_err(io("sync"))?;
+    Ok(written)
+}
+
+fn write_run(file: &File, bytes: &[u8], first: usize, end: usize, base: u64) -> Result<u64, MemoryFileError> {
+    let p = PAGE_SIZE as usize;
+    let data = &bytes[first * p..(end * p).min(bytes.len())];
+    file.write_all_at(data, base + (first * p) as u64).map_err(io("write"))?;
+    Ok(data.len() as u64)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Word-wise: the compiler vectorises this loop.
+    let (head, words, tail) = {
+        // SAFETY: any byte pattern is a valid u64; align_to handles alignment.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().fold(0, |acc, &w| acc | w) == 0 && tail.iter().all(|&b| b == 0)
+}
+
+/// Fills guest RAM from `path`, which must match the RAM's layout exactly.
+/// Reads only the file's data extents: holes are zero pages, already zero in
+/// fresh guest memory. Returns the bytes read.
+pub fn load_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> {
+    let file = File::open(path).map_err(io("open"))?;
+    let expected = ram.size();
+    let found = file.metadata().map_err(io("stat"))?.len();
+    if found != expected {
+        return Err(MemoryFileError::Size { found, expected });
+    }
+    let mut read = 0u64;
+    let mut base = 0u64;
+    for (start, len) in ram.regions() {
+        let host = ram.mem().get_host_address(start).expect("region start is mapped");
+        // SAFETY: the region is `len` bytes at `host`, alive as long as `ram`;
+        // the guest is not running while it is restored.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+        let mut at = 0u64;
+        while at < len {
+            let Some((data, hole)) = next_extent(&file, base + at, base + len)? else { break };
+            let (from, to) = ((data - base) as usize, (hole - base) as usize);
+            file.read_exact_at(&mut dst[from..to], data).map_err(io("read"))?;
+            read += (to - from) as u64;
+            at = hole - base;
+        }
+        base += len;
+    }
+    Ok(read)
+}
+
+/// The next data extent `[data, hole)` at or after `from`, clipped to `end`.
+fn next_extent(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, MemoryFileError> {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on an fd we own; no memory is passed.
+    let data = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `from`.
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(io("seek")(e)) };
+    }
+    let data = data as u64;
+    if data >= end {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(io("seek")(std::io::Error::last_os_error()));
+    }
+    Ok(Some((data, (hole as u64).min(end))))
+}
+
+/// Reads a snapshot's state and memory into plain guest memory (no KVM):
+/// for checking a snapshot with the test-guest oracle.
+pub fn load_for_inspection(dir: &Path) -> Result<(VmState, GuestRam), crate::vm::VmError> {
+    let state: VmState = crate::state::read_file(&dir.join(STATE_FILE))?;
+    let bytes = state.memory.iter().map(|(_, l)| l).sum();
+    let ram = GuestRam::new(bytes)?;
+    if ram.regions() != state.memory.iter().map(|&(s, l)| (GuestAddress(s), l)).collect::<Vec<_>>() {
+        return Err(crate::vm::VmError::Shape(format!("memory layout {:x?} is not one this VMM builds", state.memory)));
+    }
+    load_memory(&ram, &dir.join(MEMORY_FILE))?;
+    Ok((state, ram))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn memory_round_trip_is_sparse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(MEMORY_FILE);
+        let ram = GuestRam::new(64 << 20).expect("map");
+        ram.mem().write_obj(0xdead_beefu64, GuestAddress(0x1000)).expect("write");
+        ram.mem().write_slice(&[7u8; 3 * 4096], GuestAddress(0x30_0000)).expect("write");
+        ram.mem().write_obj(1u8, GuestAddress((64 << 20) - 1)).expect("write");
+        let written = save_memory(&ram, &path).expect("save");
+        assert_eq!(written, 5 * 4096);
+        let copy = GuestRam::new(64 << 20).expect("map");
+        let read = load_memory(&copy, &path).expect("load");
+        assert!(read >= written);
+        for addr in [0x1000u64, 0x30_0000, 0x30_2fff, (64 << 20) - 1, 0x50_0000] {
+            let a: u8 = ram.mem().read_obj(GuestAddress(addr)).expect("read");
+            let b: u8 = copy.mem().read_obj(GuestAddress(addr)).expect("read");
+            assert_eq!(a, b, "{addr:#x}");
+        }
+        let small = GuestRam::new(32 << 20).expect("map");
+        assert!(matches!(load_memory(&small, &path), Err(MemoryFileError::Size { .. })));
+    }
+}

@@ -1,0 +1,360 @@
+//! The built-in test guest and the oracle that checks it.
+//!
+//! The guest (C and assembly in `vmm/testguest/`, built by `build.rs`) is a
+//! multiboot kernel: wanmig, QEMU (`-kernel`) and GRUB can all boot it.
+//! `wanmig testguest --write FILE` saves it. It stamps every page of RAM from
+//! 2 MiB up with a pattern, walks a working set incrementing a generation
+//! counter, writes generation-stamped blocks to its first virtio-blk disk,
+//! and keeps its own status page at [`STATUS_GPA`]. `vmm/testguest/abi.h` is
+//! the contract; the constants here mirror it.
+//!
+//! After any save/restore or migration the oracle ([`check_memory`],
+//! [`check_disk`]) holds the guest to:
+//! - every page outside the working set still holds its pattern;
+//! - the working set holds N and N−1 with one transition edge, and its
+//!   counters add up to the step count the guest recorded (or one more);
+//! - the guest's own check of every page it touched found no error;
+//! - the disk holds exactly the writes the guest completed (or one more,
+//!   if it was paused between the device finishing a write and the guest
+//!   counting it), and nothing else.
+
+use std::fmt::Write as _;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::config::TestGuestConfig;
+use crate::memory::GuestMem;
+
+/// The guest image (a multiboot ELF).
+pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// RAM below this is the guest's own (image, page tables, boot info).
+pub const RESERVED_END: u64 = 0x20_0000;
+/// Guest-physical address of the status page.
+pub const STATUS_GPA: u64 = 0x10_1000;
+/// Word 0 of every page is `PAGE_MAGIC ^ gpa`.
+pub const PAGE_MAGIC: u64 = 0x574d_4750_4147_4530;
+/// Word 0 of every written disk block.
+pub const DISK_MAGIC: u64 = 0x574d_4744_4953_4b30;
+/// Word 0 of the status page.
+pub const STATUS_MAGIC: u64 = 0x574d_4753_5441_5431;
+/// Phase: stamping done, working set and disk writer running.
+pub const PHASE_RUNNING: u64 = 2;
+const PAGE: u64 = 4096;
+const BLOCK: usize = 4096;
+
+/// The guest's command line for `cfg`.
+pub fn cmdline(cfg: &TestGuestConfig) -> String {
+    let mut s = format!("ws_mib={} disk_kib={} disk_mib={}", cfg.ws_mib, cfg.disk_kib, cfg.disk_mib);
+    if cfg.flat_out {
+        s.push_str(" rate_mib=max");
+    } else {
+        let _ = write!(s, " rate_mib={}", cfg.rate_mib);
+    }
+    s
+}
+
+/// The guest's status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GuestStatus {
+    /// 0 booting, 1 stamping, 2 running.
+    pub phase: u64,
+    /// Working-set steps taken (one page incremented per step).
+    pub steps: u64,
+    /// First page of the working set.
+    pub ws_start: u64,
+    /// Pages in the working set.
+    pub ws_pages: u64,
+    /// Pages stamped at boot.
+    pub stamped_pages: u64,
+    /// Disk writes completed.
+    pub disk_done: u64,
+    /// Blocks in the disk region written cyclically.
+    pub disk_blocks: u64,
+    /// Mismatches the guest found itself.
+    pub errors: u64,
+    /// 10 ms timer ticks seen.
+    pub ticks: u64,
+    /// Address of the first mismatch.
+    pub first_error_gpa: u64,
+}
+
+/// What the oracle found wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OracleError {
+    /// No status page: the guest did not start, or this is not the test guest.
+    #[error("no test-guest status page at {STATUS_GPA:#x} (magic {0:#x})")]
+    NoStatus(u64),
+    /// The guest has not finished stamping its memory.
+    #[error("the test guest is not running yet (phase {0})")]
+    NotRunning(u64),
+    /// The status page describes a working set outside RAM.
+    #[error("status page describes a working set outside RAM ({start:#x}, {pages} pages)")]
+    BadWorkingSet {
+        /// Its start.
+        start: u64,
+        /// Its length.
+        pages: u64,
+    },
+    /// A page lost its pattern.
+    #[error("page {gpa:#x}: word {word} is {found:#x}, expected {expected:#x}")]
+    Page {
+        /// The page.
+        gpa: u64,
+        /// Which word.
+        word: u8,
+        /// What it holds.
+        found: u64,
+        /// What it should hold.
+        expected: u64,
+    },
+    /// The working set has more than one edge or a jump of more than one.
+    #[error("working set is not N/N-1 with one edge: page {gpa:#x} holds {found} after {previous}")]
+    Edge {
+        /// The page.
+        gpa: u64,
+        /// Its counter.
+        found: u64,
+        /// The counter of the page before it.
+        previous: u64,
+    },
+    /// The counters do not add up to the guest's step count.
+    #[error("working-set counters add up to {sum}, the guest counted {steps} steps")]
+    Steps {
+        /// Sum of counters.
+        sum: u64,
+        /// The guest's count.
+        steps: u64,
+    },
+    /// The guest itself saw a page that was not what it last wrote.
+    #[error("the guest found {errors} mismatched pages, the first at {first:#x}")]
+    GuestErrors {
+        /// How many.
+        errors: u64,
+        /// The first.
+        first: u64,
+    },
+    /// The disk image is not what the guest wrote.
+    #[error("disk block {block} is not what writes 0..{done} (or 0..={done}) left there")]
+    Disk {
+        /// First block that differs.
+        block: u64,
+        /// Writes the guest completed.
+        done: u64,
+    },
+    /// The disk image is smaller than the region the guest writes.
+    #[error("disk image is {len} bytes, the guest writes {need}")]
+    DiskTooSmall {
+        /// Image size.
+        len: u64,
+        /// Bytes the guest writes.
+        need: u64,
+    },
+}
+
+/// Reads the status page from guest memory.
+pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
+    let mut w = [0u64; 11];
+    for (i, word) in w.iter_mut().enumerate() {
+        *word = mem.read_obj(GuestAddress(STATUS_GPA + 8 * i as u64)).map_err(|_| OracleError::NoStatus(0))?;
+    }
+    if w[0] != STATUS_MAGIC {
+        return Err(OracleError::NoStatus(w[0]));
+    }
+    Ok(GuestStatus {
+        phase: w[1],
+        steps: w[2],
+        ws_start: w[3],
+        ws_pages: w[4],
+        stamped_pages: w[5],
+        disk_done: w[6],
+        disk_blocks: w[7],
+        errors: w[8],
+        ticks: w[9],
+        first_error_gpa: w[10],
+    })
+}
+
+/// What a passing memory check saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// The guest's status page.
+    pub status: GuestStatus,
+    /// Highest generation in the working set.
+    pub generation: u64,
+    /// Pages checked.
+    pub pages_checked: u64,
+}
+
+/// Checks every RAM page of a paused (or restored, not yet resumed) test guest.
+pub fn check_memory(mem: &GuestMem, regions: &[(GuestAddress, u64)]) -> Result<MemoryReport, OracleError> {
+    let status = read_status(mem)?;
+    if status.phase != PHASE_RUNNING {
+        return Err(OracleError::NotRunning(status.phase));
+    }
+    let ws = status.ws_start..status.ws_start.saturating_add(status.ws_pages.saturating_mul(PAGE));
+    let ws_inside_ram = regions.iter().any(|(s, l)| s.0 <= ws.start && ws.end <= s.0 + l);
+    if status.ws_start != RESERVED_END || !ws_inside_ram {
+        return Err(OracleError::BadWorkingSet { start: status.ws_start, pages: status.ws_pages });
+    }
+    if status.errors != 0 {
+        return Err(OracleError::GuestErrors { errors: status.errors, first: status.first_error_gpa });
+    }
+    let mut pages_checked = 0;
+    let (mut sum, mut first, mut previous, mut generation) = (0u64, None::<u64>, 0u64, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    for &(start, len) in regions {
+        let mut at = start.0.max(RESERVED_END);
+        let end = start.0 + len;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(at)).map_err(|_| OracleError::NoStatus(0))?;
+            for (i, page) in buf[..n].chunks_exact(PAGE as usize).enumerate() {
+                let gpa = at + i as u64 * PAGE;
+                let w0 = u64::from_le_bytes(page[..8].try_into().expect("8 bytes"));
+                let w1 = u64::from_le_bytes(page[8..16].try_into().expect("8 bytes"));
+                if w0 != PAGE_MAGIC ^ gpa {
+                    return Err(OracleError::Page { gpa, word: 0, found: w0, expected: PAGE_MAGIC ^ gpa });
+                }
+                if ws.contains(&gpa) {
+                    // Non-increasing along the working set, one step at most.
+                    match first {
+                        None => {
+                            first = Some(w1);
+                            generation = w1;
+                        }
+                        Some(f) if w1 == previous || (w1 + 1 == previous && w1 + 1 == f) => {}
+                        Some(_) => return Err(OracleError::Edge { gpa, found: w1, previous }),
+                    }
+                    previous = w1;
+                    sum += w1;
+                } else if w1 != 0 {
+                    return Err(OracleError::Page { gpa, word: 1, found: w1, expected: 0 });
+                }
+                pages_checked += 1;
+            }
+            at += n as u64;
+        }
+    }
+    if sum != status.steps && sum != status.steps + 1 {
+        return Err(OracleError::Steps { sum, steps: status.steps });
+    }
+    Ok(MemoryReport { status, generation, pages_checked })
+}
+
+/// The 4 KiB block that write number `seq` leaves at block `seq % blocks`.
+pub fn disk_block(seq: u64, blocks: u64) -> [u8; BLOCK] {
+    let mut b = [0u8; BLOCK];
+    for (i, w) in b.chunks_exact_mut(8).enumerate() {
+        let v = match i {
+            0 => DISK_MAGIC,
+            1 => seq,
+            2 => seq % blocks,
+            _ => DISK_MAGIC ^ (seq << 16) ^ i as u64,
+        };
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// Checks a disk image against the guest's status: it must hold exactly
+/// writes `0..done` or `0..=done`, and zeros everywhere else.
+/// Returns the number of writes it holds.
+pub fn check_disk(image: &[u8], status: &GuestStatus) -> Result<u64, OracleError> {
+    let n = status.disk_blocks;
+    let need = n * BLOCK as u64;
+    if (image.len() as u64) < need {
+        return Err(OracleError::DiskTooSmall { len: image.len() as u64, need });
+    }
+    let expect = |writes: u64, block: u64| -> Option<[u8; BLOCK]> {
+        // The last write to `block` among 0..writes.
+        (writes > block).then(|| disk_block(block + (writes - 1 - block) / n * n, n))
+    };
+    let matches = |writes: u64| -> Result<(), u64> {
+        for (block, data) in image.chunks(BLOCK).enumerate() {
+            let block = block as u64;
+            let ok = match (block < n).then(|| expect(writes, block)).flatten() {
+                Some(e) => data == e.as_slice(),
+                None => data.iter().all(|&b| b == 0),
+            };
+            if !ok {
+                return Err(block);
+            }
+        }
+        Ok(())
+    };
+    let done = status.disk_done;
+    match matches(done) {
+        Ok(()) => Ok(done),
+        Err(block) => matches(done + 1).map(|()| done + 1).map_err(|_| OracleError::Disk { block, done }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_matches_the_abi() {
+        // The status page lives where the linker script puts it, and the
+        // multiboot header is in the first 8 KiB.
+        assert!(IMAGE.len() > 4096);
+        let h = IMAGE.windows(4).take(8192).position(|w| w == 0x1BAD_B002u32.to_le_bytes());
+        assert!(h.is_some());
+        let abi = include_str!("../testguest/abi.h");
+        for (name, value) in [
+            ("RESERVED_END", RESERVED_END),
+            ("STATUS_GPA", STATUS_GPA),
+            ("PAGE_MAGIC", PAGE_MAGIC),
+            ("DISK_MAGIC", DISK_MAGIC),
+            ("STATUS_MAGIC", STATUS_MAGIC),
+            ("PHASE_RUNNING", PHASE_RUNNING),
+        ] {
+            let line = abi.lines().find(|l| l.starts_with(&format!("#define {name} "))).expect(name);
+            let text = line.split_whitespace().nth(2).expect("value").trim_end_matches("ull");
+            let parsed = if let Some(hex) = text.strip_prefix("0x") {
+                u64::from_str_radix(hex, 16)
+            } else {
+                text.parse()
+            };
+            assert_eq!(parsed, Ok(value), "{name}");
+        }
+    }
+
+    fn status(done: u64, blocks: u64) -> GuestStatus {
+        GuestStatus {
+            phase: PHASE_RUNNING,
+            steps: 0,
+            ws_start: RESERVED_END,
+            ws_pages: 0,
+            stamped_pages: 0,
+            disk_done: done,
+            disk_blocks: blocks,
+            errors: 0,
+            ticks: 0,
+            first_error_gpa: 0,
+        }
+    }
+
+    fn written(writes: u64, blocks: u64, len: usize) -> Vec<u8> {
+        let mut img = vec![0u8; len];
+        for seq in 0..writes {
+            let b = (seq % blocks) as usize;
+            img[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(seq, blocks));
+        }
+        img
+    }
+
+    #[test]
+    fn disk_oracle_accepts_exact_and_one_more() {
+        let img = written(11, 4, 8 * BLOCK);
+        assert_eq!(check_disk(&img, &status(11, 4)), Ok(11));
+        assert_eq!(check_disk(&img, &status(10, 4)), Ok(11));
+        assert!(matches!(check_disk(&img, &status(9, 4)), Err(OracleError::Disk { .. })));
+        assert!(matches!(check_disk(&img, &status(12, 4)), Err(OracleError::Disk { .. })));
+        let mut stray = img.clone();
+        stray[6 * BLOCK + 5] = 1;
+        assert!(matches!(check_disk(&stray, &status(11, 4)), Err(OracleError::Disk { block: 6, .. })));
+        assert!(matches!(check_disk(&img[..BLOCK], &status(11, 4)), Err(OracleError::DiskTooSmall { .. })));
+    }
+}

@@ -1,0 +1,499 @@
+//! A VM: KVM objects, guest RAM, devices and vCPU threads, and the
+//! operations on the whole — boot, pause, resume, save, restore, dirty
+//! tracking.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY, kvm_irqchip,
+    kvm_pit_config,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::config::{GuestConfig, SerialOutput, VmConfig};
+use crate::devices::block::{Block, DiskWriteLog};
+use crate::devices::serial::{ConsoleOut, SerialConsole};
+use crate::devices::virtio_mmio::{DeviceSnapshot, MmioTransport};
+use crate::devices::{Devices, lock};
+use crate::memory::{DirtyPages, GuestRam};
+use crate::snapshot::{self, VmState};
+use crate::state::Pod;
+use crate::{boot, layout, testguest, vcpu};
+
+/// Errors of VM operations. Each variant names the operation; the cause is
+/// its source.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened or a VM created.
+    #[error("cannot use KVM ({what})")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory setup or dirty tracking failed.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// Loading the guest failed.
+    #[error("cannot load the guest")]
+    Boot(#[from] boot::BootError),
+    /// A disk image could not be opened.
+    #[error("cannot open disk image {path}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A block device could not be set up.
+    #[error("disk {path}")]
+    Block {
+        /// The image.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: crate::devices::block::BlockError,
+    },
+    /// The serial output could not be opened.
+    #[error("cannot open serial output {path}")]
+    Serial {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Saved device state was refused.
+    #[error("cannot restore device state: {0}")]
+    DeviceState(String),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The state file was refused.
+    #[error("cannot read the VM state")]
+    State(#[from] crate::state::StateError),
+    /// The memory file was refused.
+    #[error(transparent)]
+    MemoryFile(#[from] snapshot::MemoryFileError),
+    /// The snapshot does not fit the configured VM.
+    #[error("snapshot does not match the configuration: {0}")]
+    Shape(String),
+    /// The operation needs the VM in another run state.
+    #[error("the VM is {0}")]
+    WrongState(&'static str),
+    /// vCPU threads did not stop within the deadline.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Whether the guest is executing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked; state can be saved.
+    Paused,
+}
+
+/// Timings and sizes of a save.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SaveReport {
+    /// Time to capture vCPU, irqchip and device state.
+    pub state_ms: f64,
+    /// Time to write RAM.
+    pub memory_ms: f64,
+    /// Bytes of RAM data written (zero pages excluded).
+    pub memory_bytes: u64,
+}
+
+/// A running or paused VM.
+pub struct Vm {
+    config: VmConfig,
+    // Field order matters for drop: threads are stopped in `Drop`, then the
+    // VM fd goes before the memory it maps.
+    threads: Vec<JoinHandle<()>>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    ctl: Arc<vcpu::RunControl>,
+    devices: Arc<Devices>,
+    disk_logs: Vec<Arc<DiskWriteLog>>,
+    stop_tx: Sender<(u8, vcpu::GuestStop)>,
+    stop_rx: Receiver<(u8, vcpu::GuestStop)>,
+    msr_indices: Vec<u32>,
+    run_state: RunState,
+    vm_fd: VmFd,
+    kvm: Kvm,
+    ram: GuestRam,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("name", &self.config.name).field("run_state", &self.run_state).finish_non_exhaustive()
+    }
+}
+
+fn open_console(out: &SerialOutput) -> Result<ConsoleOut, VmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::Serial { path: path.clone(), source })?,
+        ),
+    })
+}
+
+fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
+    config
+        .disks
+        .iter()
+        .map(|d| {
+            OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .map_err(|source| VmError::Disk { path: d.path.clone(), source })
+        })
+        .collect()
+}
+
+impl Vm {
+    /// Creates the KVM VM, its memory, vCPUs and (if `saved` is given, from
+    /// its state) devices. Nothing runs yet.
+    fn build(config: &VmConfig, saved: Option<&VmState>) -> Result<Self, VmError> {
+        let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm_fd = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
+        vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm("set the TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))?;
+        let mut ram = GuestRam::new(config.memory_bytes())?;
+        ram.register(&vm_fd, false)?;
+
+        let irqfd = |gsi: u32| -> Result<EventFd, VmError> {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd.register_irqfd(&evt, gsi).map_err(kvm("register an irqfd"))?;
+            Ok(evt)
+        };
+        let console = open_console(&config.serial)?;
+        let serial = match saved {
+            None => SerialConsole::new(irqfd(layout::SERIAL_IRQ)?, console),
+            Some(s) => SerialConsole::restore(irqfd(layout::SERIAL_IRQ)?, console, &s.serial)
+                .map_err(|e| VmError::DeviceState(e.to_string()))?,
+        };
+        let mut virtio = Vec::new();
+        let mut disk_logs = Vec::new();
+        for (slot, (file, disk)) in open_disks(config)?.into_iter().zip(&config.disks).enumerate() {
+            let id = format!("{}-disk{slot}", config.name);
+            let block_err = |source| VmError::Block { path: disk.path.clone(), source };
+            let irq = irqfd(layout::VIRTIO_IRQ_BASE + slot as u32)?;
+            let transport = match saved.map(|s| &s.virtio[slot]) {
+                None => {
+                    let block = Block::new(file, disk.read_only, &id).map_err(block_err)?;
+                    disk_logs.push(block.write_log());
+                    MmioTransport::new(Box::new(block), irq, ram.mem().clone())
+                }
+                Some(s) => {
+                    let DeviceSnapshot::Block(b) = &s.device;
+                    let block = Block::restore(file, disk.read_only, &id, b).map_err(block_err)?;
+                    disk_logs.push(block.write_log());
+                    MmioTransport::restore(Box::new(block), irq, ram.mem().clone(), s)
+                        .map_err(|e| VmError::DeviceState(e.to_string()))?
+                }
+            };
+            virtio.push(Mutex::new(transport));
+        }
+        let devices = Arc::new(Devices { serial: Mutex::new(serial), virtio });
+
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("create a vCPU"))?;
+            if saved.is_none() {
+                vcpu::configure(&kvm_sys, &fd, id, config.vcpus)?;
+            }
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        let (stop_tx, stop_rx) = channel();
+        let mut vm = Vm {
+            config: config.clone(),
+            threads: Vec::new(),
+            vcpus,
+            ctl: Arc::new(vcpu::RunControl::new()),
+            devices,
+            disk_logs,
+            stop_tx,
+            stop_rx,
+            msr_indices: Vec::new(),
+            run_state: RunState::Paused,
+            vm_fd,
+            kvm: kvm_sys,
+            ram,
+        };
+        if let Some(s) = saved {
+            vm.load_vm_state(s)?;
+            for (fd, v) in vm.vcpus.iter().zip(&s.vcpus) {
+                vcpu::restore(&lock(fd), v)?;
+            }
+        }
+        // The CPUID decides which MSRs exist: probe after it is set.
+        vm.msr_indices = vcpu::readable_msrs(&vm.kvm, &lock(&vm.vcpus[0]))?;
+        Ok(vm)
+    }
+
+    /// Creates a VM and loads its guest, ready to run (paused).
+    pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
+        let vm = Self::build(config, None)?;
+        let GuestConfig::Test(t) = &config.guest;
+        let entry = boot::load_multiboot(vm.ram.mem(), testguest::IMAGE, &testguest::cmdline(t), &vm.ram.regions())?;
+        vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
+        vm.spawn_threads()
+    }
+
+    /// Creates a VM from a snapshot directory, paused. The configuration
+    /// supplies host resources (disk paths, console, socket); the snapshot
+    /// everything the guest sees, and the two must agree on its shape.
+    pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmError> {
+        let state: VmState = crate::state::read_file(&dir.join(snapshot::STATE_FILE))?;
+        check_shape(config, &state)?;
+        let vm = Self::build(config, Some(&state))?;
+        snapshot::load_memory(&vm.ram, &dir.join(snapshot::MEMORY_FILE))?;
+        vm.spawn_threads()
+    }
+
+    fn spawn_threads(mut self) -> Result<Self, VmError> {
+        vcpu::install_kick_handler();
+        for (id, fd) in (0u8..).zip(&self.vcpus) {
+            let (fd, ctl, devices, tx) = (fd.clone(), self.ctl.clone(), self.devices.clone(), self.stop_tx.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_thread(id, fd, ctl, devices, tx))
+                .map_err(VmError::Thread)?;
+            self.threads.push(t);
+        }
+        Ok(self)
+    }
+
+    fn load_vm_state(&self, s: &VmState) -> Result<(), VmError> {
+        let [master, slave, ioapic] = s.irqchips.as_slice() else {
+            return Err(VmError::Shape(format!("{} irqchips saved, expected 3", s.irqchips.len())));
+        };
+        for (chip, want) in [(master, KVM_IRQCHIP_PIC_MASTER), (slave, KVM_IRQCHIP_PIC_SLAVE), (ioapic, KVM_IRQCHIP_IOAPIC)] {
+            if chip.0.chip_id != want {
+                return Err(VmError::Shape(format!("irqchip {} saved where {want} belongs", chip.0.chip_id)));
+            }
+            self.vm_fd.set_irqchip(&chip.0).map_err(kvm("restore the irqchip"))?;
+        }
+        self.vm_fd.set_pit2(&s.pit.0).map_err(kvm("restore the PIT"))?;
+        // Only the clock value is restored; flags describe the source host.
+        let clock = kvm_bindings::kvm_clock_data { clock: s.clock.0.clock, ..Default::default() };
+        self.vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
+        Ok(())
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Whether the guest is running.
+    pub fn run_state(&self) -> RunState {
+        self.run_state
+    }
+
+    /// Per-disk logs of guest writes, in disk order.
+    pub fn disk_write_logs(&self) -> &[Arc<DiskWriteLog>] {
+        &self.disk_logs
+    }
+
+    /// Starts or continues the guest.
+    pub fn resume(&mut self) {
+        self.ctl.set(vcpu::Wanted::Run);
+        self.run_state = RunState::Running;
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`, with pending I/O completed.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.run_state == RunState::Paused {
+            return Ok(());
+        }
+        self.ctl.set(vcpu::Wanted::Pause);
+        self.wait_parked()?;
+        for fd in &self.vcpus {
+            // Tells a kvmclock guest it was stopped (avoids soft-lockup
+            // warnings); EINVAL when the guest does not use kvmclock.
+            let _ = lock(fd).kvmclock_ctrl();
+        }
+        self.run_state = RunState::Paused;
+        Ok(())
+    }
+
+    fn wait_parked(&self) -> Result<(), VmError> {
+        use std::os::unix::thread::JoinHandleExt;
+        const DEADLINE: Duration = Duration::from_secs(10);
+        let start = Instant::now();
+        while !self.ctl.wait_parked(self.threads.len(), Duration::from_millis(1)) {
+            if start.elapsed() > DEADLINE {
+                return Err(VmError::PauseTimeout(DEADLINE));
+            }
+            for t in &self.threads {
+                // SAFETY: the thread is alive (we hold its JoinHandle and
+                // only join in Drop), and the signal has a handler installed.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the guest to stop by itself (shutdown,
+    /// reset, or an error KVM cannot continue from).
+    pub fn wait_guest_stop(&self, timeout: Duration) -> Option<vcpu::GuestStop> {
+        match self.stop_rx.recv_timeout(timeout) {
+            Ok((_, stop)) => Some(stop),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Captures everything but RAM. The VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        if self.run_state != RunState::Paused {
+            return Err(VmError::WrongState("running; pause it first"));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (id, fd) in (0u8..).zip(&self.vcpus) {
+            vcpus.push(vcpu::save(&lock(fd), id, &self.msr_indices)?);
+        }
+        let mut irqchips = Vec::with_capacity(3);
+        for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+            self.vm_fd.get_irqchip(&mut chip).map_err(kvm("save the irqchip"))?;
+            irqchips.push(Pod(chip));
+        }
+        Ok(VmState {
+            name: self.config.name.clone(),
+            memory: self.ram.regions().into_iter().map(|(s, l)| (s.0, l)).collect(),
+            vcpus,
+            irqchips,
+            pit: Pod(self.vm_fd.get_pit2().map_err(kvm("save the PIT"))?),
+            clock: Pod(self.vm_fd.get_clock().map_err(kvm("save kvmclock"))?),
+            serial: lock(&self.devices.serial).save(),
+            virtio: self.devices.virtio.iter().map(|d| lock(d).save()).collect(),
+        })
+    }
+
+    /// Saves the paused VM into `dir` (created if missing): state, then RAM.
+    /// Disk images are flushed to stable storage.
+    pub fn save(&self, dir: &Path) -> Result<SaveReport, VmError> {
+        let t0 = Instant::now();
+        let state = self.save_state()?;
+        lock(&self.devices.serial).flush();
+        for d in &self.config.disks {
+            if !d.read_only {
+                let f = File::open(&d.path).map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
+                f.sync_all().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| VmError::State(crate::state::StateError::Io(e)))?;
+        crate::state::write_file(&dir.join(snapshot::STATE_FILE), &state)?;
+        let t1 = Instant::now();
+        let memory_bytes = snapshot::save_memory(&self.ram, &dir.join(snapshot::MEMORY_FILE))?;
+        let t2 = Instant::now();
+        Ok(SaveReport {
+            state_ms: (t1 - t0).as_secs_f64() * 1e3,
+            memory_ms: (t2 - t1).as_secs_f64() * 1e3,
+            memory_bytes,
+        })
+    }
+
+    /// Turns KVM dirty logging on (write-protecting all guest RAM) or off.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        self.ram.register(&self.vm_fd, on)?;
+        Ok(())
+    }
+
+    /// Gets and clears the pages written since the last harvest, by vCPUs
+    /// (when dirty logging is on) and by devices.
+    pub fn harvest_dirty(&self) -> Result<DirtyPages, VmError> {
+        Ok(self.ram.harvest_dirty(&self.vm_fd)?)
+    }
+
+    /// The test guest's status page, if it is running the test guest.
+    pub fn test_guest_status(&self) -> Option<testguest::GuestStatus> {
+        testguest::read_status(self.ram.mem()).ok()
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
+
+fn check_shape(config: &VmConfig, s: &VmState) -> Result<(), VmError> {
+    let want: Vec<(u64, u64)> = layout::ram_regions(config.memory_bytes()).into_iter().map(|(a, l)| (a.0, l)).collect();
+    if s.memory != want {
+        return Err(VmError::Shape(format!(
+            "memory layout {:x?} saved, {} MiB configured gives {:x?}",
+            s.memory, config.memory_mib, want
+        )));
+    }
+    if s.vcpus.len() != usize::from(config.vcpus) || s.vcpus.iter().zip(0u8..).any(|(v, i)| v.id != i) {
+        return Err(VmError::Shape(format!("{} vCPUs saved, {} configured", s.vcpus.len(), config.vcpus)));
+    }
+    if s.virtio.len() != config.disks.len() {
+        return Err(VmError::Shape(format!("{} disks saved, {} configured", s.virtio.len(), config.disks.len())));
+    }
+    Ok(())
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.ctl.set(vcpu::Wanted::Exit);
+        // Threads in KVM_RUN must be kicked out; parked ones wake on the condvar.
+        let _ = self.wait_parked_or_exited();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        lock(&self.devices.serial).flush();
+    }
+}
+
+impl Vm {
+    fn wait_parked_or_exited(&self) -> Result<(), VmError> {
+        use std::os::unix::thread::JoinHandleExt;
+        let start = Instant::now();
+        while self.threads.iter().any(|t| !t.is_finished()) && start.elapsed() < Duration::from_secs(10) {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the thread has not finished and we hold its handle.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}

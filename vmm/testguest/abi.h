@@ -1,0 +1,54 @@
+/*
+ * The contract between the wanmig test guest and the host-side oracle
+ * (vmm/src/testguest.rs mirrors every number here; a unit test there checks
+ * the guest binary against it).
+ *
+ * Memory: every 4 KiB page of RAM at or above RESERVED_END holds
+ *   word 0 = PAGE_MAGIC ^ guest-physical address of the page
+ *   word 1 = generation counter (0 outside the working set)
+ * The working set is ws_pages pages from RESERVED_END. Each step increments
+ * word 1 of the next working-set page by one, in address order, wrapping
+ * around, so at any moment the working set holds N and N-1 with one edge,
+ * and the sum of word 1 over it is `steps` or `steps + 1` (the page is
+ * written just before the step is counted).
+ *
+ * Disk: write number `seq` (0, 1, 2, ...) goes to block seq % disk_blocks
+ * (4 KiB blocks from sector 0); word i of the block is
+ *   i == 0: DISK_MAGIC, i == 1: seq, i == 2: block index,
+ *   i >= 3: DISK_MAGIC ^ (seq << 16) ^ i
+ * Blocks never written stay zero.
+ */
+#ifndef WANMIG_TESTGUEST_ABI_H
+#define WANMIG_TESTGUEST_ABI_H
+
+#define RESERVED_END 0x200000ull
+#define STATUS_GPA 0x101000ull
+#define PAGE_MAGIC 0x574d475041474530ull   /* "WMGPAGE0" */
+#define DISK_MAGIC 0x574d474449534b30ull   /* "WMGDISK0" */
+#define STATUS_MAGIC 0x574d475354415431ull /* "WMGSTAT1" */
+
+#define PHASE_BOOT 0
+#define PHASE_STAMPING 1
+#define PHASE_RUNNING 2
+
+/* Default virtio-mmio window probed for devices (overridable on the command line). */
+#define VIRTIO_MMIO_BASE 0xd0000000ull
+#define VIRTIO_MMIO_STRIDE 0x1000ull
+#define VIRTIO_MMIO_COUNT 8
+
+/* The status page, at STATUS_GPA: all fields little-endian u64, in this order. */
+struct guest_status {
+    unsigned long long magic;
+    unsigned long long phase;
+    unsigned long long steps;
+    unsigned long long ws_start;
+    unsigned long long ws_pages;
+    unsigned long long stamped_pages;
+    unsigned long long disk_done;
+    unsigned long long disk_blocks;
+    unsigned long long errors;
+    unsigned long long ticks;
+    unsigned long long first_error_gpa;
+};
+
+#endif

@@ -1,0 +1,371 @@
+/*
+ * wanmig built-in test guest: the deterministic oracle of every save/restore
+ * and migration test.
+ *
+ * It stamps every page of RAM above RESERVED_END with a known pattern, then
+ * increments a generation counter in the pages of a working set at a
+ * configurable rate, writes generation-stamped blocks to its virtio-blk disk
+ * at a configurable rate, and reports progress on the 8250 serial port.
+ * abi.h describes exactly what the host can check afterwards.
+ *
+ * Command line (multiboot cmdline, "key=value" separated by spaces):
+ *   ws_mib=N       working set in MiB (default 16; clamped to low RAM)
+ *   rate_mib=N|max working-set dirtying rate in MiB/s (default 0 = idle)
+ *   disk_kib=N     disk write rate in KiB/s (default 0 = no disk writes)
+ *   disk_mib=N     size of the disk region written, MiB (default 1)
+ *   mmio=ADDR mmio_stride=N mmio_count=N   virtio-mmio window to probe
+ *
+ * Built freestanding, 64-bit, general registers only: the software KVM
+ * backend this project is tested on emulates every guest instruction and
+ * may lack SSE/AVX.
+ */
+#include <stdint.h>
+#include "abi.h"
+
+#define PAGE_SIZE 4096ull
+#define TICK_HZ 100
+#define PIT_HZ 1193182
+
+__attribute__((section(".status"), aligned(4096))) volatile struct guest_status status;
+
+/* ---------------------------------------------------------------- low level */
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline uint32_t mmio_read(uint64_t a) { return *(volatile uint32_t *)a; }
+static inline void mmio_write(uint64_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+static inline void barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
+
+void *memset(void *d, int c, unsigned long n) { unsigned char *p = d; while (n--) *p++ = (unsigned char)c; return d; }
+void *memcpy(void *d, const void *s, unsigned long n) { unsigned char *p = d; const unsigned char *q = s; while (n--) *p++ = *q++; return d; }
+
+static void putc(char c) {
+    while (!(inb(0x3f8 + 5) & 0x20)) {}
+    outb(0x3f8, (uint8_t)c);
+}
+static void puts(const char *s) { while (*s) putc(*s++); }
+static void putu(uint64_t v) {
+    char b[21]; int i = 20; b[i] = 0;
+    do { b[--i] = (char)('0' + v % 10); v /= 10; } while (v);
+    puts(&b[i]);
+}
+static void putx(uint64_t v) {
+    puts("0x");
+    for (int s = 60; s >= 0; s -= 4) putc("0123456789abcdef"[(v >> s) & 0xf]);
+}
+
+/* ---------------------------------------------------------------- interrupts */
+
+struct idt_entry { uint16_t off0, sel; uint8_t ist, attr; uint16_t off1; uint32_t off2, zero; };
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+static volatile uint64_t ticks;
+struct interrupt_frame;
+
+__attribute__((interrupt)) static void timer_isr(struct interrupt_frame *f) {
+    (void)f;
+    ticks++;
+    status.ticks = ticks;
+    outb(0x20, 0x20);
+}
+__attribute__((interrupt)) static void spurious_isr(struct interrupt_frame *f) { (void)f; }
+__attribute__((interrupt)) static void fault_isr(struct interrupt_frame *f) {
+    (void)f;
+    puts("wanmig-testguest: unexpected exception or interrupt, halting\n");
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static void set_gate(int v, void (*h)(struct interrupt_frame *)) {
+    uint64_t a = (uint64_t)h;
+    idt[v] = (struct idt_entry){ (uint16_t)a, 0x08, 0, 0x8e, (uint16_t)(a >> 16), (uint32_t)(a >> 32), 0 };
+}
+
+static void interrupts_init(void) {
+    for (int v = 0; v < 256; v++) set_gate(v, fault_isr);
+    set_gate(0x20, timer_isr);
+    set_gate(0x27, spurious_isr);
+    set_gate(0x2f, spurious_isr);
+    struct __attribute__((packed)) { uint16_t limit; uint64_t base; } idtr = { sizeof(idt) - 1, (uint64_t)idt };
+    __asm__ volatile("lidt %0" ::"m"(idtr));
+
+    /* 8259 PICs: vectors 0x20/0x28, only IRQ0 (PIT) unmasked. */
+    outb(0x20, 0x11); outb(0xa0, 0x11);
+    outb(0x21, 0x20); outb(0xa1, 0x28);
+    outb(0x21, 0x04); outb(0xa1, 0x02);
+    outb(0x21, 0x01); outb(0xa1, 0x01);
+    outb(0x21, 0xfe); outb(0xa1, 0xff);
+
+    /* PIT channel 0, mode 2, TICK_HZ. */
+    uint16_t div = PIT_HZ / TICK_HZ;
+    outb(0x43, 0x34);
+    outb(0x40, (uint8_t)div);
+    outb(0x40, (uint8_t)(div >> 8));
+}
+
+/* ---------------------------------------------------------------- command line */
+
+struct params {
+    uint64_t ws_mib, rate_mib, disk_kib, disk_mib, mmio, mmio_stride, mmio_count;
+    int flat_out;
+};
+
+static int streq_prefix(const char *s, const char *key, const char **val) {
+    while (*key) if (*s++ != *key++) return 0;
+    if (*s != '=') return 0;
+    *val = s + 1;
+    return 1;
+}
+
+static uint64_t parse_num(const char *s) {
+    uint64_t v = 0;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        for (s += 2;; s++) {
+            char c = *s;
+            if (c >= '0' && c <= '9') v = v * 16 + (uint64_t)(c - '0');
+            else if (c >= 'a' && c <= 'f') v = v * 16 + (uint64_t)(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v = v * 16 + (uint64_t)(c - 'A' + 10);
+            else return v;
+        }
+    }
+    while (*s >= '0' && *s <= '9') v = v * 10 + (uint64_t)(*s++ - '0');
+    return v;
+}
+
+static void parse_cmdline(const char *s, struct params *p) {
+    while (s && *s) {
+        while (*s == ' ') s++;
+        const char *v;
+        if (streq_prefix(s, "ws_mib", &v)) p->ws_mib = parse_num(v);
+        else if (streq_prefix(s, "rate_mib", &v)) {
+            if (v[0] == 'm' && v[1] == 'a' && v[2] == 'x') p->flat_out = 1;
+            else p->rate_mib = parse_num(v);
+        }
+        else if (streq_prefix(s, "disk_kib", &v)) p->disk_kib = parse_num(v);
+        else if (streq_prefix(s, "disk_mib", &v)) p->disk_mib = parse_num(v);
+        else if (streq_prefix(s, "mmio", &v)) p->mmio = parse_num(v);
+        else if (streq_prefix(s, "mmio_stride", &v)) p->mmio_stride = parse_num(v);
+        else if (streq_prefix(s, "mmio_count", &v)) p->mmio_count = parse_num(v);
+        while (*s && *s != ' ') s++;
+    }
+}
+
+/* ---------------------------------------------------------------- virtio-blk */
+
+#define VIRTIO_MAGIC 0x74726976
+#define R_MAGIC 0x000
+#define R_VERSION 0x004
+#define R_DEVICE_ID 0x008
+#define R_DEVICE_FEATURES 0x010
+#define R_DEVICE_FEATURES_SEL 0x014
+#define R_DRIVER_FEATURES 0x020
+#define R_DRIVER_FEATURES_SEL 0x024
+#define R_QUEUE_SEL 0x030
+#define R_QUEUE_NUM_MAX 0x034
+#define R_QUEUE_NUM 0x038
+#define R_QUEUE_READY 0x044
+#define R_QUEUE_NOTIFY 0x050
+#define R_INTERRUPT_STATUS 0x060
+#define R_INTERRUPT_ACK 0x064
+#define R_STATUS 0x070
+#define R_QUEUE_DESC 0x080
+#define R_QUEUE_DRIVER 0x090
+#define R_QUEUE_DEVICE 0x0a0
+#define R_CONFIG 0x100
+#define QSZ 8
+
+struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+struct vq_avail { uint16_t flags, idx, ring[QSZ], used_event; };
+struct vq_used { uint16_t flags, idx; struct { uint32_t id, len; } ring[QSZ]; uint16_t avail_event; };
+struct blk_req { uint32_t type, reserved; uint64_t sector; };
+
+static struct vq_desc vq_desc[QSZ] __attribute__((aligned(4096)));
+static struct vq_avail vq_avail __attribute__((aligned(4096)));
+static volatile struct vq_used vq_used __attribute__((aligned(4096)));
+static struct blk_req blk_req;
+static volatile uint8_t blk_status;
+static uint64_t blk_buf[512] __attribute__((aligned(4096)));
+static uint64_t blk_base;
+static uint16_t used_seen;
+
+static int blk_probe(const struct params *p) {
+    for (uint64_t i = 0; i < p->mmio_count; i++) {
+        uint64_t b = p->mmio + i * p->mmio_stride;
+        if (mmio_read(b + R_MAGIC) != VIRTIO_MAGIC || mmio_read(b + R_DEVICE_ID) != 2) continue;
+        if (mmio_read(b + R_VERSION) != 2) {
+            puts("wanmig-testguest: legacy virtio-mmio (version 1) block device skipped\n");
+            continue;
+        }
+        mmio_write(b + R_STATUS, 0);
+        mmio_write(b + R_STATUS, 1 | 2); /* ACKNOWLEDGE | DRIVER */
+        mmio_write(b + R_DEVICE_FEATURES_SEL, 1);
+        if (!(mmio_read(b + R_DEVICE_FEATURES) & 1)) continue; /* needs VIRTIO_F_VERSION_1 */
+        mmio_write(b + R_DRIVER_FEATURES_SEL, 0);
+        mmio_write(b + R_DRIVER_FEATURES, 0);
+        mmio_write(b + R_DRIVER_FEATURES_SEL, 1);
+        mmio_write(b + R_DRIVER_FEATURES, 1);
+        mmio_write(b + R_STATUS, 1 | 2 | 8); /* FEATURES_OK */
+        if (!(mmio_read(b + R_STATUS) & 8)) continue;
+        mmio_write(b + R_QUEUE_SEL, 0);
+        if (mmio_read(b + R_QUEUE_NUM_MAX) < QSZ) continue;
+        mmio_write(b + R_QUEUE_NUM, QSZ);
+        mmio_write(b + R_QUEUE_DESC, (uint32_t)(uint64_t)vq_desc);
+        mmio_write(b + R_QUEUE_DESC + 4, (uint32_t)((uint64_t)vq_desc >> 32));
+        mmio_write(b + R_QUEUE_DRIVER, (uint32_t)(uint64_t)&vq_avail);
+        mmio_write(b + R_QUEUE_DRIVER + 4, (uint32_t)((uint64_t)&vq_avail >> 32));
+        mmio_write(b + R_QUEUE_DEVICE, (uint32_t)(uint64_t)&vq_used);
+        mmio_write(b + R_QUEUE_DEVICE + 4, (uint32_t)((uint64_t)&vq_used >> 32));
+        mmio_write(b + R_QUEUE_READY, 1);
+        mmio_write(b + R_STATUS, 1 | 2 | 8 | 4); /* DRIVER_OK */
+        blk_base = b;
+        uint64_t sectors = mmio_read(b + R_CONFIG) | ((uint64_t)mmio_read(b + R_CONFIG + 4) << 32);
+        uint64_t blocks = sectors / 8;
+        uint64_t want = p->disk_mib * 256;
+        status.disk_blocks = want < blocks ? want : blocks;
+        puts("wanmig-testguest: virtio-blk at "); putx(b);
+        puts(" sectors="); putu(sectors); puts("\n");
+        return 1;
+    }
+    return 0;
+}
+
+/* Writes block seq % disk_blocks for write number seq; returns 0 on success. */
+static int blk_write_seq(uint64_t seq) {
+    uint64_t block = seq % status.disk_blocks;
+    blk_buf[0] = DISK_MAGIC;
+    blk_buf[1] = seq;
+    blk_buf[2] = block;
+    for (uint64_t i = 3; i < 512; i++) blk_buf[i] = DISK_MAGIC ^ (seq << 16) ^ i;
+    blk_req = (struct blk_req){ 1 /* VIRTIO_BLK_T_OUT */, 0, block * 8 };
+    blk_status = 0xff;
+    vq_desc[0] = (struct vq_desc){ (uint64_t)&blk_req, sizeof(blk_req), 1 /* NEXT */, 1 };
+    vq_desc[1] = (struct vq_desc){ (uint64_t)blk_buf, sizeof(blk_buf), 1, 2 };
+    vq_desc[2] = (struct vq_desc){ (uint64_t)&blk_status, 1, 2 /* WRITE */, 0 };
+    vq_avail.ring[vq_avail.idx % QSZ] = 0;
+    barrier();
+    vq_avail.idx++;
+    barrier();
+    mmio_write(blk_base + R_QUEUE_NOTIFY, 0);
+    while (vq_used.idx == used_seen) __asm__ volatile("pause");
+    used_seen++;
+    uint32_t isr = mmio_read(blk_base + R_INTERRUPT_STATUS);
+    if (isr) mmio_write(blk_base + R_INTERRUPT_ACK, isr);
+    return blk_status;
+}
+
+/* ---------------------------------------------------------------- main */
+
+struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr, syms[4], mmap_length, mmap_addr; };
+struct __attribute__((packed)) mb_mmap { uint32_t size; uint64_t addr, len; uint32_t type; };
+
+static void stamp(uint64_t start, uint64_t end) {
+    if (start < RESERVED_END) start = RESERVED_END;
+    for (uint64_t a = start; a + PAGE_SIZE <= end; a += PAGE_SIZE) {
+        volatile uint64_t *p = (volatile uint64_t *)a;
+        p[0] = PAGE_MAGIC ^ a;
+        p[1] = 0;
+        status.stamped_pages++;
+    }
+}
+
+static void report_error(uint64_t gpa, uint64_t found, uint64_t want) {
+    if (status.errors++ == 0) status.first_error_gpa = gpa;
+    if (status.errors <= 8) {
+        puts("wanmig-testguest: MISMATCH at "); putx(gpa);
+        puts(" found "); putx(found); puts(" want "); putx(want); puts("\n");
+    }
+}
+
+/*
+ * One step of the generation walk: check and increment one working-set page.
+ * The page is written before status.steps, and steps is one word, so the host
+ * sees sum(word 1 over the working set) == steps or steps + 1 at any pause.
+ */
+static uint64_t cursor, pass;
+static inline void step(void) {
+    uint64_t a = status.ws_start + cursor * PAGE_SIZE;
+    volatile uint64_t *p = (volatile uint64_t *)a;
+    uint64_t g = p[1];
+    if (g != pass || p[0] != (PAGE_MAGIC ^ a)) report_error(a, g, pass);
+    p[1] = pass + 1;
+    status.steps++;
+    if (++cursor == status.ws_pages) {
+        cursor = 0;
+        pass++;
+    }
+}
+
+void guest_main(uint32_t magic, uint32_t info_addr) {
+    status.magic = STATUS_MAGIC;
+    status.phase = PHASE_BOOT;
+    puts("wanmig-testguest: boot\n");
+    if (magic != 0x2BADB002) { puts("wanmig-testguest: not started by a multiboot loader\n"); return; }
+    const struct mb_info *mb = (const struct mb_info *)(uint64_t)info_addr;
+
+    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0 };
+    if (mb->flags & (1u << 2)) parse_cmdline((const char *)(uint64_t)mb->cmdline, &p);
+
+    status.phase = PHASE_STAMPING;
+    uint64_t low_end = 0x100000ull + (uint64_t)mb->mem_upper * 1024;
+    if (mb->flags & (1u << 6)) {
+        uint64_t at = mb->mmap_addr, end = at + mb->mmap_length;
+        low_end = 0;
+        while (at < end) {
+            const struct mb_mmap *e = (const struct mb_mmap *)at;
+            if (e->type == 1) {
+                stamp(e->addr, e->addr + e->len);
+                if (e->addr <= RESERVED_END && e->addr + e->len > low_end) low_end = e->addr + e->len;
+            }
+            at += e->size + 4;
+        }
+    } else {
+        stamp(RESERVED_END, low_end);
+    }
+
+    status.ws_start = RESERVED_END;
+    uint64_t ws_max = low_end > RESERVED_END ? (low_end - RESERVED_END) / PAGE_SIZE : 0;
+    status.ws_pages = p.ws_mib * 256 < ws_max ? p.ws_mib * 256 : ws_max;
+
+    int have_disk = p.disk_kib && blk_probe(&p) && status.disk_blocks;
+    interrupts_init();
+    status.phase = PHASE_RUNNING;
+    puts("wanmig-testguest: running stamped="); putu(status.stamped_pages);
+    puts(" ws_pages="); putu(status.ws_pages);
+    puts(" rate_mib="); if (p.flat_out) puts("max"); else putu(p.rate_mib);
+    puts(" disk_kib="); putu(have_disk ? p.disk_kib : 0);
+    puts("\n");
+    __asm__ volatile("sti");
+
+    uint64_t pages_per_sec = p.rate_mib * 256, blocks_per_sec = p.disk_kib / 4;
+    uint64_t pages_done = 0, last_report = 0, start = ticks;
+    for (;;) {
+        uint64_t now = ticks - start;
+        if (status.ws_pages && p.flat_out) {
+            for (int i = 0; i < 256; i++) step();
+        } else if (status.ws_pages && pages_per_sec) {
+            uint64_t target = now * pages_per_sec / TICK_HZ;
+            if (target > pages_done + pages_per_sec) pages_done = target - pages_per_sec; /* cap the backlog at 1 s */
+            for (; pages_done < target; pages_done++) step();
+        }
+        if (have_disk && blocks_per_sec) {
+            uint64_t target = now * blocks_per_sec / TICK_HZ;
+            if (target > status.disk_done + blocks_per_sec) target = status.disk_done + blocks_per_sec;
+            while (status.disk_done < target) {
+                if (blk_write_seq(status.disk_done)) {
+                    puts("wanmig-testguest: disk write failed, disk writer stopped\n");
+                    have_disk = 0;
+                    break;
+                }
+                status.disk_done++;
+            }
+        }
+        if (now >= last_report + TICK_HZ) {
+            last_report = now;
+            puts("wanmig-testguest: t="); putu(now / TICK_HZ);
+            puts("s pass="); putu(pass);
+            puts(" cursor="); putu(cursor);
+            puts(" disk="); putu(status.disk_done);
+            puts(" errors="); putu(status.errors);
+            puts("\n");
+        }
+        if (!p.flat_out) __asm__ volatile("sti; hlt");
+    }
+}
