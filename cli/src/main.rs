@@ -33,6 +33,9 @@ enum Command {
         /// Snapshot directory written by `wanmig snapshot`.
         #[arg(long)]
         from: PathBuf,
+        /// Leave the VM paused (resume it with `wanmig resume`).
+        #[arg(long)]
+        paused: bool,
     },
     /// Pause a running VM and save it to a directory (it stays paused).
     Snapshot {
@@ -116,18 +119,21 @@ fn run(command: Command) -> Result<ExitCode> {
             eprintln!("wanmig: VM '{}' running; control socket {}", cfg.name, cfg.control_socket.display());
             serve(vm, &cfg)
         }
-        Command::Restore { config, from } => {
+        Command::Restore { config, from, paused } => {
             let cfg = load(&config)?;
             let t = std::time::Instant::now();
             let mut vm = Vm::restore(&cfg, &from)
                 .map_err(chain)
                 .with_context(|| format!("cannot restore from {}", from.display()))?;
-            vm.resume();
+            let restore_ms = t.elapsed().as_secs_f64() * 1e3;
+            if !paused {
+                vm.resume();
+            }
             eprintln!(
-                "wanmig: VM '{}' restored from {} in {:.1} ms; control socket {}",
+                "wanmig: VM '{}' restored from {} in {restore_ms:.1} ms ({}); control socket {}",
                 cfg.name,
                 from.display(),
-                t.elapsed().as_secs_f64() * 1e3,
+                if paused { "paused" } else { "running" },
                 cfg.control_socket.display()
             );
             serve(vm, &cfg)

@@ -1,7 +1,7 @@
 //! wanmig's micro-VMM: a KVM virtual machine built on the rust-vmm crates,
 //! with everything live migration needs from it.
 //!
-//! - [`config`]: `vm.toml`.
+//! - [`config`]: the `vm.toml` format.
 //! - [`vm::Vm`]: create, boot, pause/resume, save/restore a VM; harvest
 //!   dirty pages.
 //! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the

@@ -358,3 +358,73 @@ mod tests {
         assert!(matches!(check_disk(&img[..BLOCK], &status(11, 4)), Err(OracleError::DiskTooSmall { .. })));
     }
 }
+
+#[cfg(test)]
+mod memory_oracle_tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    /// A fake guest: 16 MiB stamped, an 8-page working set after 12 steps
+    /// (pages 0..4 at generation 2, pages 4..8 at 1).
+    fn guest() -> GuestRam {
+        let ram = GuestRam::new(16 << 20).expect("map");
+        let mem = ram.mem();
+        for gpa in (RESERVED_END..16 << 20).step_by(PAGE as usize) {
+            mem.write_obj(PAGE_MAGIC ^ gpa, GuestAddress(gpa)).expect("write");
+        }
+        for i in 0..8u64 {
+            mem.write_obj(if i < 4 { 2u64 } else { 1 }, GuestAddress(RESERVED_END + i * PAGE + 8)).expect("write");
+        }
+        let status = [STATUS_MAGIC, PHASE_RUNNING, 12, RESERVED_END, 8, 3584, 0, 0, 0, 0, 0];
+        for (i, w) in status.iter().enumerate() {
+            mem.write_obj(*w, GuestAddress(STATUS_GPA + 8 * i as u64)).expect("write");
+        }
+        ram
+    }
+
+    fn check(ram: &GuestRam) -> Result<MemoryReport, OracleError> {
+        check_memory(ram.mem(), &ram.regions())
+    }
+
+    fn poke(ram: &GuestRam, gpa: u64, v: u64) {
+        ram.mem().write_obj(v, GuestAddress(gpa)).expect("write");
+    }
+
+    #[test]
+    fn accepts_a_consistent_guest() {
+        let r = check(&guest()).expect("consistent");
+        assert_eq!((r.generation, r.pages_checked), (2, (16 << 20) / PAGE - RESERVED_END / PAGE));
+        // One step further (page written, step not yet counted) also passes.
+        let g = guest();
+        poke(&g, RESERVED_END + 4 * PAGE + 8, 2);
+        assert!(check(&g).is_ok());
+    }
+
+    #[test]
+    fn catches_every_kind_of_damage() {
+        let g = guest();
+        poke(&g, 0x80_0000, 0);
+        assert!(matches!(check(&g), Err(OracleError::Page { gpa: 0x80_0000, word: 0, .. })));
+        let g = guest();
+        poke(&g, 0x80_0008, 5);
+        assert!(matches!(check(&g), Err(OracleError::Page { word: 1, .. })));
+        let g = guest(); // a stale page behind the edge: two edges
+        poke(&g, RESERVED_END + 2 * PAGE + 8, 1);
+        assert!(matches!(check(&g), Err(OracleError::Edge { .. })));
+        let g = guest(); // a page two generations behind
+        poke(&g, RESERVED_END + 7 * PAGE + 8, 0);
+        assert!(matches!(check(&g), Err(OracleError::Edge { .. })));
+        let g = guest(); // the counters disagree with the guest's step count
+        poke(&g, STATUS_GPA + 16, 20);
+        assert!(matches!(check(&g), Err(OracleError::Steps { sum: 12, steps: 20 })));
+        let g = guest();
+        poke(&g, STATUS_GPA + 64, 1);
+        assert!(matches!(check(&g), Err(OracleError::GuestErrors { errors: 1, .. })));
+        let g = guest();
+        poke(&g, STATUS_GPA, 0);
+        assert!(matches!(check(&g), Err(OracleError::NoStatus(0))));
+        let g = guest();
+        poke(&g, STATUS_GPA + 32, 1 << 40);
+        assert!(matches!(check(&g), Err(OracleError::BadWorkingSet { .. })));
+    }
+}

@@ -84,6 +84,37 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// MSRs that change with wall-clock time while a vCPU is stopped.
+const TIME_MSRS: [u32; 1] = [0x10 /* IA32_TSC */];
+/// LAPIC timer current-count register: computed from the host clock.
+const APIC_TMCCT: usize = 0x390;
+
+impl VcpuState {
+    /// Whether `other` is the same vCPU at the same point of execution:
+    /// every register equal, except those that track wall-clock time.
+    pub fn same_execution_state(&self, other: &VcpuState) -> bool {
+        let msrs = |s: &VcpuState| -> Vec<(u32, u64)> {
+            s.msrs.iter().copied().filter(|(i, _)| !TIME_MSRS.contains(i)).collect()
+        };
+        let lapic = |s: &VcpuState| {
+            let mut r = s.lapic.0.regs;
+            r[APIC_TMCCT..APIC_TMCCT + 4].fill(0);
+            r
+        };
+        self.id == other.id
+            && self.cpuid == other.cpuid
+            && msrs(self) == msrs(other)
+            && self.regs == other.regs
+            && self.sregs == other.sregs
+            && self.xsave == other.xsave
+            && self.xcrs == other.xcrs
+            && self.debugregs == other.debugregs
+            && lapic(self) == lapic(other)
+            && self.mp_state == other.mp_state
+            && self.events == other.events
+    }
+}
+
 /// Most MSRs a saved vCPU may carry (KVM lists a few hundred at most).
 const MAX_MSRS: usize = 1024;
 

@@ -1,0 +1,7 @@
+//! Integration tests: the built-in test guest under real KVM, in real
+//! `wanmig` processes. Each test fails (never skips) without /dev/kvm.
+
+mod bad_input;
+mod dirty_tracking;
+mod harness;
+mod snapshot_restore;
