@@ -143,11 +143,12 @@ fn run(command: Command) -> Result<ExitCode> {
             let r = ask(&config, &Request::Snapshot { dir: dir.clone(), resume })?;
             let s = r.save.context("the VM answered without save figures")?;
             println!(
-                "saved to {}: pause {:.1} ms, state {:.1} ms, memory {:.1} ms ({} MiB of non-zero pages)",
+                "saved to {}: pause {:.1} ms, state {:.1} ms, memory {:.1} ms + sync {:.1} ms ({} MiB of non-zero pages)",
                 dir.display(),
                 s.pause_ms,
                 s.state_ms,
                 s.memory_ms,
+                s.sync_ms,
                 s.memory_bytes >> 20
             );
             Ok(ExitCode::SUCCESS)

@@ -110,6 +110,8 @@ pub struct SaveSummary {
     pub state_ms: f64,
     /// RAM write.
     pub memory_ms: f64,
+    /// Wait for stable storage.
+    pub sync_ms: f64,
     /// RAM bytes written.
     pub memory_bytes: u64,
 }
@@ -239,6 +241,7 @@ fn execute(vm: &mut Vm, req: Request) -> (Response, bool) {
                     pause_ms,
                     state_ms: r.state_ms,
                     memory_ms: r.memory_ms,
+                    sync_ms: r.sync_ms,
                     memory_bytes: r.memory_bytes,
                 })
             });

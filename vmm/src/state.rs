@@ -114,11 +114,13 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
     postcard::from_bytes(&bytes[HEADER..body_end]).map_err(StateError::Decode)
 }
 
-/// Writes `value` to `path` (via a temporary file and rename, so a crash
-/// never leaves a half-written state file under the final name).
+/// Writes `value` to `path` durably: a temporary file, fsync, then rename,
+/// so a crash never leaves a half-written state file under the final name.
 pub fn write_file<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, encode(value)).map_err(StateError::Io)?;
+    let mut f = std::fs::File::create(&tmp).map_err(StateError::Io)?;
+    f.write_all(&encode(value)).and_then(|()| f.sync_all()).map_err(StateError::Io)?;
     std::fs::rename(&tmp, path).map_err(StateError::Io)
 }
 

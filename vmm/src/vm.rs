@@ -120,8 +120,10 @@ pub enum RunState {
 pub struct SaveReport {
     /// Time to capture vCPU, irqchip and device state.
     pub state_ms: f64,
-    /// Time to write RAM.
+    /// Time to write RAM (into the page cache).
     pub memory_ms: f64,
+    /// Time until state and RAM were on stable storage.
+    pub sync_ms: f64,
     /// Bytes of RAM data written (zero pages excluded).
     pub memory_bytes: u64,
 }
@@ -424,9 +426,12 @@ impl Vm {
         let t1 = Instant::now();
         let memory_bytes = snapshot::save_memory(&self.ram, &dir.join(snapshot::MEMORY_FILE))?;
         let t2 = Instant::now();
+        snapshot::sync_file(&dir.join(snapshot::MEMORY_FILE))?;
+        let t3 = Instant::now();
         Ok(SaveReport {
             state_ms: (t1 - t0).as_secs_f64() * 1e3,
             memory_ms: (t2 - t1).as_secs_f64() * 1e3,
+            sync_ms: (t3 - t2).as_secs_f64() * 1e3,
             memory_bytes,
         })
     }
