@@ -16,9 +16,20 @@ fn main() {
         println!("cargo::rerun-if-changed=testguest/{f}");
     }
     let cflags = [
-        "-m64", "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
-        "-mgeneral-regs-only", "-mno-red-zone", "-fno-asynchronous-unwind-tables",
-        "-fno-tree-loop-distribute-patterns", "-Wall", "-Wextra", "-Werror", "-nostdlib",
+        "-m64",
+        "-O2",
+        "-ffreestanding",
+        "-fno-pic",
+        "-fno-pie",
+        "-fno-stack-protector",
+        "-mgeneral-regs-only",
+        "-mno-red-zone",
+        "-fno-asynchronous-unwind-tables",
+        "-fno-tree-loop-distribute-patterns",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-nostdlib",
     ];
     for (input, obj) in [("boot.S", "boot.o"), ("guest.c", "guest.o")] {
         run(Command::new("gcc").args(cflags).arg("-c").arg(src.join(input)).arg("-o").arg(out.join(obj)));

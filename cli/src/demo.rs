@@ -69,7 +69,12 @@ impl VmProcess {
     }
 
     /// Polls the guest until `ready` holds for its progress.
-    fn wait_for(&mut self, what: &str, timeout: Duration, ready: impl Fn(&TestGuestProgress) -> bool) -> Result<TestGuestProgress> {
+    fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&TestGuestProgress) -> bool,
+    ) -> Result<TestGuestProgress> {
         let socket = self.socket()?;
         let start = Instant::now();
         loop {
@@ -134,7 +139,8 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("demo: 1. booting the test guest (256 MiB, 16 MiB working set at 8 MiB/s, 64 KiB/s of disk writes)");
     let mut source = VmProcess::start(&["run"], &config)?;
     let booted = source.wait_for("the guest to stamp its memory", Duration::from_secs(300), |g| g.phase == 2)?;
-    let before = source.wait_for("the guest to make progress", Duration::from_secs(60), |g| g.ticks >= booted.ticks + 200)?;
+    let before =
+        source.wait_for("the guest to make progress", Duration::from_secs(60), |g| g.ticks >= booted.ticks + 200)?;
     println!("demo:    running: {} working-set steps, {} disk writes", before.steps, before.disk_done);
 
     let snap1 = dir.join("snap1");

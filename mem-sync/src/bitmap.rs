@@ -92,10 +92,7 @@ mod tests {
     #[test]
     fn full_and_empty_words() {
         let bm = [u64::MAX, 0, u64::MAX, 1];
-        assert_eq!(
-            to_ranges(&bm, 256),
-            vec![PageRange { first: 0, count: 64 }, PageRange { first: 128, count: 65 }]
-        );
+        assert_eq!(to_ranges(&bm, 256), vec![PageRange { first: 0, count: 64 }, PageRange { first: 128, count: 65 }]);
         assert_eq!(to_ranges(&bm, 0), vec![]);
         assert_eq!(to_ranges(&bm, 10), vec![PageRange { first: 0, count: 10 }]);
     }

@@ -10,7 +10,8 @@ use wanmig_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use crate::harness::{VmDir, VmProcess, require_kvm, run_to_end};
 
 fn restore_error(vm: &VmDir, snap: &Path) -> String {
-    let (code, stderr) = run_to_end(&[OsStr::new("restore"), OsStr::new("--from"), snap.as_os_str(), vm.config.as_os_str()]);
+    let (code, stderr) =
+        run_to_end(&[OsStr::new("restore"), OsStr::new("--from"), snap.as_os_str(), vm.config.as_os_str()]);
     assert_eq!(code, 1, "restore should fail cleanly: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
@@ -41,11 +42,13 @@ fn corrupt_snapshots_are_refused_clearly() {
     assert!(variant("magic", &|s| s[0] = b'X').contains("bad magic"));
     assert!(variant("version", &|s| s[8] = 9).contains("version 9 is not supported"));
     assert!(variant("huge", &|s| s[12..20].copy_from_slice(&(1u64 << 40).to_le_bytes())).contains("exceeds the limit"));
-    assert!(variant("checksum", &|s| {
-        let mid = s.len() / 2;
-        s[mid] ^= 1;
-    })
-    .contains("checksum mismatch"));
+    assert!(
+        variant("checksum", &|s| {
+            let mid = s.len() / 2;
+            s[mid] ^= 1;
+        })
+        .contains("checksum mismatch")
+    );
 
     // A memory file of the wrong size.
     let short = vm.path("short-memory");

@@ -108,7 +108,12 @@ impl VmProcess {
 
     /// Polls the guest's progress until `ready`, failing with the process's
     /// stderr if it dies.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, ready: impl Fn(&TestGuestProgress) -> bool) -> TestGuestProgress {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&TestGuestProgress) -> bool,
+    ) -> TestGuestProgress {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

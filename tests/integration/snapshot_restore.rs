@@ -34,7 +34,9 @@ fn guest_continues_in_another_process() {
     let vm = VmDir::new(128, 2, "ws_mib = 8\nflat_out = true\ndisk_kib = 256\ndisk_mib = 2");
     let mut src = VmProcess::run(&vm);
     let p0 = src.wait_for("the guest to stamp its memory", Duration::from_secs(120), |g| g.phase == 2);
-    src.wait_for("progress", Duration::from_secs(60), |g| g.steps > p0.steps + 20_000 && g.disk_done > p0.disk_done + 16);
+    src.wait_for("progress", Duration::from_secs(60), |g| {
+        g.steps > p0.steps + 20_000 && g.disk_done > p0.disk_done + 16
+    });
 
     let snap1 = vm.path("snap1");
     let save = src.snapshot(&snap1);

@@ -21,7 +21,13 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
         vcpus: 1,
         control_socket: dir.join("unused.sock"),
         serial: SerialOutput::None,
-        guest: GuestConfig::Test(TestGuestConfig { ws_mib: 16, rate_mib: 1, flat_out: false, disk_kib: 0, disk_mib: 1 }),
+        guest: GuestConfig::Test(TestGuestConfig {
+            ws_mib: 16,
+            rate_mib: 1,
+            flat_out: false,
+            disk_kib: 0,
+            disk_mib: 1,
+        }),
         disks: Vec::new(),
     }
 }
@@ -50,7 +56,17 @@ fn main() {
     let dir = tempfile::Builder::new().prefix("wanmig-bench-").tempdir().expect("tempdir");
     println!(
         "{:>5} {:>7} {:>9} {:>9} {:>10} {:>8} {:>11} {:>10} {:>10} {:>12} {:>12}",
-        "GiB", "boot_s", "pause_ms", "state_ms", "memory_ms", "sync_ms", "restore_ms", "resume_ms", "log_on_ms", "harvest_all", "harvest_few"
+        "GiB",
+        "boot_s",
+        "pause_ms",
+        "state_ms",
+        "memory_ms",
+        "sync_ms",
+        "restore_ms",
+        "resume_ms",
+        "log_on_ms",
+        "harvest_all",
+        "harvest_few"
     );
     // Each size runs twice: on a host that has not touched this much memory
     // recently, the first run also pays for the host backing fresh pages

@@ -109,7 +109,8 @@ pub fn load_multiboot(
     } else {
         h.load_end_addr.checked_sub(h.load_addr).ok_or(BootError::BadHeader("load end before load start"))? as usize
     };
-    let text = image.get(file_start..file_start + file_len).ok_or(BootError::BadHeader("load range past end of file"))?;
+    let text =
+        image.get(file_start..file_start + file_len).ok_or(BootError::BadHeader("load range past end of file"))?;
     let load_end = load + file_len as u64;
     let bss_end = if h.bss_end_addr == 0 { load_end } else { u64::from(h.bss_end_addr) };
     if bss_end < load_end || bss_end > low_end {

@@ -197,9 +197,8 @@ impl VmConfig {
             .ok()
             .filter(|v| (1..=MAX_VCPUS).contains(v))
             .ok_or_else(|| invalid("vcpus", format!("{} is out of range 1..={MAX_VCPUS}", raw.vcpus)))?;
-        let control_socket = resolve(
-            &raw.control_socket.unwrap_or_else(|| PathBuf::from(format!("wanmig-{}.sock", raw.name))),
-        );
+        let control_socket =
+            resolve(&raw.control_socket.unwrap_or_else(|| PathBuf::from(format!("wanmig-{}.sock", raw.name))));
         // sockaddr_un holds 108 bytes including the terminating NUL.
         if control_socket.as_os_str().len() > 107 {
             return Err(invalid("control_socket", format!("{} is longer than 107 bytes", control_socket.display())));
@@ -272,9 +271,10 @@ mod tests {
         assert_eq!(c.disks[0].path, PathBuf::from("/etc/wanmig/d.img"));
         assert_eq!(c.control_socket, PathBuf::from("/etc/wanmig/wanmig-t1.sock"));
         assert_eq!(c.serial, SerialOutput::Stdout);
-        assert_eq!(c.guest, GuestConfig::Test(TestGuestConfig {
-            ws_mib: 16, rate_mib: 0, flat_out: false, disk_kib: 8, disk_mib: 1
-        }));
+        assert_eq!(
+            c.guest,
+            GuestConfig::Test(TestGuestConfig { ws_mib: 16, rate_mib: 0, flat_out: false, disk_kib: 8, disk_mib: 1 })
+        );
     }
 
     fn error_of(text: &str) -> String {

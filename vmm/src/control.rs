@@ -200,9 +200,10 @@ fn handle(vm: &mut Vm, stream: UnixStream) -> bool {
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut line = String::new();
     let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
-    let (response, shutdown) = match read.map_err(|e| e.to_string()).and_then(|_| {
-        serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}"))
-    }) {
+    let (response, shutdown) = match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")))
+    {
         Err(e) => (Response::err(e), false),
         Ok(req) => execute(vm, req),
     };

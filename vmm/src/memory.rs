@@ -9,7 +9,7 @@
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wanmig_mem_sync::bitmap::{PageRange, merge_into, to_ranges};
 
 use crate::layout;
@@ -156,7 +156,8 @@ impl GuestRam {
                 }
                 merge_into(&mut bitmap, &kvm);
             }
-            regions.push(RegionDirty { start: region.start_addr(), ranges: to_ranges(&bitmap, len / layout::PAGE_SIZE) });
+            regions
+                .push(RegionDirty { start: region.start_addr(), ranges: to_ranges(&bitmap, len / layout::PAGE_SIZE) });
         }
         Ok(DirtyPages { regions })
     }

@@ -312,11 +312,8 @@ mod tests {
         ] {
             let line = abi.lines().find(|l| l.starts_with(&format!("#define {name} "))).expect(name);
             let text = line.split_whitespace().nth(2).expect("value").trim_end_matches("ull");
-            let parsed = if let Some(hex) = text.strip_prefix("0x") {
-                u64::from_str_radix(hex, 16)
-            } else {
-                text.parse()
-            };
+            let parsed =
+                if let Some(hex) = text.strip_prefix("0x") { u64::from_str_radix(hex, 16) } else { text.parse() };
             assert_eq!(parsed, Ok(value), "{name}");
         }
     }

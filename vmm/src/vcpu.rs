@@ -142,7 +142,8 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VcpuError> {
     let mut good = Vec::with_capacity(candidates.len());
     while !candidates.is_empty() {
         let chunk: Vec<u32> = candidates.iter().copied().take(kvm_bindings::KVM_MAX_MSR_ENTRIES).collect();
-        let entries: Vec<kvm_msr_entry> = chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> =
+            chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries).expect("chunk is within KVM_MAX_MSR_ENTRIES");
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err(0, "read MSRs"))?;
         good.extend_from_slice(&chunk[..n]);
@@ -161,7 +162,8 @@ pub fn configure(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), Vcpu
     // LINT0 = ExtINT (the 8259 reaches the CPU), LINT1 = NMI, as a BIOS leaves them.
     let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "get LAPIC"))?;
     let set_lvt = |lapic: &mut kvm_lapic_state, reg: usize, mode: u32| {
-        let bytes: [u8; 4] = lapic.regs[reg..reg + 4].iter().map(|&b| b as u8).collect::<Vec<_>>().try_into().expect("4");
+        let bytes: [u8; 4] =
+            lapic.regs[reg..reg + 4].iter().map(|&b| b as u8).collect::<Vec<_>>().try_into().expect("4");
         let v = (u32::from_le_bytes(bytes) & !0x700 & !(1 << 16)) | (mode << 8);
         for (d, s) in lapic.regs[reg..reg + 4].iter_mut().zip(v.to_le_bytes()) {
             *d = s as _;
@@ -223,7 +225,8 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, Vcp
     let lapic = vcpu.get_lapic().map_err(kvm_err(id, "get LAPIC"))?;
     let mut msrs = Vec::with_capacity(msr_indices.len());
     for chunk in msr_indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let entries: Vec<kvm_msr_entry> = chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> =
+            chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut buf = Msrs::from_entries(&entries).expect("chunk is within KVM_MAX_MSR_ENTRIES");
         let n = vcpu.get_msrs(&mut buf).map_err(kvm_err(id, "get MSRs"))?;
         if n != chunk.len() {
@@ -256,10 +259,14 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, Vcp
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
     let id = s.id;
     if s.cpuid.len() > KVM_MAX_CPUID_ENTRIES || s.msrs.len() > MAX_MSRS {
-        return Err(VcpuError::BadState { id, reason: format!("{} CPUID entries, {} MSRs", s.cpuid.len(), s.msrs.len()) });
+        return Err(VcpuError::BadState {
+            id,
+            reason: format!("{} CPUID entries, {} MSRs", s.cpuid.len(), s.msrs.len()),
+        });
     }
     let entries: Vec<kvm_cpuid_entry2> = s.cpuid.iter().map(|p| p.0).collect();
-    let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuError::BadState { id, reason: format!("CPUID: {e:?}") })?;
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|e| VcpuError::BadState { id, reason: format!("CPUID: {e:?}") })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err(id, "set CPUID"))?;
     if let Some(khz) = s.tsc_khz {
         // Same-host restores need nothing; a different TSC rate is scaled
@@ -422,13 +429,13 @@ pub fn run_thread(
                         kvm_bindings::KVM_SYSTEM_EVENT_RESET => "reset".into(),
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => "power off".into(),
                         k => format!("system event {k}"),
-                    }))
+                    }));
                 }
                 Ok(VcpuExit::InternalError) => {
-                    break Some(GuestStop::Failed("KVM internal error (an instruction KVM cannot emulate?)".into()))
+                    break Some(GuestStop::Failed("KVM internal error (an instruction KVM cannot emulate?)".into()));
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    break Some(GuestStop::Failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})")))
+                    break Some(GuestStop::Failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})")));
                 }
                 Ok(other) => break Some(GuestStop::Failed(format!("unhandled exit {other:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

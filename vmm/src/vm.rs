@@ -149,7 +149,10 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("name", &self.config.name).field("run_state", &self.run_state).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("name", &self.config.name)
+            .field("run_state", &self.run_state)
+            .finish_non_exhaustive()
     }
 }
 
@@ -301,7 +304,9 @@ impl Vm {
         let [master, slave, ioapic] = s.irqchips.as_slice() else {
             return Err(VmError::Shape(format!("{} irqchips saved, expected 3", s.irqchips.len())));
         };
-        for (chip, want) in [(master, KVM_IRQCHIP_PIC_MASTER), (slave, KVM_IRQCHIP_PIC_SLAVE), (ioapic, KVM_IRQCHIP_IOAPIC)] {
+        for (chip, want) in
+            [(master, KVM_IRQCHIP_PIC_MASTER), (slave, KVM_IRQCHIP_PIC_SLAVE), (ioapic, KVM_IRQCHIP_IOAPIC)]
+        {
             if chip.0.chip_id != want {
                 return Err(VmError::Shape(format!("irqchip {} saved where {want} belongs", chip.0.chip_id)));
             }

@@ -105,14 +105,25 @@ impl Block {
         let mut id_bytes = [0u8; 20];
         let n = id.len().min(20);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Block { file, size, read_only, id: id_bytes, log: Arc::new(DiskWriteLog::new(size)), buf: vec![0; IO_CHUNK] })
+        Ok(Block {
+            file,
+            size,
+            read_only,
+            id: id_bytes,
+            log: Arc::new(DiskWriteLog::new(size)),
+            buf: vec![0; IO_CHUNK],
+        })
     }
 
     /// A device on `file` that must match the saved state.
     pub fn restore(file: File, read_only: bool, id: &str, s: &BlockSnapshot) -> Result<Self, BlockError> {
         let b = Self::new(file, read_only, id)?;
         if b.size != s.size || b.read_only != s.read_only {
-            return Err(BlockError::Mismatch { found: b.size, expected: s.size, read_only_mismatch: b.read_only != s.read_only });
+            return Err(BlockError::Mismatch {
+                found: b.size,
+                expected: s.size,
+                read_only_mismatch: b.read_only != s.read_only,
+            });
         }
         Ok(b)
     }

@@ -56,8 +56,17 @@ impl SerialConsole {
 
     /// A UART in a saved state.
     pub fn restore(irq: EventFd, out: ConsoleOut, s: &SerialSnapshot) -> Result<Self, SerialError> {
-        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
-            s.regs;
+        let [
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+        ] = s.regs;
         let state = SerialState {
             baud_divisor_low,
             baud_divisor_high,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing wanmig needs on a fresh Debian 12 host
+# (run as root). Idempotent: skips what is already there.
+set -euo pipefail
+
+need_apt=()
+# gcc + binutils build the built-in test guest (vmm/build.rs).
+command -v gcc >/dev/null || need_apt+=(gcc)
+command -v ld >/dev/null && command -v objcopy >/dev/null || need_apt+=(binutils)
+if ((${#need_apt[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+
+if [ ! -c /dev/kvm ]; then
+    echo "setup: WARNING: /dev/kvm is missing; the KVM integration tests will fail" >&2
+fi
+echo "setup: ok"
