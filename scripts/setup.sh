@@ -7,9 +7,11 @@ need_apt=()
 # gcc + binutils build the built-in test guest (vmm/build.rs).
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v ld >/dev/null && command -v objcopy >/dev/null || need_apt+=(binutils)
+# QEMU boots the test guest in a test that checks it is a standard kernel.
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 if ((${#need_apt[@]})); then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -4,4 +4,5 @@
 mod bad_input;
 mod dirty_tracking;
 mod harness;
+mod qemu;
 mod snapshot_restore;

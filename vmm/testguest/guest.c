@@ -84,6 +84,7 @@ static void interrupts_init(void) {
     set_gate(0x20, timer_isr);
     set_gate(0x27, spurious_isr);
     set_gate(0x2f, spurious_isr);
+    set_gate(0xff, spurious_isr);
     struct __attribute__((packed)) { uint16_t limit; uint64_t base; } idtr = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" ::"m"(idtr));
 
@@ -93,6 +94,15 @@ static void interrupts_init(void) {
     outb(0x21, 0x04); outb(0xa1, 0x02);
     outb(0x21, 0x01); outb(0xa1, 0x01);
     outb(0x21, 0xfe); outb(0xa1, 0xff);
+
+    /*
+     * Local APIC in virtual-wire mode (LINT0 = ExtINT, LINT1 = NMI), so the
+     * 8259 reaches the CPU whatever the firmware left: SeaBIOS does this,
+     * QEMU microvm's qboot does not.
+     */
+    mmio_write(0xfee000f0, 0x1ff); /* spurious vector 0xff, APIC enabled */
+    mmio_write(0xfee00350, 0x700);
+    mmio_write(0xfee00360, 0x400);
 
     /* PIT channel 0, mode 2, TICK_HZ. */
     uint16_t div = PIT_HZ / TICK_HZ;
