@@ -131,7 +131,7 @@ fn main() {
         );
     }
     println!("boot_s: until the guest has stamped all RAM (runs in KVM's instruction emulator on PVM hosts)");
-    println!("memory_ms: RAM into the page cache, zero pages skipped; sync_ms: until it is on disk");
-    println!("restore_ms: state + RAM read back into a new VM in this process");
+    println!("memory_ms: RAM to memory.bin with O_DIRECT, zero pages skipped; sync_ms: the fsync after it");
+    println!("restore_ms: a new VM in this process, state + RAM read back with O_DIRECT (data extents only)");
     println!("resume_ms: from resume to the guest's next 10 ms timer tick (includes up to 10 ms of tick wait)");
 }
