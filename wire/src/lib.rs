@@ -1,5 +1,22 @@
-//! The migration protocol vocabulary, no I/O (not built yet).
+//! The migration protocol vocabulary, with no I/O: message types and their
+//! bounded codec ([`message`], [`codec`]) and the sans-IO session state
+//! machines of both ends ([`session`]).
 //!
-//! This crate will own: versioned message types, a codec that checks every
-//! length before reading or allocating, and the sans-IO source and
-//! destination session state machines.
+//! Everything a peer sends is decoded here first, so everything here treats
+//! its input as hostile: every length is checked before it is used, every
+//! count against a protocol limit, nothing panics on any input (a property
+//! test and the cargo-fuzz target in `wire/fuzz` hold it to that).
+
+pub mod codec;
+pub mod message;
+pub mod session;
+
+pub use codec::DecodeError;
+pub use message::{DiskInfo, Message, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
+pub use session::{Destination, FailureOutcome, ProtocolError, Source};
+
+/// ALPN protocol id of this protocol version on QUIC.
+pub const ALPN: &[u8] = b"wanmig/1";
+
+#[cfg(test)]
+mod tests;

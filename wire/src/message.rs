@@ -1,0 +1,470 @@
+//! The messages of the migration protocol and their encoding.
+//!
+//! Every frame on a stream is `u32 length` + body, the body `u8 type` +
+//! fields, all little-endian. [`frame_len`] checks the length against
+//! [`MAX_FRAME`] before the receiver allocates anything.
+//!
+//! | type | message | direction |
+//! |---|---|---|
+//! | 1 | `Hello` | source → destination |
+//! | 2 | `Accept` | destination → source |
+//! | 3 | `Refuse` | destination → source |
+//! | 4 | `Pages` | source → destination |
+//! | 5 | `Compressed` (a zstd-compressed `Pages` body) | source → destination |
+//! | 6 | `RoundDone` | source → destination |
+//! | 7 | `DeviceState` | source → destination |
+//! | 8 | `Ready` | destination → source |
+//! | 9 | `Commit` | source → destination |
+//! | 10 | `CommitAck` | destination → source |
+//! | 11 | `Abort` | either way |
+//!
+//! Type 0, and every tag 0 inside messages, is invalid.
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The only guest page size of version 1.
+pub const PAGE_SIZE: usize = 4096;
+/// Largest frame body (a `DeviceState` with a full state container).
+pub const MAX_FRAME: u32 = 17 << 20;
+/// Most pages in one `Pages` batch.
+pub const MAX_BATCH_PAGES: u32 = 4096;
+/// Longest free-text field (reasons, paths).
+pub const MAX_TEXT: u32 = 4096;
+/// Most memory regions a VM may declare.
+pub const MAX_REGIONS: u32 = 8;
+/// Most disks a VM may declare.
+pub const MAX_DISKS: u32 = 8;
+/// Largest device-state blob.
+pub const MAX_DEVICE_STATE: u32 = 16 << 20 | 64;
+
+/// Feature bits negotiated in the hello.
+pub mod features {
+    /// Re-sent pages may be XBZRLE-style deltas.
+    pub const XBZRLE: u64 = 1 << 0;
+    /// `Pages` bodies may arrive zstd-compressed.
+    pub const ZSTD: u64 = 1 << 1;
+    /// Everything this build speaks.
+    pub const ALL: u64 = XBZRLE | ZSTD;
+}
+
+/// A disk as the source describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Image size in bytes.
+    pub size: u64,
+    /// The image's path on the source (a hint for the destination).
+    pub path: String,
+}
+
+/// What the destination must be able to host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmShape {
+    /// VM name.
+    pub name: String,
+    /// RAM regions: (guest-physical start, length), page-aligned.
+    pub memory: Vec<(u64, u64)>,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Disks in attachment order.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// How one page travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageData<'a> {
+    /// All zero.
+    Zero,
+    /// The full 4096 bytes.
+    Raw(&'a [u8]),
+    /// An XBZRLE delta against the version of the page sent last.
+    Delta(&'a [u8]),
+}
+
+/// One page of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef<'a> {
+    /// Guest-physical address, page-aligned.
+    pub gpa: u64,
+    /// Its content.
+    pub data: PageData<'a>,
+}
+
+const PAGE_ZERO: u8 = 1;
+const PAGE_RAW: u8 = 2;
+const PAGE_DELTA: u8 = 3;
+
+/// A validated batch of pages (the encoded body, parsed on iteration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pages {
+    /// Pre-copy round the batch belongs to.
+    pub round: u32,
+    count: u32,
+    entries: Vec<u8>,
+}
+
+impl Pages {
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The pages, in order.
+    pub fn iter(&self) -> impl Iterator<Item = PageRef<'_>> {
+        let mut r = Reader::new(&self.entries);
+        // Validated when decoded or built, so parsing cannot fail here;
+        // stop quietly rather than panic if it ever did.
+        (0..self.count).map_while(move |_| read_page(&mut r).ok())
+    }
+}
+
+fn read_page<'a>(r: &mut Reader<'a>) -> Result<PageRef<'a>, DecodeError> {
+    let gpa = r.u64("page address")?;
+    if gpa % PAGE_SIZE as u64 != 0 {
+        return Err(DecodeError::Invalid { field: "page address", reason: "not page-aligned" });
+    }
+    let data = match r.u8("page encoding")? {
+        PAGE_ZERO => PageData::Zero,
+        PAGE_RAW => PageData::Raw(r.bytes("raw page", PAGE_SIZE)?),
+        PAGE_DELTA => {
+            let n = r.u16("delta length")?;
+            if n as usize >= PAGE_SIZE {
+                return Err(DecodeError::TooLarge {
+                    field: "delta length",
+                    value: n.into(),
+                    limit: PAGE_SIZE as u64 - 1,
+                });
+            }
+            PageData::Delta(r.bytes("delta", n as usize)?)
+        }
+        tag => return Err(DecodeError::UnknownTag { what: "page encoding", tag: tag.into() }),
+    };
+    Ok(PageRef { gpa, data })
+}
+
+/// Builds a `Pages` frame without copying pages twice.
+#[derive(Debug)]
+pub struct PagesBuilder {
+    round: u32,
+    count: u32,
+    w: Writer,
+}
+
+impl PagesBuilder {
+    /// An empty batch for `round`.
+    pub fn new(round: u32) -> Self {
+        PagesBuilder { round, count: 0, w: Writer::default() }
+    }
+
+    /// Pages so far.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether no page was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether the batch has reached [`MAX_BATCH_PAGES`].
+    pub fn is_full(&self) -> bool {
+        self.count >= MAX_BATCH_PAGES
+    }
+
+    /// Encoded size so far.
+    pub fn bytes(&self) -> usize {
+        self.w.buf.len()
+    }
+
+    /// Adds a page. Panics on a misaligned address, a raw page that is not
+    /// one page, a delta that is not smaller than a page, or a full batch:
+    /// all are bugs of the caller, never peer input.
+    pub fn push(&mut self, page: PageRef<'_>) {
+        assert!(page.gpa % PAGE_SIZE as u64 == 0 && !self.is_full(), "bad page for a batch");
+        self.w.u64(page.gpa);
+        match page.data {
+            PageData::Zero => self.w.u8(PAGE_ZERO),
+            PageData::Raw(b) => {
+                assert_eq!(b.len(), PAGE_SIZE, "raw pages are whole pages");
+                self.w.u8(PAGE_RAW);
+                self.w.bytes(b);
+            }
+            PageData::Delta(d) => {
+                assert!(d.len() < PAGE_SIZE, "deltas are smaller than a page");
+                self.w.u8(PAGE_DELTA);
+                self.w.u16(d.len() as u16);
+                self.w.bytes(d);
+            }
+        }
+        self.count += 1;
+    }
+
+    /// The batch.
+    pub fn finish(self) -> Pages {
+        Pages { round: self.round, count: self.count, entries: self.w.buf }
+    }
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens a migration.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// Features the source can use.
+        features: u64,
+        /// Guest page size.
+        page_size: u32,
+        /// Random id of this migration attempt.
+        migration_id: [u8; 16],
+        /// The VM.
+        shape: VmShape,
+    },
+    /// The destination will host the VM with these features.
+    Accept {
+        /// Features both sides use.
+        features: u64,
+    },
+    /// The destination will not host the VM.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Guest pages.
+    Pages(Pages),
+    /// A `Pages` body compressed with zstd.
+    Compressed {
+        /// Length of the body once decompressed (at most [`MAX_FRAME`]).
+        raw_len: u32,
+        /// The compressed body.
+        data: Vec<u8>,
+    },
+    /// The end of a pre-copy round.
+    RoundDone {
+        /// The round.
+        round: u32,
+        /// Pages sent in it.
+        pages: u64,
+    },
+    /// vCPU and device state, after the last pages (the source is paused).
+    DeviceState {
+        /// A state container as written by the VMM.
+        state: Vec<u8>,
+    },
+    /// The destination holds everything and can run the VM.
+    Ready,
+    /// The source hands the VM over; it will never run it again.
+    Commit,
+    /// The destination runs the VM.
+    CommitAck,
+    /// Either side gives up (before commit).
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads a frame header: the body length, checked against [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, DecodeError> {
+    let n = u32::from_le_bytes(header);
+    if n == 0 || n > MAX_FRAME {
+        return Err(DecodeError::TooLarge { field: "frame length", value: n.into(), limit: MAX_FRAME.into() });
+    }
+    Ok(n as usize)
+}
+
+impl Message {
+    /// The message as a frame: length prefix and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer { buf: vec![0; 4] };
+        match self {
+            Message::Hello { version, features, page_size, migration_id, shape } => {
+                w.u8(1);
+                w.u16(*version);
+                w.u64(*features);
+                w.u32(*page_size);
+                w.bytes(migration_id);
+                w.blob(shape.name.as_bytes());
+                w.u32(shape.memory.len() as u32);
+                for (start, len) in &shape.memory {
+                    w.u64(*start);
+                    w.u64(*len);
+                }
+                w.u8(shape.vcpus);
+                w.u32(shape.disks.len() as u32);
+                for d in &shape.disks {
+                    w.u64(d.size);
+                    w.blob(d.path.as_bytes());
+                }
+            }
+            Message::Accept { features } => {
+                w.u8(2);
+                w.u64(*features);
+            }
+            Message::Refuse { reason } => {
+                w.u8(3);
+                w.blob(truncated(reason));
+            }
+            Message::Pages(p) => {
+                w.u8(4);
+                w.u32(p.round);
+                w.u32(p.count);
+                w.bytes(&p.entries);
+            }
+            Message::Compressed { raw_len, data } => {
+                w.u8(5);
+                w.u32(*raw_len);
+                w.bytes(data);
+            }
+            Message::RoundDone { round, pages } => {
+                w.u8(6);
+                w.u32(*round);
+                w.u64(*pages);
+            }
+            Message::DeviceState { state } => {
+                w.u8(7);
+                w.bytes(state);
+            }
+            Message::Ready => w.u8(8),
+            Message::Commit => w.u8(9),
+            Message::CommitAck => w.u8(10),
+            Message::Abort { reason } => {
+                w.u8(11);
+                w.blob(truncated(reason));
+            }
+        }
+        let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
+        w.buf[..4].copy_from_slice(&body.to_le_bytes());
+        w.buf
+    }
+
+    /// Decodes a frame body (without its length prefix).
+    pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
+        if body.len() > MAX_FRAME as usize {
+            return Err(DecodeError::TooLarge { field: "frame", value: body.len() as u64, limit: MAX_FRAME.into() });
+        }
+        let mut r = Reader::new(body);
+        let msg = match r.u8("message type")? {
+            1 => {
+                let version = r.u16("version")?;
+                let features = r.u64("features")?;
+                let page_size = r.u32("page size")?;
+                let migration_id = r.id16("migration id")?;
+                let name = r.string("VM name", 64)?;
+                let n = r.count("region count", MAX_REGIONS)?;
+                let mut memory = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (start, len) = (r.u64("region start")?, r.u64("region length")?);
+                    if start % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 || start.checked_add(len).is_none()
+                    {
+                        return Err(DecodeError::Invalid {
+                            field: "memory region",
+                            reason: "unaligned or overflowing",
+                        });
+                    }
+                    memory.push((start, len));
+                }
+                let vcpus = r.u8("vCPU count")?;
+                let n = r.count("disk count", MAX_DISKS)?;
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let size = r.u64("disk size")?;
+                    disks.push(DiskInfo { size, path: r.string("disk path", MAX_TEXT)? });
+                }
+                Message::Hello {
+                    version,
+                    features,
+                    page_size,
+                    migration_id,
+                    shape: VmShape { name, memory, vcpus, disks },
+                }
+            }
+            2 => Message::Accept { features: r.u64("features")? },
+            3 => Message::Refuse { reason: r.string("reason", MAX_TEXT)? },
+            4 => {
+                let round = r.u32("round")?;
+                let count = r.count("page count", MAX_BATCH_PAGES)?;
+                let start = r.remaining();
+                let entries_all = r.bytes("pages", start)?; // the rest of the frame
+                let mut pr = Reader::new(entries_all);
+                for _ in 0..count {
+                    read_page(&mut pr)?;
+                }
+                pr.finish()?;
+                Message::Pages(Pages { round, count: count as u32, entries: entries_all.to_vec() })
+            }
+            5 => {
+                let raw_len = r.u32("decompressed length")?;
+                if raw_len > MAX_FRAME {
+                    return Err(DecodeError::TooLarge {
+                        field: "decompressed length",
+                        value: raw_len.into(),
+                        limit: MAX_FRAME.into(),
+                    });
+                }
+                let n = r.remaining();
+                Message::Compressed { raw_len, data: r.bytes("compressed data", n)?.to_vec() }
+            }
+            6 => Message::RoundDone { round: r.u32("round")?, pages: r.u64("pages")? },
+            7 => {
+                let n = r.remaining();
+                if n > MAX_DEVICE_STATE as usize {
+                    return Err(DecodeError::TooLarge {
+                        field: "device state",
+                        value: n as u64,
+                        limit: MAX_DEVICE_STATE.into(),
+                    });
+                }
+                Message::DeviceState { state: r.bytes("device state", n)?.to_vec() }
+            }
+            8 => Message::Ready,
+            9 => Message::Commit,
+            10 => Message::CommitAck,
+            11 => Message::Abort { reason: r.string("reason", MAX_TEXT)? },
+            tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+
+    /// Decodes a decompressed `Pages` body (what `Compressed` carries).
+    pub fn decode_pages_body(body: &[u8]) -> Result<Pages, DecodeError> {
+        match Message::decode(body)? {
+            Message::Pages(p) => Ok(p),
+            _ => Err(DecodeError::Invalid { field: "compressed body", reason: "not a Pages message" }),
+        }
+    }
+
+    /// Short name, for messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Accept { .. } => "Accept",
+            Message::Refuse { .. } => "Refuse",
+            Message::Pages(_) => "Pages",
+            Message::Compressed { .. } => "Compressed",
+            Message::RoundDone { .. } => "RoundDone",
+            Message::DeviceState { .. } => "DeviceState",
+            Message::Ready => "Ready",
+            Message::Commit => "Commit",
+            Message::CommitAck => "CommitAck",
+            Message::Abort { .. } => "Abort",
+        }
+    }
+}
+
+/// Cuts free text to [`MAX_TEXT`] bytes at a character boundary.
+fn truncated(s: &str) -> &[u8] {
+    let mut end = s.len().min(MAX_TEXT as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}

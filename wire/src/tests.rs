@@ -1,0 +1,241 @@
+//! Codec and session tests.
+
+use proptest::prelude::*;
+
+use crate::message::{MAX_BATCH_PAGES, MAX_FRAME, PAGE_SIZE};
+use crate::*;
+
+fn shape() -> VmShape {
+    VmShape {
+        name: "vm1".into(),
+        memory: vec![(0, 3 << 30), (4 << 30, 1 << 30)],
+        vcpus: 2,
+        disks: vec![DiskInfo { size: 1 << 30, path: "/var/lib/vm1.img".into() }],
+    }
+}
+
+fn pages() -> Pages {
+    let raw = [7u8; PAGE_SIZE];
+    let mut b = PagesBuilder::new(3);
+    b.push(PageRef { gpa: 0x1000, data: PageData::Zero });
+    b.push(PageRef { gpa: 0x2000, data: PageData::Raw(&raw) });
+    b.push(PageRef { gpa: 0x3000, data: PageData::Delta(&[1, 2, 3]) });
+    b.finish()
+}
+
+fn samples() -> Vec<Message> {
+    vec![
+        Message::Hello { version: 1, features: features::ALL, page_size: 4096, migration_id: [9; 16], shape: shape() },
+        Message::Accept { features: features::ZSTD },
+        Message::Refuse { reason: "no room".into() },
+        Message::Pages(pages()),
+        Message::Compressed { raw_len: 100, data: vec![1, 2, 3] },
+        Message::RoundDone { round: 4, pages: 1234 },
+        Message::DeviceState { state: vec![5; 1000] },
+        Message::Ready,
+        Message::Commit,
+        Message::CommitAck,
+        Message::Abort { reason: "link lost".into() },
+    ]
+}
+
+fn round_trip(m: &Message) -> Result<Message, DecodeError> {
+    let frame = m.encode();
+    let len = frame_len(frame[..4].try_into().expect("header"))?;
+    assert_eq!(len, frame.len() - 4);
+    Message::decode(&frame[4..])
+}
+
+#[test]
+fn every_message_round_trips() {
+    for m in samples() {
+        assert_eq!(round_trip(&m).as_ref(), Ok(&m), "{}", m.name());
+    }
+    let Ok(Message::Pages(p)) = round_trip(&Message::Pages(pages())) else { panic!("pages") };
+    let got: Vec<_> = p.iter().collect();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[1], PageRef { gpa: 0x2000, data: PageData::Raw(&[7u8; PAGE_SIZE]) });
+    assert_eq!(got[2].data, PageData::Delta(&[1, 2, 3]));
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    for m in samples() {
+        let frame = m.encode();
+        let body = &frame[4..];
+        for n in 0..body.len() {
+            // Some prefixes of variable-length messages are themselves valid
+            // messages (a shorter reason); none may panic, and none may
+            // decode to the original.
+            if let Ok(d) = Message::decode(&body[..n]) {
+                assert_ne!(d, m, "{} truncated to {n}", m.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn hostile_lengths_are_refused_before_allocation() {
+    assert!(frame_len((MAX_FRAME + 1).to_le_bytes()).is_err());
+    assert!(frame_len(0u32.to_le_bytes()).is_err());
+    // A Pages frame announcing more pages than allowed.
+    let mut body = vec![4u8];
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&(MAX_BATCH_PAGES + 1).to_le_bytes());
+    assert!(matches!(Message::decode(&body), Err(DecodeError::TooLarge { .. })));
+    // A page count larger than the pages present.
+    let mut body = vec![4u8];
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0x1000u64.to_le_bytes());
+    body.push(1);
+    assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
+    // Misaligned page, unknown encoding, delta as large as a page.
+    for (gpa, tag, extra) in
+        [(0x1001u64, 1u8, vec![]), (0x1000, 9, vec![]), (0x1000, 3, 4096u16.to_le_bytes().to_vec())]
+    {
+        let mut body = vec![4u8];
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&gpa.to_le_bytes());
+        body.push(tag);
+        body.extend_from_slice(&extra);
+        body.extend_from_slice(&[0; 4096]);
+        assert!(Message::decode(&body).is_err(), "{gpa:#x} {tag}");
+    }
+    // Type 0 and unknown types.
+    assert!(matches!(Message::decode(&[0]), Err(DecodeError::UnknownTag { .. })));
+    assert!(matches!(Message::decode(&[200]), Err(DecodeError::UnknownTag { .. })));
+    // A Hello with a huge string length.
+    let mut hello =
+        Message::Hello { version: 1, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() }.encode();
+    hello[4 + 1 + 2 + 8 + 4 + 16..4 + 1 + 2 + 8 + 4 + 16 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(Message::decode(&hello[4..]), Err(DecodeError::TooLarge { .. })));
+    // Trailing bytes.
+    let mut ready = Message::Ready.encode();
+    ready.push(0);
+    assert!(matches!(Message::decode(&ready[4..]), Err(DecodeError::Trailing(1))));
+}
+
+proptest! {
+    #[test]
+    fn decode_never_panics(body in prop::collection::vec(any::<u8>(), 0..600)) {
+        let _ = Message::decode(&body);
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(i in 0usize..11, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let frame = samples()[i].encode();
+        let mut body = frame[4..].to_vec();
+        let p = pos.index(body.len());
+        body[p] = byte;
+        let _ = Message::decode(&body);
+    }
+
+    #[test]
+    fn page_batches_round_trip(entries in prop::collection::vec((0u64..1 << 30, 0u8..3, prop::collection::vec(any::<u8>(), 0..64)), 0..40)) {
+        let raw = [3u8; PAGE_SIZE];
+        let mut b = PagesBuilder::new(1);
+        for (page, kind, delta) in &entries {
+            let data = match kind { 0 => PageData::Zero, 1 => PageData::Raw(&raw), _ => PageData::Delta(delta) };
+            b.push(PageRef { gpa: page * PAGE_SIZE as u64, data });
+        }
+        let p = b.finish();
+        let Ok(Message::Pages(back)) = round_trip(&Message::Pages(p.clone())) else { panic!("decode") };
+        prop_assert_eq!(back.iter().collect::<Vec<_>>(), p.iter().collect::<Vec<_>>());
+        prop_assert_eq!(back.len(), entries.len());
+    }
+}
+
+// ---------------------------------------------------------------- sessions
+
+/// Drives both machines through a whole migration in memory, dropping the
+/// link after `fail_at` messages. Returns (source outcome, destination owns VM).
+fn run(fail_at: usize) -> (FailureOutcome, bool) {
+    let mut src = Source::Start;
+    let mut dst = Destination::AwaitHello;
+    let mut sent = 0usize;
+    // Each step: one message crosses if the link still works.
+    macro_rules! cross {
+        ($m:expr, to_dst) => {{
+            if sent == fail_at {
+                return (src.on_failure(), dst.owns_vm());
+            }
+            sent += 1;
+            dst = dst.on_message(&$m).expect("valid for destination");
+        }};
+        ($m:expr, to_src) => {{
+            if sent == fail_at {
+                return (src.on_failure(), dst.owns_vm());
+            }
+            sent += 1;
+            src = src.on_message(&$m).expect("valid for source");
+        }};
+    }
+    let (s, hello) = src.hello([1; 16], shape()).expect("hello");
+    src = s;
+    cross!(hello, to_dst);
+    let (d, accept) = dst.accept().expect("accept");
+    dst = d;
+    cross!(accept, to_src);
+    cross!(Message::Pages(pages()), to_dst);
+    cross!(Message::RoundDone { round: 0, pages: 3 }, to_dst);
+    src = src.stop_and_copy().expect("pause");
+    cross!(Message::Pages(pages()), to_dst);
+    let (s, state) = src.device_state(vec![1, 2, 3]).expect("state");
+    src = s;
+    cross!(state, to_dst);
+    let (d, ready) = dst.ready().expect("ready");
+    dst = d;
+    cross!(ready, to_src);
+    let (s, commit) = src.commit().expect("commit");
+    src = s;
+    cross!(commit, to_dst);
+    cross!(Message::CommitAck, to_src);
+    assert_eq!(sent, 10, "the whole exchange is ten messages");
+    (src.on_failure(), dst.owns_vm())
+}
+
+#[test]
+fn exactly_one_side_runs_the_vm_whatever_fails() {
+    let mut outcomes = Vec::new();
+    for fail_at in 0..12 {
+        let (src, dst_owns) = run(fail_at);
+        match src {
+            // Before commit: the source resumes and the destination must not run it.
+            FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
+            // Commit sent, ack lost: the source stays paused; the destination may run it.
+            FailureOutcome::InDoubt => {}
+            FailureOutcome::Done => assert!(dst_owns, "nobody runs the VM (fail at {fail_at})"),
+        }
+        outcomes.push(src);
+    }
+    assert!(outcomes.contains(&FailureOutcome::ResumeSource));
+    assert!(outcomes.contains(&FailureOutcome::InDoubt));
+    assert_eq!(outcomes.last(), Some(&FailureOutcome::Done));
+}
+
+#[test]
+fn messages_out_of_order_are_errors_and_abort_always_works() {
+    for m in samples() {
+        let allowed = matches!(m, Message::Hello { .. } | Message::Abort { .. });
+        assert_eq!(Destination::AwaitHello.on_message(&m).is_ok(), allowed, "{}", m.name());
+    }
+    let receiving = Destination::Receiving { features: 0 };
+    for m in [
+        Message::Commit,
+        Message::Ready,
+        Message::Hello { version: 1, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() },
+    ] {
+        assert!(receiving.clone().on_message(&m).is_err(), "{}", m.name());
+    }
+    assert!(Destination::Committed.on_message(&Message::Abort { reason: "x".into() }).is_err());
+    assert!(Source::Precopy { features: 0 }.on_message(&Message::CommitAck).is_err());
+    assert!(Source::Precopy { features: 0 }.commit().is_err(), "commit before Ready");
+    assert!(Source::CommitSent.abort("late").is_err(), "no abort after commit");
+    // Another protocol version or page size never gets past the hello.
+    let v2 = Message::Hello { version: 2, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() };
+    assert!(Destination::AwaitHello.on_message(&v2).is_err());
+    // An Accept with features the source never offered is refused.
+    assert!(Source::HelloSent.on_message(&Message::Accept { features: 1 << 40 }).is_err());
+}
