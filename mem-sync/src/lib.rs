@@ -1,11 +1,19 @@
 //! Memory pre-copy logic, pure and testable without KVM.
 //!
-//! Today this crate holds the dirty-bitmap arithmetic that the VMM's harvest
-//! uses ([`bitmap`]): merging KVM's dirty log with the VMM's own bitmap of
-//! device writes, and turning a bitmap into page ranges. The page encoders
-//! (zero, raw, XBZRLE-style delta, zstd), the convergence policy, rate
-//! limiting and working-set statistics arrive with the live-migration issue.
+//! - [`bitmap`]: dirty bitmaps (KVM's layout): merge, and runs of pages.
+//! - [`xbzrle`]: delta encoding of re-sent pages against their last version.
+//! - [`encode`]: per page, zero marker / delta / raw, with a bounded cache.
+//! - [`compress`]: zstd for page batches, capped on decompression.
+//! - [`policy`]: the convergence policy (downtime budget, auto-converge,
+//!   giving up with numbers) and rate limiting.
 
 pub mod bitmap;
+pub mod compress;
+pub mod encode;
+pub mod policy;
+pub mod xbzrle;
 
 pub use bitmap::{PageRange, merge_into, to_ranges};
+
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
