@@ -1,5 +1,18 @@
-//! QUIC transport (not built yet).
+//! QUIC transport between migration hosts: s2n-quic on tokio, mutual TLS
+//! 1.3 between self-signed identities pinned by fingerprint, ALPN
+//! `wanmig/1`, flow-control windows sized from bandwidth × RTT, and framed
+//! streams carrying `wanmig-wire` messages.
 //!
-//! This crate will own: s2n-quic endpoints on tokio with mutual TLS and pinned
-//! peer keys (ALPN `wanmig/1`), a control stream plus bulk streams, flow-control
-//! windows sized from bandwidth x RTT, and bandwidth caps.
+//! - [`identity`]: host keys (`wanmig keygen`) and fingerprints.
+//! - [`tls`]: the pinned-peer verifiers.
+//! - [`endpoint`]: listener, connect, control and bulk streams.
+
+pub mod endpoint;
+pub mod identity;
+pub mod tls;
+
+pub use endpoint::{Conn, FrameReceiver, FrameSender, LinkTuning, Listener, TransportError, connect};
+pub use identity::{Fingerprint, Identity, IdentityError};
+
+#[cfg(test)]
+mod tests;
