@@ -2,6 +2,7 @@
 //! calls into the library crates; `demo` chains the other commands.
 
 mod demo;
+mod migration;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,6 +81,80 @@ enum Command {
         /// Output file.
         #[arg(long)]
         write: PathBuf,
+    },
+    /// Create this host's identity (key + self-signed certificate) and print
+    /// its fingerprint.
+    Keygen {
+        /// Directory for cert.pem and key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name in the certificate.
+        #[arg(long, default_value = "wanmig")]
+        name: String,
+    },
+    /// Print the fingerprint of an identity.
+    Fingerprint {
+        /// Identity directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Wait for one incoming live migration, then run the VM.
+    Receive {
+        /// Address to listen on, e.g. [::]:4750.
+        #[arg(long)]
+        listen: String,
+        /// This host's identity directory.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Fingerprint of a source allowed to migrate here (repeatable).
+        #[arg(long = "peer", required = true)]
+        peers: Vec<String>,
+        /// Where the VM's control socket and console log go.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Open the source's disk images at the same paths (storage both
+        /// hosts see); without it, VMs with disks are refused until block-sync.
+        #[arg(long)]
+        shared_disks: bool,
+        /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
+        #[arg(long, value_parser = migration::parse_bandwidth)]
+        link_bandwidth: Option<u64>,
+        /// Expected round-trip time, for flow-control windows (e.g. 100ms).
+        #[arg(long, value_parser = migration::parse_duration)]
+        rtt: Option<std::time::Duration>,
+    },
+    /// Live-migrate the VM of vm.toml to a destination running `wanmig receive`.
+    /// Exit status: 0 migrated, 1 failed (the VM still runs here), 3 in doubt
+    /// (the VM is paused here), 2 bad usage.
+    Send {
+        /// The VM's configuration (names its control socket).
+        config: PathBuf,
+        /// Destination host:port.
+        dest: String,
+        /// This host's identity directory.
+        #[arg(long)]
+        identity: PathBuf,
+        /// The destination's fingerprint.
+        #[arg(long)]
+        peer: String,
+        /// Downtime budget.
+        #[arg(long, default_value = "300ms", value_parser = migration::parse_duration)]
+        downtime: std::time::Duration,
+        /// Bandwidth cap (e.g. 200Mbit).
+        #[arg(long, value_parser = migration::parse_bandwidth)]
+        max_bandwidth: Option<u64>,
+        /// Give up (and keep running here) after this long.
+        #[arg(long, default_value = "10m", value_parser = migration::parse_duration)]
+        timeout: std::time::Duration,
+        /// Expected link bandwidth, for flow-control windows.
+        #[arg(long, value_parser = migration::parse_bandwidth)]
+        link_bandwidth: Option<u64>,
+        /// Expected round-trip time, for flow-control windows.
+        #[arg(long, value_parser = migration::parse_duration)]
+        rtt: Option<std::time::Duration>,
+        /// Print the outcome and summary as JSON instead of progress and text.
+        #[arg(long)]
+        json: bool,
     },
     /// Boot the test guest, snapshot it, restore it in a new process, and
     /// show that it continues where it stopped.
@@ -179,12 +254,43 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => demo::run(dir).map(|()| ExitCode::SUCCESS),
+        Command::Keygen { dir, name } => migration::keygen(&dir, &name),
+        Command::Fingerprint { dir } => migration::fingerprint(&dir),
+        Command::Receive { listen, identity, peers, dir, shared_disks, link_bandwidth, rtt } => {
+            migration::receive(migration::ReceiveArgs {
+                listen,
+                identity,
+                peers,
+                dir,
+                shared_disks,
+                link_bandwidth,
+                rtt,
+            })
+        }
+        Command::Send { config, dest, identity, peer, downtime, max_bandwidth, timeout, link_bandwidth, rtt, json } => {
+            migration::send(migration::SendArgs {
+                config,
+                dest,
+                identity,
+                peer,
+                downtime,
+                max_bandwidth,
+                timeout,
+                link_bandwidth,
+                rtt,
+                json,
+            })
+        }
     }
 }
 
 fn serve(vm: Vm, cfg: &VmConfig) -> Result<ExitCode> {
-    match control::serve(vm, &cfg.control_socket)? {
+    match control::serve(vm, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)? {
         ServeEnd::Shutdown => Ok(ExitCode::SUCCESS),
+        ServeEnd::MigratedAway => {
+            eprintln!("wanmig: VM '{}' migrated away; it runs at the destination", cfg.name);
+            Ok(ExitCode::SUCCESS)
+        }
         ServeEnd::GuestStopped(GuestStop::Shutdown(why)) => {
             eprintln!("wanmig: guest stopped: {why}");
             Ok(ExitCode::SUCCESS)

@@ -1,6 +1,79 @@
-//! The migration orchestrator (not built yet).
+//! The migration orchestrator: the source and destination drivers that
+//! compose the VMM, memory pre-copy, the wire protocol and the transport.
 //!
-//! This crate will own: the source and destination drivers that compose the
-//! VMM, memory and disk sync, transport and tunnel; the two-phase commit;
-//! progress events and the final summary. It is the only crate that knows
-//! all the others.
+//! - [`source::send`]: runs in the process that owns the VM (`wanmig run`),
+//!   reached through the control socket by `wanmig send`.
+//! - [`destination::receive`]: `wanmig receive`.
+//! - [`report`]: progress events and the final summary.
+//!
+//! The protocol and its commit rule are documented in `wanmig_wire::session`.
+
+pub mod destination;
+pub mod report;
+pub mod source;
+
+use std::time::Duration;
+
+use wanmig_transport::{Fingerprint, Identity, LinkTuning};
+use wanmig_vmm::Vm;
+use wanmig_vmm::control::{MigrateOutcome, MigrateRequest, Migrator};
+
+/// Runs `migrate` requests of the control socket with [`source::send`].
+#[derive(Debug, Default)]
+pub struct SourceMigrator;
+
+/// Turns a control-socket request into send options.
+pub fn send_options(req: &MigrateRequest) -> Result<source::SendOptions, String> {
+    let dest = resolve(&req.dest)?;
+    let identity = Identity::load(&req.identity).map_err(|e| format!("identity: {e}"))?;
+    let peer: Fingerprint = req.peer.parse().map_err(|e| format!("peer: {e}"))?;
+    let mut tuning = LinkTuning::default();
+    if let Some(bw) = req.link_bandwidth_bps.or(req.max_bandwidth_bps) {
+        tuning.bandwidth_bps = bw;
+    }
+    if let Some(rtt) = req.rtt_ms {
+        tuning.rtt = Duration::from_millis(rtt);
+    }
+    Ok(source::SendOptions {
+        dest,
+        identity,
+        peer,
+        downtime: Duration::from_millis(req.downtime_ms),
+        max_bandwidth: req.max_bandwidth_bps.map(|b| b as f64 / 8.0),
+        min_bandwidth: None,
+        timeout: Duration::from_secs(req.timeout_s),
+        tuning,
+        xbzrle_cache: wanmig_mem_sync::encode::DEFAULT_CACHE_BYTES,
+        compress: true,
+    })
+}
+
+/// Resolves `host:port` to one address.
+pub fn resolve(dest: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    dest.to_socket_addrs()
+        .map_err(|e| format!("destination `{dest}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("destination `{dest}` resolves to no address"))
+}
+
+impl Migrator for SourceMigrator {
+    fn migrate(
+        &mut self,
+        vm: &mut Vm,
+        req: &MigrateRequest,
+        progress: &mut dyn FnMut(serde_json::Value),
+    ) -> (MigrateOutcome, serde_json::Value) {
+        let opts = match send_options(req) {
+            Ok(o) => o,
+            Err(e) => {
+                let summary = report::Summary { error: Some(e), ..Default::default() };
+                return (MigrateOutcome::FailedSourceRunning, serde_json::to_value(summary).unwrap_or_default());
+            }
+        };
+        let (outcome, summary) = source::send(vm, &opts, &mut |e| {
+            progress(serde_json::to_value(e).unwrap_or_default());
+        });
+        (outcome, serde_json::to_value(summary).unwrap_or_default())
+    }
+}

@@ -21,13 +21,13 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
         vcpus: 1,
         control_socket: dir.join("unused.sock"),
         serial: SerialOutput::None,
-        guest: GuestConfig::Test(TestGuestConfig {
+        guest: Some(GuestConfig::Test(TestGuestConfig {
             ws_mib: 16,
             rate_mib: 1,
             flat_out: false,
             disk_kib: 0,
             disk_mib: 1,
-        }),
+        })),
         disks: Vec::new(),
     }
 }

@@ -7,7 +7,7 @@
 //! control_socket = "demo.sock"  # default "wanmig-<name>.sock" beside vm.toml
 //! serial = "stdout"          # "stdout" (default), "none", or a file path
 //!
-//! [guest]                    # required
+//! [guest]                    # required by `wanmig run`
 //! kind = "test"              # the built-in test guest (the only kind so far)
 //! ws_mib = 16                # working set, MiB (default 16)
 //! rate_mib = 0               # MiB/s of working-set pages dirtied (default 0 = idle)
@@ -50,8 +50,9 @@ pub struct VmConfig {
     pub control_socket: PathBuf,
     /// Where the guest's serial console goes.
     pub serial: SerialOutput,
-    /// What runs inside.
-    pub guest: GuestConfig,
+    /// What runs inside; required to boot (`wanmig run`), unused when the
+    /// VM comes from a snapshot or a migration.
+    pub guest: Option<GuestConfig>,
     /// Raw disk images, attached as virtio-blk devices in this order.
     pub disks: Vec<DiskConfig>,
 }
@@ -124,7 +125,7 @@ struct RawConfig {
     vcpus: u64,
     control_socket: Option<PathBuf>,
     serial: Option<String>,
-    guest: GuestConfig,
+    guest: Option<GuestConfig>,
     #[serde(default, rename = "disk")]
     disks: Vec<DiskConfig>,
 }
@@ -209,21 +210,9 @@ impl VmConfig {
             Some("") => return Err(invalid("serial", "empty; use \"stdout\", \"none\" or a path".into())),
             Some(p) => SerialOutput::File(resolve(Path::new(p))),
         };
-        let GuestConfig::Test(t) = &raw.guest;
-        if t.ws_mib > raw.memory_mib {
-            return Err(invalid("guest.ws_mib", format!("{} MiB exceeds memory_mib", t.ws_mib)));
-        }
-        if t.disk_mib == 0 {
-            return Err(invalid("guest.disk_mib", "must be at least 1".into()));
-        }
-        if t.rate_mib > 1 << 20 {
-            return Err(invalid("guest.rate_mib", format!("{} MiB/s is not a rate a guest can reach", t.rate_mib)));
-        }
-        if t.disk_kib > 1 << 20 {
-            return Err(invalid("guest.disk_kib", format!("{} KiB/s is above 1 GiB/s", t.disk_kib)));
-        }
-        if t.disk_kib > 0 && raw.disks.is_empty() {
-            return Err(invalid("guest.disk_kib", "the guest is asked to write but no [[disk]] is configured".into()));
+        let disks_configured = !raw.disks.is_empty();
+        if let Some(GuestConfig::Test(t)) = &raw.guest {
+            check_test_guest(t, raw.memory_mib, disks_configured).map_err(|(key, reason)| invalid(key, reason))?;
         }
         if raw.disks.len() > layout::VIRTIO_MMIO_SLOTS {
             return Err(invalid("disk", format!("{} disks; at most {}", raw.disks.len(), layout::VIRTIO_MMIO_SLOTS)));
@@ -244,6 +233,26 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+/// Checks the test guest's parameters; the error names the key.
+fn check_test_guest(t: &TestGuestConfig, memory_mib: u64, has_disk: bool) -> Result<(), (&'static str, String)> {
+    if t.ws_mib > memory_mib {
+        return Err(("guest.ws_mib", format!("{} MiB exceeds memory_mib", t.ws_mib)));
+    }
+    if t.disk_mib == 0 {
+        return Err(("guest.disk_mib", "must be at least 1".into()));
+    }
+    if t.rate_mib > 1 << 20 {
+        return Err(("guest.rate_mib", format!("{} MiB/s is not a rate a guest can reach", t.rate_mib)));
+    }
+    if t.disk_kib > 1 << 20 {
+        return Err(("guest.disk_kib", format!("{} KiB/s is above 1 GiB/s", t.disk_kib)));
+    }
+    if t.disk_kib > 0 && !has_disk {
+        return Err(("guest.disk_kib", "the guest is asked to write but no [[disk]] is configured".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -273,7 +282,13 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert_eq!(
             c.guest,
-            GuestConfig::Test(TestGuestConfig { ws_mib: 16, rate_mib: 0, flat_out: false, disk_kib: 8, disk_mib: 1 })
+            Some(GuestConfig::Test(TestGuestConfig {
+                ws_mib: 16,
+                rate_mib: 0,
+                flat_out: false,
+                disk_kib: 8,
+                disk_mib: 1
+            }))
         );
     }
 

@@ -47,6 +47,57 @@ pub enum Request {
     },
     /// Stop the VM and the serving process.
     Shutdown,
+    /// Live-migrate the VM; progress lines stream back before the response.
+    Migrate {
+        /// What to do.
+        migration: MigrateRequest,
+    },
+}
+
+/// What `wanmig send` asks of the process running the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination `host:port`.
+    pub dest: String,
+    /// Directory of this host's identity (`wanmig keygen`).
+    pub identity: PathBuf,
+    /// The destination's fingerprint.
+    pub peer: String,
+    /// Downtime budget, ms.
+    pub downtime_ms: u64,
+    /// Bandwidth cap, bits/s.
+    pub max_bandwidth_bps: Option<u64>,
+    /// Give up (and resume here) after this long, s.
+    pub timeout_s: u64,
+    /// Expected link bandwidth for window sizing, bits/s.
+    pub link_bandwidth_bps: Option<u64>,
+    /// Expected round-trip time for window sizing, ms.
+    pub rtt_ms: Option<u64>,
+}
+
+/// How a migration ended, as the VM's process reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrateOutcome {
+    /// The destination runs the VM; this process stops.
+    Migrated,
+    /// Failed before commit; the VM runs here as before.
+    FailedSourceRunning,
+    /// Commit sent, acknowledgement lost: the VM stays paused here.
+    InDoubt,
+}
+
+/// Runs migrations for [`serve`]; supplied by the crate that knows how.
+pub trait Migrator {
+    /// Migrates `vm` as `req` says, reporting progress through `progress`;
+    /// returns the outcome and a summary (JSON) for the client.
+    fn migrate(
+        &mut self,
+        vm: &mut Vm,
+        req: &MigrateRequest,
+        progress: &mut dyn FnMut(serde_json::Value),
+    ) -> (MigrateOutcome, serde_json::Value);
 }
 
 /// What `status` reports.
@@ -99,6 +150,12 @@ pub struct Response {
     /// For `snapshot`: timings in ms and bytes of RAM written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save: Option<SaveSummary>,
+    /// For `migrate`: how it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<MigrateOutcome>,
+    /// For `migrate`: the summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<serde_json::Value>,
 }
 
 /// Timings of a snapshot.
@@ -118,10 +175,10 @@ pub struct SaveSummary {
 
 impl Response {
     fn ok() -> Self {
-        Response { ok: true, error: None, status: None, save: None }
+        Response { ok: true, error: None, status: None, save: None, outcome: None, summary: None }
     }
     fn err(e: impl std::fmt::Display) -> Self {
-        Response { ok: false, error: Some(e.to_string()), status: None, save: None }
+        Response { ok: false, error: Some(e.to_string()), ..Self::ok() }
     }
 }
 
@@ -159,13 +216,15 @@ pub enum ControlError {
 pub enum ServeEnd {
     /// A `shutdown` request.
     Shutdown,
+    /// The VM was migrated away and runs at the destination.
+    MigratedAway,
     /// The guest stopped by itself.
     GuestStopped(GuestStop),
 }
 
 /// Serves `vm`'s control socket until a shutdown request or the guest stops.
 /// A stale socket file from a dead process is replaced; a live one is not.
-pub fn serve(mut vm: Vm, path: &Path) -> Result<ServeEnd, ControlError> {
+pub fn serve(mut vm: Vm, path: &Path, migrator: &mut dyn Migrator) -> Result<ServeEnd, ControlError> {
     if UnixStream::connect(path).is_ok() {
         return Err(ControlError::Bind {
             path: path.into(),
@@ -175,14 +234,15 @@ pub fn serve(mut vm: Vm, path: &Path) -> Result<ServeEnd, ControlError> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.into(), source })?;
     listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: path.into(), source })?;
+    let mut server = Server { in_doubt: false };
     let end = loop {
         if let Some(stop) = vm.wait_guest_stop(Duration::from_millis(20)) {
             break ServeEnd::GuestStopped(stop);
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                if handle(&mut vm, stream) {
-                    break ServeEnd::Shutdown;
+                if let Some(end) = server.handle(&mut vm, stream, migrator) {
+                    break end;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -193,74 +253,132 @@ pub fn serve(mut vm: Vm, path: &Path) -> Result<ServeEnd, ControlError> {
     Ok(end)
 }
 
-/// Handles one connection; returns whether the VM should shut down.
-fn handle(vm: &mut Vm, stream: UnixStream) -> bool {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let mut line = String::new();
-    let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
-    let (response, shutdown) = match read
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")))
-    {
-        Err(e) => (Response::err(e), false),
-        Ok(req) => execute(vm, req),
-    };
-    let mut text = serde_json::to_string(&response).expect("responses serialize");
-    text.push('\n');
-    let _ = (&stream).write_all(text.as_bytes());
-    shutdown
+/// State of the serving loop across requests.
+struct Server {
+    /// A migration committed without acknowledgement: the VM must not run
+    /// here until an operator settles it.
+    in_doubt: bool,
 }
 
-fn execute(vm: &mut Vm, req: Request) -> (Response, bool) {
-    match req {
-        Request::Status => {
-            let c = vm.config();
-            let status = VmStatus {
-                name: c.name.clone(),
-                state: match vm.run_state() {
-                    RunState::Running => "running".into(),
-                    RunState::Paused => "paused".into(),
-                },
-                vcpus: c.vcpus,
-                memory_mib: c.memory_mib,
-                guest: vm.test_guest_status().map(Into::into),
-            };
-            (Response { status: Some(status), ..Response::ok() }, false)
+fn send_line(stream: &UnixStream, value: &impl Serialize) {
+    let mut text = serde_json::to_string(value).expect("control messages serialize");
+    text.push('\n');
+    let _ = (&*stream).write_all(text.as_bytes());
+}
+
+impl Server {
+    /// Handles one connection; returns how serving ends, if it does.
+    fn handle(&mut self, vm: &mut Vm, stream: UnixStream, migrator: &mut dyn Migrator) -> Option<ServeEnd> {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        let mut line = String::new();
+        let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+        let req = read
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")));
+        let (response, end) = match req {
+            Err(e) => (Response::err(e), None),
+            Ok(Request::Migrate { migration }) => self.migrate(vm, &migration, &stream, migrator),
+            Ok(req) => self.execute(vm, req),
+        };
+        send_line(&stream, &response);
+        end
+    }
+
+    fn migrate(
+        &mut self,
+        vm: &mut Vm,
+        req: &MigrateRequest,
+        stream: &UnixStream,
+        migrator: &mut dyn Migrator,
+    ) -> (Response, Option<ServeEnd>) {
+        if self.in_doubt {
+            return (Response::err("an earlier migration is in doubt; the VM stays paused"), None);
         }
-        Request::Pause => (vm.pause().map_or_else(Response::err, |()| Response::ok()), false),
-        Request::Resume => {
-            vm.resume();
-            (Response::ok(), false)
+        if vm.run_state() != RunState::Running {
+            return (Response::err("the VM is paused; resume it before migrating"), None);
         }
-        Request::Snapshot { dir, resume } => {
-            let t = std::time::Instant::now();
-            let result = vm.pause().and_then(|()| {
-                let pause_ms = t.elapsed().as_secs_f64() * 1e3;
-                vm.save(&dir).map(|r: SaveReport| SaveSummary {
-                    pause_ms,
-                    state_ms: r.state_ms,
-                    memory_ms: r.memory_ms,
-                    sync_ms: r.sync_ms,
-                    memory_bytes: r.memory_bytes,
-                })
-            });
-            if resume {
+        let (outcome, summary) =
+            migrator.migrate(vm, req, &mut |p| send_line(stream, &serde_json::json!({ "progress": p })));
+        let end = match outcome {
+            MigrateOutcome::Migrated => Some(ServeEnd::MigratedAway),
+            MigrateOutcome::InDoubt => {
+                self.in_doubt = true;
+                None
+            }
+            MigrateOutcome::FailedSourceRunning => None,
+        };
+        let ok = outcome == MigrateOutcome::Migrated;
+        let error =
+            (!ok).then(|| summary.get("error").and_then(|e| e.as_str()).unwrap_or("migration failed").to_string());
+        (Response { ok, error, outcome: Some(outcome), summary: Some(summary), ..Response::ok() }, end)
+    }
+
+    fn execute(&mut self, vm: &mut Vm, req: Request) -> (Response, Option<ServeEnd>) {
+        match req {
+            Request::Status => {
+                let c = vm.config();
+                let status = VmStatus {
+                    name: c.name.clone(),
+                    state: match (vm.run_state(), self.in_doubt) {
+                        (_, true) => "in-doubt".into(),
+                        (RunState::Running, _) => "running".into(),
+                        (RunState::Paused, _) => "paused".into(),
+                    },
+                    vcpus: c.vcpus,
+                    memory_mib: c.memory_mib,
+                    guest: vm.test_guest_status().map(Into::into),
+                };
+                (Response { status: Some(status), ..Response::ok() }, None)
+            }
+            Request::Pause => (vm.pause().map_or_else(Response::err, |()| Response::ok()), None),
+            Request::Resume if self.in_doubt => (
+                Response::err("a migration of this VM is in doubt: it may be running at the destination; not resuming"),
+                None,
+            ),
+            Request::Resume => {
                 vm.resume();
+                (Response::ok(), None)
             }
-            match result {
-                Ok(s) => (Response { save: Some(s), ..Response::ok() }, false),
-                Err(e) => (Response::err(error_chain(&e)), false),
+            Request::Snapshot { dir, resume } => {
+                let t = std::time::Instant::now();
+                let result = vm.pause().and_then(|()| {
+                    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
+                    vm.save(&dir).map(|r: SaveReport| SaveSummary {
+                        pause_ms,
+                        state_ms: r.state_ms,
+                        memory_ms: r.memory_ms,
+                        sync_ms: r.sync_ms,
+                        memory_bytes: r.memory_bytes,
+                    })
+                });
+                if resume && !self.in_doubt {
+                    vm.resume();
+                }
+                match result {
+                    Ok(s) => (Response { save: Some(s), ..Response::ok() }, None),
+                    Err(e) => (Response::err(error_chain(&e)), None),
+                }
             }
+            Request::Shutdown => (Response::ok(), Some(ServeEnd::Shutdown)),
+            Request::Migrate { .. } => (Response::err("migrate is handled on its own"), None),
         }
-        Request::Shutdown => (Response::ok(), true),
     }
 }
 
 /// Sends `req` to the VM serving `path` and returns its answer; a refusal
 /// becomes [`ControlError::Refused`].
 pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    request_with_progress(path, req, &mut |_| {})
+}
+
+/// Like [`request`], passing each progress line (of a `migrate`) to `progress`.
+pub fn request_with_progress(
+    path: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(serde_json::Value),
+) -> Result<Response, ControlError> {
     let connect = |source| ControlError::Connect { path: path.into(), source };
     let mut stream = UnixStream::connect(path).map_err(connect)?;
     // A snapshot of a large VM takes a while; a stuck VM must not hang us forever.
@@ -268,10 +386,21 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
     let mut text = serde_json::to_string(req).expect("requests serialize");
     text.push('\n');
     stream.write_all(text.as_bytes()).map_err(connect)?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line).map_err(connect)?;
-    let resp: Response = serde_json::from_str(line.trim()).map_err(|e| ControlError::BadResponse(e.to_string()))?;
-    if !resp.ok {
+    let mut reader = BufReader::new(&stream);
+    let resp: Response = loop {
+        let mut line = String::new();
+        (&mut reader).take(MAX_REQUEST).read_line(&mut line).map_err(connect)?;
+        if line.is_empty() {
+            return Err(ControlError::BadResponse("the VM closed the connection without answering".into()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim()).map_err(|e| ControlError::BadResponse(e.to_string()))?;
+        match v.get("progress") {
+            Some(p) => progress(p.clone()),
+            None => break serde_json::from_value(v).map_err(|e| ControlError::BadResponse(e.to_string()))?,
+        }
+    };
+    if !resp.ok && resp.outcome.is_none() {
         return Err(ControlError::Refused(resp.error.unwrap_or_else(|| "refused without a reason".into())));
     }
     Ok(resp)

@@ -93,6 +93,9 @@ pub enum VmError {
     /// The operation needs the VM in another run state.
     #[error("the VM is {0}")]
     WrongState(&'static str),
+    /// The configuration has no guest to boot.
+    #[error("no [guest] configured: nothing to boot")]
+    NoGuest,
     /// vCPU threads did not stop within the deadline.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
@@ -142,6 +145,7 @@ pub struct Vm {
     stop_rx: Receiver<(u8, vcpu::GuestStop)>,
     msr_indices: Vec<u32>,
     run_state: RunState,
+    throttle: Option<Throttle>,
     vm_fd: VmFd,
     kvm: Kvm,
     ram: GuestRam,
@@ -187,14 +191,17 @@ fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
 impl Vm {
     /// Creates the KVM VM, its memory, vCPUs and (if `saved` is given, from
     /// its state) devices. Nothing runs yet.
-    fn build(config: &VmConfig, saved: Option<&VmState>) -> Result<Self, VmError> {
+    fn build(config: &VmConfig, saved: Option<&VmState>, ram: Option<GuestRam>) -> Result<Self, VmError> {
         let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm_fd = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
         vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm("set the TSS address"))?;
         vm_fd.create_irq_chip().map_err(kvm("create the in-kernel irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))?;
-        let mut ram = GuestRam::new(config.memory_bytes())?;
+        let mut ram = match ram {
+            Some(r) => r,
+            None => GuestRam::new(config.memory_bytes())?,
+        };
         ram.register(&vm_fd, false)?;
 
         let irqfd = |gsi: u32| -> Result<EventFd, VmError> {
@@ -252,6 +259,7 @@ impl Vm {
             stop_rx,
             msr_indices: Vec::new(),
             run_state: RunState::Paused,
+            throttle: None,
             vm_fd,
             kvm: kvm_sys,
             ram,
@@ -269,8 +277,8 @@ impl Vm {
 
     /// Creates a VM and loads its guest, ready to run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let vm = Self::build(config, None)?;
-        let GuestConfig::Test(t) = &config.guest;
+        let Some(GuestConfig::Test(t)) = &config.guest else { return Err(VmError::NoGuest) };
+        let vm = Self::build(config, None, None)?;
         let entry = boot::load_multiboot(vm.ram.mem(), testguest::IMAGE, &testguest::cmdline(t), &vm.ram.regions())?;
         vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
         vm.spawn_threads()
@@ -282,9 +290,23 @@ impl Vm {
     pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmError> {
         let state: VmState = crate::state::read_file(&dir.join(snapshot::STATE_FILE))?;
         check_shape(config, &state)?;
-        let vm = Self::build(config, Some(&state))?;
+        let vm = Self::build(config, Some(&state), None)?;
         snapshot::load_memory(&vm.ram, &dir.join(snapshot::MEMORY_FILE))?;
         vm.spawn_threads()
+    }
+
+    /// Creates a VM, paused, from RAM filled by a migration and the state
+    /// that ended it. The configuration supplies host resources.
+    pub fn from_incoming(config: &VmConfig, ram: GuestRam, state: &VmState) -> Result<Self, VmError> {
+        check_shape(config, state)?;
+        if ram.size() != config.memory_bytes() {
+            return Err(VmError::Shape(format!(
+                "{} bytes of RAM received, {} configured",
+                ram.size(),
+                config.memory_bytes()
+            )));
+        }
+        Self::build(config, Some(state), Some(ram))?.spawn_threads()
     }
 
     fn spawn_threads(mut self) -> Result<Self, VmError> {
@@ -346,7 +368,9 @@ impl Vm {
     }
 
     /// Stops every vCPU outside `KVM_RUN`, with pending I/O completed.
+    /// Ends any throttling.
     pub fn pause(&mut self) -> Result<(), VmError> {
+        self.set_throttle(0);
         if self.run_state == RunState::Paused {
             return Ok(());
         }
@@ -362,20 +386,37 @@ impl Vm {
     }
 
     fn wait_parked(&self) -> Result<(), VmError> {
-        use std::os::unix::thread::JoinHandleExt;
         const DEADLINE: Duration = Duration::from_secs(10);
-        let start = Instant::now();
-        while !self.ctl.wait_parked(self.threads.len(), Duration::from_millis(1)) {
-            if start.elapsed() > DEADLINE {
-                return Err(VmError::PauseTimeout(DEADLINE));
-            }
-            for t in &self.threads {
-                // SAFETY: the thread is alive (we hold its JoinHandle and
-                // only join in Drop), and the signal has a handler installed.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        if kick_until_parked(&self.ctl, &self.pthreads(), DEADLINE) {
+            Ok(())
+        } else {
+            Err(VmError::PauseTimeout(DEADLINE))
+        }
+    }
+
+    fn pthreads(&self) -> Vec<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.threads.iter().map(|t| t.as_pthread_t()).collect()
+    }
+
+    /// Throttles a running guest: its vCPUs spend `percent` of every 10 ms
+    /// paused (auto-converge). 0 stops throttling.
+    pub fn set_throttle(&mut self, percent: u8) {
+        if let Some(t) = self.throttle.take() {
+            t.stop();
+            if self.run_state == RunState::Running {
+                self.ctl.set(vcpu::Wanted::Run);
             }
         }
-        Ok(())
+        if percent == 0 || self.run_state != RunState::Running {
+            return;
+        }
+        self.throttle = Some(Throttle::start(self.ctl.clone(), self.pthreads(), percent.min(99)));
+    }
+
+    /// Current throttle, percent.
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle.as_ref().map_or(0, |t| t.percent)
     }
 
     /// Waits up to `timeout` for the guest to stop by itself (shutdown,
@@ -481,8 +522,64 @@ fn check_shape(config: &VmConfig, s: &VmState) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Kicks `threads` until all are parked or `deadline` passes.
+fn kick_until_parked(ctl: &vcpu::RunControl, threads: &[libc::pthread_t], deadline: Duration) -> bool {
+    let start = Instant::now();
+    while !ctl.wait_parked(threads.len(), Duration::from_millis(1)) {
+        if start.elapsed() > deadline {
+            return false;
+        }
+        for &t in threads {
+            // SAFETY: the threads are alive: the Vm holds their JoinHandles
+            // and joins them only in Drop, after stopping the throttle; the
+            // signal has a handler installed.
+            unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+        }
+    }
+    true
+}
+
+/// A thread that pauses the vCPUs for part of every period.
+#[derive(Debug)]
+struct Throttle {
+    percent: u8,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Throttle {
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    fn start(ctl: Arc<vcpu::RunControl>, threads: Vec<libc::pthread_t>, percent: u8) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let off = Self::PERIOD * u32::from(percent) / 100;
+        let on = Self::PERIOD - off;
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                ctl.set(vcpu::Wanted::Pause);
+                kick_until_parked(&ctl, &threads, Self::PERIOD);
+                std::thread::sleep(off);
+                ctl.set(vcpu::Wanted::Run);
+                std::thread::sleep(on);
+            }
+        });
+        Throttle { percent, stop, handle }
+    }
+
+    /// Stops the thread; the vCPUs are left wanted Running.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.handle.join();
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
+        if let Some(t) = self.throttle.take() {
+            t.stop();
+        }
         self.ctl.set(vcpu::Wanted::Exit);
         // Threads in KVM_RUN must be kicked out; parked ones wake on the condvar.
         let _ = self.wait_parked_or_exited();

@@ -17,6 +17,7 @@
 //! | 9 | `Commit` | source → destination |
 //! | 10 | `CommitAck` | destination → source |
 //! | 11 | `Abort` | either way |
+//! | 12 | `RoundApplied` | destination → source |
 //!
 //! Type 0, and every tag 0 inside messages, is invalid.
 
@@ -269,6 +270,11 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// The destination has applied every page of a pre-copy round.
+    RoundApplied {
+        /// The round.
+        round: u32,
+    },
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -338,6 +344,10 @@ impl Message {
             Message::Abort { reason } => {
                 w.u8(11);
                 w.blob(truncated(reason));
+            }
+            Message::RoundApplied { round } => {
+                w.u8(12);
+                w.u32(*round);
             }
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
@@ -428,6 +438,7 @@ impl Message {
             9 => Message::Commit,
             10 => Message::CommitAck,
             11 => Message::Abort { reason: r.string("reason", MAX_TEXT)? },
+            12 => Message::RoundApplied { round: r.u32("round")? },
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
@@ -456,6 +467,7 @@ impl Message {
             Message::Commit => "Commit",
             Message::CommitAck => "CommitAck",
             Message::Abort { .. } => "Abort",
+            Message::RoundApplied { .. } => "RoundApplied",
         }
     }
 }

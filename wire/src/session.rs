@@ -10,6 +10,7 @@
 //! Start ──Hello──────────────────────────▶ AwaitHello
 //! HelloSent ◀──────────────Accept/Refuse── (driver checks the shape)
 //! Precopy ──Pages*, RoundDone*───────────▶ Receiving
+//!         ◀─────────────────RoundApplied*─
 //!   │ pause the VM (stop-and-copy)
 //! StopAndCopy ──Pages*, DeviceState──────▶ HaveState (driver loads, verifies)
 //! AwaitReady ◀──────────────────────Ready─ ReadySent
@@ -121,6 +122,11 @@ impl Source {
                 Ok(Source::Precopy { features: *f })
             }
             (Source::HelloSent, Message::Refuse { reason }) => Ok(Source::Aborted(format!("refused: {reason}"))),
+            // The last round's acknowledgement may cross the device state.
+            (
+                s @ (Source::Precopy { .. } | Source::StopAndCopy { .. } | Source::AwaitReady),
+                Message::RoundApplied { .. },
+            ) => Ok(s),
             (Source::AwaitReady, Message::Ready) => Ok(Source::ReadyToCommit),
             (Source::CommitSent, Message::CommitAck) => Ok(Source::Done),
             (

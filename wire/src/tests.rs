@@ -36,6 +36,7 @@ fn samples() -> Vec<Message> {
         Message::Commit,
         Message::CommitAck,
         Message::Abort { reason: "link lost".into() },
+        Message::RoundApplied { round: 7 },
     ]
 }
 
@@ -124,7 +125,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_frames_never_panic(i in 0usize..11, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+    fn mutated_frames_never_panic(i in 0usize..12, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
         let frame = samples()[i].encode();
         let mut body = frame[4..].to_vec();
         let p = pos.index(body.len());
@@ -180,6 +181,7 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
     cross!(accept, to_src);
     cross!(Message::Pages(pages()), to_dst);
     cross!(Message::RoundDone { round: 0, pages: 3 }, to_dst);
+    cross!(Message::RoundApplied { round: 0 }, to_src);
     src = src.stop_and_copy().expect("pause");
     cross!(Message::Pages(pages()), to_dst);
     let (s, state) = src.device_state(vec![1, 2, 3]).expect("state");
@@ -192,14 +194,14 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
     src = s;
     cross!(commit, to_dst);
     cross!(Message::CommitAck, to_src);
-    assert_eq!(sent, 9, "the whole exchange is nine messages");
+    assert_eq!(sent, 10, "the whole exchange is ten messages");
     (src.on_failure(), dst.owns_vm())
 }
 
 #[test]
 fn exactly_one_side_runs_the_vm_whatever_fails() {
     let mut outcomes = Vec::new();
-    for fail_at in 0..=9 {
+    for fail_at in 0..=10 {
         let (src, dst_owns) = run(fail_at);
         match src {
             // Before commit: the source resumes and the destination must not run it.

@@ -1,0 +1,253 @@
+//! `wanmig keygen`, `receive` and `send`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use wanmig_migrate::destination::{self, ReceiveOptions};
+use wanmig_transport::{Fingerprint, Identity, LinkTuning};
+use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request};
+
+/// Exit code of `send` when the migration failed and the VM still runs here.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code of `send` when the outcome is in doubt (the VM is paused here).
+pub const EXIT_IN_DOUBT: u8 = 3;
+
+/// Parses "300ms", "2s", "1.5s", "5m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 300ms, 2s or 5m"))?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" | "" => v,
+        "m" | "min" => v * 60.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m)")),
+    };
+    if !(0.0..=1e7).contains(&secs) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a bandwidth into bits/s: "200Mbit", "1Gbit", "500kbit", "100MiB"
+/// (bytes/s), or a plain number of bits/s.
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a bandwidth like 200Mbit or 100MiB"))?;
+    let bits = match unit.trim_end_matches("/s") {
+        "" | "bit" => v,
+        "kbit" | "Kbit" => v * 1e3,
+        "Mbit" => v * 1e6,
+        "Gbit" => v * 1e9,
+        "KiB" => v * 8.0 * 1024.0,
+        "MiB" => v * 8.0 * 1048576.0,
+        "GiB" => v * 8.0 * 1073741824.0,
+        u => return Err(format!("`{s}`: unknown unit `{u}` (kbit, Mbit, Gbit, KiB, MiB, GiB)")),
+    };
+    if !(1e3..=1e13).contains(&bits) {
+        return Err(format!("`{s}` is out of range (1 kbit/s to 10 Tbit/s)"));
+    }
+    Ok(bits as u64)
+}
+
+/// `wanmig keygen`.
+pub fn keygen(dir: &Path, name: &str) -> Result<ExitCode> {
+    let id = Identity::create(dir, name).with_context(|| format!("cannot create an identity in {}", dir.display()))?;
+    println!("{}", id.fingerprint());
+    eprintln!(
+        "wanmig: identity written to {}; give the fingerprint above to the peers that must trust this host",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wanmig fingerprint`.
+pub fn fingerprint(dir: &Path) -> Result<ExitCode> {
+    println!("{}", Identity::load(dir)?.fingerprint());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Options of `wanmig receive`.
+pub struct ReceiveArgs {
+    pub listen: String,
+    pub identity: PathBuf,
+    pub peers: Vec<String>,
+    pub dir: PathBuf,
+    pub shared_disks: bool,
+    pub link_bandwidth: Option<u64>,
+    pub rtt: Option<Duration>,
+}
+
+/// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
+pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
+    let listen = wanmig_migrate::resolve(&a.listen).map_err(anyhow::Error::msg)?;
+    let identity = Identity::load(&a.identity)?;
+    let peers = a.peers.iter().map(|p| p.parse::<Fingerprint>()).collect::<Result<Vec<_>, _>>()?;
+    if peers.is_empty() {
+        bail!("no --peer given: no source could ever migrate here");
+    }
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("cannot create {}", a.dir.display()))?;
+    let mut tuning = LinkTuning::default();
+    if let Some(b) = a.link_bandwidth {
+        tuning.bandwidth_bps = b;
+    }
+    if let Some(r) = a.rtt {
+        tuning.rtt = r;
+    }
+    let opts = ReceiveOptions {
+        listen,
+        identity,
+        peers,
+        dir: std::path::absolute(&a.dir)?,
+        shared_disks: a.shared_disks,
+        tuning,
+    };
+    let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))
+        .map_err(|e| anyhow::anyhow!(control::error_chain(&e)))?;
+    let socket = received.config.control_socket.clone();
+    eprintln!(
+        "wanmig receive: VM '{}' committed and running; control socket {}",
+        received.config.name,
+        socket.display()
+    );
+    crate::serve(received.vm, &received.config)
+}
+
+/// Options of `wanmig send`.
+pub struct SendArgs {
+    pub config: PathBuf,
+    pub dest: String,
+    pub identity: PathBuf,
+    pub peer: String,
+    pub downtime: Duration,
+    pub max_bandwidth: Option<u64>,
+    pub timeout: Duration,
+    pub link_bandwidth: Option<u64>,
+    pub rtt: Option<Duration>,
+    pub json: bool,
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1} MiB", b / 1048576.0)
+}
+
+/// `wanmig send`: asks the process running the VM to migrate it.
+pub fn send(a: SendArgs) -> Result<ExitCode> {
+    let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
+    // Fail fast, here, on what the VM process would refuse anyway.
+    a.peer.parse::<Fingerprint>()?;
+    Identity::load(&a.identity)?;
+    let req = Request::Migrate {
+        migration: MigrateRequest {
+            dest: a.dest.clone(),
+            identity: std::path::absolute(&a.identity)?,
+            peer: a.peer.clone(),
+            downtime_ms: a.downtime.as_millis() as u64,
+            max_bandwidth_bps: a.max_bandwidth,
+            timeout_s: a.timeout.as_secs().max(1),
+            link_bandwidth_bps: a.link_bandwidth,
+            rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
+        },
+    };
+    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar.set_message(format!("connecting to {}", a.dest));
+    let resp = control::request_with_progress(&cfg.control_socket, &req, &mut |p| {
+        let msg = match p.get("event").and_then(|e| e.as_str()) {
+            Some("connected") => "connected; pre-copy starts".to_string(),
+            Some("round") => {
+                let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                let left = f("bytes_left");
+                let link = f("link_rate").max(1.0);
+                format!(
+                    "pre-copy round {} | {} left | dirty {}/s | link {}/s | predicted downtime {:.0} ms | throttle {}% | ETA {:.1} s",
+                    f("round"),
+                    mib(left),
+                    mib(f("dirty_rate")),
+                    mib(link),
+                    f("predicted_downtime_ms"),
+                    f("throttle"),
+                    left / link
+                )
+            }
+            Some("stop_and_copy") => "stop-and-copy: guest paused".to_string(),
+            Some("committing") => "committing".to_string(),
+            _ => p.to_string(),
+        };
+        bar.set_message(msg);
+    })?;
+    bar.finish_and_clear();
+    let outcome = resp.outcome.context("the VM process answered without an outcome")?;
+    let summary = resp.summary.unwrap_or_default();
+    if a.json {
+        println!("{}", serde_json::json!({ "outcome": outcome, "summary": summary }));
+    } else {
+        print_summary(outcome, &summary);
+    }
+    Ok(match outcome {
+        MigrateOutcome::Migrated => ExitCode::SUCCESS,
+        MigrateOutcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
+        MigrateOutcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
+    })
+}
+
+fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
+    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let b = |k: &str| s.get("bytes").and_then(|v| v.get(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    match outcome {
+        MigrateOutcome::Migrated => println!("migrated: the VM runs at the destination"),
+        MigrateOutcome::FailedSourceRunning => println!(
+            "FAILED, the VM still runs here: {}",
+            s.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")
+        ),
+        MigrateOutcome::InDoubt => println!(
+            "IN DOUBT: commit was sent but not acknowledged; the VM is paused here and may run at the destination: {}",
+            s.get("error").and_then(|e| e.as_str()).unwrap_or("")
+        ),
+    }
+    println!(
+        "  total {:.2} s, downtime {:.1} ms, {} rounds, throttle up to {}%",
+        f("total_ms") / 1e3,
+        f("downtime_ms"),
+        f("rounds"),
+        f("max_throttle")
+    );
+    println!(
+        "  on the wire: {} total, {} of pages (from {} before compression, ratio {:.1}), {} of state",
+        mib(b("total")),
+        mib(b("pages")),
+        mib(b("pages_uncompressed")),
+        f("compression_ratio"),
+        mib(b("state"))
+    );
+    println!(
+        "  pages: {} raw, {} delta, {} zero (never sent as data); {} of RAM at {}/s effective",
+        b("raw_pages"),
+        b("delta_pages"),
+        b("zero_pages"),
+        mib(f("memory_bytes")),
+        mib(f("effective_rate"))
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err() && parse_duration("-1s").is_err());
+        assert_eq!(parse_bandwidth("200Mbit"), Ok(200_000_000));
+        assert_eq!(parse_bandwidth("1Gbit/s"), Ok(1_000_000_000));
+        assert_eq!(parse_bandwidth("1MiB"), Ok(8 * 1048576));
+        assert!(parse_bandwidth("fast").is_err() && parse_bandwidth("0Mbit").is_err());
+    }
+}
