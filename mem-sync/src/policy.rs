@@ -19,7 +19,10 @@ pub struct RoundReport {
     pub dirty_pages: u64,
     /// Wire bytes per page sent, on average, in this round.
     pub bytes_per_page: f64,
-    /// Measured link rate, bytes/s.
+    /// Pages per second the migration has shown it can move (the best
+    /// round so far: small rounds are latency-bound, not bandwidth-bound).
+    pub page_rate: f64,
+    /// Wire bytes per second it has shown it can move (best round so far).
     pub link_rate: f64,
     /// Device state size, bytes (sent inside the downtime).
     pub state_bytes: u64,
@@ -33,12 +36,13 @@ impl RoundReport {
         self.dirty_pages as f64 / self.elapsed.as_secs_f64().max(1e-6)
     }
 
-    /// Predicted downtime if the guest were paused now: what is dirty plus
-    /// the device state, at the measured link rate, plus one round trip
-    /// for the commit.
+    /// Predicted downtime if the guest were paused now: the dirty pages at
+    /// the page rate, the device state at the link rate, and one round
+    /// trip for the commit.
     pub fn predicted_downtime(&self) -> Duration {
-        let bytes = self.dirty_pages as f64 * self.bytes_per_page.max(1.0) + self.state_bytes as f64;
-        Duration::from_secs_f64(bytes / self.link_rate.max(1.0)) + self.rtt
+        let pages = self.dirty_pages as f64 / self.page_rate.max(1.0);
+        let state = self.state_bytes as f64 / self.link_rate.max(1.0);
+        Duration::from_secs_f64(pages + state) + self.rtt
     }
 }
 
@@ -116,10 +120,10 @@ impl ConvergencePolicy for DowntimeBudget {
         }
         let give_up = |why: &str| {
             Decision::GiveUp(format!(
-                "{why}: the guest dirties {:.1} MiB/s, the link carries {:.1} MiB/s, \
+                "{why}: the guest dirties {:.1} MiB/s of pages, the migration moves {:.1} MiB/s of pages, \
                  predicted downtime {:.0} ms > budget {:.0} ms after {} rounds (throttle {}%)",
-                r.dirty_rate() * r.bytes_per_page / 1048576.0,
-                r.link_rate / 1048576.0,
+                r.dirty_rate() * 4096.0 / 1048576.0,
+                r.page_rate * 4096.0 / 1048576.0,
                 predicted.as_secs_f64() * 1e3,
                 self.budget.as_secs_f64() * 1e3,
                 r.round + 1,
@@ -137,8 +141,7 @@ impl ConvergencePolicy for DowntimeBudget {
             return Decision::Continue;
         }
         // Dirtying more than half of what we send: not converging by itself.
-        let dirty_bytes = r.dirty_pages as f64 * r.bytes_per_page;
-        if r.round > 0 && dirty_bytes > 0.5 * r.bytes_sent as f64 {
+        if r.round > 0 && r.dirty_pages as f64 > 0.5 * r.pages_sent as f64 {
             self.hot_rounds += 1;
         } else {
             self.hot_rounds = 0;
@@ -207,6 +210,7 @@ mod tests {
             elapsed: Duration::from_secs(1),
             dirty_pages,
             bytes_per_page: 4096.0,
+            page_rate: 100e6 / 4096.0,
             link_rate: 100e6,
             state_bytes: 100_000,
             rtt: Duration::from_millis(1),

@@ -122,6 +122,16 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Test hook: a destination started with `WANMIG_FAILPOINT=<name>` dies
+/// abruptly at the point of that name, as a crashed host would. The fault
+/// tests use it to cut a migration at a precise protocol step.
+fn failpoint(name: &str) {
+    if std::env::var("WANMIG_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("wanmig receive: failpoint {name}: exiting");
+        std::process::exit(70);
+    }
+}
+
 /// The host configuration for an incoming VM, or why it cannot be hosted.
 fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, String> {
     let total: u64 = shape.memory.iter().map(|(_, l)| l).sum();
@@ -280,6 +290,7 @@ async fn receive_one(
         bulk_open = !matches!(on_bulk(bulk.recv().await?, &ram, &mut counts)?, Bulk::End);
     }
     let drained = t_state.elapsed();
+    failpoint("receive-exit-before-ready");
     let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(chain(&e)))?;
     let mut vm = Vm::from_incoming(&config, ram, &state)?;
     log(format!(

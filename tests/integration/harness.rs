@@ -55,9 +55,10 @@ impl VmDir {
     }
 }
 
-/// A `wanmig run` or `wanmig restore` process, killed on drop.
+/// A `wanmig run` or `wanmig restore` process, killed on drop — or, made
+/// with [`VmProcess::at_socket`], a VM served by a process we did not start.
 pub struct VmProcess {
-    child: Child,
+    child: Option<Child>,
     socket: PathBuf,
 }
 
@@ -91,11 +92,24 @@ impl VmProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn wanmig");
-        VmProcess { child, socket: vm.socket() }
+        VmProcess { child: Some(child), socket: vm.socket() }
+    }
+
+    /// A handle on a VM served by another process (a destination).
+    pub fn at_socket(socket: PathBuf) -> Self {
+        VmProcess { child: None, socket }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait"))
     }
 
     pub fn request(&self, req: &Request) -> control::Response {
@@ -116,7 +130,7 @@ impl VmProcess {
     ) -> TestGuestProgress {
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.exited() {
                 panic!("wanmig exited ({status}) waiting for {what}: {}", self.stderr());
             }
             if let Some(p) = self.progress()
@@ -129,19 +143,54 @@ impl VmProcess {
         }
     }
 
+    /// Polls progress (for a VM whose process is not ours).
+    pub fn wait_for_progress(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&TestGuestProgress) -> bool,
+    ) -> TestGuestProgress {
+        let start = Instant::now();
+        loop {
+            if let Some(p) = self.progress()
+                && ready(&p)
+            {
+                return p;
+            }
+            assert!(start.elapsed() < timeout, "timed out after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Pauses and saves to `dir`; the process keeps serving, paused.
     pub fn snapshot(&self, dir: &Path) -> control::SaveSummary {
         self.request(&Request::Snapshot { dir: dir.into(), resume: false }).save.expect("save figures")
     }
 
+    /// Shuts the VM down; returns its process's exit status (success if
+    /// it is not our child).
     pub fn shutdown(mut self) -> ExitStatus {
         self.request(&Request::Shutdown);
-        self.child.wait().expect("wait")
+        match self.child.take() {
+            Some(mut c) => c.wait().expect("wait"),
+            None => std::os::unix::process::ExitStatusExt::from_raw(0),
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.exited() {
+                return s;
+            }
+            assert!(start.elapsed() < timeout, "the process did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn stderr(&mut self) -> String {
         let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
+        if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
             let _ = e.read_to_string(&mut s);
         }
         s
@@ -150,9 +199,11 @@ impl VmProcess {
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(c) = &mut self.child
+            && matches!(c.try_wait(), Ok(None))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -161,4 +212,95 @@ impl Drop for VmProcess {
 pub fn run_to_end(args: &[&std::ffi::OsStr]) -> (i32, String) {
     let out = wanmig().args(args).stdin(Stdio::null()).output().expect("run wanmig");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Identities for a source and a destination, in `dir`.
+pub struct Keys {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub src_fp: String,
+    pub dst_fp: String,
+}
+
+impl Keys {
+    pub fn new(dir: &Path) -> Self {
+        let keygen = |name: &str| {
+            let d = dir.join(name);
+            let out = wanmig().args(["keygen", "--dir"]).arg(&d).output().expect("keygen");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            (d, String::from_utf8(out.stdout).expect("utf-8").trim().to_string())
+        };
+        let (src, src_fp) = keygen("src-id");
+        let (dst, dst_fp) = keygen("dst-id");
+        Keys { src, dst, src_fp, dst_fp }
+    }
+}
+
+/// A `wanmig receive` process; its stderr is collected as it runs.
+pub struct Receiver {
+    child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub addr: String,
+}
+
+impl Receiver {
+    /// Starts a destination trusting `peer`, with `env` set.
+    pub fn start(keys: &Keys, peer: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = wanmig()
+            .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks", "--identity"])
+            .arg(&keys.dst)
+            .args(["--peer", peer, "--dir"])
+            .arg(dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wanmig receive");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("wanmig receive: listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+                let mut l = sink.lock().expect("log lock");
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the destination listens");
+        Receiver { child, log, addr }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(start.elapsed() < timeout, "destination never logged `{needle}`: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -4,5 +4,6 @@
 mod bad_input;
 mod dirty_tracking;
 mod harness;
+mod migration;
 mod qemu;
 mod snapshot_restore;

@@ -1,0 +1,181 @@
+//! Live migration between real processes over loopback QUIC, and what
+//! happens when it fails.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request};
+use wanmig_vmm::snapshot;
+use wanmig_vmm::testguest;
+
+use crate::harness::{Keys, Receiver, VmDir, VmProcess, require_kvm, run_to_end};
+
+fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str) -> Vec<&'a OsStr> {
+    vec![
+        OsStr::new("send"),
+        vm.config.as_os_str(),
+        OsStr::new(&to.addr),
+        OsStr::new("--identity"),
+        keys.src.as_os_str(),
+        OsStr::new("--peer"),
+        OsStr::new(peer),
+        OsStr::new("--json"),
+    ]
+}
+
+/// Migrates through the control socket, calling `on_event` with each progress event.
+fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&str)) -> control::Response {
+    let req = Request::Migrate {
+        migration: MigrateRequest {
+            dest: dest.to_string(),
+            identity: keys.src.clone(),
+            peer: keys.dst_fp.clone(),
+            downtime_ms: 300,
+            max_bandwidth_bps: None,
+            timeout_s: 120,
+            link_bandwidth_bps: None,
+            rtt_ms: None,
+        },
+    };
+    control::request_with_progress(src.socket(), &req, &mut |p| {
+        on_event(p.get("event").and_then(|e| e.as_str()).unwrap_or(""))
+    })
+    .expect("the VM process answers")
+}
+
+/// Checks the guest through a snapshot: memory and disk oracles.
+fn check_guest(vm: &VmProcess, dir: &std::path::Path, disk: &std::path::Path) -> testguest::MemoryReport {
+    vm.snapshot(dir);
+    let (_, ram) = snapshot::load_for_inspection(dir).expect("snapshot");
+    let m = testguest::check_memory(ram.mem(), &ram.regions()).expect("memory oracle");
+    let image = std::fs::read(disk).expect("disk");
+    testguest::check_disk(&image, &m.status).expect("disk oracle");
+    m
+}
+
+#[test]
+fn test_guest_migrates_and_continues_at_the_destination() {
+    require_kvm();
+    let vm = VmDir::new(128, 1, "ws_mib = 8\nrate_mib = 32\ndisk_kib = 128");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    let p0 = src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2 && g.steps > 1000);
+    let dst = Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[]);
+
+    let (code, stderr) = run_to_end(&send_args(&vm, &dst, &keys, &keys.dst_fp));
+    assert_eq!(code, 0, "send failed: {stderr}");
+    // The source process hands the VM over and ends.
+    assert!(src.wait_exit(Duration::from_secs(10)).success());
+    dst.wait_log("committed and running", Duration::from_secs(10));
+
+    let moved = VmProcess::at_socket(vm.path("dst").join("wanmig-it.sock"));
+    let p1 =
+        moved.wait_for_progress(Duration::from_secs(30), |g| g.steps > p0.steps + 2000 && g.disk_done > p0.disk_done);
+    assert_eq!(p1.errors, 0, "the guest found a stale or lost page after the move");
+    let m = check_guest(&moved, &vm.path("after"), &vm.disk);
+    assert!(m.status.steps >= p1.steps);
+    moved.shutdown();
+}
+
+#[test]
+fn destination_killed_mid_precopy_leaves_the_source_running() {
+    require_kvm();
+    let vm = VmDir::new(64, 1, "ws_mib = 4\nrate_mib = 16");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    let mut dst = Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[]);
+    // Kill the destination as soon as pre-copy starts.
+    let addr = dst.addr.clone();
+    let resp = migrate(&src, &addr, &keys, &mut |event| {
+        if event == "connected" {
+            dst.kill();
+        }
+    });
+    assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
+    let p = src.progress().expect("the source still answers");
+    src.wait_for("the source guest to keep running", Duration::from_secs(10), |g| g.steps > p.steps + 100);
+    assert_eq!(src.progress().expect("status").errors, 0);
+    check_guest(&src, &vm.path("snap"), &vm.disk);
+    assert!(src.shutdown().success());
+}
+
+#[test]
+fn destination_lost_in_stop_and_copy_before_commit_resumes_the_source() {
+    require_kvm();
+    let vm = VmDir::new(64, 1, "ws_mib = 4\nrate_mib = 16\ndisk_kib = 64");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    // The destination dies after receiving the device state, before Ready.
+    let dst =
+        Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
+    let mut events = Vec::new();
+    let resp = migrate(&src, &dst.addr, &keys, &mut |e| events.push(e.to_string()));
+    assert!(events.iter().any(|e| e == "stop_and_copy"), "{events:?}");
+    assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
+    assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
+    let p = src.progress().expect("status");
+    let q = src.wait_for("the source guest to resume", Duration::from_secs(10), |g| g.steps > p.steps + 100);
+    assert_eq!(q.errors, 0);
+    check_guest(&src, &vm.path("snap"), &vm.disk);
+}
+
+#[test]
+fn wrong_peer_keys_are_refused_and_the_source_keeps_running() {
+    require_kvm();
+    let vm = VmDir::new(32, 1, "ws_mib = 1\nrate_mib = 4");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+
+    // The source pins a fingerprint the destination does not have.
+    let dst = Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[]);
+    let stranger = "ab".repeat(32);
+    let (code, out) = run_to_end(&send_args(&vm, &dst, &keys, &stranger));
+    assert_eq!(code, 1, "{out}");
+    let (_, json) = json_of(&vm, &dst, &keys, &stranger);
+    assert!(json.contains("is not pinned"), "{json}");
+
+    // The destination does not trust this source.
+    let dst2 = Receiver::start(&keys, &stranger, &vm.path("dst2"), &[]);
+    let (code, json) = json_of(&vm, &dst2, &keys, &keys.dst_fp);
+    assert_eq!(code, 1);
+    assert!(json.contains("refused our certificate"), "{json}");
+    dst2.wait_log("is not pinned", Duration::from_secs(5));
+
+    let p = src.progress().expect("status");
+    src.wait_for("the source guest to keep running", Duration::from_secs(10), |g| g.steps > p.steps);
+    assert_eq!(src.progress().expect("status").errors, 0);
+}
+
+fn json_of(vm: &VmDir, to: &Receiver, keys: &Keys, peer: &str) -> (i32, String) {
+    let out = crate::harness::wanmig().args(send_args(vm, to, keys, peer)).output().expect("send");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn garbage_from_an_authenticated_peer_is_refused_without_harm() {
+    use wanmig_transport::{Identity, LinkTuning};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::new(dir.path());
+    let dst = Receiver::start(&keys, &keys.src_fp, &dir.path().join("dst"), &[]);
+    let id = Identity::load(&keys.src).expect("identity");
+    let peer = keys.dst_fp.parse().expect("fingerprint");
+    let addr = dst.addr.parse().expect("address");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        for garbage in [&b"\x05\x00\x00\x00\xff\xff\xff\xff\xff"[..], b"\xff\xff\xff\xff", b"\x01\x00\x00\x00\x00"] {
+            let mut conn = wanmig_transport::connect(addr, &id, &[peer], LinkTuning::default()).await.expect("connect");
+            let (mut tx, mut rx) = conn.open_control().await.expect("control");
+            tx.send_encoded(garbage).await.expect("send");
+            // The destination drops the attempt: the stream ends or fails.
+            let answer = rx.recv_timeout(Duration::from_secs(15)).await;
+            assert!(!matches!(answer, Ok(Some(_))), "{answer:?}");
+        }
+    });
+    dst.wait_log("bad frame", Duration::from_secs(10));
+    assert!(!dst.log().contains("panicked"), "{}", dst.log());
+    let mut dst = dst;
+    assert!(dst.is_running(), "the destination died on garbage");
+}
