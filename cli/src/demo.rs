@@ -47,25 +47,25 @@ pub fn verify(dir: &Path, disk: Option<&Path>) -> Result<Verified> {
     Ok(Verified { memory, disk_writes })
 }
 
+/// A VM behind a control socket, in a process we started.
 struct VmProcess {
-    child: Child,
-    config: PathBuf,
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+fn wanmig() -> Result<Command> {
+    Ok(Command::new(std::env::current_exe().context("cannot find the wanmig binary")?))
 }
 
 impl VmProcess {
     fn start(args: &[&str], config: &Path) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the wanmig binary")?;
-        let child = Command::new(exe)
-            .args(args)
-            .arg(config)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start a wanmig process")?;
-        Ok(VmProcess { child, config: config.into() })
+        let child =
+            wanmig()?.args(args).arg(config).stdin(Stdio::null()).spawn().context("cannot start a wanmig process")?;
+        Ok(VmProcess { child: Some(child), socket: wanmig_vmm::VmConfig::load(config)?.control_socket })
     }
 
     fn socket(&self) -> Result<PathBuf> {
-        Ok(wanmig_vmm::VmConfig::load(&self.config)?.control_socket)
+        Ok(self.socket.clone())
     }
 
     /// Polls the guest until `ready` holds for its progress.
@@ -78,7 +78,7 @@ impl VmProcess {
         let socket = self.socket()?;
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
                 bail!("the VM process exited ({status}) while waiting for {what}");
             }
             if let Ok(r) = control::request(&socket, &Request::Status)
@@ -98,22 +98,27 @@ impl VmProcess {
         let socket = self.socket()?;
         let r = control::request(&socket, &Request::Snapshot { dir: dir.into(), resume: false })?;
         control::request(&socket, &Request::Shutdown)?;
-        self.child.wait()?;
+        if let Some(c) = &mut self.child {
+            c.wait()?;
+        }
         r.save.context("no save figures")
     }
 }
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(c) = &mut self.child
+            && matches!(c.try_wait(), Ok(None))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
 
-/// Runs the demo in `dir` (or a temporary directory).
-pub fn run(dir: Option<PathBuf>) -> Result<()> {
+/// Runs the demo in `dir` (or a temporary directory): a live migration
+/// between two processes, or with `snapshot`, a save and restore.
+pub fn run(dir: Option<PathBuf>, snapshot: bool) -> Result<()> {
     let tmp;
     let dir = match dir {
         Some(d) => {
@@ -135,7 +140,82 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
          [[disk]]\npath = \"disk.img\"\n",
     )?;
     println!("demo: in {}", dir.display());
+    if snapshot { snapshot_restore(&dir, &config, &disk) } else { migrate(&dir, &config, &disk) }
+}
 
+/// Boots the guest, live-migrates it to a second process over loopback
+/// QUIC, and checks it at the destination.
+fn migrate(dir: &Path, config: &Path, disk: &Path) -> Result<()> {
+    let src_id = wanmig_transport::Identity::create(&dir.join("src-id"), "source")?.fingerprint().to_string();
+    let dst_id = wanmig_transport::Identity::create(&dir.join("dst-id"), "destination")?.fingerprint().to_string();
+    println!("demo: 1. booting the test guest (256 MiB, 16 MiB working set at 8 MiB/s, 64 KiB/s of disk writes)");
+    let mut source = VmProcess::start(&["run"], config)?;
+    source.wait_for("the guest to stamp its memory", Duration::from_secs(300), |g| g.phase == 2)?;
+    let before = source.wait_for("the guest to make progress", Duration::from_secs(60), |g| g.ticks >= 100)?;
+    println!("demo:    running: {} working-set steps, {} disk writes", before.steps, before.disk_done);
+
+    println!("demo: 2. starting a destination process (wanmig receive) on loopback");
+    let dst_dir = dir.join("dst");
+    let mut receiver = wanmig()?
+        .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks", "--identity"])
+        .arg(dir.join("dst-id"))
+        .args(["--peer", &src_id, "--dir"])
+        .arg(&dst_dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let addr = listening_addr(&mut receiver)?;
+    let destination = VmProcess { child: Some(receiver), socket: dst_dir.join("wanmig-demo.sock") };
+
+    println!("demo: 3. wanmig send vm.toml {addr}");
+    let status = wanmig()?
+        .arg("send")
+        .arg(config)
+        .arg(&addr)
+        .arg("--identity")
+        .arg(dir.join("src-id"))
+        .args(["--peer", &dst_id])
+        .status()?;
+    if !status.success() {
+        bail!("the migration failed ({status})");
+    }
+    let mut destination = destination;
+    let after = destination.wait_for("the guest to continue at the destination", Duration::from_secs(60), |g| {
+        g.steps > before.steps + 2000
+    })?;
+    println!(
+        "demo: 4. the guest continues at the destination: steps {} -> {}, disk writes {} -> {}, guest errors {}",
+        before.steps, after.steps, before.disk_done, after.disk_done, after.errors
+    );
+    let snap = dir.join("after");
+    destination.snapshot_and_stop(&snap)?;
+    println!("demo:    saved there and checked: {}", verify(&snap, Some(disk))?);
+    drop(source);
+    println!("demo: done");
+    Ok(())
+}
+
+/// Reads the destination's stderr until it says where it listens; the rest
+/// of its output goes on to ours.
+fn listening_addr(child: &mut Child) -> Result<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("wanmig receive: listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).context("the destination did not start listening")
+}
+
+/// Boots the guest, saves it, restores it in a second process, and checks
+/// both snapshots.
+fn snapshot_restore(dir: &Path, config: &Path, disk: &Path) -> Result<()> {
+    let (config, disk) = (config.to_path_buf(), disk.to_path_buf());
     println!("demo: 1. booting the test guest (256 MiB, 16 MiB working set at 8 MiB/s, 64 KiB/s of disk writes)");
     let mut source = VmProcess::start(&["run"], &config)?;
     let booted = source.wait_for("the guest to stamp its memory", Duration::from_secs(300), |g| g.phase == 2)?;

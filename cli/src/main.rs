@@ -156,12 +156,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Boot the test guest, snapshot it, restore it in a new process, and
-    /// show that it continues where it stopped.
+    /// Boot the test guest, live-migrate it to a second process over
+    /// loopback QUIC, and check it there with its oracle.
     Demo {
         /// Work directory (default: a new temporary one, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Snapshot and restore in a new process instead of migrating.
+        #[arg(long)]
+        snapshot: bool,
     },
 }
 
@@ -253,7 +256,7 @@ fn run(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { dir } => demo::run(dir).map(|()| ExitCode::SUCCESS),
+        Command::Demo { dir, snapshot } => demo::run(dir, snapshot).map(|()| ExitCode::SUCCESS),
         Command::Keygen { dir, name } => migration::keygen(&dir, &name),
         Command::Fingerprint { dir } => migration::fingerprint(&dir),
         Command::Receive { listen, identity, peers, dir, shared_disks, link_bandwidth, rtt } => {

@@ -211,19 +211,19 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
         ),
     }
     println!(
-        "  total {:.2} s, downtime {:.1} ms, {} rounds, throttle up to {}%",
+        "  total {:.2} s, downtime {:.1} ms, {} pre-copy round(s), throttle up to {}%",
         f("total_ms") / 1e3,
         f("downtime_ms"),
         f("rounds"),
         f("max_throttle")
     );
     println!(
-        "  on the wire: {} total, {} of pages (from {} before compression, ratio {:.1}), {} of state",
+        "  on the wire: {} total, {} of pages (from {} before compression, ratio {:.1}), {:.1} KiB of state",
         mib(b("total")),
         mib(b("pages")),
         mib(b("pages_uncompressed")),
         f("compression_ratio"),
-        mib(b("state"))
+        b("state") / 1024.0
     );
     println!(
         "  pages: {} raw, {} delta, {} zero (never sent as data); {} of RAM at {}/s effective",
