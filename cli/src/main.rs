@@ -170,6 +170,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::Restore { .. } | Command::Receive { .. } | Command::Demo { .. }
+    ) {
+        // Commands that print and exit die quietly when their output pipe
+        // closes (`wanmig status vm.toml | head`), like other tools. Not the
+        // ones that serve a VM: a client hanging up must never kill a guest.
+        // SAFETY: resets a signal disposition before any thread is spawned.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

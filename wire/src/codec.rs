@@ -100,6 +100,26 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
 
+    /// A ULEB128 u64 of at most 10 bytes, refusing overlong and overflowing encodings.
+    pub fn uleb(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8(field)?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && bits > 1 {
+                return Err(DecodeError::Invalid { field, reason: "varint overflows 64 bits" });
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return Err(DecodeError::Invalid { field, reason: "overlong varint" });
+                }
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::Invalid { field, reason: "varint longer than 10 bytes" })
+    }
+
     /// 16 raw bytes.
     pub fn id16(&mut self, field: &'static str) -> Result<[u8; 16], DecodeError> {
         self.array(field)
@@ -158,6 +178,18 @@ impl Writer {
     /// A u64.
     pub fn u64(&mut self, v: u64) {
         self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A ULEB128 u64.
+    pub fn uleb(&mut self, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                self.buf.push(b);
+                return;
+            }
+            self.buf.push(b | 0x80);
+        }
     }
     /// Raw bytes.
     pub fn bytes(&mut self, b: &[u8]) {

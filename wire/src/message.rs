@@ -119,17 +119,24 @@ impl Pages {
     /// The pages, in order.
     pub fn iter(&self) -> impl Iterator<Item = PageRef<'_>> {
         let mut r = Reader::new(&self.entries);
+        let mut next = 0u64;
         // Validated when decoded or built, so parsing cannot fail here;
         // stop quietly rather than panic if it ever did.
-        (0..self.count).map_while(move |_| read_page(&mut r).ok())
+        (0..self.count).map_while(move |_| read_page(&mut r, &mut next).ok())
     }
 }
 
-fn read_page<'a>(r: &mut Reader<'a>) -> Result<PageRef<'a>, DecodeError> {
-    let gpa = r.u64("page address")?;
-    if gpa % PAGE_SIZE as u64 != 0 {
-        return Err(DecodeError::Invalid { field: "page address", reason: "not page-aligned" });
-    }
+/// Reads one page. Addresses are ascending within a batch and travel as the
+/// number of pages skipped since the previous one (a ULEB128, usually the
+/// single byte 0), which costs next to nothing once compressed.
+fn read_page<'a>(r: &mut Reader<'a>, next: &mut u64) -> Result<PageRef<'a>, DecodeError> {
+    let skip = r.uleb("page gap")?;
+    let gpa = skip
+        .checked_mul(PAGE_SIZE as u64)
+        .and_then(|g| g.checked_add(*next))
+        .filter(|g| g.checked_add(PAGE_SIZE as u64).is_some())
+        .ok_or(DecodeError::Invalid { field: "page gap", reason: "address overflows" })?;
+    *next = gpa + PAGE_SIZE as u64;
     let data = match r.u8("page encoding")? {
         PAGE_ZERO => PageData::Zero,
         PAGE_RAW => PageData::Raw(r.bytes("raw page", PAGE_SIZE)?),
@@ -154,13 +161,14 @@ fn read_page<'a>(r: &mut Reader<'a>) -> Result<PageRef<'a>, DecodeError> {
 pub struct PagesBuilder {
     round: u32,
     count: u32,
+    next: u64,
     w: Writer,
 }
 
 impl PagesBuilder {
     /// An empty batch for `round`.
     pub fn new(round: u32) -> Self {
-        PagesBuilder { round, count: 0, w: Writer::default() }
+        PagesBuilder { round, count: 0, next: 0, w: Writer::default() }
     }
 
     /// Pages so far.
@@ -183,12 +191,16 @@ impl PagesBuilder {
         self.w.buf.len()
     }
 
-    /// Adds a page. Panics on a misaligned address, a raw page that is not
-    /// one page, a delta that is not smaller than a page, or a full batch:
-    /// all are bugs of the caller, never peer input.
+    /// Adds a page. Panics on a misaligned or descending address, a raw
+    /// page that is not one page, a delta that is not smaller than a page,
+    /// or a full batch: all are bugs of the caller, never peer input.
     pub fn push(&mut self, page: PageRef<'_>) {
-        assert!(page.gpa % PAGE_SIZE as u64 == 0 && !self.is_full(), "bad page for a batch");
-        self.w.u64(page.gpa);
+        assert!(
+            page.gpa % PAGE_SIZE as u64 == 0 && page.gpa >= self.next && !self.is_full(),
+            "pages go into a batch aligned, ascending, and up to MAX_BATCH_PAGES"
+        );
+        self.w.uleb((page.gpa - self.next) / PAGE_SIZE as u64);
+        self.next = page.gpa + PAGE_SIZE as u64;
         match page.data {
             PageData::Zero => self.w.u8(PAGE_ZERO),
             PageData::Raw(b) => {
@@ -404,8 +416,9 @@ impl Message {
                 let start = r.remaining();
                 let entries_all = r.bytes("pages", start)?; // the rest of the frame
                 let mut pr = Reader::new(entries_all);
+                let mut next = 0;
                 for _ in 0..count {
-                    read_page(&mut pr)?;
+                    read_page(&mut pr, &mut next)?;
                 }
                 pr.finish()?;
                 Message::Pages(Pages { round, count: count as u32, entries: entries_all.to_vec() })

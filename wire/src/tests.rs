@@ -88,21 +88,24 @@ fn hostile_lengths_are_refused_before_allocation() {
     let mut body = vec![4u8];
     body.extend_from_slice(&1u32.to_le_bytes());
     body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&0x1000u64.to_le_bytes());
-    body.push(1);
+    body.extend_from_slice(&[1, 1]); // gap 1, zero page
     assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
-    // Misaligned page, unknown encoding, delta as large as a page.
-    for (gpa, tag, extra) in
-        [(0x1001u64, 1u8, vec![]), (0x1000, 9, vec![]), (0x1000, 3, 4096u16.to_le_bytes().to_vec())]
-    {
+    // Overflowing and overlong gaps, unknown encoding, delta as large as a page.
+    let huge_gap = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+    for (gap, tag, extra) in [
+        (&huge_gap[..], 1u8, vec![]),
+        (&[0x80, 0x00][..], 1, vec![]),
+        (&[0][..], 9, vec![]),
+        (&[0][..], 3, 4096u16.to_le_bytes().to_vec()),
+    ] {
         let mut body = vec![4u8];
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(&gpa.to_le_bytes());
+        body.extend_from_slice(gap);
         body.push(tag);
         body.extend_from_slice(&extra);
         body.extend_from_slice(&[0; 4096]);
-        assert!(Message::decode(&body).is_err(), "{gpa:#x} {tag}");
+        assert!(Message::decode(&body).is_err(), "{gap:?} {tag}");
     }
     // Type 0 and unknown types.
     assert!(matches!(Message::decode(&[0]), Err(DecodeError::UnknownTag { .. })));
@@ -137,6 +140,9 @@ proptest! {
     fn page_batches_round_trip(entries in prop::collection::vec((0u64..1 << 30, 0u8..3, prop::collection::vec(any::<u8>(), 0..64)), 0..40)) {
         let raw = [3u8; PAGE_SIZE];
         let mut b = PagesBuilder::new(1);
+        let mut entries = entries;
+        entries.sort_by_key(|e| e.0);
+        entries.dedup_by_key(|e| e.0);
         for (page, kind, delta) in &entries {
             let data = match kind { 0 => PageData::Zero, 1 => PageData::Raw(&raw), _ => PageData::Delta(delta) };
             b.push(PageRef { gpa: page * PAGE_SIZE as u64, data });
