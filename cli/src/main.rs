@@ -143,6 +143,10 @@ enum Command {
         /// Bandwidth cap (e.g. 200Mbit).
         #[arg(long, value_parser = migration::parse_bandwidth)]
         max_bandwidth: Option<u64>,
+        /// With --max-bandwidth: dynamic rate limiting (Clark et al.): start
+        /// here, then run each round at the last round's dirty rate plus this.
+        #[arg(long, value_parser = migration::parse_bandwidth)]
+        min_bandwidth: Option<u64>,
         /// Give up (and keep running here) after this long.
         #[arg(long, default_value = "10m", value_parser = migration::parse_duration)]
         timeout: std::time::Duration,
@@ -280,20 +284,31 @@ fn run(command: Command) -> Result<ExitCode> {
                 rtt,
             })
         }
-        Command::Send { config, dest, identity, peer, downtime, max_bandwidth, timeout, link_bandwidth, rtt, json } => {
-            migration::send(migration::SendArgs {
-                config,
-                dest,
-                identity,
-                peer,
-                downtime,
-                max_bandwidth,
-                timeout,
-                link_bandwidth,
-                rtt,
-                json,
-            })
-        }
+        Command::Send {
+            config,
+            dest,
+            identity,
+            peer,
+            downtime,
+            max_bandwidth,
+            min_bandwidth,
+            timeout,
+            link_bandwidth,
+            rtt,
+            json,
+        } => migration::send(migration::SendArgs {
+            config,
+            dest,
+            identity,
+            peer,
+            downtime,
+            max_bandwidth,
+            min_bandwidth,
+            timeout,
+            link_bandwidth,
+            rtt,
+            json,
+        }),
     }
 }
 

@@ -125,6 +125,7 @@ pub struct SendArgs {
     pub peer: String,
     pub downtime: Duration,
     pub max_bandwidth: Option<u64>,
+    pub min_bandwidth: Option<u64>,
     pub timeout: Duration,
     pub link_bandwidth: Option<u64>,
     pub rtt: Option<Duration>,
@@ -140,6 +141,9 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
     let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
     // Fail fast, here, on what the VM process would refuse anyway.
     a.peer.parse::<Fingerprint>()?;
+    if a.min_bandwidth.is_some() && a.max_bandwidth.is_none() {
+        bail!("--min-bandwidth needs --max-bandwidth (the dynamic rate runs between the two)");
+    }
     Identity::load(&a.identity)?;
     let req = Request::Migrate {
         migration: MigrateRequest {
@@ -148,6 +152,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
             peer: a.peer.clone(),
             downtime_ms: a.downtime.as_millis() as u64,
             max_bandwidth_bps: a.max_bandwidth,
+            min_bandwidth_bps: a.min_bandwidth,
             timeout_s: a.timeout.as_secs().max(1),
             link_bandwidth_bps: a.link_bandwidth,
             rtt_ms: a.rtt.map(|r| r.as_millis() as u64),

@@ -307,6 +307,7 @@ async fn receive_one(
     }
     // Committed: the VM is ours, whatever happens to the acknowledgement.
     vm.resume();
+    failpoint("receive-exit-before-commit-ack");
     let _ = tx.send(&Message::CommitAck).await;
     let _ = tx.finish().await;
     Ok(Received { vm, config })

@@ -40,7 +40,7 @@ pub fn send_options(req: &MigrateRequest) -> Result<source::SendOptions, String>
         peer,
         downtime: Duration::from_millis(req.downtime_ms),
         max_bandwidth: req.max_bandwidth_bps.map(|b| b as f64 / 8.0),
-        min_bandwidth: None,
+        min_bandwidth: req.min_bandwidth_bps.map(|b| b as f64 / 8.0),
         timeout: Duration::from_secs(req.timeout_s),
         tuning,
         xbzrle_cache: wanmig_mem_sync::encode::DEFAULT_CACHE_BYTES,

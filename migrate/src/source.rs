@@ -251,9 +251,23 @@ impl PageSender {
     }
 }
 
-/// Takes the machine out of `slot` (leaving `Start`, never observed).
-fn take(slot: &mut Source) -> Source {
-    std::mem::replace(slot, Source::Start)
+/// Moves the machine on with `step`, applied to a copy: if the step fails,
+/// `session` keeps the state it had, which is what decides whether a
+/// failure resumes the guest here (before commit) or leaves it in doubt.
+/// Never evaluate anything fallible between taking the state and putting
+/// the next one back.
+fn advance<T>(
+    session: &mut Source,
+    step: impl FnOnce(Source) -> Result<(Source, T), ProtocolError>,
+) -> Result<T, ProtocolError> {
+    let (next, out) = step(session.clone())?;
+    *session = next;
+    Ok(out)
+}
+
+/// [`advance`] for a received message.
+fn receive(session: &mut Source, msg: &Message) -> Result<(), ProtocolError> {
+    advance(session, |s| Ok((s.on_message(msg)?, ())))
 }
 
 async fn next_answer(msgs: &mut mpsc::Receiver<Result<Message, TransportError>>) -> Result<Message, SendError> {
@@ -275,11 +289,10 @@ async fn run(
     let deadline = start + opts.timeout;
     let mut conn = wanmig_transport::connect(opts.dest, &opts.identity, &[opts.peer], opts.tuning).await?;
     let (mut ctl_tx, mut ctl_rx) = conn.open_control().await?;
-    let (s, hello) = take(session).hello(migration_id(), shape_of(vm))?;
-    *session = s;
+    let hello = advance(session, |s| s.hello(migration_id(), shape_of(vm)))?;
     summary.bytes.total += ctl_tx.send(&hello).await? as u64;
     let answer = ctl_rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
-    *session = take(session).on_message(&answer)?;
+    receive(session, &answer)?;
     if let Source::Aborted(reason) = session {
         return Err(SendError::Peer(reason.clone()));
     }
@@ -333,7 +346,7 @@ async fn run(
         // matters is the rate at which pages land, not at which they leave.
         loop {
             let m = next_answer(&mut msgs).await?;
-            *session = take(session).on_message(&m)?;
+            receive(session, &m)?;
             if let Source::Aborted(reason) = session {
                 return Err(SendError::Peer(reason.clone()));
             }
@@ -384,8 +397,7 @@ async fn run(
                 summary.max_throttle = summary.max_throttle.max(p);
             }
             Decision::GiveUp(reason) => {
-                if let Ok((s, abort)) = take(session).abort(&reason) {
-                    *session = s;
+                if let Ok(abort) = advance(session, |s| s.abort(&reason)) {
                     let _ = ctl_tx.send(&abort).await;
                 }
                 return Err(SendError::NoConvergence(reason));
@@ -399,7 +411,7 @@ async fn run(
     // Stop-and-copy: pause, send what is dirty, then the device state.
     let paused_at = Instant::now();
     vm.pause()?;
-    *session = take(session).stop_and_copy()?;
+    advance(session, |s| Ok((s.stop_and_copy()?, ())))?;
     let last = vm.harvest_dirty()?;
     progress(&Event::StopAndCopy { dirty_pages: to_send.pages() + last.pages() });
     let (p1, _) = sender.send(vm, &to_send, round, &mut bulk, &mut summary.bytes).await?;
@@ -410,24 +422,24 @@ async fn run(
     summary.downtime_breakdown.last_pages_ms = since_pause();
     let state = wanmig_vmm::state::encode(&vm.save_state()?);
     summary.bytes.state = state.len() as u64;
-    let (s, msg) = take(session).device_state(state)?;
-    *session = s;
+    let msg = advance(session, |s| s.device_state(state))?;
     summary.bytes.total += ctl_tx.send(&msg).await? as u64;
     summary.downtime_breakdown.state_ms = since_pause();
     progress(&Event::Committing);
 
     while *session == Source::AwaitReady {
-        *session = take(session).on_message(&next_answer(&mut msgs).await?)?;
+        let answer = next_answer(&mut msgs).await?;
+        receive(session, &answer)?;
     }
     summary.downtime_breakdown.ready_ms = since_pause();
     if let Source::Aborted(reason) = session {
         return Err(SendError::Peer(reason.clone()));
     }
     // The commit point: from here on the guest never runs on this host.
-    let (s, commit) = take(session).commit()?;
-    *session = s;
+    let commit = advance(session, Source::commit)?;
     summary.bytes.total += ctl_tx.send(&commit).await? as u64;
-    *session = take(session).on_message(&next_answer(&mut msgs).await?)?;
+    let answer = next_answer(&mut msgs).await?;
+    receive(session, &answer)?;
     summary.downtime_ms = since_pause();
     summary.downtime_breakdown.commit_ack_ms = summary.downtime_ms;
     conn.close(0);

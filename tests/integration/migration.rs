@@ -32,6 +32,7 @@ fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&s
             peer: keys.dst_fp.clone(),
             downtime_ms: 300,
             max_bandwidth_bps: None,
+            min_bandwidth_bps: None,
             timeout_s: 120,
             link_bandwidth_bps: None,
             rtt_ms: None,
@@ -216,4 +217,31 @@ fn a_guest_dirtying_faster_than_the_link_is_throttled_never_looped() {
         }
         other => panic!("unexpected outcome {other:?}: {v}"),
     }
+}
+
+#[test]
+fn a_lost_commit_acknowledgement_leaves_the_source_paused_and_in_doubt() {
+    require_kvm();
+    let vm = VmDir::new(32, 1, "ws_mib = 1\nrate_mib = 4");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    // The destination dies after Commit, before acknowledging it.
+    let dst = Receiver::start(
+        &keys,
+        &keys.src_fp,
+        &vm.path("dst"),
+        &[("WANMIG_FAILPOINT", "receive-exit-before-commit-ack")],
+    );
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    assert_eq!(code, 3, "{json}");
+    assert!(json.contains("in_doubt"), "{json}");
+    // Paused, and it stays so: the guest may be running elsewhere.
+    let status = control::request(src.socket(), &Request::Status).expect("status").status.expect("status");
+    assert_eq!(status.state, "in-doubt");
+    let a = src.progress().expect("progress");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(src.progress().expect("progress"), a, "an in-doubt guest ran at the source");
+    let refused = control::request(src.socket(), &Request::Resume).expect_err("resume must be refused");
+    assert!(refused.to_string().contains("in doubt"), "{refused}");
 }

@@ -68,6 +68,10 @@ pub struct MigrateRequest {
     pub downtime_ms: u64,
     /// Bandwidth cap, bits/s.
     pub max_bandwidth_bps: Option<u64>,
+    /// With a cap: start at this rate, bits/s, and run each round at the
+    /// last round's dirty rate plus this much (Clark et al.'s dynamic rate).
+    #[serde(default)]
+    pub min_bandwidth_bps: Option<u64>,
     /// Give up (and resume here) after this long, s.
     pub timeout_s: u64,
     /// Expected link bandwidth for window sizing, bits/s.
