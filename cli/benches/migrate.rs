@@ -88,7 +88,10 @@ fn scenario(name: &str, gib: u64, guest: &str) {
         b("zero_pages"),
     );
     if v["outcome"] == "migrated" {
-        VmProcess::at_socket(vm.path("dst").join("wanmig-it.sock")).shutdown();
+        // The destination serves its control socket moments after the ack.
+        let moved = VmProcess::at_socket(vm.path("dst").join("wanmig-it.sock"));
+        moved.wait_for_progress(Duration::from_secs(30), |_| true);
+        moved.shutdown();
     }
 }
 

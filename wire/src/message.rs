@@ -96,13 +96,20 @@ const PAGE_ZERO: u8 = 1;
 const PAGE_RAW: u8 = 2;
 const PAGE_DELTA: u8 = 3;
 
-/// A validated batch of pages (the encoded body, parsed on iteration).
+/// A validated batch of pages, parsed on iteration.
+///
+/// On the wire: `round u32, count u32, headers_len u32, headers, payload`.
+/// The headers hold, per page, its address gap and encoding (and a delta's
+/// length); the payload holds the page bytes and deltas back to back. Kept
+/// apart, the page contents sit together as in memory and the headers
+/// (mostly the same two bytes) compress to nearly nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pages {
     /// Pre-copy round the batch belongs to.
     pub round: u32,
     count: u32,
-    entries: Vec<u8>,
+    headers: Vec<u8>,
+    payload: Vec<u8>,
 }
 
 impl Pages {
@@ -118,18 +125,18 @@ impl Pages {
 
     /// The pages, in order.
     pub fn iter(&self) -> impl Iterator<Item = PageRef<'_>> {
-        let mut r = Reader::new(&self.entries);
+        let (mut h, mut p) = (Reader::new(&self.headers), Reader::new(&self.payload));
         let mut next = 0u64;
         // Validated when decoded or built, so parsing cannot fail here;
         // stop quietly rather than panic if it ever did.
-        (0..self.count).map_while(move |_| read_page(&mut r, &mut next).ok())
+        (0..self.count).map_while(move |_| read_page(&mut h, &mut p, &mut next).ok())
     }
 }
 
 /// Reads one page. Addresses are ascending within a batch and travel as the
 /// number of pages skipped since the previous one (a ULEB128, usually the
 /// single byte 0), which costs next to nothing once compressed.
-fn read_page<'a>(r: &mut Reader<'a>, next: &mut u64) -> Result<PageRef<'a>, DecodeError> {
+fn read_page<'a>(r: &mut Reader<'a>, payload: &mut Reader<'a>, next: &mut u64) -> Result<PageRef<'a>, DecodeError> {
     let skip = r.uleb("page gap")?;
     let gpa = skip
         .checked_mul(PAGE_SIZE as u64)
@@ -139,7 +146,7 @@ fn read_page<'a>(r: &mut Reader<'a>, next: &mut u64) -> Result<PageRef<'a>, Deco
     *next = gpa + PAGE_SIZE as u64;
     let data = match r.u8("page encoding")? {
         PAGE_ZERO => PageData::Zero,
-        PAGE_RAW => PageData::Raw(r.bytes("raw page", PAGE_SIZE)?),
+        PAGE_RAW => PageData::Raw(payload.bytes("raw page", PAGE_SIZE)?),
         PAGE_DELTA => {
             let n = r.u16("delta length")?;
             if n as usize >= PAGE_SIZE {
@@ -149,7 +156,7 @@ fn read_page<'a>(r: &mut Reader<'a>, next: &mut u64) -> Result<PageRef<'a>, Deco
                     limit: PAGE_SIZE as u64 - 1,
                 });
             }
-            PageData::Delta(r.bytes("delta", n as usize)?)
+            PageData::Delta(payload.bytes("delta", n as usize)?)
         }
         tag => return Err(DecodeError::UnknownTag { what: "page encoding", tag: tag.into() }),
     };
@@ -162,13 +169,14 @@ pub struct PagesBuilder {
     round: u32,
     count: u32,
     next: u64,
-    w: Writer,
+    headers: Writer,
+    payload: Writer,
 }
 
 impl PagesBuilder {
     /// An empty batch for `round`.
     pub fn new(round: u32) -> Self {
-        PagesBuilder { round, count: 0, next: 0, w: Writer::default() }
+        PagesBuilder { round, count: 0, next: 0, headers: Writer::default(), payload: Writer::default() }
     }
 
     /// Pages so far.
@@ -188,7 +196,7 @@ impl PagesBuilder {
 
     /// Encoded size so far.
     pub fn bytes(&self) -> usize {
-        self.w.buf.len()
+        self.headers.buf.len() + self.payload.buf.len()
     }
 
     /// Adds a page. Panics on a misaligned or descending address, a raw
@@ -199,20 +207,20 @@ impl PagesBuilder {
             page.gpa % PAGE_SIZE as u64 == 0 && page.gpa >= self.next && !self.is_full(),
             "pages go into a batch aligned, ascending, and up to MAX_BATCH_PAGES"
         );
-        self.w.uleb((page.gpa - self.next) / PAGE_SIZE as u64);
+        self.headers.uleb((page.gpa - self.next) / PAGE_SIZE as u64);
         self.next = page.gpa + PAGE_SIZE as u64;
         match page.data {
-            PageData::Zero => self.w.u8(PAGE_ZERO),
+            PageData::Zero => self.headers.u8(PAGE_ZERO),
             PageData::Raw(b) => {
                 assert_eq!(b.len(), PAGE_SIZE, "raw pages are whole pages");
-                self.w.u8(PAGE_RAW);
-                self.w.bytes(b);
+                self.headers.u8(PAGE_RAW);
+                self.payload.bytes(b);
             }
             PageData::Delta(d) => {
                 assert!(d.len() < PAGE_SIZE, "deltas are smaller than a page");
-                self.w.u8(PAGE_DELTA);
-                self.w.u16(d.len() as u16);
-                self.w.bytes(d);
+                self.headers.u8(PAGE_DELTA);
+                self.headers.u16(d.len() as u16);
+                self.payload.bytes(d);
             }
         }
         self.count += 1;
@@ -220,7 +228,7 @@ impl PagesBuilder {
 
     /// The batch.
     pub fn finish(self) -> Pages {
-        Pages { round: self.round, count: self.count, entries: self.w.buf }
+        Pages { round: self.round, count: self.count, headers: self.headers.buf, payload: self.payload.buf }
     }
 }
 
@@ -334,7 +342,8 @@ impl Message {
                 w.u8(4);
                 w.u32(p.round);
                 w.u32(p.count);
-                w.bytes(&p.entries);
+                w.blob(&p.headers);
+                w.bytes(&p.payload);
             }
             Message::Compressed { raw_len, data } => {
                 w.u8(5);
@@ -413,15 +422,22 @@ impl Message {
             4 => {
                 let round = r.u32("round")?;
                 let count = r.count("page count", MAX_BATCH_PAGES)?;
-                let start = r.remaining();
-                let entries_all = r.bytes("pages", start)?; // the rest of the frame
-                let mut pr = Reader::new(entries_all);
+                let headers = r.blob("page headers", MAX_FRAME)?;
+                let rest = r.remaining();
+                let payload = r.bytes("page payload", rest)?; // the rest of the frame
+                let (mut h, mut p) = (Reader::new(headers), Reader::new(payload));
                 let mut next = 0;
                 for _ in 0..count {
-                    read_page(&mut pr, &mut next)?;
+                    read_page(&mut h, &mut p, &mut next)?;
                 }
-                pr.finish()?;
-                Message::Pages(Pages { round, count: count as u32, entries: entries_all.to_vec() })
+                h.finish()?;
+                p.finish()?;
+                Message::Pages(Pages {
+                    round,
+                    count: count as u32,
+                    headers: headers.to_vec(),
+                    payload: payload.to_vec(),
+                })
             }
             5 => {
                 let raw_len = r.u32("decompressed length")?;

@@ -88,7 +88,15 @@ fn hostile_lengths_are_refused_before_allocation() {
     let mut body = vec![4u8];
     body.extend_from_slice(&1u32.to_le_bytes());
     body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&2u32.to_le_bytes());
     body.extend_from_slice(&[1, 1]); // gap 1, zero page
+    assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
+    // Headers longer than the frame.
+    let mut body = vec![4u8];
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    body.extend_from_slice(&[0, 1]);
     assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
     // Overflowing and overlong gaps, unknown encoding, delta as large as a page.
     let huge_gap = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
@@ -101,6 +109,7 @@ fn hostile_lengths_are_refused_before_allocation() {
         let mut body = vec![4u8];
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&((gap.len() + 1 + extra.len()) as u32).to_le_bytes());
         body.extend_from_slice(gap);
         body.push(tag);
         body.extend_from_slice(&extra);
