@@ -313,7 +313,12 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn serve(vm: Vm, cfg: &VmConfig) -> Result<ExitCode> {
-    match control::serve(vm, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)? {
+    report_end(control::serve(vm, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)?, cfg)
+}
+
+/// The exit of a process that served a VM.
+fn report_end(end: ServeEnd, cfg: &VmConfig) -> Result<ExitCode> {
+    match end {
         ServeEnd::Shutdown => Ok(ExitCode::SUCCESS),
         ServeEnd::MigratedAway => {
             eprintln!("wanmig: VM '{}' migrated away; it runs at the destination", cfg.name);

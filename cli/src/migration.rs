@@ -108,13 +108,15 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     };
     let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))
         .map_err(|e| anyhow::anyhow!(control::error_chain(&e)))?;
-    let socket = received.config.control_socket.clone();
+    let cfg = received.config;
     eprintln!(
         "wanmig receive: VM '{}' committed and running; control socket {}",
-        received.config.name,
-        socket.display()
+        cfg.name,
+        cfg.control_socket.display()
     );
-    crate::serve(received.vm, &received.config)
+    let end =
+        control::serve_on(received.vm, received.control, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)?;
+    crate::report_end(end, &cfg)
 }
 
 /// Options of `wanmig send`.

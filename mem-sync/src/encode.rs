@@ -90,6 +90,13 @@ impl PageEncoder {
     pub fn encode(&mut self, gpa: u64, page: &[u8; PAGE_SIZE]) -> Encoded {
         if is_zero(page) {
             self.stats.zero_pages += 1;
+            // The destination now holds zeros: a later delta must be taken
+            // against zeros, not against what was sent before.
+            if let Some(cache) = &mut self.cache
+                && cache.get(gpa).is_some()
+            {
+                cache.put(gpa, page);
+            }
             return Encoded::Zero;
         }
         if let Some(cache) = &mut self.cache {
@@ -140,6 +147,29 @@ mod tests {
         let q = [9u8; PAGE_SIZE];
         assert_eq!(e.encode(0x2000, &q), Encoded::Raw);
         assert_eq!(e.stats, EncodeStats { zero_pages: 1, raw_pages: 2, delta_pages: 1, delta_bytes: 3, cache_hits: 2 });
+    }
+
+    /// What the destination holds after applying each encoding.
+    fn apply(dest: &mut [u8; PAGE_SIZE], e: &PageEncoder, kind: Encoded, page: &[u8; PAGE_SIZE]) {
+        match kind {
+            Encoded::Zero => *dest = [0; PAGE_SIZE],
+            Encoded::Raw => *dest = *page,
+            Encoded::Delta => xbzrle::decode(e.delta(), dest).expect("own delta"),
+        }
+    }
+
+    #[test]
+    fn a_page_zeroed_then_restored_arrives_restored() {
+        let mut e = PageEncoder::new(1 << 20);
+        let mut dest = [0u8; PAGE_SIZE];
+        let x = [7u8; PAGE_SIZE];
+        let mut x2 = x;
+        x2[9] = 8;
+        for page in [x, [0u8; PAGE_SIZE], x, x2, [0u8; PAGE_SIZE], x2] {
+            let kind = e.encode(0x5000, &page);
+            apply(&mut dest, &e, kind, &page);
+            assert_eq!(dest, page, "after {kind:?}");
+        }
     }
 
     #[test]

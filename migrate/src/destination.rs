@@ -70,6 +70,8 @@ pub struct Received {
     pub vm: Vm,
     /// Its host configuration.
     pub config: VmConfig,
+    /// Its control socket, bound before the commit.
+    pub control: std::os::unix::net::UnixListener,
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,7 +136,7 @@ fn failpoint(name: &str) {
 
 /// The host configuration for an incoming VM, or why it cannot be hosted.
 fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, String> {
-    let total: u64 = shape.memory.iter().map(|(_, l)| l).sum();
+    let total = shape.memory.iter().try_fold(0u64, |acc, (_, l)| acc.checked_add(*l)).ok_or("memory size overflows")?;
     if total % (1 << 20) != 0 {
         return Err(format!("memory of {total} bytes is not whole MiB"));
     }
@@ -293,6 +295,10 @@ async fn receive_one(
     failpoint("receive-exit-before-ready");
     let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(chain(&e)))?;
     let mut vm = Vm::from_incoming(&config, ram, &state)?;
+    // Everything that could stop us serving the VM fails here, before
+    // Ready, where failing still resumes the source.
+    let control = wanmig_vmm::control::bind(&config.control_socket)
+        .map_err(|e| ReceiveError::Refused(format!("cannot serve the VM: {}", chain(&e))))?;
     log(format!(
         "device state received; last pages applied {:.1} ms after it, VM built {:.1} ms after it",
         drained.as_secs_f64() * 1e3,
@@ -310,5 +316,5 @@ async fn receive_one(
     failpoint("receive-exit-before-commit-ack");
     let _ = tx.send(&Message::CommitAck).await;
     let _ = tx.finish().await;
-    Ok(Received { vm, config })
+    Ok(Received { vm, config, control })
 }

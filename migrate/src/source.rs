@@ -411,6 +411,9 @@ async fn run(
     // Stop-and-copy: pause, send what is dirty, then the device state.
     let paused_at = Instant::now();
     vm.pause()?;
+    // Disk writes the guest saw complete must be on the images before
+    // another host opens them.
+    vm.sync_disks()?;
     advance(session, |s| Ok((s.stop_and_copy()?, ())))?;
     let last = vm.harvest_dirty()?;
     progress(&Event::StopAndCopy { dirty_pages: to_send.pages() + last.pages() });

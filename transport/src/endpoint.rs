@@ -295,9 +295,16 @@ impl FrameSender {
 }
 
 /// Receives frames from a stream.
+///
+/// [`FrameReceiver::recv`] is cancel-safe: a partly read frame stays in the
+/// receiver, so it can race another stream in `tokio::select!` and lose
+/// without losing bytes.
 pub struct FrameReceiver {
     stream: ReceiveStream,
+    header: [u8; 4],
+    header_filled: usize,
     buf: Vec<u8>,
+    body_filled: usize,
 }
 
 impl std::fmt::Debug for FrameReceiver {
@@ -308,20 +315,36 @@ impl std::fmt::Debug for FrameReceiver {
 
 impl FrameReceiver {
     fn new(stream: ReceiveStream) -> Self {
-        FrameReceiver { stream, buf: Vec::new() }
+        FrameReceiver { stream, header: [0; 4], header_filled: 0, buf: Vec::new(), body_filled: 0 }
     }
 
     /// The next message, or `None` when the peer ended the stream cleanly
-    /// between frames.
+    /// between frames. Only single `read` calls are awaited (each either
+    /// completes or reads nothing), and progress lives in `self`.
     pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
-        let mut header = [0u8; 4];
-        match self.stream.read(&mut header[..1]).await.map_err(lost)? {
-            0 => return Ok(None),
-            _ => self.stream.read_exact(&mut header[1..]).await.map_err(lost)?,
-        };
-        let len = frame_len(header)?;
-        self.buf.resize(len, 0);
-        self.stream.read_exact(&mut self.buf).await.map_err(lost)?;
+        while self.header_filled < 4 {
+            let n = self.stream.read(&mut self.header[self.header_filled..]).await.map_err(lost)?;
+            if n == 0 {
+                return match self.header_filled {
+                    0 => Ok(None),
+                    _ => Err(TransportError::Lost("the stream ended inside a frame header".into())),
+                };
+            }
+            self.header_filled += n;
+            if self.header_filled == 4 {
+                let len = frame_len(self.header)?;
+                self.buf.resize(len, 0);
+                self.body_filled = 0;
+            }
+        }
+        while self.body_filled < self.buf.len() {
+            let n = self.stream.read(&mut self.buf[self.body_filled..]).await.map_err(lost)?;
+            if n == 0 {
+                return Err(TransportError::Lost("the stream ended inside a frame".into()));
+            }
+            self.body_filled += n;
+        }
+        self.header_filled = 0;
         Ok(Some(Message::decode(&self.buf)?))
     }
 

@@ -228,7 +228,14 @@ pub enum ServeEnd {
 
 /// Serves `vm`'s control socket until a shutdown request or the guest stops.
 /// A stale socket file from a dead process is replaced; a live one is not.
-pub fn serve(mut vm: Vm, path: &Path, migrator: &mut dyn Migrator) -> Result<ServeEnd, ControlError> {
+pub fn serve(vm: Vm, path: &Path, migrator: &mut dyn Migrator) -> Result<ServeEnd, ControlError> {
+    serve_on(vm, bind(path)?, path, migrator)
+}
+
+/// Binds the control socket at `path`. A stale socket file from a dead
+/// process is replaced; a live one is not. (A migration destination binds
+/// before it says Ready, so that it never commits a VM it cannot serve.)
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if UnixStream::connect(path).is_ok() {
         return Err(ControlError::Bind {
             path: path.into(),
@@ -238,6 +245,16 @@ pub fn serve(mut vm: Vm, path: &Path, migrator: &mut dyn Migrator) -> Result<Ser
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.into(), source })?;
     listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: path.into(), source })?;
+    Ok(listener)
+}
+
+/// Like [`serve`], on a socket already bound at `path` by [`bind`].
+pub fn serve_on(
+    mut vm: Vm,
+    listener: UnixListener,
+    path: &Path,
+    migrator: &mut dyn Migrator,
+) -> Result<ServeEnd, ControlError> {
     let mut server = Server { in_doubt: false };
     let end = loop {
         if let Some(stop) = vm.wait_guest_stop(Duration::from_millis(20)) {

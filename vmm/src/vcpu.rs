@@ -314,6 +314,8 @@ pub enum Wanted {
 #[derive(Debug)]
 pub struct RunControl {
     wanted: AtomicU8,
+    /// Set when the guest stopped by itself: nothing may run it again.
+    guest_stopped: std::sync::atomic::AtomicBool,
     parked: Mutex<usize>,
     changed: Condvar,
 }
@@ -321,7 +323,12 @@ pub struct RunControl {
 impl RunControl {
     /// Threads start parked until [`RunControl::set`]`(Run)`.
     pub fn new() -> Self {
-        RunControl { wanted: AtomicU8::new(Wanted::Pause as u8), parked: Mutex::new(0), changed: Condvar::new() }
+        RunControl {
+            wanted: AtomicU8::new(Wanted::Pause as u8),
+            guest_stopped: std::sync::atomic::AtomicBool::new(false),
+            parked: Mutex::new(0),
+            changed: Condvar::new(),
+        }
     }
 
     /// The wanted state.
@@ -333,11 +340,25 @@ impl RunControl {
         }
     }
 
-    /// Changes the wanted state and wakes parked threads.
+    /// Changes the wanted state and wakes parked threads. `Exit` always
+    /// wins; `Run` is ignored once the guest has stopped by itself.
     pub fn set(&self, w: Wanted) {
         let _guard = lock(&self.parked);
+        if w == Wanted::Run && self.guest_stopped.load(Ordering::Acquire) {
+            return;
+        }
+        if self.wanted() == Wanted::Exit {
+            return;
+        }
         self.wanted.store(w as u8, Ordering::Release);
         self.changed.notify_all();
+    }
+
+    /// A vCPU saw the guest stop: pause everyone for good (unless the VM is
+    /// already being torn down).
+    fn guest_stopped(&self) {
+        self.guest_stopped.store(true, Ordering::Release);
+        self.set(Wanted::Pause);
     }
 
     /// Waits up to `timeout` for `n` threads to be parked; returns whether they are.
@@ -446,7 +467,7 @@ pub fn run_thread(
         if let Some(stop) = stop {
             let _ = stopped.send((id, stop));
             // Stay parked until the VMM decides (it will ask us to exit).
-            ctl.set(Wanted::Pause);
+            ctl.guest_stopped();
         }
     }
 }

@@ -455,27 +455,43 @@ impl Vm {
         })
     }
 
-    /// Saves the paused VM into `dir` (created if missing): state, then RAM.
-    /// Disk images are flushed to stable storage.
+    /// Flushes every writable disk image to stable storage (before a
+    /// snapshot, and before a migration hands the disks over).
+    pub fn sync_disks(&self) -> Result<(), VmError> {
+        for d in self.config.disks.iter().filter(|d| !d.read_only) {
+            let disk_err = |source| VmError::Disk { path: d.path.clone(), source };
+            File::open(&d.path).and_then(|f| f.sync_all()).map_err(disk_err)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the paused VM into `dir` (created if missing). RAM goes first,
+    /// to a temporary name, synced and renamed; the state file is written
+    /// last and marks the snapshot complete, so a failure part-way never
+    /// leaves a state file beside a partial memory file.
     pub fn save(&self, dir: &Path) -> Result<SaveReport, VmError> {
         let t0 = Instant::now();
         let state = self.save_state()?;
         lock(&self.devices.serial).flush();
-        for d in &self.config.disks {
-            if !d.read_only {
-                let f = File::open(&d.path).map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
-                f.sync_all().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
-            }
+        self.sync_disks()?;
+        let io = |e| VmError::State(crate::state::StateError::Io(e));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // An older snapshot here stops being one from this moment.
+        match std::fs::remove_file(dir.join(snapshot::STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
         }
-        std::fs::create_dir_all(dir).map_err(|e| VmError::State(crate::state::StateError::Io(e)))?;
-        crate::state::write_file(&dir.join(snapshot::STATE_FILE), &state)?;
         let t1 = Instant::now();
-        let memory_bytes = snapshot::save_memory(&self.ram, &dir.join(snapshot::MEMORY_FILE))?;
+        let partial = dir.join(format!("{}.partial", snapshot::MEMORY_FILE));
+        let memory_bytes = snapshot::save_memory(&self.ram, &partial)?;
         let t2 = Instant::now();
-        snapshot::sync_file(&dir.join(snapshot::MEMORY_FILE))?;
+        snapshot::sync_file(&partial)?;
+        std::fs::rename(&partial, dir.join(snapshot::MEMORY_FILE)).map_err(io)?;
         let t3 = Instant::now();
+        crate::state::write_file(&dir.join(snapshot::STATE_FILE), &state)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok(SaveReport {
-            state_ms: (t1 - t0).as_secs_f64() * 1e3,
+            state_ms: ((t1 - t0) + t3.elapsed()).as_secs_f64() * 1e3,
             memory_ms: (t2 - t1).as_secs_f64() * 1e3,
             sync_ms: (t3 - t2).as_secs_f64() * 1e3,
             memory_bytes,
