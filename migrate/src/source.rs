@@ -79,7 +79,8 @@ pub enum SendError {
 /// Largest encoded batch before it is sent (smaller than the 4096-page cap
 /// when pages go whole).
 const BATCH_BYTES: usize = 1 << 20;
-/// How long to wait for each answer of the destination.
+/// How long to wait for the destination's answer to the hello, and at
+/// least how long for any later answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Live-migrates `vm`. Returns how it ended and the summary; the VM is
@@ -270,9 +271,17 @@ fn receive(session: &mut Source, msg: &Message) -> Result<(), ProtocolError> {
     advance(session, |s| Ok((s.on_message(msg)?, ())))
 }
 
-async fn next_answer(msgs: &mut mpsc::Receiver<Result<Message, TransportError>>) -> Result<Message, SendError> {
-    match tokio::time::timeout(ANSWER_TIMEOUT, msgs.recv()).await {
-        Err(_) => Err(SendError::Timeout(ANSWER_TIMEOUT)),
+/// The destination's next message. It may take a while: a round ends when
+/// the destination has applied it, and a highly compressible round can sit
+/// in flight as many times the flow-control window of page data. So wait
+/// until the migration's own deadline (and at least [`ANSWER_TIMEOUT`]).
+async fn next_answer(
+    msgs: &mut mpsc::Receiver<Result<Message, TransportError>>,
+    deadline: Instant,
+) -> Result<Message, SendError> {
+    let wait = deadline.saturating_duration_since(Instant::now()).max(ANSWER_TIMEOUT);
+    match tokio::time::timeout(wait, msgs.recv()).await {
+        Err(_) => Err(SendError::Timeout(wait)),
         Ok(None) => Err(SendError::Closed),
         Ok(Some(r)) => Ok(r?),
     }
@@ -345,7 +354,7 @@ async fn run(
         // The round ends when the destination has applied it: the rate that
         // matters is the rate at which pages land, not at which they leave.
         loop {
-            let m = next_answer(&mut msgs).await?;
+            let m = next_answer(&mut msgs, deadline).await?;
             receive(session, &m)?;
             if let Source::Aborted(reason) = session {
                 return Err(SendError::Peer(reason.clone()));
@@ -431,7 +440,7 @@ async fn run(
     progress(&Event::Committing);
 
     while *session == Source::AwaitReady {
-        let answer = next_answer(&mut msgs).await?;
+        let answer = next_answer(&mut msgs, deadline).await?;
         receive(session, &answer)?;
     }
     summary.downtime_breakdown.ready_ms = since_pause();
@@ -441,7 +450,7 @@ async fn run(
     // The commit point: from here on the guest never runs on this host.
     let commit = advance(session, Source::commit)?;
     summary.bytes.total += ctl_tx.send(&commit).await? as u64;
-    let answer = next_answer(&mut msgs).await?;
+    let answer = next_answer(&mut msgs, deadline).await?;
     receive(session, &answer)?;
     summary.downtime_ms = since_pause();
     summary.downtime_breakdown.commit_ack_ms = summary.downtime_ms;
