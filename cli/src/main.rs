@@ -99,67 +99,11 @@ enum Command {
         dir: PathBuf,
     },
     /// Wait for one incoming live migration, then run the VM.
-    Receive {
-        /// Address to listen on, e.g. [::]:4750.
-        #[arg(long)]
-        listen: String,
-        /// This host's identity directory.
-        #[arg(long)]
-        identity: PathBuf,
-        /// Fingerprint of a source allowed to migrate here (repeatable).
-        #[arg(long = "peer", required = true)]
-        peers: Vec<String>,
-        /// Where the VM's control socket and console log go.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Open the source's disk images at the same paths (storage both
-        /// hosts see); without it, VMs with disks are refused until block-sync.
-        #[arg(long)]
-        shared_disks: bool,
-        /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
-        #[arg(long, value_parser = migration::parse_bandwidth)]
-        link_bandwidth: Option<u64>,
-        /// Expected round-trip time, for flow-control windows (e.g. 100ms).
-        #[arg(long, value_parser = migration::parse_duration)]
-        rtt: Option<std::time::Duration>,
-    },
+    Receive(migration::ReceiveArgs),
     /// Live-migrate the VM of vm.toml to a destination running `wanmig receive`.
     /// Exit status: 0 migrated, 1 failed (the VM still runs here), 3 in doubt
     /// (the VM is paused here), 2 bad usage.
-    Send {
-        /// The VM's configuration (names its control socket).
-        config: PathBuf,
-        /// Destination host:port.
-        dest: String,
-        /// This host's identity directory.
-        #[arg(long)]
-        identity: PathBuf,
-        /// The destination's fingerprint.
-        #[arg(long)]
-        peer: String,
-        /// Downtime budget.
-        #[arg(long, default_value = "300ms", value_parser = migration::parse_duration)]
-        downtime: std::time::Duration,
-        /// Bandwidth cap (e.g. 200Mbit).
-        #[arg(long, value_parser = migration::parse_bandwidth)]
-        max_bandwidth: Option<u64>,
-        /// With --max-bandwidth: dynamic rate limiting (Clark et al.): start
-        /// here, then run each round at the last round's dirty rate plus this.
-        #[arg(long, value_parser = migration::parse_bandwidth)]
-        min_bandwidth: Option<u64>,
-        /// Give up (and keep running here) after this long.
-        #[arg(long, default_value = "10m", value_parser = migration::parse_duration)]
-        timeout: std::time::Duration,
-        /// Expected link bandwidth, for flow-control windows.
-        #[arg(long, value_parser = migration::parse_bandwidth)]
-        link_bandwidth: Option<u64>,
-        /// Expected round-trip time, for flow-control windows.
-        #[arg(long, value_parser = migration::parse_duration)]
-        rtt: Option<std::time::Duration>,
-        /// Print the outcome and summary as JSON instead of progress and text.
-        #[arg(long)]
-        json: bool,
-    },
+    Send(migration::SendArgs),
     /// Boot the test guest, live-migrate it to a second process over
     /// loopback QUIC, and check it there with its oracle.
     Demo {
@@ -273,42 +217,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Demo { dir, snapshot } => demo::run(dir, snapshot).map(|()| ExitCode::SUCCESS),
         Command::Keygen { dir, name } => migration::keygen(&dir, &name),
         Command::Fingerprint { dir } => migration::fingerprint(&dir),
-        Command::Receive { listen, identity, peers, dir, shared_disks, link_bandwidth, rtt } => {
-            migration::receive(migration::ReceiveArgs {
-                listen,
-                identity,
-                peers,
-                dir,
-                shared_disks,
-                link_bandwidth,
-                rtt,
-            })
-        }
-        Command::Send {
-            config,
-            dest,
-            identity,
-            peer,
-            downtime,
-            max_bandwidth,
-            min_bandwidth,
-            timeout,
-            link_bandwidth,
-            rtt,
-            json,
-        } => migration::send(migration::SendArgs {
-            config,
-            dest,
-            identity,
-            peer,
-            downtime,
-            max_bandwidth,
-            min_bandwidth,
-            timeout,
-            link_bandwidth,
-            rtt,
-            json,
-        }),
+        Command::Receive(args) => migration::receive(args),
+        Command::Send(args) => migration::send(args),
     }
 }
 

@@ -72,14 +72,30 @@ pub fn fingerprint(dir: &Path) -> Result<ExitCode> {
 }
 
 /// Options of `wanmig receive`.
+#[derive(clap::Args)]
 pub struct ReceiveArgs {
-    pub listen: String,
-    pub identity: PathBuf,
-    pub peers: Vec<String>,
-    pub dir: PathBuf,
-    pub shared_disks: bool,
-    pub link_bandwidth: Option<u64>,
-    pub rtt: Option<Duration>,
+    /// Address to listen on, e.g. [::]:4750.
+    #[arg(long)]
+    listen: String,
+    /// This host's identity directory.
+    #[arg(long)]
+    identity: PathBuf,
+    /// Fingerprint of a source allowed to migrate here (repeatable).
+    #[arg(long = "peer", required = true)]
+    peers: Vec<String>,
+    /// Where the VM's control socket and console log go.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Open the source's disk images at the same paths (storage both
+    /// hosts see); without it, VMs with disks are refused until block-sync.
+    #[arg(long)]
+    shared_disks: bool,
+    /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
+    #[arg(long, value_parser = parse_bandwidth)]
+    link_bandwidth: Option<u64>,
+    /// Expected round-trip time, for flow-control windows (e.g. 100ms).
+    #[arg(long, value_parser = parse_duration)]
+    rtt: Option<Duration>,
 }
 
 /// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
@@ -120,18 +136,40 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
 }
 
 /// Options of `wanmig send`.
+#[derive(clap::Args)]
 pub struct SendArgs {
-    pub config: PathBuf,
-    pub dest: String,
-    pub identity: PathBuf,
-    pub peer: String,
-    pub downtime: Duration,
-    pub max_bandwidth: Option<u64>,
-    pub min_bandwidth: Option<u64>,
-    pub timeout: Duration,
-    pub link_bandwidth: Option<u64>,
-    pub rtt: Option<Duration>,
-    pub json: bool,
+    /// The VM's configuration (names its control socket).
+    config: PathBuf,
+    /// Destination host:port.
+    dest: String,
+    /// This host's identity directory.
+    #[arg(long)]
+    identity: PathBuf,
+    /// The destination's fingerprint.
+    #[arg(long)]
+    peer: String,
+    /// Downtime budget.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime: Duration,
+    /// Bandwidth cap (e.g. 200Mbit).
+    #[arg(long, value_parser = parse_bandwidth)]
+    max_bandwidth: Option<u64>,
+    /// With --max-bandwidth: dynamic rate limiting (Clark et al.): start
+    /// here, then run each round at the last round's dirty rate plus this.
+    #[arg(long, value_parser = parse_bandwidth)]
+    min_bandwidth: Option<u64>,
+    /// Give up (and keep running here) after this long.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Expected link bandwidth, for flow-control windows.
+    #[arg(long, value_parser = parse_bandwidth)]
+    link_bandwidth: Option<u64>,
+    /// Expected round-trip time, for flow-control windows.
+    #[arg(long, value_parser = parse_duration)]
+    rtt: Option<Duration>,
+    /// Print the outcome and summary as JSON instead of progress and text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn mib(b: f64) -> String {

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use wanmig_mem_sync::{PAGE_SIZE, compress, xbzrle};
 use wanmig_transport::{Conn, Fingerprint, FrameReceiver, Identity, LinkTuning, Listener, TransportError};
 use wanmig_vmm::config::{DiskConfig, SerialOutput, VmConfig};
+use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::GuestRam;
 use wanmig_vmm::snapshot::VmState;
 use wanmig_vmm::{Vm, VmError, layout};
@@ -98,7 +99,7 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
                     log(format!("incoming migration from {peer}"));
                     match receive_one(conn, opts, log).await {
                         Ok(r) => return Ok(r),
-                        Err(e) => log(format!("migration from {peer} failed, discarded: {}", chain(&e))),
+                        Err(e) => log(format!("migration from {peer} failed, discarded: {}", error_chain(&e))),
                     }
                 }
                 _ = refusals.tick() => {
@@ -111,17 +112,6 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     result
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Test hook: a destination started with `WANMIG_FAILPOINT=<name>` dies
@@ -293,12 +283,12 @@ async fn receive_one(
     }
     let drained = t_state.elapsed();
     failpoint("receive-exit-before-ready");
-    let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(chain(&e)))?;
+    let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(error_chain(&e)))?;
     let mut vm = Vm::from_incoming(&config, ram, &state)?;
     // Everything that could stop us serving the VM fails here, before
     // Ready, where failing still resumes the source.
     let control = wanmig_vmm::control::bind(&config.control_socket)
-        .map_err(|e| ReceiveError::Refused(format!("cannot serve the VM: {}", chain(&e))))?;
+        .map_err(|e| ReceiveError::Refused(format!("cannot serve the VM: {}", error_chain(&e))))?;
     log(format!(
         "device state received; last pages applied {:.1} ms after it, VM built {:.1} ms after it",
         drained.as_secs_f64() * 1e3,

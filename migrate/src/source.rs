@@ -16,6 +16,7 @@ use wanmig_mem_sync::encode::{Encoded, PageEncoder};
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RateLimit, RoundReport, next_round_rate};
 use wanmig_transport::{Fingerprint, FrameSender, Identity, LinkTuning, TransportError};
 use wanmig_vmm::control::MigrateOutcome;
+use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::{DirtyPages, RegionDirty};
 use wanmig_vmm::{Vm, VmError};
 use wanmig_wire::{
@@ -122,17 +123,6 @@ pub fn send(vm: &mut Vm, opts: &SendOptions, progress: &mut dyn FnMut(&Event)) -
     };
     rt.shutdown_timeout(Duration::from_secs(1));
     (outcome, summary)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn migration_id() -> [u8; 16] {
