@@ -16,15 +16,16 @@ use std::time::Duration;
 use harness::{Keys, Receiver, VmDir, VmProcess, wanmig};
 
 /// zstd-1 size of the non-zero pages of a snapshot's memory, compressed in
-/// 1 MiB batches like the migration does.
+/// batches of the migration's size.
 fn compressed_nonzero(memory: &std::path::Path) -> (u64, u64) {
     let data = std::fs::read(memory).expect("read memory file");
-    let (mut nonzero, mut compressed, mut batch) = (0u64, 0u64, Vec::with_capacity(1 << 20));
+    let batch_bytes = wanmig_migrate::source::BATCH_BYTES;
+    let (mut nonzero, mut compressed, mut batch) = (0u64, 0u64, Vec::with_capacity(batch_bytes));
     for page in data.chunks(4096) {
         if page.iter().any(|&b| b != 0) {
             nonzero += 1;
             batch.extend_from_slice(page);
-            if batch.len() >= 1 << 20 {
+            if batch.len() >= batch_bytes {
                 compressed += zstd::bulk::compress(&batch, 1).expect("zstd").len() as u64;
                 batch.clear();
             }
@@ -64,14 +65,14 @@ fn scenario(name: &str, gib: u64, guest: &str) {
     let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
     let b = |k: &str| s["bytes"][k].as_f64().unwrap_or(0.0);
     println!(
-        "{name:<30} {:>8} {:>8.2} {:>11.1} {:>6} {:>9.3} {:>9.2} {:>14.2} {:>7.0}",
+        "{name:<30} {:>8} {:>8.2} {:>11.1} {:>6} {:>9.3} {:>9.1} {:>14.1} {:>7.0}",
         v["outcome"].as_str().unwrap_or("?"),
         f("total_ms") / 1e3,
         f("downtime_ms"),
         f("rounds"),
         f("effective_rate") / 1e9,
-        b("total") / 1048576.0,
-        ideal as f64 / 1048576.0,
+        b("total") / 1024.0,
+        ideal as f64 / 1024.0,
         f("compression_ratio"),
     );
     let d = &s["downtime_breakdown"];
@@ -99,12 +100,13 @@ fn main() {
     let gib: u64 = std::env::var("WANMIG_BENCH_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     println!(
         "{:<30} {:>8} {:>8} {:>11} {:>6} {:>9} {:>9} {:>14} {:>7}",
-        "scenario", "outcome", "total_s", "downtime_ms", "rounds", "eff_GB/s", "wire_MiB", "ideal_zstd_MiB", "ratio"
+        "scenario", "outcome", "total_s", "downtime_ms", "rounds", "eff_GB/s", "wire_KiB", "ideal_zstd_KiB", "ratio"
     );
     for run in ["cold", "warm"] {
         scenario(&format!("{gib} GiB idle ({run})"), gib, "ws_mib = 16\nrate_mib = 0");
         scenario(&format!("{gib} GiB 256 MiB@50 MiB/s ({run})"), gib, "ws_mib = 256\nrate_mib = 50");
     }
-    println!("eff_GB/s: guest RAM / total time; wire_MiB: every byte the migration put on the wire;");
-    println!("ideal_zstd_MiB: the guest's non-zero pages alone, zstd-1 in 1 MiB batches; downtime: pause to CommitAck");
+    println!("eff_GB/s: guest RAM / total time; wire_KiB: every byte the migration put on the wire;");
+    println!("ideal_zstd_KiB: the guest's non-zero pages alone, zstd-1 in batches of the migration's size;");
+    println!("downtime: pause to CommitAck");
 }

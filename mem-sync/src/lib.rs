@@ -3,7 +3,7 @@
 //! - [`bitmap`]: dirty bitmaps (KVM's layout): merge, and runs of pages.
 //! - [`xbzrle`]: delta encoding of re-sent pages against their last version.
 //! - [`encode`]: per page, zero marker / delta / raw, with a bounded cache.
-//! - [`compress`]: zstd for page batches, capped on decompression.
+//! - [`compress`]: one zstd stream for all page batches, capped on decompression.
 //! - [`policy`]: the convergence policy (downtime budget, auto-converge,
 //!   giving up with numbers) and rate limiting.
 

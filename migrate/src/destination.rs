@@ -199,13 +199,23 @@ enum Bulk {
     End,
 }
 
-fn on_bulk(msg: Option<Message>, ram: &GuestRam, counts: &mut HashMap<u32, u64>) -> Result<Bulk, ReceiveError> {
+/// What the destination keeps while pages arrive.
+struct Incoming<'a> {
+    ram: &'a GuestRam,
+    /// Pages received per round, checked against each `RoundDone`.
+    counts: HashMap<u32, u64>,
+    /// The decoder of the source's zstd stream.
+    zstd: compress::StreamDecompressor,
+}
+
+fn on_bulk(msg: Option<Message>, inc: &mut Incoming<'_>) -> Result<Bulk, ReceiveError> {
+    let (ram, counts) = (inc.ram, &mut inc.counts);
     match msg {
         None => Ok(Bulk::End),
         Some(Message::Pages(p)) => apply(ram, &p, counts).map(|()| Bulk::Applied),
         Some(Message::Compressed { raw_len, data }) => {
             let body =
-                compress::decompress(&data, raw_len as usize).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
+                inc.zstd.decompress(&data, raw_len as usize).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
             let p = Message::decode_pages_body(&body).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
             apply(ram, &p, counts).map(|()| Bulk::Applied)
         }
@@ -255,11 +265,12 @@ async fn receive_one(
     let (mut dst, accept) = dst.accept()?;
     tx.send(&accept).await?;
     let mut bulk: FrameReceiver = conn.accept_bulk().await?;
-    let mut counts = HashMap::new();
+    let zstd = compress::StreamDecompressor::new().map_err(|e| ReceiveError::BadInput(format!("zstd: {e}")))?;
+    let mut incoming = Incoming { ram: &ram, counts: HashMap::new(), zstd };
     let mut bulk_open = true;
     let state = loop {
         tokio::select! {
-            m = bulk.recv(), if bulk_open => match on_bulk(m?, &ram, &mut counts)? {
+            m = bulk.recv(), if bulk_open => match on_bulk(m?, &mut incoming)? {
                 Bulk::Applied => {}
                 // Pre-copy rounds are acknowledged once applied, so the
                 // source measures the rate at which pages really land.
@@ -279,9 +290,10 @@ async fn receive_one(
     // The source ends the bulk stream after the last pages: drain it.
     let t_state = std::time::Instant::now();
     while bulk_open {
-        bulk_open = !matches!(on_bulk(bulk.recv().await?, &ram, &mut counts)?, Bulk::End);
+        bulk_open = !matches!(on_bulk(bulk.recv().await?, &mut incoming)?, Bulk::End);
     }
     let drained = t_state.elapsed();
+    drop(incoming);
     failpoint("receive-exit-before-ready");
     let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(error_chain(&e)))?;
     let mut vm = Vm::from_incoming(&config, ram, &state)?;

@@ -10,7 +10,7 @@
 //! | 2 | `Accept` | destination → source |
 //! | 3 | `Refuse` | destination → source |
 //! | 4 | `Pages` | source → destination |
-//! | 5 | `Compressed` (a zstd-compressed `Pages` body) | source → destination |
+//! | 5 | `Compressed`: the next flushed piece of the migration's one zstd stream, decoding to a `Pages` body without its type byte | source → destination |
 //! | 6 | `RoundDone` | source → destination |
 //! | 7 | `DeviceState` | source → destination |
 //! | 8 | `Ready` | destination → source |
@@ -98,11 +98,14 @@ const PAGE_DELTA: u8 = 3;
 
 /// A validated batch of pages, parsed on iteration.
 ///
-/// On the wire: `round u32, count u32, headers_len u32, headers, payload`.
-/// The headers hold, per page, its address gap and encoding (and a delta's
-/// length); the payload holds the page bytes and deltas back to back. Kept
-/// apart, the page contents sit together as in memory and the headers
-/// (mostly the same two bytes) compress to nearly nothing.
+/// On the wire, after the type byte: `payload, headers, round u32,
+/// count u32, headers_len u32`. The headers hold, per page, its address gap
+/// and encoding (and a delta's length); the payload holds the page bytes
+/// and deltas back to back. Kept apart, the page contents sit together as
+/// in memory and the headers (mostly the same two bytes) compress to nearly
+/// nothing; and with the payload first, zstd's fast match finder sees pages
+/// at the start of its input, which measured ~20% smaller on test-guest
+/// pages than with a 13-byte prefix (zstd -1, 256 pages: 898 vs 1092 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pages {
     /// Pre-copy round the batch belongs to.
@@ -232,6 +235,36 @@ impl PagesBuilder {
     }
 }
 
+/// Decodes a `Pages` body after its type byte (also what a `Compressed`
+/// message decompresses to).
+fn decode_pages(rest: &[u8]) -> Result<Pages, DecodeError> {
+    // The fixed fields close the message: read them from the end.
+    let split = rest.len().checked_sub(12).ok_or(DecodeError::Truncated {
+        field: "pages trailer",
+        need: 12,
+        have: rest.len(),
+    })?;
+    let (front, trailer) = rest.split_at(split);
+    let mut t = Reader::new(trailer);
+    let round = t.u32("round")?;
+    let count = t.count("page count", MAX_BATCH_PAGES)?;
+    let headers_len = t.u32("headers length")? as usize;
+    let payload_len = front.len().checked_sub(headers_len).ok_or(DecodeError::Truncated {
+        field: "page headers",
+        need: headers_len,
+        have: front.len(),
+    })?;
+    let (payload, headers) = front.split_at(payload_len);
+    let (mut h, mut p) = (Reader::new(headers), Reader::new(payload));
+    let mut next = 0;
+    for _ in 0..count {
+        read_page(&mut h, &mut p, &mut next)?;
+    }
+    h.finish()?;
+    p.finish()?;
+    Ok(Pages { round, count: count as u32, headers: headers.to_vec(), payload: payload.to_vec() })
+}
+
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -260,7 +293,7 @@ pub enum Message {
     },
     /// Guest pages.
     Pages(Pages),
-    /// A `Pages` body compressed with zstd.
+    /// A `Pages` body, without its type byte, compressed with zstd.
     Compressed {
         /// Length of the body once decompressed (at most [`MAX_FRAME`]).
         raw_len: u32,
@@ -340,10 +373,11 @@ impl Message {
             }
             Message::Pages(p) => {
                 w.u8(4);
+                w.bytes(&p.payload);
+                w.bytes(&p.headers);
                 w.u32(p.round);
                 w.u32(p.count);
-                w.blob(&p.headers);
-                w.bytes(&p.payload);
+                w.u32(u32::try_from(p.headers.len()).expect("headers of at most MAX_BATCH_PAGES pages"));
             }
             Message::Compressed { raw_len, data } => {
                 w.u8(5);
@@ -420,24 +454,8 @@ impl Message {
             2 => Message::Accept { features: r.u64("features")? },
             3 => Message::Refuse { reason: r.string("reason", MAX_TEXT)? },
             4 => {
-                let round = r.u32("round")?;
-                let count = r.count("page count", MAX_BATCH_PAGES)?;
-                let headers = r.blob("page headers", MAX_FRAME)?;
-                let rest = r.remaining();
-                let payload = r.bytes("page payload", rest)?; // the rest of the frame
-                let (mut h, mut p) = (Reader::new(headers), Reader::new(payload));
-                let mut next = 0;
-                for _ in 0..count {
-                    read_page(&mut h, &mut p, &mut next)?;
-                }
-                h.finish()?;
-                p.finish()?;
-                Message::Pages(Pages {
-                    round,
-                    count: count as u32,
-                    headers: headers.to_vec(),
-                    payload: payload.to_vec(),
-                })
+                let all = r.remaining();
+                Message::Pages(decode_pages(r.bytes("pages", all)?)?)
             }
             5 => {
                 let raw_len = r.u32("decompressed length")?;
@@ -474,12 +492,14 @@ impl Message {
         Ok(msg)
     }
 
-    /// Decodes a decompressed `Pages` body (what `Compressed` carries).
+    /// Decodes what a `Compressed` message decompresses to: a `Pages` body
+    /// without its type byte, so that the compressor's input starts with
+    /// page bytes (see [`Pages`]).
     pub fn decode_pages_body(body: &[u8]) -> Result<Pages, DecodeError> {
-        match Message::decode(body)? {
-            Message::Pages(p) => Ok(p),
-            _ => Err(DecodeError::Invalid { field: "compressed body", reason: "not a Pages message" }),
+        if body.len() > MAX_FRAME as usize {
+            return Err(DecodeError::TooLarge { field: "frame", value: body.len() as u64, limit: MAX_FRAME.into() });
         }
+        decode_pages(body)
     }
 
     /// Short name, for messages and logs.

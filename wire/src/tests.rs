@@ -79,25 +79,28 @@ fn every_truncation_is_an_error() {
 fn hostile_lengths_are_refused_before_allocation() {
     assert!(frame_len((MAX_FRAME + 1).to_le_bytes()).is_err());
     assert!(frame_len(0u32.to_le_bytes()).is_err());
-    // A Pages frame announcing more pages than allowed.
-    let mut body = vec![4u8];
-    body.extend_from_slice(&1u32.to_le_bytes());
-    body.extend_from_slice(&(MAX_BATCH_PAGES + 1).to_le_bytes());
-    assert!(matches!(Message::decode(&body), Err(DecodeError::TooLarge { .. })));
+    // Pages frames are `type, payload, headers, round, count, headers_len`.
+    let pages_body = |payload: &[u8], headers: &[u8], count: u32, headers_len: u32| {
+        let mut body = vec![4u8];
+        body.extend_from_slice(payload);
+        body.extend_from_slice(headers);
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&count.to_le_bytes());
+        body.extend_from_slice(&headers_len.to_le_bytes());
+        body
+    };
+    // More pages than allowed.
+    assert!(matches!(
+        Message::decode(&pages_body(&[], &[], MAX_BATCH_PAGES + 1, 0)),
+        Err(DecodeError::TooLarge { .. })
+    ));
     // A page count larger than the pages present.
-    let mut body = vec![4u8];
-    body.extend_from_slice(&1u32.to_le_bytes());
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&[1, 1]); // gap 1, zero page
-    assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
-    // Headers longer than the frame.
-    let mut body = vec![4u8];
-    body.extend_from_slice(&1u32.to_le_bytes());
-    body.extend_from_slice(&1u32.to_le_bytes());
-    body.extend_from_slice(&1000u32.to_le_bytes());
-    body.extend_from_slice(&[0, 1]);
-    assert!(matches!(Message::decode(&body), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(Message::decode(&pages_body(&[], &[1, 1], 2, 2)), Err(DecodeError::Truncated { .. })));
+    // Headers longer than the frame, and a frame shorter than its trailer.
+    assert!(matches!(Message::decode(&pages_body(&[], &[0, 1], 1, 1000)), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(Message::decode(&[4, 0, 0]), Err(DecodeError::Truncated { .. })));
+    // A raw page announced but its bytes missing.
+    assert!(matches!(Message::decode(&pages_body(&[0; 100], &[0, 2], 1, 2)), Err(DecodeError::Truncated { .. })));
     // Overflowing and overlong gaps, unknown encoding, delta as large as a page.
     let huge_gap = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
     for (gap, tag, extra) in [
@@ -106,14 +109,10 @@ fn hostile_lengths_are_refused_before_allocation() {
         (&[0][..], 9, vec![]),
         (&[0][..], 3, 4096u16.to_le_bytes().to_vec()),
     ] {
-        let mut body = vec![4u8];
-        body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(&((gap.len() + 1 + extra.len()) as u32).to_le_bytes());
-        body.extend_from_slice(gap);
-        body.push(tag);
-        body.extend_from_slice(&extra);
-        body.extend_from_slice(&[0; 4096]);
+        let mut headers = gap.to_vec();
+        headers.push(tag);
+        headers.extend_from_slice(&extra);
+        let body = pages_body(&[0; 4096], &headers, 1, headers.len() as u32);
         assert!(Message::decode(&body).is_err(), "{gap:?} {tag}");
     }
     // Type 0 and unknown types.
