@@ -111,9 +111,29 @@ impl StreamDecompressor {
     }
 }
 
+/// Compresses a one-off blob (the device state) on its own.
+pub fn compress_blob(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(data, DEFAULT_LEVEL)
+}
+
+/// Decompresses a blob of at most `max` bytes; more is an error, and no
+/// more than `max` is ever allocated.
+pub fn decompress_blob(data: &[u8], max: usize) -> Result<Vec<u8>, CompressError> {
+    zstd::bulk::decompress(data, max).map_err(|_| CompressError::Corrupt(max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blobs_round_trip_within_their_cap() {
+        let state = vec![3u8; 20_000];
+        let c = compress_blob(&state).expect("compress");
+        assert_eq!(decompress_blob(&c, 1 << 20).expect("decompress"), state);
+        assert!(decompress_blob(&c, 1000).is_err(), "larger than the cap");
+        assert!(decompress_blob(b"not zstd", 1000).is_err());
+    }
 
     #[test]
     fn streams_carry_history_across_batches_and_refuse_lies() {

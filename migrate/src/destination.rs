@@ -263,6 +263,7 @@ async fn receive_one(
     };
     let ram = GuestRam::new(config.memory_bytes()).map_err(VmError::from)?;
     let (mut dst, accept) = dst.accept()?;
+    let agreed = dst.features().unwrap_or(0);
     tx.send(&accept).await?;
     let mut bulk: FrameReceiver = conn.accept_bulk().await?;
     let zstd = compress::StreamDecompressor::new().map_err(|e| ReceiveError::BadInput(format!("zstd: {e}")))?;
@@ -295,6 +296,12 @@ async fn receive_one(
     let drained = t_state.elapsed();
     drop(incoming);
     failpoint("receive-exit-before-ready");
+    let state = if agreed & wanmig_wire::features::ZSTD != 0 {
+        let max = (wanmig_vmm::state::MAX_STATE_BYTES + 64) as usize;
+        compress::decompress_blob(&state, max).map_err(|e| ReceiveError::BadInput(format!("device state: {e}")))?
+    } else {
+        state
+    };
     let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(error_chain(&e)))?;
     let mut vm = Vm::from_incoming(&config, ram, &state)?;
     // Everything that could stop us serving the VM fails here, before

@@ -438,7 +438,10 @@ async fn run(
     bulk.finish().await?;
     let since_pause = || paused_at.elapsed().as_secs_f64() * 1e3;
     summary.downtime_breakdown.last_pages_ms = since_pause();
-    let state = wanmig_vmm::state::encode(&vm.save_state()?);
+    let mut state = wanmig_vmm::state::encode(&vm.save_state()?);
+    if agreed & features::ZSTD != 0 {
+        state = compress::compress_blob(&state).map_err(|e| SendError::Peer(format!("zstd: {e}")))?;
+    }
     summary.bytes.state = state.len() as u64;
     let msg = advance(session, |s| s.device_state(state))?;
     summary.bytes.total += ctl_tx.send(&msg).await? as u64;

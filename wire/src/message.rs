@@ -309,7 +309,8 @@ pub enum Message {
     },
     /// vCPU and device state, after the last pages (the source is paused).
     DeviceState {
-        /// A state container as written by the VMM.
+        /// A state container as written by the VMM; zstd-compressed when
+        /// both sides agreed on `features::ZSTD`.
         state: Vec<u8>,
     },
     /// The destination holds everything and can run the VM.
