@@ -61,6 +61,8 @@ impl StreamCompressor {
 /// a hostile stream cannot make it allocate more than 8 MiB of history.
 pub struct StreamDecompressor {
     dec: zstd::stream::raw::Decoder<'static>,
+    /// Reused for every piece: fresh multi-MiB buffers cost page faults.
+    out: Vec<u8>,
 }
 
 impl std::fmt::Debug for StreamDecompressor {
@@ -77,16 +79,16 @@ impl StreamDecompressor {
     pub fn new() -> std::io::Result<Self> {
         let mut dec = zstd::stream::raw::Decoder::new()?;
         dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
-        Ok(StreamDecompressor { dec })
+        Ok(StreamDecompressor { dec, out: Vec::new() })
     }
 
     /// Decodes the next flushed piece, which must yield exactly `raw_len`
     /// bytes; never writes past `raw_len`.
-    pub fn decompress(&mut self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, CompressError> {
+    pub fn decompress(&mut self, data: &[u8], raw_len: usize) -> Result<&[u8], CompressError> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-        let mut out = vec![0u8; raw_len];
+        self.out.resize(raw_len, 0);
         let mut input = InBuffer::around(data);
-        let mut o = OutBuffer::around(&mut out[..]);
+        let mut o = OutBuffer::around(&mut self.out[..]);
         loop {
             let before = (input.pos(), o.pos());
             self.dec.run(&mut input, &mut o).map_err(|_| CompressError::Corrupt(raw_len))?;
@@ -107,7 +109,7 @@ impl StreamDecompressor {
         if p.pos() != 0 {
             return Err(CompressError::Corrupt(raw_len));
         }
-        Ok(out)
+        Ok(&self.out)
     }
 }
 
@@ -143,8 +145,8 @@ mod tests {
         let first = c.compress(&page).expect("compress");
         let second = c.compress(&page).expect("compress");
         assert!(second.len() < first.len() / 4, "{} vs {}", second.len(), first.len());
-        assert_eq!(d.decompress(&first, 4096).expect("first"), page);
-        assert_eq!(d.decompress(&second, 4096).expect("second"), page);
+        assert_eq!(d.decompress(&first, 4096).expect("first"), &page[..]);
+        assert_eq!(d.decompress(&second, 4096).expect("second"), &page[..]);
         // Announcing more or less than a piece holds is refused.
         let third = c.compress(&page).expect("compress");
         assert!(StreamDecompressor::new().expect("decoder").decompress(&third, 4096).is_err(), "needs history");
