@@ -216,7 +216,7 @@ fn on_bulk(msg: Option<Message>, inc: &mut Incoming<'_>) -> Result<Bulk, Receive
         Some(Message::Compressed { raw_len, data }) => {
             let body =
                 inc.zstd.decompress(&data, raw_len as usize).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
-            let p = Message::decode_pages_body(&body).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
+            let p = Message::decode_pages_body(body).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
             apply(ram, &p, counts).map(|()| Bulk::Applied)
         }
         Some(Message::RoundDone { round, pages }) => {
