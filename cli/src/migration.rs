@@ -278,6 +278,16 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
         mib(f("memory_bytes")),
         mib(f("effective_rate"))
     );
+    if let Some(rounds) = s.get("per_round").and_then(|r| r.as_array()) {
+        let wws: Vec<String> = rounds
+            .iter()
+            .map(|r| {
+                let g = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                format!("{}: {} sent, {} dirtied in {:.0} ms", g("round"), g("pages_sent"), g("dirty_pages"), g("ms"))
+            })
+            .collect();
+        println!("  writable working set by round: {}", wws.join("; "));
+    }
 }
 
 #[cfg(test)]

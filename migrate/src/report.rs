@@ -73,6 +73,20 @@ pub struct DowntimeBreakdown {
     pub commit_ack_ms: f64,
 }
 
+/// One pre-copy round: what it sent and what the guest dirtied meanwhile
+/// (the writable working set of Clark et al.).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoundStat {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Pages dirtied while it ran.
+    pub dirty_pages: u64,
+    /// How long it took, ms.
+    pub ms: f64,
+}
+
 /// The final summary.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -94,6 +108,8 @@ pub struct Summary {
     pub max_throttle: u8,
     /// Where the downtime went.
     pub downtime_breakdown: DowntimeBreakdown,
+    /// The writable working set, round by round.
+    pub per_round: Vec<RoundStat>,
     /// Set when the migration failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

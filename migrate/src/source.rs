@@ -23,7 +23,7 @@ use wanmig_wire::{
     DiskInfo, FailureOutcome, Message, PageData, PageRef, PagesBuilder, ProtocolError, Source, VmShape, features,
 };
 
-use crate::report::{Event, Summary, WireBytes};
+use crate::report::{Event, RoundStat, Summary, WireBytes};
 
 /// How to migrate.
 #[derive(Debug)]
@@ -402,6 +402,12 @@ async fn run(
             elapsed_s: start.elapsed().as_secs_f64(),
         });
         summary.rounds = round + 1;
+        summary.per_round.push(RoundStat {
+            round,
+            pages_sent: pages,
+            dirty_pages: report.dirty_pages,
+            ms: elapsed.as_secs_f64() * 1e3,
+        });
         to_send = dirty;
         round += 1;
         match decision {
