@@ -355,7 +355,12 @@ async fn run(
             return Err(SendError::Timeout(opts.timeout));
         }
         let t = Instant::now();
-        let (pages, bytes) = sender.send(vm, &to_send, round, &mut bulk, &mut summary.bytes).await?;
+        // A round, however large, is bounded by the migration's deadline.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (pages, bytes) =
+            tokio::time::timeout(left, sender.send(vm, &to_send, round, &mut bulk, &mut summary.bytes))
+                .await
+                .map_err(|_| SendError::Timeout(opts.timeout))??;
         summary.bytes.total += bulk.send(&Message::RoundDone { round, pages }).await? as u64;
         // The round ends when the destination has applied it: the rate that
         // matters is the rate at which pages land, not at which they leave.

@@ -245,3 +245,26 @@ fn a_lost_commit_acknowledgement_leaves_the_source_paused_and_in_doubt() {
     let refused = control::request(src.socket(), &Request::Resume).expect_err("resume must be refused");
     assert!(refused.to_string().contains("in doubt"), "{refused}");
 }
+
+#[test]
+fn a_migration_past_its_timeout_gives_up_and_the_source_runs_on() {
+    require_kvm();
+    let vm = VmDir::new(64, 1, "ws_mib = 32\nflat_out = true");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    let dst = Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[]);
+    let mut args = send_args(&vm, &dst, &keys, &keys.dst_fp);
+    // A budget no round can meet, and one second to try.
+    args.extend([OsStr::new("--downtime"), OsStr::new("1ms"), OsStr::new("--timeout"), OsStr::new("1s")]);
+    let start = std::time::Instant::now();
+    let out = crate::harness::wanmig().args(&args).output().expect("send");
+    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let why = v["summary"]["error"].as_str().unwrap_or("");
+    assert!(why.contains("timed out") || why.contains("MiB/s"), "{v}");
+    let p = src.progress().expect("status");
+    let q = src.wait_for("the guest to run on", Duration::from_secs(10), |g| g.steps > p.steps + 100_000);
+    assert_eq!(q.errors, 0);
+}
