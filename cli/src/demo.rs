@@ -157,7 +157,9 @@ fn migrate(dir: &Path, config: &Path, disk: &Path) -> Result<()> {
     println!("demo: 2. starting a destination process (wanmig receive) on loopback");
     let dst_dir = dir.join("dst");
     let mut receiver = wanmig()?
-        .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks", "--identity"])
+        .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks"])
+        .arg(dir)
+        .arg("--identity")
         .arg(dir.join("dst-id"))
         .args(["--peer", &src_id, "--dir"])
         .arg(&dst_dir)

@@ -86,10 +86,11 @@ pub struct ReceiveArgs {
     /// Where the VM's control socket and console log go.
     #[arg(long, default_value = ".")]
     dir: PathBuf,
-    /// Open the source's disk images at the same paths (storage both
-    /// hosts see); without it, VMs with disks are refused until block-sync.
-    #[arg(long)]
-    shared_disks: bool,
+    /// Open the source's disk images at the same paths, which must lie
+    /// under this directory (storage both hosts see); without it, VMs with
+    /// disks are refused until block-sync.
+    #[arg(long, value_name = "DIR")]
+    shared_disks: Option<PathBuf>,
     /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
     #[arg(long, value_parser = parse_bandwidth)]
     link_bandwidth: Option<u64>,

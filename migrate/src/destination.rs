@@ -29,8 +29,9 @@ pub struct ReceiveOptions {
     pub peers: Vec<Fingerprint>,
     /// Where the received VM's control socket and console log go.
     pub dir: PathBuf,
-    /// Use the source's disk paths as they are (storage both hosts see).
-    pub shared_disks: bool,
+    /// Use the source's disk images at their paths, which must lie under
+    /// this directory (storage both hosts see). `None`: refuse VMs with disks.
+    pub shared_disks: Option<PathBuf>,
     /// Window sizing.
     pub tuning: LinkTuning,
 }
@@ -146,10 +147,19 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, Strin
     }
     let mut disks = Vec::new();
     for d in &shape.disks {
-        if !opts.shared_disks {
+        let Some(shared) = &opts.shared_disks else {
             return Err("the VM has disks; disk migration (block-sync) is not built yet: \
-                        receive with --shared-disks when both hosts see the same images"
+                        receive with --shared-disks DIR when both hosts see the same images under DIR"
                 .into());
+        };
+        // A source names the path: hold it to the shared directory, after
+        // resolving links and `..`, so it cannot open any file here.
+        let under = std::fs::canonicalize(&d.path)
+            .ok()
+            .zip(std::fs::canonicalize(shared).ok())
+            .is_some_and(|(disk, dir)| disk.starts_with(dir));
+        if !under {
+            return Err(format!("disk {} is not an image under the shared directory", d.path));
         }
         let size = std::fs::metadata(&d.path).map_err(|e| format!("disk {}: {e}", d.path))?.len();
         if size != d.size {

@@ -244,11 +244,14 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts a destination trusting `peer`, with `env` set.
+    /// Starts a destination trusting `peer`, with `env` set, in `dir`; disks
+    /// are shared from the directory above it.
     pub fn start(keys: &Keys, peer: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = wanmig()
-            .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks", "--identity"])
+            .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks"])
+            .arg(dir.parent().unwrap_or(dir)) // the VM's directory, where its disk is
+            .arg("--identity")
             .arg(&keys.dst)
             .args(["--peer", peer, "--dir"])
             .arg(dir)

@@ -268,3 +268,20 @@ fn a_migration_past_its_timeout_gives_up_and_the_source_runs_on() {
     let q = src.wait_for("the guest to run on", Duration::from_secs(10), |g| g.steps > p.steps + 100_000);
     assert_eq!(q.errors, 0);
 }
+
+#[test]
+fn disks_outside_the_shared_directory_are_refused() {
+    require_kvm();
+    let vm = VmDir::new(32, 1, "ws_mib = 1\nrate_mib = 4");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    // This destination shares another directory than the one holding the disk.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let dst = Receiver::start(&keys, &keys.src_fp, &elsewhere.path().join("dst"), &[]);
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    assert_eq!(code, 1, "{json}");
+    assert!(json.contains("not an image under the shared directory"), "{json}");
+    let p = src.progress().expect("status");
+    src.wait_for("the source guest to keep running", Duration::from_secs(10), |g| g.steps > p.steps);
+}
