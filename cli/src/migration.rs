@@ -74,7 +74,7 @@ pub fn fingerprint(dir: &Path) -> Result<ExitCode> {
 /// Options of `wanmig receive`.
 #[derive(clap::Args)]
 pub struct ReceiveArgs {
-    /// Address to listen on, e.g. [::]:4750.
+    /// Address to listen on, e.g. `[::]:4750`.
     #[arg(long)]
     listen: String,
     /// This host's identity directory.
