@@ -64,10 +64,6 @@ impl VmProcess {
         Ok(VmProcess { child: Some(child), socket: wanmig_vmm::VmConfig::load(config)?.control_socket })
     }
 
-    fn socket(&self) -> Result<PathBuf> {
-        Ok(self.socket.clone())
-    }
-
     /// Polls the guest until `ready` holds for its progress.
     fn wait_for(
         &mut self,
@@ -75,7 +71,7 @@ impl VmProcess {
         timeout: Duration,
         ready: impl Fn(&TestGuestProgress) -> bool,
     ) -> Result<TestGuestProgress> {
-        let socket = self.socket()?;
+        let socket = self.socket.clone();
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
@@ -95,7 +91,7 @@ impl VmProcess {
     }
 
     fn snapshot_and_stop(mut self, dir: &Path) -> Result<control::SaveSummary> {
-        let socket = self.socket()?;
+        let socket = self.socket.clone();
         let r = control::request(&socket, &Request::Snapshot { dir: dir.into(), resume: false })?;
         control::request(&socket, &Request::Shutdown)?;
         if let Some(c) = &mut self.child {

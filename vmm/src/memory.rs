@@ -113,11 +113,6 @@ impl GuestRam {
         self.mem.iter().map(|r| r.len()).sum()
     }
 
-    /// Whether KVM dirty logging is on.
-    pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging
-    }
-
     /// Registers (or re-registers) every region as a KVM slot, with dirty
     /// logging on or off. Turning it on write-protects all guest pages, so
     /// the first harvest after it reports only pages written since.

@@ -514,11 +514,6 @@ impl Vm {
     pub fn test_guest_status(&self) -> Option<testguest::GuestStatus> {
         testguest::read_status(self.ram.mem()).ok()
     }
-
-    /// The `/dev/kvm` handle.
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
-    }
 }
 
 fn check_shape(config: &VmConfig, s: &VmState) -> Result<(), VmError> {
