@@ -8,10 +8,12 @@
 //! test and the cargo-fuzz target in `wire/fuzz` hold it to that).
 
 pub mod codec;
+pub mod disk;
 pub mod message;
 pub mod session;
 
 pub use codec::DecodeError;
+pub use disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, ManifestChunk, Need};
 pub use message::{DiskInfo, Message, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
 pub use session::{Destination, FailureOutcome, ProtocolError, Source};
 

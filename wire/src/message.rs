@@ -18,10 +18,19 @@
 //! | 10 | `CommitAck` | destination → source |
 //! | 11 | `Abort` | either way |
 //! | 12 | `RoundApplied` | destination → source |
+//! | 13 | `DiskManifest`: chunk ids of a run of a disk image | source → destination |
+//! | 14 | `DiskNeed`: which of them the destination lacks | destination → source |
+//! | 15 | `DiskChunk`: one chunk's bytes | source → destination |
+//! | 16 | `DiskWrites`: extents the guest wrote | source → destination |
+//! | 17 | `DiskDone`: a disk is complete, with its digest | source → destination |
+//!
+//! Control-stream messages: 1–3 and 7–14. Bulk-stream messages: 4–6 and 15–17;
+//! a `Compressed` decodes to the body (type byte included) of 4, 15 or 16.
 //!
 //! Type 0, and every tag 0 inside messages, is invalid.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
 
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -46,8 +55,14 @@ pub mod features {
     pub const XBZRLE: u64 = 1 << 0;
     /// `Pages` bodies may arrive zstd-compressed.
     pub const ZSTD: u64 = 1 << 1;
+    /// Disk images travel (block-sync); without it both hosts must see
+    /// the same images.
+    pub const DISK_COPY: u64 = 1 << 2;
+    /// A disk-only session (`wanmig sync`): no memory, an empty device
+    /// state, and the source's VM keeps running after the commit.
+    pub const SYNC_ONLY: u64 = 1 << 3;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY;
 }
 
 /// A disk as the source describes it.
@@ -280,11 +295,15 @@ pub enum Message {
         migration_id: [u8; 16],
         /// The VM.
         shape: VmShape,
+        /// How the source proposes to cut disk images.
+        chunking: ChunkParams,
     },
     /// The destination will host the VM with these features.
     Accept {
         /// Features both sides use.
         features: u64,
+        /// How to cut disk images: what the destination's chunk store holds.
+        chunking: ChunkParams,
     },
     /// The destination will not host the VM.
     Refuse {
@@ -293,7 +312,9 @@ pub enum Message {
     },
     /// Guest pages.
     Pages(Pages),
-    /// A `Pages` body, without its type byte, compressed with zstd.
+    /// The body of a bulk message (`Pages`, `DiskChunk` or `DiskWrites`),
+    /// type byte included, compressed as the next piece of the migration's
+    /// one zstd stream.
     Compressed {
         /// Length of the body once decompressed (at most [`MAX_FRAME`]).
         raw_len: u32,
@@ -329,6 +350,16 @@ pub enum Message {
         /// The round.
         round: u32,
     },
+    /// Chunk ids of a run of a disk image.
+    DiskManifest(Manifest),
+    /// The chunks of a manifest part the destination lacks.
+    DiskNeed(Need),
+    /// One chunk's bytes.
+    DiskChunk(Chunk),
+    /// Extents the guest wrote.
+    DiskWrites(DiskWrites),
+    /// A disk is complete.
+    DiskDone(DiskDone),
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -345,7 +376,7 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer { buf: vec![0; 4] };
         match self {
-            Message::Hello { version, features, page_size, migration_id, shape } => {
+            Message::Hello { version, features, page_size, migration_id, shape, chunking } => {
                 w.u8(1);
                 w.u16(*version);
                 w.u64(*features);
@@ -363,10 +394,12 @@ impl Message {
                     w.u64(d.size);
                     w.blob(d.path.as_bytes());
                 }
+                chunking.write(&mut w);
             }
-            Message::Accept { features } => {
+            Message::Accept { features, chunking } => {
                 w.u8(2);
                 w.u64(*features);
+                chunking.write(&mut w);
             }
             Message::Refuse { reason } => {
                 w.u8(3);
@@ -404,6 +437,26 @@ impl Message {
             Message::RoundApplied { round } => {
                 w.u8(12);
                 w.u32(*round);
+            }
+            Message::DiskManifest(m) => {
+                w.u8(13);
+                m.write(&mut w);
+            }
+            Message::DiskNeed(n) => {
+                w.u8(14);
+                n.write(&mut w);
+            }
+            Message::DiskChunk(c) => {
+                w.u8(15);
+                c.write(&mut w);
+            }
+            Message::DiskWrites(d) => {
+                w.u8(16);
+                d.write(&mut w);
+            }
+            Message::DiskDone(d) => {
+                w.u8(17);
+                d.write(&mut w);
             }
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
@@ -450,9 +503,10 @@ impl Message {
                     page_size,
                     migration_id,
                     shape: VmShape { name, memory, vcpus, disks },
+                    chunking: ChunkParams::read(&mut r)?,
                 }
             }
-            2 => Message::Accept { features: r.u64("features")? },
+            2 => Message::Accept { features: r.u64("features")?, chunking: ChunkParams::read(&mut r)? },
             3 => Message::Refuse { reason: r.string("reason", MAX_TEXT)? },
             4 => {
                 let all = r.remaining();
@@ -487,20 +541,25 @@ impl Message {
             10 => Message::CommitAck,
             11 => Message::Abort { reason: r.string("reason", MAX_TEXT)? },
             12 => Message::RoundApplied { round: r.u32("round")? },
+            13 => Message::DiskManifest(Manifest::read(&mut r)?),
+            14 => Message::DiskNeed(Need::read(&mut r)?),
+            15 => Message::DiskChunk(Chunk::read(&mut r)?),
+            16 => Message::DiskWrites(DiskWrites::read(&mut r)?),
+            17 => Message::DiskDone(DiskDone::read(&mut r)?),
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
         Ok(msg)
     }
 
-    /// Decodes what a `Compressed` message decompresses to: a `Pages` body
-    /// without its type byte, so that the compressor's input starts with
-    /// page bytes (see [`Pages`]).
-    pub fn decode_pages_body(body: &[u8]) -> Result<Pages, DecodeError> {
-        if body.len() > MAX_FRAME as usize {
-            return Err(DecodeError::TooLarge { field: "frame", value: body.len() as u64, limit: MAX_FRAME.into() });
+    /// Decodes what a `Compressed` message decompresses to: the body of a
+    /// `Pages`, `DiskChunk` or `DiskWrites`; anything else is refused.
+    pub fn decode_compressed_body(body: &[u8]) -> Result<Message, DecodeError> {
+        match body.first() {
+            Some(4 | 15 | 16) => Message::decode(body),
+            Some(&tag) => Err(DecodeError::UnknownTag { what: "compressed message type", tag: tag.into() }),
+            None => Err(DecodeError::Truncated { field: "compressed message", need: 1, have: 0 }),
         }
-        decode_pages(body)
     }
 
     /// Short name, for messages and logs.
@@ -518,6 +577,11 @@ impl Message {
             Message::CommitAck => "CommitAck",
             Message::Abort { .. } => "Abort",
             Message::RoundApplied { .. } => "RoundApplied",
+            Message::DiskManifest(_) => "DiskManifest",
+            Message::DiskNeed(_) => "DiskNeed",
+            Message::DiskChunk(_) => "DiskChunk",
+            Message::DiskWrites(_) => "DiskWrites",
+            Message::DiskDone(_) => "DiskDone",
         }
     }
 }

@@ -26,6 +26,7 @@
 //! `InDoubt` and the source stays paused until an operator (or a later
 //! query of the destination) settles it.
 
+use crate::disk::ChunkParams;
 use crate::message::{Message, PAGE_SIZE, PROTOCOL_VERSION, VmShape, features};
 
 /// A message that is not valid in the current state.
@@ -98,17 +99,25 @@ impl Source {
         ProtocolError { state: self.name(), message }
     }
 
-    /// Opens the session: the `Hello` to send.
-    pub fn hello(self, migration_id: [u8; 16], shape: VmShape) -> Result<(Source, Message), ProtocolError> {
+    /// Opens the session: the `Hello` to send, offering `features` and
+    /// proposing how to cut disk images.
+    pub fn hello(
+        self,
+        migration_id: [u8; 16],
+        shape: VmShape,
+        features: u64,
+        chunking: ChunkParams,
+    ) -> Result<(Source, Message), ProtocolError> {
         match self {
             Source::Start => Ok((
                 Source::HelloSent,
                 Message::Hello {
                     version: PROTOCOL_VERSION,
-                    features: features::ALL,
+                    features,
                     page_size: PAGE_SIZE as u32,
                     migration_id,
                     shape,
+                    chunking,
                 },
             )),
             s => Err(s.refuse("Hello")),
@@ -118,7 +127,7 @@ impl Source {
     /// A message from the destination.
     pub fn on_message(self, msg: &Message) -> Result<Source, ProtocolError> {
         match (self, msg) {
-            (Source::HelloSent, Message::Accept { features: f }) if f & !features::ALL == 0 => {
+            (Source::HelloSent, Message::Accept { features: f, .. }) if f & !features::ALL == 0 => {
                 Ok(Source::Precopy { features: *f })
             }
             (Source::HelloSent, Message::Refuse { reason }) => Ok(Source::Aborted(format!("refused: {reason}"))),
@@ -127,6 +136,8 @@ impl Source {
                 s @ (Source::Precopy { .. } | Source::StopAndCopy { .. } | Source::AwaitReady),
                 Message::RoundApplied { .. },
             ) => Ok(s),
+            // The driver checks each answer against the manifest it sent.
+            (s @ (Source::Precopy { .. } | Source::StopAndCopy { .. }), Message::DiskNeed(_)) => Ok(s),
             (Source::AwaitReady, Message::Ready) => Ok(Source::ReadyToCommit),
             (Source::CommitSent, Message::CommitAck) => Ok(Source::Done),
             (
@@ -244,7 +255,13 @@ impl Destination {
             }
             (
                 s @ Destination::Receiving { .. },
-                Message::Pages(_) | Message::Compressed { .. } | Message::RoundDone { .. },
+                Message::Pages(_)
+                | Message::Compressed { .. }
+                | Message::RoundDone { .. }
+                | Message::DiskManifest(_)
+                | Message::DiskChunk(_)
+                | Message::DiskWrites(_)
+                | Message::DiskDone(_),
             ) => Ok(s),
             (Destination::Receiving { .. }, Message::DeviceState { .. }) => Ok(Destination::HaveState),
             (Destination::ReadySent, Message::Commit) => Ok(Destination::Committed),
@@ -260,12 +277,13 @@ impl Destination {
         }
     }
 
-    /// Accepts the VM: the `Accept` to send, with the features both speak.
-    pub fn accept(self) -> Result<(Destination, Message), ProtocolError> {
+    /// Accepts the VM: the `Accept` to send, with the features both sides
+    /// speak (of those offered, the ones in `local`) and the chunking to use.
+    pub fn accept(self, local: u64, chunking: ChunkParams) -> Result<(Destination, Message), ProtocolError> {
         match self {
             Destination::Deciding { offered } => {
-                let f = offered & features::ALL;
-                Ok((Destination::Receiving { features: f }, Message::Accept { features: f }))
+                let f = offered & local & features::ALL;
+                Ok((Destination::Receiving { features: f }, Message::Accept { features: f, chunking }))
             }
             s => Err(s.refuse("Accept")),
         }

@@ -25,8 +25,15 @@ fn pages() -> Pages {
 
 fn samples() -> Vec<Message> {
     vec![
-        Message::Hello { version: 1, features: features::ALL, page_size: 4096, migration_id: [9; 16], shape: shape() },
-        Message::Accept { features: features::ZSTD },
+        Message::Hello {
+            version: 1,
+            features: features::ALL,
+            page_size: 4096,
+            migration_id: [9; 16],
+            shape: shape(),
+            chunking: ChunkParams::DEFAULT,
+        },
+        Message::Accept { features: features::ZSTD, chunking: ChunkParams::DEFAULT },
         Message::Refuse { reason: "no room".into() },
         Message::Pages(pages()),
         Message::Compressed { raw_len: 100, data: vec![1, 2, 3] },
@@ -37,7 +44,54 @@ fn samples() -> Vec<Message> {
         Message::CommitAck,
         Message::Abort { reason: "link lost".into() },
         Message::RoundApplied { round: 7 },
+        Message::DiskManifest(manifest()),
+        Message::DiskNeed(Need { disk: 0, seq: 5, chunks: vec![0, 2, 9] }),
+        Message::DiskChunk(Chunk { disk: 1, offset: 1 << 20, id: [3; 32], data: vec![4; 5000] }),
+        Message::DiskWrites(writes()),
+        Message::DiskDone(DiskDone { disk: 0, size: 64 << 20, digest: [8; 32] }),
     ]
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        disk: 0,
+        seq: 5,
+        offset: 1 << 30,
+        chunks: vec![
+            ManifestChunk { len: 65536, id: Some([1; 32]) },
+            ManifestChunk { len: 262144, id: None },
+            ManifestChunk { len: 20000, id: Some([2; 32]) },
+        ],
+    }
+}
+
+fn writes() -> DiskWrites {
+    DiskWrites { disk: 0, extents: vec![(4096, 8192), (1 << 20, 4096)], data: (0..12288).map(|i| i as u8).collect() }
+}
+
+#[test]
+fn disk_messages_refuse_what_cannot_be() {
+    let decode = |m: &Message| Message::decode(&m.encode()[4..]);
+    // Extents whose data is shorter than they claim.
+    let mut w = writes();
+    w.data.pop();
+    assert!(decode(&Message::DiskWrites(w)).is_err());
+    // A manifest announcing more chunks than follow allocates nothing and fails.
+    let mut frame = Message::DiskManifest(manifest()).encode();
+    frame[4 + 1 + 1 + 4 + 8..][..4].copy_from_slice(&16000u32.to_le_bytes());
+    assert!(matches!(Message::decode(&frame[4..]), Err(DecodeError::Truncated { .. })));
+    // A zero-length chunk, and chunk parameters fastcdc cannot use.
+    let mut m = manifest();
+    m.chunks[0].len = 0;
+    assert!(decode(&Message::DiskManifest(m)).is_err());
+    let bad = ChunkParams { min: 64 << 10, avg: 16 << 10, max: 256 << 10 };
+    assert!(decode(&Message::Accept { features: 0, chunking: bad }).is_err());
+    // Only bulk data messages may hide inside a Compressed.
+    assert!(Message::decode_compressed_body(&Message::Commit.encode()[4..]).is_err());
+    let body = Message::DiskWrites(writes()).encode();
+    assert_eq!(Message::decode_compressed_body(&body[4..]), Ok(Message::DiskWrites(writes())));
+    let got: Vec<_> = writes().iter().map(|(o, d)| (o, d.len())).collect();
+    assert_eq!(got, vec![(4096, 8192), (1 << 20, 4096)]);
 }
 
 fn round_trip(m: &Message) -> Result<Message, DecodeError> {
@@ -119,8 +173,15 @@ fn hostile_lengths_are_refused_before_allocation() {
     assert!(matches!(Message::decode(&[0]), Err(DecodeError::UnknownTag { .. })));
     assert!(matches!(Message::decode(&[200]), Err(DecodeError::UnknownTag { .. })));
     // A Hello with a huge string length.
-    let mut hello =
-        Message::Hello { version: 1, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() }.encode();
+    let mut hello = Message::Hello {
+        version: 1,
+        features: 0,
+        page_size: 4096,
+        migration_id: [0; 16],
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+    }
+    .encode();
     hello[4 + 1 + 2 + 8 + 4 + 16..4 + 1 + 2 + 8 + 4 + 16 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(Message::decode(&hello[4..]), Err(DecodeError::TooLarge { .. })));
     // Trailing bytes.
@@ -187,17 +248,22 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
             src = src.on_message(&$m).expect("valid for source");
         }};
     }
-    let (s, hello) = src.hello([1; 16], shape()).expect("hello");
+    let (s, hello) = src.hello([1; 16], shape(), features::ALL, ChunkParams::DEFAULT).expect("hello");
     src = s;
     cross!(hello, to_dst);
-    let (d, accept) = dst.accept().expect("accept");
+    let (d, accept) = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
     dst = d;
     cross!(accept, to_src);
+    cross!(Message::DiskManifest(manifest()), to_dst);
+    cross!(Message::DiskNeed(Need { disk: 0, seq: 5, chunks: vec![0] }), to_src);
+    cross!(Message::DiskChunk(Chunk { disk: 0, offset: 1 << 30, id: [1; 32], data: vec![1; 65536] }), to_dst);
     cross!(Message::Pages(pages()), to_dst);
     cross!(Message::RoundDone { round: 0, pages: 3 }, to_dst);
     cross!(Message::RoundApplied { round: 0 }, to_src);
     src = src.stop_and_copy().expect("pause");
     cross!(Message::Pages(pages()), to_dst);
+    cross!(Message::DiskWrites(writes()), to_dst);
+    cross!(Message::DiskDone(DiskDone { disk: 0, size: 2 << 30, digest: [0; 32] }), to_dst);
     let (s, state) = src.device_state(vec![1, 2, 3]).expect("state");
     src = s;
     cross!(state, to_dst);
@@ -208,14 +274,14 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
     src = s;
     cross!(commit, to_dst);
     cross!(Message::CommitAck, to_src);
-    assert_eq!(sent, 10, "the whole exchange is ten messages");
+    assert_eq!(sent, 15, "the whole exchange is fifteen messages");
     (src.on_failure(), dst.owns_vm())
 }
 
 #[test]
 fn exactly_one_side_runs_the_vm_whatever_fails() {
     let mut outcomes = Vec::new();
-    for fail_at in 0..=10 {
+    for fail_at in 0..=15 {
         let (src, dst_owns) = run(fail_at);
         match src {
             // Before commit: the source resumes and the destination must not run it.
@@ -241,7 +307,14 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
     for m in [
         Message::Commit,
         Message::Ready,
-        Message::Hello { version: 1, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() },
+        Message::Hello {
+            version: 1,
+            features: 0,
+            page_size: 4096,
+            migration_id: [0; 16],
+            shape: shape(),
+            chunking: ChunkParams::DEFAULT,
+        },
     ] {
         assert!(receiving.clone().on_message(&m).is_err(), "{}", m.name());
     }
@@ -250,8 +323,17 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
     assert!(Source::Precopy { features: 0 }.commit().is_err(), "commit before Ready");
     assert!(Source::CommitSent.abort("late").is_err(), "no abort after commit");
     // Another protocol version or page size never gets past the hello.
-    let v2 = Message::Hello { version: 2, features: 0, page_size: 4096, migration_id: [0; 16], shape: shape() };
+    let v2 = Message::Hello {
+        version: 2,
+        features: 0,
+        page_size: 4096,
+        migration_id: [0; 16],
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+    };
     assert!(Destination::AwaitHello.on_message(&v2).is_err());
     // An Accept with features the source never offered is refused.
-    assert!(Source::HelloSent.on_message(&Message::Accept { features: 1 << 40 }).is_err());
+    assert!(
+        Source::HelloSent.on_message(&Message::Accept { features: 1 << 40, chunking: ChunkParams::DEFAULT }).is_err()
+    );
 }
