@@ -1,5 +1,141 @@
-//! Content-addressed chunk store (not built yet).
+//! Content-addressed chunk store on local disk.
 //!
-//! This crate will own: blake3 chunk ids, a RocksDB index, chunk data packed
-//! into segment files, an atomic put-if-absent that verifies the hash before
-//! storing, statistics and garbage collection. It knows nothing about VMs.
+//! A chunk is named by its [`ChunkId`], the blake3 hash of its content. The
+//! store keeps chunk data in append-only pack files and an index of where each
+//! chunk lives in RocksDB. It knows nothing about VMs: the destination of a
+//! disk migration uses it to answer which chunks of a manifest it lacks
+//! ([`ChunkStore::contains_many`]), to store the chunks it then receives
+//! ([`ChunkStore::put`]) and to copy the ones it already had into the image it
+//! assembles ([`ChunkStore::get`]).
+//!
+//! # Layout of a store directory
+//!
+//! ```text
+//! DIR/index/               RocksDB: chunk entries, roots, meta, pack lengths, totals
+//! DIR/packs/00000001.pack  pack header, then records: record header + chunk data
+//! ```
+//!
+//! The on-disk formats are documented in `src/format.rs`. Every index value is versioned and
+//! fixed-size, every pack record carries a header that repeats the chunk's id
+//! and lengths, and every read checks the content against its id: corrupt data
+//! is reported as [`StoreError::Corrupt`], never returned.
+//!
+//! # Durability
+//!
+//! [`ChunkStore::put`] appends to the active pack and keeps the chunk's index
+//! entry in memory (visible to this process at once). [`ChunkStore::commit`]
+//! first `fdatasync`s the pack, then writes the pending entries in one synced
+//! RocksDB batch, so an index entry that survives a crash always points at
+//! durable data. A crash loses only uncommitted puts; their bytes, past the
+//! pack's committed length, are cut off at the next open. The store commits on
+//! its own every [`StoreOptions::auto_commit_bytes`] and when dropped.
+//!
+//! # Retention
+//!
+//! Named roots ([`ChunkStore::set_root`]) list the chunks an image is made of
+//! and keep them alive through [`ChunkStore::gc`]; chunks under no root are
+//! deleted once older than [`Retention::grace`]. A receiver that answers "I
+//! have it" for an old unreferenced chunk relies on it staying; the safe way
+//! is to set a root for the incoming image (e.g. `"vm/disk0.incoming"`) from
+//! its manifest before answering, and replace it when the image is complete.
+//!
+//! # Tunables
+//!
+//! | what | default | why |
+//! |---|---|---|
+//! | [`MAX_CHUNK`] | 4 MiB | cap on any chunk, checked before every allocation |
+//! | [`StoreOptions::pack_target`] | 128 MiB | pack size at which a new pack starts: small enough that compaction copies little, large enough that a TiB store has few thousand files |
+//! | [`StoreOptions::auto_commit_bytes`] | 64 MiB | bounds the memory of pending entries and the work a crash loses |
+//! | zstd level | 1 | fast enough not to limit a WAN receiver; data are stored raw when zstd saves nothing |
+//! | [`Retention`] | 30 days, 1 hour, 0.5 | roots age out after a month; an in-flight migration has an hour; a pack is rewritten when half of it is dead |
+
+mod format;
+mod gc;
+mod pack;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+pub use gc::{GcReport, Retention};
+pub use store::{ChunkStore, RootInfo, Stats, StoreOptions, VerifyReport};
+
+/// The largest chunk the store accepts (4 MiB).
+pub const MAX_CHUNK: usize = 4 << 20;
+
+/// A chunk's id: blake3 of its content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id of `data`: its blake3 hash.
+    pub fn of(data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(data).as_bytes())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    /// All 64 hex digits, lowercase.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    /// The first 16 hex digits, enough to tell chunks apart in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChunkId(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// The outcome of [`ChunkStore::put`], a put-if-absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The chunk was new and is now stored.
+    Stored,
+    /// The chunk was already in the store; nothing was written.
+    Present,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// [`ChunkStore::put`] was given content that does not hash to the id it
+    /// was offered under; nothing was stored.
+    #[error("chunk content does not match its id: expected {expected}, content hashes to {actual}")]
+    HashMismatch {
+        /// The id the caller gave.
+        expected: ChunkId,
+        /// What the content hashes to.
+        actual: ChunkId,
+    },
+    /// The data on disk are not what the index says: the message names the
+    /// file or chunk and what is wrong.
+    #[error("chunk store is corrupt: {0}")]
+    Corrupt(String),
+    /// A file operation failed.
+    #[error("{context}")]
+    Io {
+        /// What the store was doing, naming the file.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The RocksDB index failed, could not be opened (in use, unreadable,
+    /// damaged) or holds a format version this build does not read. The
+    /// message names the index directory.
+    #[error("{0}")]
+    Index(String),
+    /// A chunk larger than [`MAX_CHUNK`].
+    #[error("chunk of {0} bytes is larger than the {max} bytes a chunk may have", max = MAX_CHUNK)]
+    TooLarge(usize),
+}
