@@ -1,8 +1,28 @@
-//! Disk pre-copy for live migration without shared storage (not built yet).
+//! Disk pre-copy for live migration without shared storage.
 //!
-//! This crate will own: fastcdc chunking of each disk image, manifests of
-//! blake3 chunk ids, the have/need exchange with the destination, iterative
-//! re-send rounds driven by the dirty extents that `wanmig-vmm` records for
-//! every guest write (4 KiB granularity), the final sync inside the
-//! stop-and-copy, and assembling and verifying the destination image.
-//! See `ARCHITECTURE.md` (step 2) and the block-sync issue.
+//! The pieces, each usable and testable without a VM or a network:
+//!
+//! - [`chunker`]: cuts an image into content-defined chunks (fastcdc 2020)
+//!   with blake3 ids, batch by batch, as manifests for the destination.
+//! - [`digest`]: a [`BlockDigest`] of an image (blake3 per 64 KiB block,
+//!   then over the list) that both sides keep up to date incrementally, so
+//!   that checking the destination's image against the source's at pause
+//!   costs only the blocks written since, not a read of the whole disk.
+//! - [`extents`]: turns the VMM's 4 KiB write log into extents and reads
+//!   them into `DiskWrites` batches.
+//! - [`image`]: the destination's image, assembled sparse from chunks (its
+//!   own or from the chunk store) and extents.
+//!
+//! The protocol (manifest → need → chunks, then rounds of written extents,
+//! then `DiskDone` with the digest inside the stop-and-copy) is described in
+//! `wanmig_wire::disk`; `wanmig-migrate` drives it.
+
+pub mod chunker;
+pub mod digest;
+pub mod extents;
+pub mod image;
+
+pub use chunker::{Batch, CutChunk, ImageChunker};
+pub use digest::{BLOCK, BlockDigest};
+pub use extents::{DirtyReader, extents_of};
+pub use image::ImageWriter;
