@@ -27,6 +27,7 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
             flat_out: false,
             disk_kib: 0,
             disk_mib: 1,
+            disk_scatter: false,
         })),
         disks: Vec::new(),
     }

@@ -14,6 +14,7 @@
 //! flat_out = false           # dirty as fast as the vCPU can (overrides rate_mib)
 //! disk_kib = 0               # KiB/s written to the first disk (default 0)
 //! disk_mib = 1               # size of the disk region the guest cycles over (default 1)
+//! disk_scatter = false       # scatter the 4 KiB writes over the region (default: in order)
 //!
 //! [[disk]]                   # zero or more, at most 8; raw images
 //! path = "disk.img"
@@ -95,6 +96,9 @@ pub struct TestGuestConfig {
     /// MiB of the first disk the writer cycles over.
     #[serde(default = "default_disk_mib")]
     pub disk_mib: u64,
+    /// Scatter the writes over the region instead of writing it in order.
+    #[serde(default)]
+    pub disk_scatter: bool,
 }
 
 fn default_ws_mib() -> u64 {
@@ -287,7 +291,8 @@ mod tests {
                 rate_mib: 0,
                 flat_out: false,
                 disk_kib: 8,
-                disk_mib: 1
+                disk_mib: 1,
+                disk_scatter: false,
             }))
         );
     }

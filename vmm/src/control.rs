@@ -78,6 +78,13 @@ pub struct MigrateRequest {
     pub link_bandwidth_bps: Option<u64>,
     /// Expected round-trip time for window sizing, ms.
     pub rtt_ms: Option<u64>,
+    /// Keep this host's disk chunks in the chunk store in this directory,
+    /// so that a later move back here sends only what changed.
+    #[serde(default)]
+    pub store: Option<PathBuf>,
+    /// Only copy the disks (`wanmig sync`): the VM keeps running here.
+    #[serde(default)]
+    pub sync: bool,
 }
 
 /// How a migration ended, as the VM's process reports it.
@@ -90,6 +97,9 @@ pub enum MigrateOutcome {
     FailedSourceRunning,
     /// Commit sent, acknowledgement lost: the VM stays paused here.
     InDoubt,
+    /// A `sync` completed: the destination holds a verified replica of the
+    /// disks; the VM runs here as before.
+    Synced,
 }
 
 /// Runs migrations for [`serve`]; supplied by the crate that knows how.
@@ -328,9 +338,9 @@ impl Server {
                 self.in_doubt = true;
                 None
             }
-            MigrateOutcome::FailedSourceRunning => None,
+            MigrateOutcome::FailedSourceRunning | MigrateOutcome::Synced => None,
         };
-        let ok = outcome == MigrateOutcome::Migrated;
+        let ok = matches!(outcome, MigrateOutcome::Migrated | MigrateOutcome::Synced);
         let error =
             (!ok).then(|| summary.get("error").and_then(|e| e.as_str()).unwrap_or("migration failed").to_string());
         (Response { ok, error, outcome: Some(outcome), summary: Some(summary), ..Response::ok() }, end)

@@ -38,6 +38,8 @@ pub const PAGE_MAGIC: u64 = 0x574d_4750_4147_4530;
 pub const DISK_MAGIC: u64 = 0x574d_4744_4953_4b30;
 /// Word 0 of the status page.
 pub const STATUS_MAGIC: u64 = 0x574d_4753_5441_5431;
+/// Stride of scattered disk writes (`disk_scatter`).
+pub const DISK_SCATTER_STRIDE: u64 = 40503;
 /// Phase: stamping done, working set and disk writer running.
 pub const PHASE_RUNNING: u64 = 2;
 const PAGE: u64 = 4096;
@@ -46,6 +48,9 @@ const BLOCK: usize = 4096;
 /// The guest's command line for `cfg`.
 pub fn cmdline(cfg: &TestGuestConfig) -> String {
     let mut s = format!("ws_mib={} disk_kib={} disk_mib={}", cfg.ws_mib, cfg.disk_kib, cfg.disk_mib);
+    if cfg.disk_scatter {
+        s.push_str(" disk_scatter=1");
+    }
     if cfg.flat_out {
         s.push_str(" rate_mib=max");
     } else {
@@ -77,6 +82,8 @@ pub struct GuestStatus {
     pub ticks: u64,
     /// Address of the first mismatch.
     pub first_error_gpa: u64,
+    /// Write `seq` goes to block `seq * disk_stride % disk_blocks`.
+    pub disk_stride: u64,
 }
 
 /// What the oracle found wrong.
@@ -154,7 +161,7 @@ pub enum OracleError {
 
 /// Reads the status page from guest memory.
 pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
-    let mut w = [0u64; 11];
+    let mut w = [0u64; 12];
     for (i, word) in w.iter_mut().enumerate() {
         *word = mem.read_obj(GuestAddress(STATUS_GPA + 8 * i as u64)).map_err(|_| OracleError::NoStatus(0))?;
     }
@@ -172,6 +179,7 @@ pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
         errors: w[8],
         ticks: w[9],
         first_error_gpa: w[10],
+        disk_stride: w[11],
     })
 }
 
@@ -242,14 +250,31 @@ pub fn check_memory(mem: &GuestMem, regions: &[(GuestAddress, u64)]) -> Result<M
     Ok(MemoryReport { status, generation, pages_checked })
 }
 
+/// The block written by write `seq`.
+pub fn block_of(seq: u64, blocks: u64, stride: u64) -> u64 {
+    (u128::from(seq) * u128::from(stride) % u128::from(blocks)) as u64
+}
+
+/// `a`⁻¹ mod `n`, if `a` and `n` are coprime.
+fn inverse_mod(a: u64, n: u64) -> Option<u64> {
+    let (mut r0, mut r1) = (i128::from(n), i128::from(a));
+    let (mut t0, mut t1) = (0i128, 1i128);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    (r0 == 1).then(|| t0.rem_euclid(i128::from(n)) as u64)
+}
+
 /// The 4 KiB block that write number `seq` leaves at block `seq % blocks`.
-pub fn disk_block(seq: u64, blocks: u64) -> [u8; BLOCK] {
+pub fn disk_block(seq: u64, blocks: u64, stride: u64) -> [u8; BLOCK] {
     let mut b = [0u8; BLOCK];
     for (i, w) in b.chunks_exact_mut(8).enumerate() {
         let v = match i {
             0 => DISK_MAGIC,
             1 => seq,
-            2 => seq % blocks,
+            2 => block_of(seq, blocks, stride),
             _ => DISK_MAGIC ^ (seq << 16) ^ i as u64,
         };
         w.copy_from_slice(&v.to_le_bytes());
@@ -262,18 +287,28 @@ pub fn disk_block(seq: u64, blocks: u64) -> [u8; BLOCK] {
 /// Returns the number of writes it holds.
 pub fn check_disk(image: &[u8], status: &GuestStatus) -> Result<u64, OracleError> {
     let n = status.disk_blocks;
+    if n == 0 {
+        // The guest writes no disk.
+        return Ok(status.disk_done);
+    }
+    let stride = status.disk_stride.max(1);
+    // Block b is written by the writes seq = first(b) (mod n).
+    let inverse = inverse_mod(stride % n.max(1), n).ok_or(OracleError::Disk { block: 0, done: status.disk_done })?;
+    let first = |block: u64| (u128::from(block) * u128::from(inverse) % u128::from(n)) as u64;
     let need = n * BLOCK as u64;
     if (image.len() as u64) < need {
         return Err(OracleError::DiskTooSmall { len: image.len() as u64, need });
     }
     let expect = |writes: u64, block: u64| -> Option<[u8; BLOCK]> {
         // The last write to `block` among 0..writes.
-        (writes > block).then(|| disk_block(block + (writes - 1 - block) / n * n, n))
+        let k = first(block);
+        (writes > k).then(|| disk_block(k + (writes - 1 - k) / n * n, n, stride))
     };
     let matches = |writes: u64| -> Result<(), u64> {
-        for (block, data) in image.chunks(BLOCK).enumerate() {
+        // Past the region, the image is not the guest's to check.
+        for (block, data) in image.chunks(BLOCK).take(n as usize).enumerate() {
             let block = block as u64;
-            let ok = match (block < n).then(|| expect(writes, block)).flatten() {
+            let ok = match expect(writes, block) {
                 Some(e) => data == e.as_slice(),
                 None => data.iter().all(|&b| b == 0),
             };
@@ -330,16 +365,37 @@ mod tests {
             errors: 0,
             ticks: 0,
             first_error_gpa: 0,
+            disk_stride: 1,
         }
     }
 
     fn written(writes: u64, blocks: u64, len: usize) -> Vec<u8> {
+        written_with(writes, blocks, 1, len)
+    }
+
+    fn written_with(writes: u64, blocks: u64, stride: u64, len: usize) -> Vec<u8> {
         let mut img = vec![0u8; len];
         for seq in 0..writes {
-            let b = (seq % blocks) as usize;
-            img[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(seq, blocks));
+            let b = block_of(seq, blocks, stride) as usize;
+            img[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(seq, blocks, stride));
         }
         img
+    }
+
+    #[test]
+    fn scattered_writes_check_like_ordered_ones() {
+        let (blocks, stride) = (256, DISK_SCATTER_STRIDE);
+        for writes in [0, 1, 100, 255, 256, 700] {
+            let img = written_with(writes, blocks, stride, blocks as usize * BLOCK);
+            let s = GuestStatus { disk_stride: stride, ..status(writes, blocks) };
+            assert_eq!(check_disk(&img, &s), Ok(writes), "{writes} writes");
+            if writes > 3 {
+                // Read as ordered writes, the same image is wrong.
+                assert!(check_disk(&img, &status(writes, blocks)).is_err());
+            }
+        }
+        assert_eq!(inverse_mod(3, 7), Some(5));
+        assert_eq!(inverse_mod(4, 8), None);
     }
 
     #[test]
@@ -349,10 +405,15 @@ mod tests {
         assert_eq!(check_disk(&img, &status(10, 4)), Ok(11));
         assert!(matches!(check_disk(&img, &status(9, 4)), Err(OracleError::Disk { .. })));
         assert!(matches!(check_disk(&img, &status(12, 4)), Err(OracleError::Disk { .. })));
-        let mut stray = img.clone();
-        stray[6 * BLOCK + 5] = 1;
-        assert!(matches!(check_disk(&stray, &status(11, 4)), Err(OracleError::Disk { block: 6, .. })));
+        let mut stray = written(3, 4, 8 * BLOCK);
+        stray[3 * BLOCK + 5] = 1;
+        assert!(matches!(check_disk(&stray, &status(3, 4)), Err(OracleError::Disk { block: 3, .. })));
+        // Past the region, the image is not the guest's.
+        let mut other = img.clone();
+        other[6 * BLOCK + 5] = 1;
+        assert_eq!(check_disk(&other, &status(11, 4)), Ok(11));
         assert!(matches!(check_disk(&img[..BLOCK], &status(11, 4)), Err(OracleError::DiskTooSmall { .. })));
+        assert_eq!(check_disk(&img, &status(0, 0)), Ok(0), "no disk writer, nothing to check");
     }
 }
 

@@ -346,6 +346,14 @@ impl Vm {
         &self.config
     }
 
+    /// Records that the disk images now live at `paths` (renamed while
+    /// open, as a received VM's images are after the commit).
+    pub fn set_disk_paths(&mut self, paths: &[std::path::PathBuf]) {
+        for (d, p) in self.config.disks.iter_mut().zip(paths) {
+            d.path = p.clone();
+        }
+    }
+
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram

@@ -12,11 +12,15 @@
  * and the sum of word 1 over it is `steps` or `steps + 1` (the page is
  * written just before the step is counted).
  *
- * Disk: write number `seq` (0, 1, 2, ...) goes to block seq % disk_blocks
- * (4 KiB blocks from sector 0); word i of the block is
+ * Disk: write number `seq` (0, 1, 2, ...) goes to block
+ * (seq * disk_stride) % disk_blocks (4 KiB blocks from sector 0; the stride
+ * is 1, or with disk_scatter=1 a prime that spreads consecutive writes over
+ * the region while still writing every block once per disk_blocks writes);
+ * word i of the block is
  *   i == 0: DISK_MAGIC, i == 1: seq, i == 2: block index,
  *   i >= 3: DISK_MAGIC ^ (seq << 16) ^ i
- * Blocks never written stay zero.
+ * Blocks never written stay zero; blocks past the region are not the
+ * guest's (the oracle ignores them).
  */
 #ifndef WANMIG_TESTGUEST_ABI_H
 #define WANMIG_TESTGUEST_ABI_H
@@ -26,6 +30,9 @@
 #define PAGE_MAGIC 0x574d475041474530ull   /* "WMGPAGE0" */
 #define DISK_MAGIC 0x574d474449534b30ull   /* "WMGDISK0" */
 #define STATUS_MAGIC 0x574d475354415431ull /* "WMGSTAT1" */
+
+/* The stride of scattered disk writes. */
+#define DISK_SCATTER_STRIDE 40503ull
 
 #define PHASE_BOOT 0
 #define PHASE_STAMPING 1
@@ -49,6 +56,7 @@ struct guest_status {
     unsigned long long errors;
     unsigned long long ticks;
     unsigned long long first_error_gpa;
+    unsigned long long disk_stride;
 };
 
 #endif

@@ -13,6 +13,7 @@
  *   rate_mib=N|max working-set dirtying rate in MiB/s (default 0 = idle)
  *   disk_kib=N     disk write rate in KiB/s (default 0 = no disk writes)
  *   disk_mib=N     size of the disk region written, MiB (default 1)
+ *   disk_scatter=1 scatter the writes over the region (see abi.h)
  *   mmio=ADDR mmio_stride=N mmio_count=N   virtio-mmio window to probe
  *
  * Built freestanding, 64-bit, general registers only: the software KVM
@@ -115,7 +116,7 @@ static void interrupts_init(void) {
 
 struct params {
     uint64_t ws_mib, rate_mib, disk_kib, disk_mib, mmio, mmio_stride, mmio_count;
-    int flat_out;
+    int flat_out, disk_scatter;
 };
 
 static int streq_prefix(const char *s, const char *key, const char **val) {
@@ -151,6 +152,7 @@ static void parse_cmdline(const char *s, struct params *p) {
         }
         else if (streq_prefix(s, "disk_kib", &v)) p->disk_kib = parse_num(v);
         else if (streq_prefix(s, "disk_mib", &v)) p->disk_mib = parse_num(v);
+        else if (streq_prefix(s, "disk_scatter", &v)) p->disk_scatter = parse_num(v) != 0;
         else if (streq_prefix(s, "mmio", &v)) p->mmio = parse_num(v);
         else if (streq_prefix(s, "mmio_stride", &v)) p->mmio_stride = parse_num(v);
         else if (streq_prefix(s, "mmio_count", &v)) p->mmio_count = parse_num(v);
@@ -230,6 +232,7 @@ static int blk_probe(const struct params *p) {
         uint64_t blocks = sectors / 8;
         uint64_t want = p->disk_mib * 256;
         status.disk_blocks = want < blocks ? want : blocks;
+        status.disk_stride = p->disk_scatter && status.disk_blocks % DISK_SCATTER_STRIDE ? DISK_SCATTER_STRIDE : 1;
         puts("wanmig-testguest: virtio-blk at "); putx(b);
         puts(" sectors="); putu(sectors); puts("\n");
         return 1;
@@ -237,9 +240,9 @@ static int blk_probe(const struct params *p) {
     return 0;
 }
 
-/* Writes block seq % disk_blocks for write number seq; returns 0 on success. */
+/* Writes the block of write number seq (see abi.h); returns 0 on success. */
 static int blk_write_seq(uint64_t seq) {
-    uint64_t block = seq % status.disk_blocks;
+    uint64_t block = seq * status.disk_stride % status.disk_blocks;
     blk_buf[0] = DISK_MAGIC;
     blk_buf[1] = seq;
     blk_buf[2] = block;
@@ -310,7 +313,7 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     if (magic != 0x2BADB002) { puts("wanmig-testguest: not started by a multiboot loader\n"); return; }
     const struct mb_info *mb = (const struct mb_info *)(uint64_t)info_addr;
 
-    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0 };
+    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0 };
     if (mb->flags & (1u << 2)) parse_cmdline((const char *)(uint64_t)mb->cmdline, &p);
 
     status.phase = PHASE_STAMPING;

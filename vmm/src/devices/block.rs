@@ -32,24 +32,77 @@ pub const WRITE_LOG_GRANULE: usize = 4096;
 /// Largest piece copied between guest memory and the file at once.
 const IO_CHUNK: usize = 64 * 1024;
 
-/// Extents of the image the guest wrote, one bit per 4 KiB, get-and-clear.
+/// Extents of the image the guest wrote, one bit per 4 KiB, get-and-clear;
+/// and the guest's disk write throttle, which a migration sets when the
+/// guest writes faster than the link carries (Bradford et al., VEE'07).
 #[derive(Debug)]
-pub struct DiskWriteLog(AtomicBitmap);
+pub struct DiskWriteLog {
+    bits: AtomicBitmap,
+    limit: std::sync::Mutex<Option<Pacer>>,
+}
+
+/// A token bucket for guest writes.
+#[derive(Debug)]
+struct Pacer {
+    bytes_per_sec: f64,
+    /// Bytes that may still be written now (negative: owed).
+    credit: f64,
+    last: std::time::Instant,
+}
+
+/// Longest a single write request is held back: a throttled guest keeps
+/// its vCPU responsive to pause requests.
+const MAX_PACE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl DiskWriteLog {
     fn new(bytes: u64) -> Self {
         let len = usize::try_from(bytes).expect("image sizes fit usize on 64-bit hosts");
-        DiskWriteLog(AtomicBitmap::new(len.max(1), std::num::NonZeroUsize::new(WRITE_LOG_GRANULE).expect("non-zero")))
+        let granule = std::num::NonZeroUsize::new(WRITE_LOG_GRANULE).expect("non-zero");
+        DiskWriteLog { bits: AtomicBitmap::new(len.max(1), granule), limit: std::sync::Mutex::new(None) }
     }
 
     fn record(&self, offset: u64, len: usize) {
-        self.0.set_addr_range(offset as usize, len);
+        self.bits.set_addr_range(offset as usize, len);
     }
 
     /// Takes the bitmap (bit i = bytes `[i * 4096, (i + 1) * 4096)` written)
     /// and clears it.
     pub fn take(&self) -> Vec<u64> {
-        self.0.get_and_reset()
+        self.bits.get_and_reset()
+    }
+
+    /// Caps the guest's write rate to this disk (`None`: no cap).
+    pub fn set_write_limit(&self, bytes_per_sec: Option<u64>) {
+        let mut l = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+        *l = bytes_per_sec.map(|r| Pacer {
+            bytes_per_sec: r.max(4096) as f64,
+            credit: 0.0,
+            last: std::time::Instant::now(),
+        });
+    }
+
+    /// The cap, bytes/s.
+    pub fn write_limit(&self) -> Option<u64> {
+        self.limit.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|p| p.bytes_per_sec as u64)
+    }
+
+    /// Charges a write of `n` bytes; sleeps while the guest is over its cap.
+    fn pace(&self, n: usize) {
+        let wait = {
+            let mut l = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = l.as_mut() else { return };
+            let now = std::time::Instant::now();
+            // At most a tenth of a second of credit banks up.
+            p.credit =
+                (p.credit + now.duration_since(p.last).as_secs_f64() * p.bytes_per_sec).min(p.bytes_per_sec / 10.0);
+            p.last = now;
+            p.credit -= n as f64;
+            if p.credit >= 0.0 {
+                return;
+            }
+            std::time::Duration::from_secs_f64(-p.credit / p.bytes_per_sec).min(MAX_PACE_WAIT)
+        };
+        std::thread::sleep(wait);
     }
 }
 
@@ -198,10 +251,14 @@ impl Block {
             while done < d.len as usize {
                 let n = (d.len as usize - done).min(IO_CHUNK);
                 mem.read_slice(&mut self.buf[..n], d.addr.unchecked_add(done as u64)).map_err(|_| ())?;
-                // Record before writing: a harvest racing with this write
-                // then re-sends the extent rather than missing it.
-                self.log.record(offset, n);
+                self.log.pace(n);
                 self.file.write_all_at(&self.buf[..n], offset).map_err(|_| ())?;
+                // Record after writing: a migration takes the log, then
+                // reads what it marks. Taken between the write and this
+                // record, the read already sees the new bytes and the next
+                // round sends them again; recorded first, a take between the
+                // two would read the old bytes and lose the write.
+                self.log.record(offset, n);
                 done += n;
                 offset += n as u64;
             }
