@@ -9,6 +9,10 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 command -v ld >/dev/null && command -v objcopy >/dev/null || need_apt+=(binutils)
 # QEMU boots the test guest in a test that checks it is a standard kernel.
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# The rocksdb crate compiles RocksDB (C++) and generates its bindings with
+# bindgen, which needs libclang.
+command -v g++ >/dev/null || need_apt+=(g++)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"

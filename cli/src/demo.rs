@@ -150,11 +150,10 @@ fn migrate(dir: &Path, config: &Path, disk: &Path) -> Result<()> {
     let before = source.wait_for("the guest to make progress", Duration::from_secs(60), |g| g.ticks >= 100)?;
     println!("demo:    running: {} working-set steps, {} disk writes", before.steps, before.disk_done);
 
-    println!("demo: 2. starting a destination process (wanmig receive) on loopback");
+    println!("demo: 2. starting a destination process (wanmig receive) on loopback, with its own disk directory");
     let dst_dir = dir.join("dst");
     let mut receiver = wanmig()?
-        .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks"])
-        .arg(dir)
+        .args(["receive", "--listen", "127.0.0.1:0"])
         .arg("--identity")
         .arg(dir.join("dst-id"))
         .args(["--peer", &src_id, "--dir"])
@@ -187,7 +186,9 @@ fn migrate(dir: &Path, config: &Path, disk: &Path) -> Result<()> {
     );
     let snap = dir.join("after");
     destination.snapshot_and_stop(&snap)?;
-    println!("demo:    saved there and checked: {}", verify(&snap, Some(disk))?);
+    // The guest writes its disk at the destination now: its own copy.
+    let copied = dst_dir.join(disk.file_name().context("the disk has a file name")?);
+    println!("demo:    saved there and checked (disk {}): {}", copied.display(), verify(&snap, Some(&copied))?);
     drop(source);
     println!("demo: done");
     Ok(())

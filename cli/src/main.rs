@@ -98,12 +98,18 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Wait for one incoming live migration, then run the VM.
+    /// Wait for one incoming live migration, then run the VM (disk syncs
+    /// that arrive first are kept as replicas, and it goes on waiting).
     Receive(migration::ReceiveArgs),
-    /// Live-migrate the VM of vm.toml to a destination running `wanmig receive`.
-    /// Exit status: 0 migrated, 1 failed (the VM still runs here), 3 in doubt
-    /// (the VM is paused here), 2 bad usage.
+    /// Live-migrate the VM of vm.toml, with its disks, to a destination
+    /// running `wanmig receive`. Exit status: 0 migrated, 1 failed (the VM
+    /// still runs here), 3 in doubt (the VM is paused here), 2 bad usage.
     Send(migration::SendArgs),
+    /// Copy the disks of the VM of vm.toml to a destination's chunk store
+    /// and a verified replica image, while the VM keeps running here (it
+    /// pauses only for the final consistent sync). A later `send` to the
+    /// same destination then moves only what changed since.
+    Sync(migration::SendArgs),
     /// Boot the test guest, live-migrate it to a second process over
     /// loopback QUIC, and check it there with its oracle.
     Demo {
@@ -218,7 +224,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Keygen { dir, name } => migration::keygen(&dir, &name),
         Command::Fingerprint { dir } => migration::fingerprint(&dir),
         Command::Receive(args) => migration::receive(args),
-        Command::Send(args) => migration::send(args),
+        Command::Send(args) => migration::send(args, false),
+        Command::Sync(args) => migration::send(args, true),
     }
 }
 

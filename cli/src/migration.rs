@@ -1,4 +1,4 @@
-//! `wanmig keygen`, `receive` and `send`.
+//! `wanmig keygen`, `receive`, `send` and `sync`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -87,10 +87,23 @@ pub struct ReceiveArgs {
     #[arg(long, default_value = ".")]
     dir: PathBuf,
     /// Open the source's disk images at the same paths, which must lie
-    /// under this directory (storage both hosts see); without it, VMs with
-    /// disks are refused until block-sync.
-    #[arg(long, value_name = "DIR")]
+    /// under this directory (storage both hosts see), instead of copying them.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["disk_dir", "store"])]
     shared_disks: Option<PathBuf>,
+    /// Where copied disk images go (default: --dir). An image takes the
+    /// file name it has at the source; an existing file is never
+    /// overwritten unless it is a replica left by `wanmig sync`.
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    /// This host's chunk store (default: `DIR/chunks` of --dir): chunks it holds are
+    /// not sent again.
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Leave the received VM paused after the commit (resume it with the
+    /// control socket's `resume`), e.g. to inspect its disks as they were
+    /// at the source's pause.
+    #[arg(long)]
+    paused: bool,
     /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
     #[arg(long, value_parser = parse_bandwidth)]
     link_bandwidth: Option<u64>,
@@ -108,6 +121,10 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         bail!("no --peer given: no source could ever migrate here");
     }
     std::fs::create_dir_all(&a.dir).with_context(|| format!("cannot create {}", a.dir.display()))?;
+    let dir = std::path::absolute(&a.dir)?;
+    let disk_dir = std::path::absolute(a.disk_dir.as_deref().unwrap_or(&dir))?;
+    std::fs::create_dir_all(&disk_dir).with_context(|| format!("cannot create {}", disk_dir.display()))?;
+    let store = std::path::absolute(a.store.unwrap_or_else(|| dir.join("chunks")))?;
     let mut tuning = LinkTuning::default();
     if let Some(b) = a.link_bandwidth {
         tuning.bandwidth_bps = b;
@@ -119,8 +136,11 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         listen,
         identity,
         peers,
-        dir: std::path::absolute(&a.dir)?,
+        dir,
         shared_disks: a.shared_disks,
+        disk_dir,
+        store,
+        paused: a.paused,
         tuning,
     };
     let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))
@@ -168,6 +188,10 @@ pub struct SendArgs {
     /// Expected round-trip time, for flow-control windows.
     #[arg(long, value_parser = parse_duration)]
     rtt: Option<Duration>,
+    /// Keep every chunk of the VM's disks in this host's chunk store in
+    /// DIR, so that a later move back here sends only what changed.
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
     /// Print the outcome and summary as JSON instead of progress and text.
     #[arg(long)]
     json: bool,
@@ -177,8 +201,9 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / 1048576.0)
 }
 
-/// `wanmig send`: asks the process running the VM to migrate it.
-pub fn send(a: SendArgs) -> Result<ExitCode> {
+/// `wanmig send` (or, with `sync`, `wanmig sync`): asks the process running
+/// the VM to migrate it (or to copy its disks to the destination).
+pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
     // Fail fast, here, on what the VM process would refuse anyway.
     a.peer.parse::<Fingerprint>()?;
@@ -197,6 +222,8 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
             timeout_s: a.timeout.as_secs().max(1),
             link_bandwidth_bps: a.link_bandwidth,
             rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
+            store: a.store.as_deref().map(std::path::absolute).transpose()?,
+            sync,
         },
     };
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
@@ -221,6 +248,27 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
                     left / link
                 )
             }
+            Some("disk") => {
+                let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                if p.get("phase").and_then(|v| v.as_str()) == Some("copy") {
+                    let (done, total) = (f("bytes_done"), f("bytes_total").max(1.0));
+                    format!(
+                        "disk copy {:.0}% | {} of {} | {} chunks sent, {} already there | {}/s",
+                        100.0 * done / total,
+                        mib(done),
+                        mib(total),
+                        f("chunks_sent"),
+                        f("chunks_present"),
+                        mib(done / f("elapsed_s").max(1e-3))
+                    )
+                } else {
+                    format!(
+                        "disk round: {} of written blocks sent, {} written meanwhile",
+                        mib(f("bytes_done")),
+                        mib(f("bytes_total"))
+                    )
+                }
+            }
             Some("stop_and_copy") => "stop-and-copy: guest paused".to_string(),
             Some("committing") => "committing".to_string(),
             _ => p.to_string(),
@@ -239,6 +287,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
         MigrateOutcome::Migrated => ExitCode::SUCCESS,
         MigrateOutcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
         MigrateOutcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
+        MigrateOutcome::Synced => ExitCode::SUCCESS,
     })
 }
 
@@ -247,6 +296,7 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
     let b = |k: &str| s.get("bytes").and_then(|v| v.get(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
     match outcome {
         MigrateOutcome::Migrated => println!("migrated: the VM runs at the destination"),
+        MigrateOutcome::Synced => println!("synced: the destination holds a verified replica; the VM runs here"),
         MigrateOutcome::FailedSourceRunning => println!(
             "FAILED, the VM still runs here: {}",
             s.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")
@@ -279,6 +329,31 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
         mib(f("memory_bytes")),
         mib(f("effective_rate"))
     );
+    if let Some(d) = s.get("disk").filter(|d| d.is_object()) {
+        let g = |k: &str| d.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        println!(
+            "  disks: {} in {} disk(s), {} on the wire; {} chunks: {} sent ({}), {} already there, {} zero; dedup {:.1}x",
+            mib(g("image_bytes")),
+            g("disks"),
+            mib(b("disk")),
+            g("chunks"),
+            g("chunks_sent"),
+            mib(g("chunk_bytes_sent")),
+            g("chunks_present"),
+            g("zero_chunks"),
+            g("dedup_ratio"),
+        );
+        println!(
+            "  disk writes re-sent: {} ({} inside the downtime); first copy {:.2} s{}",
+            mib(g("extent_bytes")),
+            mib(g("final_bytes")),
+            g("first_copy_ms") / 1e3,
+            d.get("write_limit")
+                .and_then(|v| v.as_f64())
+                .map(|l| format!("; guest disk writes throttled down to {}/s", mib(l)))
+                .unwrap_or_default()
+        );
+    }
     if let Some(rounds) = s.get("per_round").and_then(|r| r.as_array()) {
         let wws: Vec<String> = rounds
             .iter()

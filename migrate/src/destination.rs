@@ -1,14 +1,17 @@
 //! The destination side: accept a pinned source, receive pages into fresh
-//! guest RAM, build the VM from the device state, say `Ready`, and run the
-//! VM only once `Commit` arrives. An attempt that fails before commit is
-//! discarded and the listener waits for the next one.
+//! guest RAM and the disks into new images (see `disk_dest.rs`),
+//! build the VM from the device state, say `Ready`, and run the VM only
+//! once `Commit` arrives. An attempt that fails before commit is discarded
+//! and the listener waits for the next one; so does a completed `sync`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
+use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::{PAGE_SIZE, compress, xbzrle};
 use wanmig_transport::{Conn, Fingerprint, FrameReceiver, Identity, LinkTuning, Listener, TransportError};
 use wanmig_vmm::config::{DiskConfig, SerialOutput, VmConfig};
@@ -16,7 +19,9 @@ use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::GuestRam;
 use wanmig_vmm::snapshot::VmState;
 use wanmig_vmm::{Vm, VmError, layout};
-use wanmig_wire::{Destination, Message, PageData, Pages, ProtocolError, VmShape};
+use wanmig_wire::{ChunkParams, Destination, Message, PageData, Pages, ProtocolError, VmShape, features};
+
+use crate::disk_dest::{self, DestDisks};
 
 /// How to receive.
 #[derive(Debug)]
@@ -30,8 +35,14 @@ pub struct ReceiveOptions {
     /// Where the received VM's control socket and console log go.
     pub dir: PathBuf,
     /// Use the source's disk images at their paths, which must lie under
-    /// this directory (storage both hosts see). `None`: refuse VMs with disks.
+    /// this directory (storage both hosts see) instead of copying them.
     pub shared_disks: Option<PathBuf>,
+    /// Where copied disk images go.
+    pub disk_dir: PathBuf,
+    /// This host's chunk store (created if missing).
+    pub store: PathBuf,
+    /// Leave the VM paused after the commit.
+    pub paused: bool,
     /// Window sizing.
     pub tuning: LinkTuning,
 }
@@ -63,6 +74,9 @@ pub enum ReceiveError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    /// A disk image or the chunk store failed here.
+    #[error("disk: {0}")]
+    Disk(String),
 }
 
 /// A VM received and running.
@@ -87,6 +101,13 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
         .enable_all()
         .build()
         .map_err(ReceiveError::Runtime)?;
+    let store = match &opts.shared_disks {
+        Some(_) => None,
+        None => Some(Arc::new(
+            ChunkStore::open(&opts.store)
+                .map_err(|e| ReceiveError::Disk(format!("chunk store: {}", error_chain(&e))))?,
+        )),
+    };
     let result = rt.block_on(async {
         let mut listener = Listener::bind(opts.listen, &opts.identity, &opts.peers, opts.tuning)
             .map_err(ReceiveError::Listen)?;
@@ -98,8 +119,9 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
                     let Some(conn) = conn else { return Err(ReceiveError::Listen(TransportError::Lost("listener closed".into()))) };
                     let peer = conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
                     log(format!("incoming migration from {peer}"));
-                    match receive_one(conn, opts, log).await {
-                        Ok(r) => return Ok(r),
+                    match receive_one(conn, opts, store.clone(), log).await {
+                        Ok(Some(r)) => return Ok(r),
+                        Ok(None) => log(format!("disks synced from {peer}; waiting for the next session")),
                         Err(e) => log(format!("migration from {peer} failed, discarded: {}", error_chain(&e))),
                     }
                 }
@@ -125,8 +147,10 @@ fn failpoint(name: &str) {
     }
 }
 
-/// The host configuration for an incoming VM, or why it cannot be hosted.
-fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, String> {
+/// The host configuration for an incoming VM, or why it cannot be hosted;
+/// with copied disks, also where each image goes once committed (the
+/// configuration names the incoming images until then).
+fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<(VmConfig, Vec<PathBuf>), String> {
     let total = shape.memory.iter().try_fold(0u64, |acc, (_, l)| acc.checked_add(*l)).ok_or("memory size overflows")?;
     if total % (1 << 20) != 0 {
         return Err(format!("memory of {total} bytes is not whole MiB"));
@@ -146,11 +170,16 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, Strin
         return Err("the VM name has characters this host does not accept".into());
     }
     let mut disks = Vec::new();
+    let mut finals = Vec::new();
     for d in &shape.disks {
         let Some(shared) = &opts.shared_disks else {
-            return Err("the VM has disks; disk migration (block-sync) is not built yet: \
-                        receive with --shared-disks DIR when both hosts see the same images under DIR"
-                .into());
+            let path = disk_dest::image_path(&opts.disk_dir, d)?;
+            if finals.contains(&path) {
+                return Err(format!("two disks would both be {}", path.display()));
+            }
+            disks.push(DiskConfig { path: disk_dest::with_suffix(&path, disk_dest::INCOMING), read_only: false });
+            finals.push(path);
+            continue;
         };
         // A source names the path: hold it to the shared directory, after
         // resolving links and `..`, so it cannot open any file here.
@@ -167,15 +196,18 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<VmConfig, Strin
         }
         disks.push(DiskConfig { path: d.path.clone().into(), read_only: false });
     }
-    Ok(VmConfig {
-        name: shape.name.clone(),
-        memory_mib,
-        vcpus: shape.vcpus,
-        control_socket: opts.dir.join(format!("wanmig-{}.sock", shape.name)),
-        serial: SerialOutput::File(opts.dir.join(format!("{}.serial.log", shape.name))),
-        guest: None,
-        disks,
-    })
+    Ok((
+        VmConfig {
+            name: shape.name.clone(),
+            memory_mib,
+            vcpus: shape.vcpus,
+            control_socket: opts.dir.join(format!("wanmig-{}.sock", shape.name)),
+            serial: SerialOutput::File(opts.dir.join(format!("{}.serial.log", shape.name))),
+            guest: None,
+            disks,
+        },
+        finals,
+    ))
 }
 
 /// Applies a batch to guest RAM, checking every address.
@@ -201,7 +233,7 @@ fn apply(ram: &GuestRam, pages: &Pages, counts: &mut HashMap<u32, u64>) -> Resul
 
 /// What a bulk-stream message amounted to.
 enum Bulk {
-    /// Pages applied.
+    /// Data applied.
     Applied,
     /// A round is complete and applied: tell the source.
     RoundDone(u32),
@@ -209,30 +241,58 @@ enum Bulk {
     End,
 }
 
-/// What the destination keeps while pages arrive.
-struct Incoming<'a> {
-    ram: &'a GuestRam,
+/// What the destination keeps while data arrive.
+struct Incoming {
+    /// Guest RAM (none for a disk-only sync).
+    ram: Option<GuestRam>,
     /// Pages received per round, checked against each `RoundDone`.
     counts: HashMap<u32, u64>,
     /// The decoder of the source's zstd stream.
     zstd: compress::StreamDecompressor,
+    /// The disks being copied.
+    disks: Option<DestDisks>,
 }
 
-fn on_bulk(msg: Option<Message>, inc: &mut Incoming<'_>) -> Result<Bulk, ReceiveError> {
-    let (ram, counts) = (inc.ram, &mut inc.counts);
+impl Incoming {
+    fn disks(&mut self, what: &str) -> Result<&mut DestDisks, ReceiveError> {
+        self.disks.as_mut().ok_or_else(|| ReceiveError::BadInput(format!("{what}, but no disk is being copied")))
+    }
+
+    fn on_data(&mut self, msg: Message) -> Result<Bulk, ReceiveError> {
+        match msg {
+            Message::Pages(p) => {
+                let ram =
+                    self.ram.as_ref().ok_or_else(|| ReceiveError::BadInput("pages in a disk-only sync".into()))?;
+                apply(ram, &p, &mut self.counts)?;
+            }
+            Message::DiskChunk(c) => self.disks("a chunk")?.on_chunk(&c)?,
+            Message::DiskWrites(w) => self.disks("written extents")?.on_writes(&w)?,
+            m => return Err(ReceiveError::BadInput(format!("{} inside a compressed frame", m.name()))),
+        }
+        Ok(Bulk::Applied)
+    }
+}
+
+fn on_bulk(msg: Option<Message>, inc: &mut Incoming) -> Result<Bulk, ReceiveError> {
     match msg {
         None => Ok(Bulk::End),
-        Some(Message::Pages(p)) => apply(ram, &p, counts).map(|()| Bulk::Applied),
+        Some(m @ (Message::Pages(_) | Message::DiskChunk(_) | Message::DiskWrites(_))) => inc.on_data(m),
         Some(Message::Compressed { raw_len, data }) => {
             let body =
                 inc.zstd.decompress(&data, raw_len as usize).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
-            let p = Message::decode_pages_body(body).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
-            apply(ram, &p, counts).map(|()| Bulk::Applied)
+            let m = Message::decode_compressed_body(body).map_err(|e| ReceiveError::BadInput(e.to_string()))?;
+            inc.on_data(m)
         }
+        Some(Message::DiskDone(d)) => inc.disks("a disk digest")?.on_done(&d).map(|()| Bulk::Applied),
         Some(Message::RoundDone { round, pages }) => {
-            let got = counts.get(&round).copied().unwrap_or(0);
+            let got = inc.counts.get(&round).copied().unwrap_or(0);
             if got != pages {
                 return Err(ReceiveError::BadInput(format!("round {round}: {pages} pages announced, {got} received")));
+            }
+            // Hash what the round wrote now, so the check before Ready
+            // reads only what the stop-and-copy writes.
+            if let Some(d) = &mut inc.disks {
+                d.refresh()?;
             }
             Ok(Bulk::RoundDone(round))
         }
@@ -240,11 +300,33 @@ fn on_bulk(msg: Option<Message>, inc: &mut Incoming<'_>) -> Result<Bulk, Receive
     }
 }
 
+/// The chunking this host's store was filled with, or (for a new store)
+/// the source's proposal, which it keeps from now on.
+fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<ChunkParams, ReceiveError> {
+    let err = |e: wanmig_dedup::StoreError| ReceiveError::Disk(format!("chunk store: {e}"));
+    if let Some(v) = store.meta("chunking").map_err(err)? {
+        let n: Vec<u32> = v.split('/').filter_map(|x| x.parse().ok()).collect();
+        if let [min, avg, max] = n[..] {
+            let p = ChunkParams { min, avg, max };
+            if p.check().is_ok() {
+                return Ok(p);
+            }
+        }
+        return Err(ReceiveError::Disk(format!("chunk store: unreadable chunking parameters {v:?}")));
+    }
+    store.set_meta("chunking", &format!("{}/{}/{}", proposed.min, proposed.avg, proposed.max)).map_err(err)?;
+    Ok(proposed)
+}
+
+/// One session; `Some` with the VM when it was a migration, `None` after a
+/// completed sync. Before the commit, a failure removes what the attempt
+/// created and tells the source why.
 async fn receive_one(
     mut conn: Conn,
     opts: &ReceiveOptions,
+    store: Option<Arc<ChunkStore>>,
     log: &mut dyn FnMut(String),
-) -> Result<Received, ReceiveError> {
+) -> Result<Option<Received>, ReceiveError> {
     let (mut tx, mut rx) = conn.accept_control().await?;
     let hello = rx.recv_timeout(HELLO_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Hello".into()))?;
     let dst = match Destination::AwaitHello.on_message(&hello) {
@@ -260,10 +342,15 @@ async fn receive_one(
             return Err(ReceiveError::Refused(format!("{reason} ({e})")));
         }
     };
-    let Message::Hello { shape, .. } = &hello else {
+    let Message::Hello { shape, features: offered, chunking: proposed, .. } = &hello else {
         return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
     };
-    let config = match host_config(shape, opts) {
+    let sync = offered & features::SYNC_ONLY != 0;
+    let setup = match host_config(shape, opts) {
+        Ok(_) if sync && store.is_none() => Err("this host keeps no disk copies (it runs with --shared-disks)".into()),
+        other => other,
+    };
+    let (config, finals) = match setup {
         Ok(c) => c,
         Err(reason) => {
             let (_, refuse) = dst.refuse_vm(&reason)?;
@@ -271,20 +358,108 @@ async fn receive_one(
             return Err(ReceiveError::Refused(reason));
         }
     };
-    let ram = GuestRam::new(config.memory_bytes()).map_err(VmError::from)?;
-    let (mut dst, accept) = dst.accept()?;
-    let agreed = dst.features().unwrap_or(0);
+    let (local, params) = match &store {
+        Some(st) => (features::ALL, chunking(st, *proposed)?),
+        None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, *proposed),
+    };
+    let disks = match (&store, shape.disks.is_empty()) {
+        (Some(st), false) => Some(DestDisks::create(&shape.name, &shape.disks, &finals, st.clone())?),
+        _ => None,
+    };
+    let ram = if sync { None } else { Some(GuestRam::new(config.memory_bytes()).map_err(VmError::from)?) };
+    let (dst, accept) = dst.accept(local, params)?;
+    let mut inc = Incoming {
+        ram,
+        counts: HashMap::new(),
+        zstd: compress::StreamDecompressor::new().map_err(|e| ReceiveError::BadInput(format!("zstd: {e}")))?,
+        disks,
+    };
     tx.send(&accept).await?;
-    let mut bulk: FrameReceiver = conn.accept_bulk().await?;
-    let zstd = compress::StreamDecompressor::new().map_err(|e| ReceiveError::BadInput(format!("zstd: {e}")))?;
-    let mut incoming = Incoming { ram: &ram, counts: HashMap::new(), zstd };
+    let result = transfer(&mut conn, &mut tx, &mut rx, dst, &config, &mut inc, sync, log).await;
+    let disks = inc.disks.take();
+    drop(inc);
+    match result {
+        Err(e) => {
+            // Tell the source why (best effort), and leave nothing behind.
+            let _ = tx.send(&Message::Abort { reason: error_chain(&e) }).await;
+            let _ = tx.finish().await;
+            if let Some(d) = disks {
+                d.discard();
+            }
+            Err(e)
+        }
+        Ok((dst, ready_vm)) => {
+            let commit =
+                rx.recv_timeout(COMMIT_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Commit".into()));
+            let dst = commit.map_err(ReceiveError::from).and_then(|c| Ok(dst.on_message(&c)?));
+            let dst = match dst {
+                Ok(d) if d.owns_vm() => d,
+                Ok(Destination::Aborted(reason)) => {
+                    drop(disks);
+                    return Err(ReceiveError::Aborted(reason));
+                }
+                other => {
+                    drop(disks);
+                    return Err(other.err().unwrap_or(ReceiveError::BadInput("no commit".into())));
+                }
+            };
+            let _ = dst;
+            // Committed: the VM (or the replica) is ours, whatever happens
+            // to the acknowledgement.
+            let installed = match disks {
+                Some(d) => d.install(sync),
+                None => Ok(Vec::new()),
+            };
+            let Some((mut vm, control)) = ready_vm else {
+                installed?;
+                let _ = tx.send(&Message::CommitAck).await;
+                let _ = tx.finish().await;
+                return Ok(None);
+            };
+            match installed {
+                Ok(paths) if !paths.is_empty() => vm.set_disk_paths(&paths),
+                Ok(_) => {}
+                Err(e) => log(format!("the VM runs, but its disks keep their incoming names: {}", error_chain(&e))),
+            }
+            if !opts.paused {
+                vm.resume();
+            }
+            failpoint("receive-exit-before-commit-ack");
+            let _ = tx.send(&Message::CommitAck).await;
+            let _ = tx.finish().await;
+            let mut config = config;
+            config.disks = vm.config().disks.clone();
+            Ok(Some(Received { vm, config, control }))
+        }
+    }
+}
+
+/// From `Accept` to `Ready`: receives everything, checks it, builds the VM
+/// (none for a sync) and says `Ready`.
+#[allow(clippy::too_many_arguments)]
+async fn transfer(
+    conn: &mut Conn,
+    tx: &mut wanmig_transport::FrameSender,
+    rx: &mut FrameReceiver,
+    mut dst: Destination,
+    config: &VmConfig,
+    inc: &mut Incoming,
+    sync: bool,
+    log: &mut dyn FnMut(String),
+) -> Result<(Destination, Option<(Vm, std::os::unix::net::UnixListener)>), ReceiveError> {
+    let agreed = dst.features().unwrap_or(0);
+    // The bulk stream shows up with its first byte, which may come after
+    // manifests on the control stream have been answered: accept it while
+    // serving those.
+    let mut bulk: Option<FrameReceiver> = None;
     let mut bulk_open = true;
     let state = loop {
         tokio::select! {
-            m = bulk.recv(), if bulk_open => match on_bulk(m?, &mut incoming)? {
+            b = conn.accept_bulk(), if bulk.is_none() => bulk = Some(b?),
+            m = async { bulk.as_mut().expect("guarded").recv().await }, if bulk_open && bulk.is_some() => match on_bulk(m?, inc)? {
                 Bulk::Applied => {}
                 // Pre-copy rounds are acknowledged once applied, so the
-                // source measures the rate at which pages really land.
+                // source measures the rate at which data really land.
                 Bulk::RoundDone(round) => { tx.send(&Message::RoundApplied { round }).await?; }
                 Bulk::End => bulk_open = false,
             },
@@ -293,6 +468,10 @@ async fn receive_one(
                 dst = dst.on_message(&m)?;
                 match m {
                     Message::DeviceState { state } => break state,
+                    Message::DiskManifest(manifest) => {
+                        let need = inc.disks("a manifest")?.on_manifest(&manifest)?;
+                        tx.send(&Message::DiskNeed(need)).await?;
+                    }
                     _ => if let Destination::Aborted(reason) = &dst { return Err(ReceiveError::Aborted(reason.clone())) },
                 }
             }
@@ -300,40 +479,45 @@ async fn receive_one(
     };
     // The source ends the bulk stream after the last pages: drain it.
     let t_state = std::time::Instant::now();
+    let mut bulk = match bulk {
+        Some(b) => b,
+        None => conn.accept_bulk().await?,
+    };
     while bulk_open {
-        bulk_open = !matches!(on_bulk(bulk.recv().await?, &mut incoming)?, Bulk::End);
+        bulk_open = !matches!(on_bulk(bulk.recv().await?, inc)?, Bulk::End);
     }
     let drained = t_state.elapsed();
-    drop(incoming);
+    if let Some(d) = &inc.disks {
+        d.check_complete()?;
+    }
     failpoint("receive-exit-before-ready");
-    let state = if agreed & wanmig_wire::features::ZSTD != 0 {
+    if sync {
+        if !state.is_empty() {
+            return Err(ReceiveError::BadInput("a sync carried device state".into()));
+        }
+        let (dst, ready) = dst.ready()?;
+        tx.send(&ready).await?;
+        return Ok((dst, None));
+    }
+    let state = if agreed & features::ZSTD != 0 {
         let max = (wanmig_vmm::state::MAX_STATE_BYTES + 64) as usize;
         compress::decompress_blob(&state, max).map_err(|e| ReceiveError::BadInput(format!("device state: {e}")))?
     } else {
         state
     };
     let state: VmState = wanmig_vmm::state::decode(&state).map_err(|e| ReceiveError::BadInput(error_chain(&e)))?;
-    let mut vm = Vm::from_incoming(&config, ram, &state)?;
+    let ram = inc.ram.take().ok_or_else(|| ReceiveError::BadInput("no memory was received".into()))?;
+    let vm = Vm::from_incoming(config, ram, &state)?;
     // Everything that could stop us serving the VM fails here, before
     // Ready, where failing still resumes the source.
     let control = wanmig_vmm::control::bind(&config.control_socket)
         .map_err(|e| ReceiveError::Refused(format!("cannot serve the VM: {}", error_chain(&e))))?;
     log(format!(
-        "device state received; last pages applied {:.1} ms after it, VM built {:.1} ms after it",
+        "device state received; last data applied {:.1} ms after it, VM built {:.1} ms after it",
         drained.as_secs_f64() * 1e3,
         t_state.elapsed().as_secs_f64() * 1e3
     ));
     let (dst, ready) = dst.ready()?;
     tx.send(&ready).await?;
-    let commit = rx.recv_timeout(COMMIT_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Commit".into()))?;
-    let dst = dst.on_message(&commit)?;
-    if let Destination::Aborted(reason) = dst {
-        return Err(ReceiveError::Aborted(reason));
-    }
-    // Committed: the VM is ours, whatever happens to the acknowledgement.
-    vm.resume();
-    failpoint("receive-exit-before-commit-ack");
-    let _ = tx.send(&Message::CommitAck).await;
-    let _ = tx.finish().await;
-    Ok(Received { vm, config, control })
+    Ok((dst, Some((vm, control))))
 }

@@ -4,11 +4,16 @@
 //! - [`source::send`]: runs in the process that owns the VM (`wanmig run`),
 //!   reached through the control socket by `wanmig send`.
 //! - [`destination::receive`]: `wanmig receive`.
+//! - `disk_source.rs` / `disk_dest.rs`: the two halves of disk migration
+//!   (block-sync over the session: manifests, chunks, written extents, the
+//!   final digest), built from `wanmig-block-sync` and `wanmig-dedup`.
 //! - [`report`]: progress events and the final summary.
 //!
 //! The protocol and its commit rule are documented in `wanmig_wire::session`.
 
 pub mod destination;
+mod disk_dest;
+mod disk_source;
 pub mod report;
 pub mod source;
 
@@ -45,6 +50,9 @@ pub fn send_options(req: &MigrateRequest) -> Result<source::SendOptions, String>
         tuning,
         xbzrle_cache: wanmig_mem_sync::encode::DEFAULT_CACHE_BYTES,
         compress: true,
+        chunking: wanmig_wire::ChunkParams::DEFAULT,
+        store: req.store.clone(),
+        sync: req.sync,
     })
 }
 

@@ -32,6 +32,21 @@ pub enum Event {
         /// Seconds since the start.
         elapsed_s: f64,
     },
+    /// Disk copy progress.
+    Disk {
+        /// "copy" (the first copy) or "round" (written extents).
+        phase: String,
+        /// Image bytes copied (or extent bytes sent).
+        bytes_done: u64,
+        /// Image bytes in all (or extent bytes still pending).
+        bytes_total: u64,
+        /// Chunks sent so far.
+        chunks_sent: u64,
+        /// Chunks the destination already held.
+        chunks_present: u64,
+        /// Seconds since the disk copy began.
+        elapsed_s: f64,
+    },
     /// The guest is paused for the final copy.
     StopAndCopy {
         /// Pages to send.
@@ -56,6 +71,8 @@ pub struct WireBytes {
     pub pages_uncompressed: u64,
     /// vCPU and device state.
     pub state: u64,
+    /// Disk manifests, chunks, written extents and digests.
+    pub disk: u64,
     /// Everything, including control messages.
     pub total: u64,
 }
@@ -83,6 +100,10 @@ pub struct RoundStat {
     pub pages_sent: u64,
     /// Pages dirtied while it ran.
     pub dirty_pages: u64,
+    /// Disk bytes (written extents) sent.
+    pub disk_bytes: u64,
+    /// Disk bytes the guest wrote while it ran.
+    pub disk_dirty_bytes: u64,
     /// How long it took, ms.
     pub ms: f64,
 }
@@ -110,7 +131,44 @@ pub struct Summary {
     pub downtime_breakdown: DowntimeBreakdown,
     /// The writable working set, round by round.
     pub per_round: Vec<RoundStat>,
+    /// The disks, when they were copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStats>,
     /// Set when the migration failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// What the disk copy did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiskStats {
+    /// Disks copied.
+    pub disks: u32,
+    /// Their total size, bytes.
+    pub image_bytes: u64,
+    /// Chunks in the first copy.
+    pub chunks: u64,
+    /// All-zero chunks among them (never sent, left as holes).
+    pub zero_chunks: u64,
+    /// Non-zero chunk bytes.
+    pub data_bytes: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Chunks the destination already held.
+    pub chunks_present: u64,
+    /// Bytes of the chunks sent (before compression).
+    pub chunk_bytes_sent: u64,
+    /// Manifest bytes on the wire.
+    pub manifest_bytes: u64,
+    /// Written extents sent in later rounds and the final sync.
+    pub extent_bytes: u64,
+    /// Of those, sent inside the stop-and-copy.
+    pub final_bytes: u64,
+    /// Non-zero image bytes / chunk bytes sent.
+    pub dedup_ratio: f64,
+    /// The first copy, ms.
+    pub first_copy_ms: f64,
+    /// The lowest guest write cap applied, bytes/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_limit: Option<u64>,
 }

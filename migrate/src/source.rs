@@ -20,9 +20,11 @@ use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::{DirtyPages, RegionDirty};
 use wanmig_vmm::{Vm, VmError};
 use wanmig_wire::{
-    DiskInfo, FailureOutcome, Message, PageData, PageRef, PagesBuilder, ProtocolError, Source, VmShape, features,
+    ChunkParams, DiskInfo, FailureOutcome, Message, PageData, PageRef, PagesBuilder, ProtocolError, Source, VmShape,
+    features,
 };
 
+use crate::disk_source::DiskCopy;
 use crate::report::{Event, RoundStat, Summary, WireBytes};
 
 /// How to migrate.
@@ -49,6 +51,13 @@ pub struct SendOptions {
     pub xbzrle_cache: usize,
     /// zstd-compress page batches.
     pub compress: bool,
+    /// How to cut disk images (the destination may answer with its own).
+    pub chunking: ChunkParams,
+    /// This host's chunk store: keep every chunk of the disks there, so a
+    /// later move back here sends only what changed.
+    pub store: Option<std::path::PathBuf>,
+    /// Only copy the disks (`wanmig sync`); the VM keeps running here.
+    pub sync: bool,
 }
 
 /// Why a migration failed.
@@ -75,6 +84,9 @@ pub enum SendError {
     /// The peer closed the connection.
     #[error("the destination closed the connection")]
     Closed,
+    /// Reading a disk image or the local chunk store failed.
+    #[error("disk copy: {0}")]
+    Disk(String),
 }
 
 /// Largest encoded batch before it is sent: 1024 whole pages, the unit
@@ -106,15 +118,29 @@ pub fn send(vm: &mut Vm, opts: &SendOptions, progress: &mut dyn FnMut(&Event)) -
     } else {
         1.0
     };
+    DiskCopy::unthrottle(vm);
+    let resume = |vm: &mut Vm| {
+        vm.set_throttle(0);
+        let _ = vm.set_dirty_logging(false);
+        vm.resume();
+    };
     let outcome = match result {
+        // A sync hands nothing over: the VM goes on here.
+        Ok(()) if opts.sync => {
+            resume(vm);
+            MigrateOutcome::Synced
+        }
         Ok(()) => MigrateOutcome::Migrated,
         Err(e) => {
             summary.error = Some(error_chain(&e));
             match session.on_failure() {
                 FailureOutcome::ResumeSource => {
-                    vm.set_throttle(0);
-                    let _ = vm.set_dirty_logging(false);
-                    vm.resume();
+                    resume(vm);
+                    MigrateOutcome::FailedSourceRunning
+                }
+                // After a sync's commit the destination only keeps a replica.
+                FailureOutcome::InDoubt | FailureOutcome::Done if opts.sync => {
+                    resume(vm);
                     MigrateOutcome::FailedSourceRunning
                 }
                 FailureOutcome::InDoubt => MigrateOutcome::InDoubt,
@@ -166,8 +192,11 @@ fn all_pages(vm: &Vm) -> DirtyPages {
     DirtyPages { regions }
 }
 
-/// Encodes and sends pages, keeping count of what went on the wire.
-struct PageSender {
+/// Sends on the bulk stream: encodes pages, compresses every data message
+/// through the migration's one zstd stream, paces to the bandwidth cap,
+/// and keeps count of what went on the wire.
+pub(crate) struct BulkSender {
+    stream: FrameSender,
     encoder: PageEncoder,
     /// One zstd stream for every batch (when the destination speaks zstd).
     zstd: Option<compress::StreamCompressor>,
@@ -176,13 +205,12 @@ struct PageSender {
     page: [u8; wanmig_mem_sync::PAGE_SIZE],
 }
 
-impl PageSender {
-    async fn send(
+impl BulkSender {
+    async fn send_pages(
         &mut self,
         vm: &Vm,
         pages: &DirtyPages,
         round: u32,
-        bulk: &mut FrameSender,
         wire: &mut WireBytes,
     ) -> Result<(u64, u64), SendError> {
         let mem = vm.ram().mem();
@@ -203,42 +231,45 @@ impl PageSender {
                     b.push(PageRef { gpa, data });
                     if b.is_full() || b.bytes() >= BATCH_BYTES {
                         sent_pages += u64::from(b.len());
-                        sent_bytes +=
-                            self.flush(std::mem::replace(&mut b, PagesBuilder::new(round)), bulk, wire).await? as u64;
+                        let full = std::mem::replace(&mut b, PagesBuilder::new(round));
+                        sent_bytes += self.send_message(&Message::Pages(full.finish()), wire).await? as u64;
                     }
                 }
             }
         }
         if !b.is_empty() {
             sent_pages += u64::from(b.len());
-            sent_bytes += self.flush(b, bulk, wire).await? as u64;
+            sent_bytes += self.send_message(&Message::Pages(b.finish()), wire).await? as u64;
         }
         let enc = self.encoder.stats;
         (wire.raw_pages, wire.delta_pages, wire.zero_pages) = (enc.raw_pages, enc.delta_pages, enc.zero_pages);
         Ok((sent_pages, sent_bytes))
     }
 
-    async fn flush(
-        &mut self,
-        b: PagesBuilder,
-        bulk: &mut FrameSender,
-        wire: &mut WireBytes,
-    ) -> Result<usize, SendError> {
-        let frame = Message::Pages(b.finish()).encode();
-        wire.pages_uncompressed += frame.len() as u64;
-        // Compress the body without length and type: the page bytes open it.
-        // Once in the stream, every batch must go through it (the peer's
-        // decoder needs all of the history).
-        let frame = match &mut self.zstd {
-            Some(z) => {
-                let body = &frame[5..];
+    /// Sends a data message (pages, a chunk, written extents) compressed
+    /// when agreed, or any other bulk message as it is; returns wire bytes.
+    pub(crate) async fn send_message(&mut self, msg: &Message, wire: &mut WireBytes) -> Result<usize, SendError> {
+        let frame = msg.encode();
+        let is_pages = matches!(msg, Message::Pages(_));
+        if is_pages {
+            wire.pages_uncompressed += frame.len() as u64;
+        }
+        // Once in the stream, every data message must go through it (the
+        // peer's decoder needs all of the history).
+        let frame = match (&mut self.zstd, msg) {
+            (Some(z), Message::Pages(_) | Message::DiskChunk(_) | Message::DiskWrites(_)) => {
+                let body = &frame[4..];
                 let data = z.compress(body).map_err(|e| SendError::Peer(format!("zstd: {e}")))?;
                 Message::Compressed { raw_len: body.len() as u32, data }.encode()
             }
-            None => frame,
+            _ => frame,
         };
-        let n = bulk.send_encoded(&frame).await?;
-        wire.pages += n as u64;
+        let n = self.stream.send_encoded(&frame).await?;
+        if is_pages {
+            wire.pages += n as u64;
+        } else if !matches!(msg, Message::RoundDone { .. }) {
+            wire.disk += n as u64;
+        }
         wire.total += n as u64;
         if let Some(limit) = &mut self.limit {
             let wait = limit.spend(n as u64, self.last_send.elapsed());
@@ -266,7 +297,7 @@ fn advance<T>(
 }
 
 /// [`advance`] for a received message.
-fn receive(session: &mut Source, msg: &Message) -> Result<(), ProtocolError> {
+pub(crate) fn receive(session: &mut Source, msg: &Message) -> Result<(), ProtocolError> {
     advance(session, |s| Ok((s.on_message(msg)?, ())))
 }
 
@@ -274,7 +305,7 @@ fn receive(session: &mut Source, msg: &Message) -> Result<(), ProtocolError> {
 /// the destination has applied it, and a highly compressible round can sit
 /// in flight as many times the flow-control window of page data. So wait
 /// until the migration's own deadline (and at least [`ANSWER_TIMEOUT`]).
-async fn next_answer(
+pub(crate) async fn next_answer(
     msgs: &mut mpsc::Receiver<Result<Message, TransportError>>,
     deadline: Instant,
 ) -> Result<Message, SendError> {
@@ -286,6 +317,33 @@ async fn next_answer(
     }
 }
 
+/// Waits until the destination has applied `round`.
+async fn round_applied(
+    msgs: &mut mpsc::Receiver<Result<Message, TransportError>>,
+    session: &mut Source,
+    deadline: Instant,
+    round: u32,
+) -> Result<(), SendError> {
+    loop {
+        let m = next_answer(msgs, deadline).await?;
+        receive(session, &m)?;
+        if let Source::Aborted(reason) = session {
+            return Err(SendError::Peer(reason.clone()));
+        }
+        if m == (Message::RoundApplied { round }) {
+            return Ok(());
+        }
+    }
+}
+
+/// Most rounds of written extents before memory pre-copy joins anyway.
+const MAX_DISK_ROUNDS: u32 = 30;
+
+/// The destination's reason, when it aborted: an `Abort` it sent just
+/// before dropping the connection may arrive after the failure it causes
+/// here (a reset stream), and says much more.
+type AbortNote = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
 async fn run(
     vm: &mut Vm,
     opts: &SendOptions,
@@ -293,11 +351,36 @@ async fn run(
     session: &mut Source,
     summary: &mut Summary,
 ) -> Result<(), SendError> {
+    let note = AbortNote::default();
+    let result = run_session(vm, opts, progress, session, summary, note.clone()).await;
+    if let Err(SendError::Transport(_) | SendError::Closed) = &result {
+        for _ in 0..10 {
+            if let Some(reason) = note.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Err(SendError::Peer(format!("destination aborted: {reason}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    result
+}
+
+async fn run_session(
+    vm: &mut Vm,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&Event),
+    session: &mut Source,
+    summary: &mut Summary,
+    note: AbortNote,
+) -> Result<(), SendError> {
     let start = Instant::now();
     let deadline = start + opts.timeout;
+    if opts.sync && vm.config().disks.is_empty() {
+        return Err(SendError::Disk("the VM has no disks to sync".into()));
+    }
     let mut conn = wanmig_transport::connect(opts.dest, &opts.identity, &[opts.peer], opts.tuning).await?;
     let (mut ctl_tx, mut ctl_rx) = conn.open_control().await?;
-    let hello = advance(session, |s| s.hello(migration_id(), shape_of(vm)))?;
+    let offer = if opts.sync { features::ALL } else { features::ALL & !features::SYNC_ONLY };
+    let hello = advance(session, |s| s.hello(migration_id(), shape_of(vm), offer, opts.chunking))?;
     summary.bytes.total += ctl_tx.send(&hello).await? as u64;
     let answer = ctl_rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
     receive(session, &answer)?;
@@ -305,6 +388,17 @@ async fn run(
         return Err(SendError::Peer(reason.clone()));
     }
     let agreed = session.features().unwrap_or(0);
+    let chunking = match &answer {
+        Message::Accept { chunking, .. } => *chunking,
+        _ => opts.chunking,
+    };
+    if opts.sync && agreed & (features::SYNC_ONLY | features::DISK_COPY) != features::SYNC_ONLY | features::DISK_COPY {
+        let reason = "the destination does not take disk syncs (it runs with --shared-disks)";
+        if let Ok(abort) = advance(session, |s| s.abort(reason)) {
+            let _ = ctl_tx.send(&abort).await;
+        }
+        return Err(SendError::Peer(reason.into()));
+    }
     progress(&Event::Connected { peer: opts.dest.to_string() });
 
     // Everything the destination says from now on arrives here, so that an
@@ -315,7 +409,12 @@ async fn run(
             let r = ctl_rx.recv().await;
             let last = !matches!(r, Ok(Some(_)));
             let item = match r {
-                Ok(Some(m)) => Ok(m),
+                Ok(Some(m)) => {
+                    if let Message::Abort { reason } = &m {
+                        *note.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+                    }
+                    Ok(m)
+                }
                 Ok(None) => Err(TransportError::Lost("the destination closed the control stream".into())),
                 Err(e) => Err(e),
             };
@@ -325,9 +424,9 @@ async fn run(
         }
     });
 
-    let mut bulk = conn.open_bulk().await?;
     let limit = opts.max_bandwidth.map(|max| RateLimit::new(opts.min_bandwidth.unwrap_or(max).min(max)));
-    let mut sender = PageSender {
+    let mut bulk = BulkSender {
+        stream: conn.open_bulk().await?,
         encoder: PageEncoder::new(if agreed & features::XBZRLE != 0 { opts.xbzrle_cache } else { 0 }),
         zstd: if opts.compress && agreed & features::ZSTD != 0 {
             Some(
@@ -341,15 +440,155 @@ async fn run(
         last_send: Instant::now(),
         page: [0; wanmig_mem_sync::PAGE_SIZE],
     };
+    let link_bytes_per_sec = opts.tuning.bandwidth_bps as f64 / 8.0;
+    // What the link can carry: the cap, or else the expected bandwidth.
+    let capacity = opts.max_bandwidth.unwrap_or(link_bytes_per_sec);
+    let mut round = 0u32;
 
+    // Disks first: they are the largest part, and memory pre-copy joins once
+    // what the guest keeps writing is small.
+    let mut disks = None;
+    if agreed & features::DISK_COPY != 0 && !vm.config().disks.is_empty() {
+        let store = match &opts.store {
+            Some(dir) => Some(std::sync::Arc::new(
+                wanmig_dedup::ChunkStore::open(dir).map_err(|e| SendError::Disk(error_chain(&e)))?,
+            )),
+            None => None,
+        };
+        let d = disks.insert(DiskCopy::new(vm, chunking, store)?);
+        let bytes = &mut summary.bytes;
+        d.first_copy(&mut ctl_tx, &mut bulk, bytes, &mut msgs, session, deadline, progress).await?;
+        let disk_started = Instant::now();
+        for _ in 0..MAX_DISK_ROUNDS {
+            if Instant::now() > deadline {
+                return Err(SendError::Timeout(opts.timeout));
+            }
+            let pending = d.harvest();
+            // Little enough to send inside half the downtime budget.
+            let small = opts.downtime.as_secs_f64() / 2.0 * d.rate().max(capacity);
+            if pending as f64 <= small.max(1048576.0) {
+                break;
+            }
+            let t = Instant::now();
+            let sent = d.send_pending(&mut bulk, &mut summary.bytes).await?;
+            summary.bytes.total +=
+                bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut WireBytes::default()).await? as u64;
+            round_applied(&mut msgs, session, deadline, round).await?;
+            let secs = t.elapsed().as_secs_f64();
+            let written = d.harvest();
+            d.after_round(sent, secs, written, capacity);
+            summary.per_round.push(RoundStat {
+                round,
+                disk_bytes: sent,
+                disk_dirty_bytes: written,
+                ms: secs * 1e3,
+                ..RoundStat::default()
+            });
+            progress(&Event::Disk {
+                phase: "round".into(),
+                bytes_done: sent,
+                bytes_total: written,
+                chunks_sent: d.stats.chunks_sent,
+                chunks_present: d.stats.chunks_present,
+                elapsed_s: disk_started.elapsed().as_secs_f64(),
+            });
+            round += 1;
+        }
+    }
+
+    let pending = if opts.sync {
+        DirtyPages { regions: Vec::new() }
+    } else {
+        let mut link = Link { bulk: &mut bulk, msgs: &mut msgs, ctl: &mut ctl_tx, deadline, round };
+        let pending = precopy_memory(vm, opts, progress, session, summary, &mut link, disks.as_mut()).await?;
+        round = link.round;
+        pending
+    };
+
+    // Stop-and-copy: pause, send what is dirty, then the device state.
+    let paused_at = Instant::now();
+    vm.pause()?;
+    // Disk writes the guest saw complete must be on the images before
+    // they are read for the last time (or another host opens them).
+    vm.sync_disks()?;
+    advance(session, |s| Ok((s.stop_and_copy()?, ())))?;
+    let mut last_pages = 0;
+    if !opts.sync {
+        let last = vm.harvest_dirty()?;
+        progress(&Event::StopAndCopy { dirty_pages: pending.pages() + last.pages() });
+        let (p1, _) = bulk.send_pages(vm, &pending, round, &mut summary.bytes).await?;
+        let (p2, _) = bulk.send_pages(vm, &last, round, &mut summary.bytes).await?;
+        last_pages = p1 + p2;
+    }
+    if let Some(d) = &mut disks {
+        d.finish(&mut bulk, &mut summary.bytes).await?;
+    }
+    summary.bytes.total +=
+        bulk.send_message(&Message::RoundDone { round, pages: last_pages }, &mut WireBytes::default()).await? as u64;
+    bulk.stream.finish().await?;
+    let since_pause = || paused_at.elapsed().as_secs_f64() * 1e3;
+    summary.downtime_breakdown.last_pages_ms = since_pause();
+    let state = if opts.sync {
+        // A sync hands over no VM: its "device state" is empty.
+        Vec::new()
+    } else {
+        let mut state = wanmig_vmm::state::encode(&vm.save_state()?);
+        if agreed & features::ZSTD != 0 {
+            state = compress::compress_blob(&state).map_err(|e| SendError::Peer(format!("zstd: {e}")))?;
+        }
+        state
+    };
+    summary.bytes.state = state.len() as u64;
+    let msg = advance(session, |s| s.device_state(state))?;
+    summary.bytes.total += ctl_tx.send(&msg).await? as u64;
+    summary.downtime_breakdown.state_ms = since_pause();
+    progress(&Event::Committing);
+    summary.disk = disks.map(|d| d.stats);
+
+    while *session == Source::AwaitReady {
+        let answer = next_answer(&mut msgs, deadline).await?;
+        receive(session, &answer)?;
+    }
+    summary.downtime_breakdown.ready_ms = since_pause();
+    if let Source::Aborted(reason) = session {
+        return Err(SendError::Peer(reason.clone()));
+    }
+    // The commit point: from here on the guest never runs on this host
+    // (for a sync: the destination keeps the replica).
+    let commit = advance(session, Source::commit)?;
+    summary.bytes.total += ctl_tx.send(&commit).await? as u64;
+    let answer = next_answer(&mut msgs, deadline).await?;
+    receive(session, &answer)?;
+    summary.downtime_ms = since_pause();
+    summary.downtime_breakdown.commit_ack_ms = summary.downtime_ms;
+    conn.close(0);
+    Ok(())
+}
+
+/// Iterative memory pre-copy (Clark et al.): round 0 sends every page, each
+/// later round what the guest dirtied meanwhile, with the disks' written
+/// extents first, until the policy says the rest fits the downtime budget.
+/// Returns the pages still to send.
+async fn precopy_memory(
+    vm: &mut Vm,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&Event),
+    session: &mut Source,
+    summary: &mut Summary,
+    link: &mut Link<'_>,
+    mut disks: Option<&mut DiskCopy>,
+) -> Result<DirtyPages, SendError> {
+    let start = Instant::now();
+    let Link { bulk, msgs, ctl: ctl_tx, deadline, round } = link;
+    let deadline = *deadline;
     // Track writes from before the first page is read.
     vm.set_dirty_logging(true)?;
     vm.harvest_dirty()?;
     let mut policy = DowntimeBudget::new(opts.downtime);
     let mut to_send = all_pages(vm);
-    let mut round = 0u32;
     let state_estimate = 64 * 1024 * u64::from(vm.config().vcpus);
     let (mut best_page_rate, mut best_link_rate) = (0f64, 0f64);
+    let first_round = *round;
     loop {
         if Instant::now() > deadline {
             return Err(SendError::Timeout(opts.timeout));
@@ -357,30 +596,45 @@ async fn run(
         let t = Instant::now();
         // A round, however large, is bounded by the migration's deadline.
         let left = deadline.saturating_duration_since(Instant::now());
-        let (pages, bytes) =
-            tokio::time::timeout(left, sender.send(vm, &to_send, round, &mut bulk, &mut summary.bytes))
-                .await
-                .map_err(|_| SendError::Timeout(opts.timeout))??;
-        summary.bytes.total += bulk.send(&Message::RoundDone { round, pages }).await? as u64;
+        let r = *round;
+        let sending = async {
+            let disk_sent = match disks.as_deref_mut() {
+                Some(d) => {
+                    d.harvest();
+                    d.send_pending(bulk, &mut summary.bytes).await?
+                }
+                None => 0,
+            };
+            let (pages, bytes) = bulk.send_pages(vm, &to_send, r, &mut summary.bytes).await?;
+            Ok::<_, SendError>((disk_sent, pages, bytes))
+        };
+        let (disk_sent, pages, bytes) =
+            tokio::time::timeout(left, sending).await.map_err(|_| SendError::Timeout(opts.timeout))??;
+        summary.bytes.total +=
+            bulk.send_message(&Message::RoundDone { round: r, pages }, &mut WireBytes::default()).await? as u64;
         // The round ends when the destination has applied it: the rate that
         // matters is the rate at which pages land, not at which they leave.
-        loop {
-            let m = next_answer(&mut msgs, deadline).await?;
-            receive(session, &m)?;
-            if let Source::Aborted(reason) = session {
-                return Err(SendError::Peer(reason.clone()));
-            }
-            if m == (Message::RoundApplied { round }) {
-                break;
-            }
-        }
+        round_applied(msgs, session, deadline, r).await?;
         let elapsed = t.elapsed();
         let secs = elapsed.as_secs_f64().max(1e-6);
         best_page_rate = best_page_rate.max(pages as f64 / secs);
         best_link_rate = best_link_rate.max(bytes as f64 / secs);
         let dirty = vm.harvest_dirty()?;
+        let disk_dirty = match disks.as_deref_mut() {
+            Some(d) => {
+                let written = d.harvest();
+                d.after_round(
+                    disk_sent,
+                    secs,
+                    written,
+                    opts.max_bandwidth.unwrap_or(opts.tuning.bandwidth_bps as f64 / 8.0),
+                );
+                written
+            }
+            None => 0,
+        };
         let report = RoundReport {
-            round,
+            round: r,
             pages_sent: pages,
             bytes_sent: bytes,
             elapsed,
@@ -391,30 +645,33 @@ async fn run(
             // says little about its capacity: take the expected bandwidth
             // when it is higher (it only prices the small device state).
             link_rate: best_link_rate.max(opts.tuning.bandwidth_bps as f64 / 8.0),
-            state_bytes: state_estimate,
+            // Disk extents still to write go out inside the downtime too.
+            state_bytes: state_estimate + disk_dirty,
             rtt: opts.tuning.rtt.min(elapsed),
         };
         let decision = policy.decide(&report);
         progress(&Event::Round {
-            round,
+            round: r,
             pages,
             dirty_pages: report.dirty_pages,
-            bytes_left: (report.dirty_pages as f64 * report.bytes_per_page) as u64,
+            bytes_left: (report.dirty_pages as f64 * report.bytes_per_page) as u64 + disk_dirty,
             dirty_rate: report.dirty_rate() * 4096.0,
             link_rate: report.link_rate,
             predicted_downtime_ms: report.predicted_downtime().as_secs_f64() * 1e3,
             throttle: vm.throttle_percent(),
             elapsed_s: start.elapsed().as_secs_f64(),
         });
-        summary.rounds = round + 1;
+        summary.rounds = r + 1 - first_round;
         summary.per_round.push(RoundStat {
-            round,
+            round: r,
             pages_sent: pages,
             dirty_pages: report.dirty_pages,
+            disk_bytes: disk_sent,
+            disk_dirty_bytes: disk_dirty,
             ms: elapsed.as_secs_f64() * 1e3,
         });
         to_send = dirty;
-        round += 1;
+        *round += 1;
         match decision {
             Decision::StopAndCopy => break,
             Decision::Continue => {}
@@ -429,51 +686,19 @@ async fn run(
                 return Err(SendError::NoConvergence(reason));
             }
         }
-        if let (Some(limit), Some(min), Some(max)) = (&mut sender.limit, opts.min_bandwidth, opts.max_bandwidth) {
+        if let (Some(limit), Some(min), Some(max)) = (&mut bulk.limit, opts.min_bandwidth, opts.max_bandwidth) {
             limit.set_rate(next_round_rate(report.dirty_rate() * report.bytes_per_page, min, min, max));
         }
     }
+    Ok(to_send)
+}
 
-    // Stop-and-copy: pause, send what is dirty, then the device state.
-    let paused_at = Instant::now();
-    vm.pause()?;
-    // Disk writes the guest saw complete must be on the images before
-    // another host opens them.
-    vm.sync_disks()?;
-    advance(session, |s| Ok((s.stop_and_copy()?, ())))?;
-    let last = vm.harvest_dirty()?;
-    progress(&Event::StopAndCopy { dirty_pages: to_send.pages() + last.pages() });
-    let (p1, _) = sender.send(vm, &to_send, round, &mut bulk, &mut summary.bytes).await?;
-    let (p2, _) = sender.send(vm, &last, round, &mut bulk, &mut summary.bytes).await?;
-    summary.bytes.total += bulk.send(&Message::RoundDone { round, pages: p1 + p2 }).await? as u64;
-    bulk.finish().await?;
-    let since_pause = || paused_at.elapsed().as_secs_f64() * 1e3;
-    summary.downtime_breakdown.last_pages_ms = since_pause();
-    let mut state = wanmig_vmm::state::encode(&vm.save_state()?);
-    if agreed & features::ZSTD != 0 {
-        state = compress::compress_blob(&state).map_err(|e| SendError::Peer(format!("zstd: {e}")))?;
-    }
-    summary.bytes.state = state.len() as u64;
-    let msg = advance(session, |s| s.device_state(state))?;
-    summary.bytes.total += ctl_tx.send(&msg).await? as u64;
-    summary.downtime_breakdown.state_ms = since_pause();
-    progress(&Event::Committing);
-
-    while *session == Source::AwaitReady {
-        let answer = next_answer(&mut msgs, deadline).await?;
-        receive(session, &answer)?;
-    }
-    summary.downtime_breakdown.ready_ms = since_pause();
-    if let Source::Aborted(reason) = session {
-        return Err(SendError::Peer(reason.clone()));
-    }
-    // The commit point: from here on the guest never runs on this host.
-    let commit = advance(session, Source::commit)?;
-    summary.bytes.total += ctl_tx.send(&commit).await? as u64;
-    let answer = next_answer(&mut msgs, deadline).await?;
-    receive(session, &answer)?;
-    summary.downtime_ms = since_pause();
-    summary.downtime_breakdown.commit_ack_ms = summary.downtime_ms;
-    conn.close(0);
-    Ok(())
+/// The streams to the destination and the migration's deadline.
+struct Link<'a> {
+    bulk: &'a mut BulkSender,
+    msgs: &'a mut mpsc::Receiver<Result<Message, TransportError>>,
+    ctl: &'a mut FrameSender,
+    deadline: Instant,
+    /// The next round number (rounds of disk extents count too).
+    round: u32,
 }

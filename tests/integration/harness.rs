@@ -1,5 +1,6 @@
 //! Running `wanmig` processes around a test guest, and waiting on them.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -247,10 +248,21 @@ impl Receiver {
     /// Starts a destination trusting `peer`, with `env` set, in `dir`; disks
     /// are shared from the directory above it.
     pub fn start(keys: &Keys, peer: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
+        let shared = dir.parent().unwrap_or(dir); // the VM's directory, where its disk is
+        Self::start_with(keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], env)
+    }
+
+    /// Starts a destination that copies disks (into `dir`, with its chunk
+    /// store in `dir/chunks` unless `args` say otherwise).
+    pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
+        Self::start_with(keys, peer, dir, args, &[])
+    }
+
+    fn start_with(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = wanmig()
-            .args(["receive", "--listen", "127.0.0.1:0", "--shared-disks"])
-            .arg(dir.parent().unwrap_or(dir)) // the VM's directory, where its disk is
+            .args(["receive", "--listen", "127.0.0.1:0"])
+            .args(args)
             .arg("--identity")
             .arg(&keys.dst)
             .args(["--peer", peer, "--dir"])

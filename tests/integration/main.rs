@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod dirty_tracking;
+mod disk_migration;
 mod harness;
 mod migration;
 mod qemu;

@@ -36,6 +36,8 @@ fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&s
             timeout_s: 120,
             link_bandwidth_bps: None,
             rtt_ms: None,
+            store: None,
+            sync: false,
         },
     };
     control::request_with_progress(src.socket(), &req, &mut |p| {
