@@ -3,6 +3,7 @@
 
 mod demo;
 mod migration;
+mod store;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -110,6 +111,14 @@ enum Command {
     /// pauses only for the final consistent sync). A later `send` to the
     /// same destination then moves only what changed since.
     Sync(migration::SendArgs),
+    /// Inspect or clean a host's chunk store (what `receive --store` and
+    /// `send --store` fill).
+    Store {
+        /// The store's directory.
+        dir: PathBuf,
+        #[command(subcommand)]
+        action: store::StoreAction,
+    },
     /// Boot the test guest, live-migrate it to a second process over
     /// loopback QUIC, and check it there with its oracle.
     Demo {
@@ -226,6 +235,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Receive(args) => migration::receive(args),
         Command::Send(args) => migration::send(args, false),
         Command::Sync(args) => migration::send(args, true),
+        Command::Store { dir, action } => store::run(&dir, action),
     }
 }
 

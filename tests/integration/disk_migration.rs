@@ -316,3 +316,31 @@ fn disk_writes_under_a_bandwidth_cap_converge() {
     check_guest(&moved, &vm.path("after"), &dst_dir.join("disk.img"));
     moved.shutdown();
 }
+
+#[test]
+fn the_store_command_reports_verifies_and_collects() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = dir.path().join("chunks");
+    {
+        let s = wanmig_dedup::ChunkStore::open(&store).expect("create");
+        for i in 0..4u8 {
+            let data = vec![i; 50_000];
+            s.put(&wanmig_dedup::ChunkId::of(&data), &data).expect("put");
+        }
+        let kept = vec![0u8; 50_000];
+        s.set_root("vm/disk0", &[wanmig_dedup::ChunkId::of(&kept)]).expect("root");
+        s.commit().expect("commit");
+    }
+    let run = |args: &[&str]| {
+        let out = crate::harness::wanmig().arg("store").arg(&store).args(args).output().expect("run");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = run(&["stats"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("4 chunks") && out.contains("root vm/disk0: 1 chunks"), "{out}");
+    assert_eq!(run(&["verify"]), (Some(0), "4 chunks checked, 0 bad\n".into()));
+    let (code, out) = run(&["gc", "--grace", "0s"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("deleted 3 chunk(s)"), "{out}");
+    assert!(run(&["stats"]).1.contains("1 chunks"));
+}
