@@ -332,7 +332,7 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
     if let Some(d) = s.get("disk").filter(|d| d.is_object()) {
         let g = |k: &str| d.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         println!(
-            "  disks: {} in {} disk(s), {} on the wire; {} chunks: {} sent ({}), {} already there, {} zero; dedup {:.1}x",
+            "  disks: {} in {} disk(s), {} on the wire; {} chunks: {} sent ({}), {} already there, {} zero; dedup {}",
             mib(g("image_bytes")),
             g("disks"),
             mib(b("disk")),
@@ -341,7 +341,11 @@ fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
             mib(g("chunk_bytes_sent")),
             g("chunks_present"),
             g("zero_chunks"),
-            g("dedup_ratio"),
+            if g("chunk_bytes_sent") > 0.0 {
+                format!("{:.1}x", g("dedup_ratio"))
+            } else {
+                "complete: every chunk was already there".into()
+            },
         );
         println!(
             "  disk writes re-sent: {} ({} inside the downtime); first copy {:.2} s{}",

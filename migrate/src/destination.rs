@@ -150,7 +150,7 @@ fn failpoint(name: &str) {
 /// The host configuration for an incoming VM, or why it cannot be hosted;
 /// with copied disks, also where each image goes once committed (the
 /// configuration names the incoming images until then).
-fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<(VmConfig, Vec<PathBuf>), String> {
+fn host_config(shape: &VmShape, opts: &ReceiveOptions, attempt: &str) -> Result<(VmConfig, Vec<PathBuf>), String> {
     let total = shape.memory.iter().try_fold(0u64, |acc, (_, l)| acc.checked_add(*l)).ok_or("memory size overflows")?;
     if total % (1 << 20) != 0 {
         return Err(format!("memory of {total} bytes is not whole MiB"));
@@ -173,11 +173,18 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<(VmConfig, Vec<
     let mut finals = Vec::new();
     for d in &shape.disks {
         let Some(shared) = &opts.shared_disks else {
-            let path = disk_dest::image_path(&opts.disk_dir, d)?;
+            if d.size % 4096 != 0 || d.size > disk_dest::MAX_DISK_BYTES {
+                return Err(format!(
+                    "disk {} of {} bytes: copied disks are 4 KiB multiples up to 4 TiB",
+                    d.path, d.size
+                ));
+            }
+            let path = disk_dest::image_path(&opts.disk_dir, d, &shape.name)?;
             if finals.contains(&path) {
                 return Err(format!("two disks would both be {}", path.display()));
             }
-            disks.push(DiskConfig { path: disk_dest::with_suffix(&path, disk_dest::INCOMING), read_only: false });
+            // The VM opens the incoming image until the commit renames it.
+            disks.push(DiskConfig { path: disk_dest::incoming(&path, attempt), read_only: d.read_only });
             finals.push(path);
             continue;
         };
@@ -194,7 +201,7 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions) -> Result<(VmConfig, Vec<
         if size != d.size {
             return Err(format!("disk {} is {size} bytes here, {} at the source", d.path, d.size));
         }
-        disks.push(DiskConfig { path: d.path.clone().into(), read_only: false });
+        disks.push(DiskConfig { path: d.path.clone().into(), read_only: d.read_only });
     }
     Ok((
         VmConfig {
@@ -342,11 +349,13 @@ async fn receive_one(
             return Err(ReceiveError::Refused(format!("{reason} ({e})")));
         }
     };
-    let Message::Hello { shape, features: offered, chunking: proposed, .. } = &hello else {
+    let Message::Hello { shape, features: offered, chunking: proposed, migration_id, .. } = &hello else {
         return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
     };
+    // Names this attempt's incoming images: never another attempt's.
+    let attempt: String = migration_id[..4].iter().map(|b| format!("{b:02x}")).collect();
     let sync = offered & features::SYNC_ONLY != 0;
-    let setup = match host_config(shape, opts) {
+    let setup = match host_config(shape, opts, &attempt) {
         Ok(_) if sync && store.is_none() => Err("this host keeps no disk copies (it runs with --shared-disks)".into()),
         other => other,
     };
@@ -363,7 +372,7 @@ async fn receive_one(
         None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, *proposed),
     };
     let disks = match (&store, shape.disks.is_empty()) {
-        (Some(st), false) => Some(DestDisks::create(&shape.name, &shape.disks, &finals, st.clone())?),
+        (Some(st), false) => Some(DestDisks::create(&shape.name, &shape.disks, &finals, st.clone(), &attempt)?),
         _ => None,
     };
     let ram = if sync { None } else { Some(GuestRam::new(config.memory_bytes()).map_err(VmError::from)?) };

@@ -1,12 +1,14 @@
 //! The destination's half of disk migration.
 //!
-//! Each disk is assembled in `<disk-dir>/<name>.incoming`, created sparse:
+//! Each disk is assembled in `<disk-dir>/<name>.<attempt>.incoming`
+//! (the attempt named by the migration id), created sparse:
 //! chunks this host's store already holds are copied from it, the others
 //! arrive from the source (checked against their id, then kept in the
 //! store), written extents follow. Before `Ready`, every image must match
 //! the digest the source sent at pause. Only after `Commit` does an image
 //! take its final name; a failed attempt removes what it created.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +20,19 @@ use crate::destination::ReceiveError;
 
 /// Suffix of an image being received.
 pub const INCOMING: &str = "incoming";
+/// Largest disk this host copies: the digest keeps 33 bytes per 64 KiB
+/// (2.2 GB of memory for 4 TiB).
+pub const MAX_DISK_BYTES: u64 = 4 << 40;
+
+/// Where attempt `attempt` assembles the image that goes to `path`.
+pub fn incoming(path: &Path, attempt: &str) -> PathBuf {
+    with_suffix(&with_suffix(path, attempt), INCOMING)
+}
+
+/// What a replica marker of VM `vm` says.
+fn marker_text(vm: &str) -> String {
+    format!("a replica of VM {vm} kept by `wanmig sync`; a later sync or migration of that VM replaces it\n")
+}
 /// Suffix of the marker that says an image is a replica kept by `sync`
 /// (which a later sync or migration may replace).
 pub const REPLICA: &str = "replica";
@@ -72,18 +87,21 @@ fn store_err(e: StoreError) -> ReceiveError {
 
 /// Where the image of a source disk goes under `dir`: its file name, which
 /// must be a plain name (no path of the source's choosing is honoured).
-pub fn image_path(dir: &Path, disk: &DiskInfo) -> Result<PathBuf, String> {
+pub fn image_path(dir: &Path, disk: &DiskInfo, vm: &str) -> Result<PathBuf, String> {
     let name = Path::new(&disk.path).file_name().and_then(|n| n.to_str()).unwrap_or("");
     let plain = !name.is_empty() && name != "." && name != ".." && !name.starts_with('.');
     if !plain || name.ends_with(INCOMING) || name.ends_with(REPLICA) {
         return Err(format!("disk {:?} has no usable file name", disk.path));
     }
     let path = dir.join(name);
-    if path.exists() && !with_suffix(&path, REPLICA).exists() {
-        return Err(format!(
-            "disk image {} already exists here (and is not a replica from `wanmig sync`)",
-            path.display()
-        ));
+    if path.exists() {
+        let marker = std::fs::read_to_string(with_suffix(&path, REPLICA)).unwrap_or_default();
+        if marker != marker_text(vm) {
+            return Err(format!(
+                "disk image {} already exists here (and is not a replica of VM {vm} from `wanmig sync`)",
+                path.display()
+            ));
+        }
     }
     Ok(path)
 }
@@ -103,12 +121,11 @@ impl DestDisks {
         disks: &[DiskInfo],
         paths: &[PathBuf],
         store: Arc<ChunkStore>,
+        attempt: &str,
     ) -> Result<Self, ReceiveError> {
         let mut out = DestDisks { disks: Vec::new(), store, vm_name: vm_name.into(), stats: DestStats::default() };
         for (d, path) in disks.iter().zip(paths) {
-            let incoming = with_suffix(path, INCOMING);
-            // Left by an attempt that crashed: ours to replace.
-            let _ = std::fs::remove_file(&incoming);
+            let incoming = incoming(path, attempt);
             let image = ImageWriter::create(&incoming, d.size).map_err(|e| disk_io(&incoming, "cannot create", e))?;
             out.disks.push(DestDisk {
                 image,
@@ -248,12 +265,16 @@ impl DestDisks {
             std::fs::rename(d.image.path(), &d.path).map_err(|e| disk_io(&d.path, "cannot install", e))?;
             let marker = with_suffix(&d.path, REPLICA);
             if replica {
-                std::fs::write(&marker, b"a replica kept by `wanmig sync`; a later sync or migration replaces it\n")
-                    .map_err(|e| disk_io(&marker, "cannot write", e))?;
+                std::fs::write(&marker, marker_text(&self.vm_name)).map_err(|e| disk_io(&marker, "cannot write", e))?;
             } else {
                 let _ = std::fs::remove_file(&marker);
             }
-            paths.push(d.path);
+            // The renames must survive a crash: the source has let go.
+            if let Some(dir) = d.path.parent() {
+                let synced = File::open(dir).and_then(|f| f.sync_all());
+                synced.map_err(|e| disk_io(dir, "cannot sync", e))?;
+            }
+            paths.push(d.path.clone());
         }
         Ok(paths)
     }
@@ -282,9 +303,9 @@ mod tests {
 
     fn setup(dir: &Path) -> (DestDisks, Arc<ChunkStore>) {
         let store = Arc::new(ChunkStore::open(&dir.join("chunks")).expect("store"));
-        let info = DiskInfo { size: 1 << 20, path: "/elsewhere/disk.img".into() };
-        let path = image_path(dir, &info).expect("path");
-        let disks = DestDisks::create("vm", &[info], &[path], store.clone()).expect("create");
+        let info = DiskInfo { size: 1 << 20, path: "/elsewhere/disk.img".into(), read_only: false };
+        let path = image_path(dir, &info, "vm").expect("path");
+        let disks = DestDisks::create("vm", &[info], &[path], store.clone(), "0a0b").expect("create");
         (disks, store)
     }
 
@@ -304,8 +325,9 @@ mod tests {
         let e = disks.on_chunk(&Chunk { disk: 0, offset: (1 << 20) - 4096, id, data: good.clone() });
         assert!(e.is_err());
         assert!(disks.on_chunk(&Chunk { disk: 1, offset: 0, id, data: good }).is_err(), "no disk 1");
+        assert!(dir.path().join("disk.img.0a0b.incoming").exists());
         disks.discard();
-        assert!(!dir.path().join("disk.img.incoming").exists());
+        assert!(!dir.path().join("disk.img.0a0b.incoming").exists());
     }
 
     #[test]

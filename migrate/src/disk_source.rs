@@ -255,7 +255,8 @@ impl DiskCopy {
         Ok(sent)
     }
 
-    /// After a round of extents that took `secs`: learns the rate at which
+    /// After a round that put `sent` bytes of extents on the wire in `secs`:
+    /// learns the rate at which
     /// extents land and, when the guest's writes no longer shrink from
     /// round to round while it writes at half the link's capacity or more
     /// (`pending` is what it wrote meanwhile; `link_rate` the expected
@@ -271,15 +272,17 @@ impl DiskCopy {
         if pending == 0 || shrinking || write_rate < capacity / 2.0 {
             return;
         }
-        let current = self.disks.iter().filter_map(|d| d.log.write_limit()).min();
+        let current = self.stats.write_limit.filter(|_| self.disks.iter().any(|d| d.log.write_limit().is_some()));
         let next = match current {
             // First step: half the capacity.
             None => (capacity / 2.0) as u64,
             Some(c) => c / 2,
         }
         .max(MIN_WRITE_LIMIT);
+        // The cap is for all disks together.
+        let each = (next / self.disks.len().max(1) as u64).max(MIN_WRITE_LIMIT / 4);
         for d in &self.disks {
-            d.log.set_write_limit(Some(next));
+            d.log.set_write_limit(Some(each));
         }
         self.stats.write_limit = Some(next);
     }
@@ -306,10 +309,12 @@ impl DiskCopy {
             let done = DiskDone { disk: d.index, size: d.size, digest: d.digest.digest() };
             bulk.send_message(&Message::DiskDone(done), wire).await?;
         }
+        // With nothing sent the ratio is unbounded: reported as 0, and the
+        // summary says every chunk was already there.
         self.stats.dedup_ratio = if self.stats.chunk_bytes_sent > 0 {
             self.stats.data_bytes as f64 / self.stats.chunk_bytes_sent as f64
         } else {
-            f64::INFINITY
+            0.0
         };
         Ok(sent)
     }

@@ -164,7 +164,7 @@ pub struct DiskStats {
     pub extent_bytes: u64,
     /// Of those, sent inside the stop-and-copy.
     pub final_bytes: u64,
-    /// Non-zero image bytes / chunk bytes sent.
+    /// Non-zero image bytes / chunk bytes sent (0 when no chunk was sent).
     pub dedup_ratio: f64,
     /// The first copy, ms.
     pub first_copy_ms: f64,

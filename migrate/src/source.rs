@@ -174,6 +174,7 @@ pub fn shape_of(vm: &Vm) -> VmShape {
             .map(|d| DiskInfo {
                 size: std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0),
                 path: d.path.to_string_lossy().into_owned(),
+                read_only: d.read_only,
             })
             .collect(),
     }
@@ -458,6 +459,12 @@ async fn run_session(
         let d = disks.insert(DiskCopy::new(vm, chunking, store)?);
         let bytes = &mut summary.bytes;
         d.first_copy(&mut ctl_tx, &mut bulk, bytes, &mut msgs, session, deadline, progress).await?;
+        // A round boundary: the destination hashes what the first copy
+        // wrote now, not inside the stop-and-copy.
+        summary.bytes.total +=
+            bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut WireBytes::default()).await? as u64;
+        round_applied(&mut msgs, session, deadline, round).await?;
+        round += 1;
         let disk_started = Instant::now();
         for _ in 0..MAX_DISK_ROUNDS {
             if Instant::now() > deadline {
@@ -470,13 +477,15 @@ async fn run_session(
                 break;
             }
             let t = Instant::now();
+            let on_wire = summary.bytes.disk;
             let sent = d.send_pending(&mut bulk, &mut summary.bytes).await?;
+            let on_wire = summary.bytes.disk - on_wire;
             summary.bytes.total +=
                 bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut WireBytes::default()).await? as u64;
             round_applied(&mut msgs, session, deadline, round).await?;
             let secs = t.elapsed().as_secs_f64();
             let written = d.harvest();
-            d.after_round(sent, secs, written, capacity);
+            d.after_round(on_wire, secs, written, capacity);
             summary.per_round.push(RoundStat {
                 round,
                 disk_bytes: sent,
@@ -506,6 +515,8 @@ async fn run_session(
     };
 
     // Stop-and-copy: pause, send what is dirty, then the device state.
+    // A throttled disk write must not hold up the pause.
+    DiskCopy::unthrottle(vm);
     let paused_at = Instant::now();
     vm.pause()?;
     // Disk writes the guest saw complete must be on the images before
@@ -598,6 +609,7 @@ async fn precopy_memory(
         let left = deadline.saturating_duration_since(Instant::now());
         let r = *round;
         let sending = async {
+            let on_wire = summary.bytes.disk;
             let disk_sent = match disks.as_deref_mut() {
                 Some(d) => {
                     d.harvest();
@@ -605,10 +617,11 @@ async fn precopy_memory(
                 }
                 None => 0,
             };
+            let disk_wire = summary.bytes.disk - on_wire;
             let (pages, bytes) = bulk.send_pages(vm, &to_send, r, &mut summary.bytes).await?;
-            Ok::<_, SendError>((disk_sent, pages, bytes))
+            Ok::<_, SendError>((disk_sent, disk_wire, pages, bytes))
         };
-        let (disk_sent, pages, bytes) =
+        let (disk_sent, disk_wire, pages, bytes) =
             tokio::time::timeout(left, sending).await.map_err(|_| SendError::Timeout(opts.timeout))??;
         summary.bytes.total +=
             bulk.send_message(&Message::RoundDone { round: r, pages }, &mut WireBytes::default()).await? as u64;
@@ -624,7 +637,7 @@ async fn precopy_memory(
             Some(d) => {
                 let written = d.harvest();
                 d.after_round(
-                    disk_sent,
+                    disk_wire,
                     secs,
                     written,
                     opts.max_bandwidth.unwrap_or(opts.tuning.bandwidth_bps as f64 / 8.0),

@@ -72,6 +72,8 @@ pub struct DiskInfo {
     pub size: u64,
     /// The image's path on the source (a hint for the destination).
     pub path: String,
+    /// Attached read-only.
+    pub read_only: bool,
 }
 
 /// What the destination must be able to host.
@@ -393,6 +395,7 @@ impl Message {
                 for d in &shape.disks {
                     w.u64(d.size);
                     w.blob(d.path.as_bytes());
+                    w.u8(u8::from(d.read_only));
                 }
                 chunking.write(&mut w);
             }
@@ -495,7 +498,13 @@ impl Message {
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     let size = r.u64("disk size")?;
-                    disks.push(DiskInfo { size, path: r.string("disk path", MAX_TEXT)? });
+                    let path = r.string("disk path", MAX_TEXT)?;
+                    let read_only = match r.u8("disk read-only flag")? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(DecodeError::Invalid { field: "disk read-only flag", reason: "not 0 or 1" }),
+                    };
+                    disks.push(DiskInfo { size, path, read_only });
                 }
                 Message::Hello {
                     version,

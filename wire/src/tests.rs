@@ -10,7 +10,7 @@ fn shape() -> VmShape {
         name: "vm1".into(),
         memory: vec![(0, 3 << 30), (4 << 30, 1 << 30)],
         vcpus: 2,
-        disks: vec![DiskInfo { size: 1 << 30, path: "/var/lib/vm1.img".into() }],
+        disks: vec![DiskInfo { size: 1 << 30, path: "/var/lib/vm1.img".into(), read_only: false }],
     }
 }
 

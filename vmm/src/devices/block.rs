@@ -50,8 +50,7 @@ struct Pacer {
     last: std::time::Instant,
 }
 
-/// Longest a single write request is held back: a throttled guest keeps
-/// its vCPU responsive to pause requests.
+/// Longest single sleep of a throttled write before the cap is looked at again.
 const MAX_PACE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl DiskWriteLog {
@@ -86,23 +85,29 @@ impl DiskWriteLog {
         self.limit.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|p| p.bytes_per_sec as u64)
     }
 
-    /// Charges a write of `n` bytes; sleeps while the guest is over its cap.
+    /// Charges a write of `n` bytes, then sleeps until the guest is back
+    /// under its cap, in slices of at most [`MAX_PACE_WAIT`] that look at the
+    /// cap again: lifting it (as a migration does before it pauses the
+    /// guest) ends the wait.
     fn pace(&self, n: usize) {
-        let wait = {
-            let mut l = self.limit.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(p) = l.as_mut() else { return };
-            let now = std::time::Instant::now();
-            // At most a tenth of a second of credit banks up.
-            p.credit =
-                (p.credit + now.duration_since(p.last).as_secs_f64() * p.bytes_per_sec).min(p.bytes_per_sec / 10.0);
-            p.last = now;
-            p.credit -= n as f64;
-            if p.credit >= 0.0 {
-                return;
-            }
-            std::time::Duration::from_secs_f64(-p.credit / p.bytes_per_sec).min(MAX_PACE_WAIT)
-        };
-        std::thread::sleep(wait);
+        let mut charge = n as f64;
+        loop {
+            let wait = {
+                let mut l = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(p) = l.as_mut() else { return };
+                let now = std::time::Instant::now();
+                // At most a tenth of a second of credit banks up.
+                p.credit =
+                    (p.credit + now.duration_since(p.last).as_secs_f64() * p.bytes_per_sec).min(p.bytes_per_sec / 10.0);
+                p.last = now;
+                p.credit -= std::mem::take(&mut charge);
+                if p.credit >= 0.0 {
+                    return;
+                }
+                std::time::Duration::from_secs_f64(-p.credit / p.bytes_per_sec).min(MAX_PACE_WAIT)
+            };
+            std::thread::sleep(wait);
+        }
     }
 }
 
@@ -252,13 +257,15 @@ impl Block {
                 let n = (d.len as usize - done).min(IO_CHUNK);
                 mem.read_slice(&mut self.buf[..n], d.addr.unchecked_add(done as u64)).map_err(|_| ())?;
                 self.log.pace(n);
-                self.file.write_all_at(&self.buf[..n], offset).map_err(|_| ())?;
-                // Record after writing: a migration takes the log, then
-                // reads what it marks. Taken between the write and this
+                let written = self.file.write_all_at(&self.buf[..n], offset);
+                // Record after writing (even a write that failed part-way:
+                // some bytes may have landed): a migration takes the log,
+                // then reads what it marks. Taken between the write and this
                 // record, the read already sees the new bytes and the next
                 // round sends them again; recorded first, a take between the
                 // two would read the old bytes and lose the write.
                 self.log.record(offset, n);
+                written.map_err(|_| ())?;
                 done += n;
                 offset += n as u64;
             }
