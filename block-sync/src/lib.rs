@@ -12,6 +12,8 @@
 //!   them into `DiskWrites` batches.
 //! - [`image`]: the destination's image, assembled sparse from chunks (its
 //!   own or from the chunk store) and extents.
+//! - [`throttle`]: when and how hard to cap the guest's disk writes so that
+//!   the copy converges.
 //!
 //! The protocol (manifest → need → chunks, then rounds of written extents,
 //! then `DiskDone` with the digest inside the stop-and-copy) is described in
@@ -21,6 +23,7 @@ pub mod chunker;
 pub mod digest;
 pub mod extents;
 pub mod image;
+pub mod throttle;
 
 pub use chunker::{Batch, CutChunk, ImageChunker};
 pub use digest::{BLOCK, BlockDigest};

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use wanmig_block_sync::throttle::{DiskRound, MIN_WRITE_LIMIT, next_write_limit};
 use wanmig_block_sync::{Batch, BlockDigest, DirtyReader, ImageChunker};
 use wanmig_dedup::{ChunkId, ChunkStore};
 use wanmig_transport::{FrameSender, TransportError};
@@ -34,8 +35,6 @@ pub const BATCH_BYTES: usize = 8 << 20;
 /// Manifest parts awaiting their answer at once: 64 MiB of image in flight,
 /// about the bandwidth-delay product of 1 Gbit/s × 100 ms with margin.
 pub const WINDOW: usize = 8;
-/// The lowest write rate the throttle imposes on a guest, bytes/s.
-pub const MIN_WRITE_LIMIT: u64 = 256 << 10;
 
 /// One disk being copied.
 #[derive(Debug)]
@@ -265,20 +264,11 @@ impl DiskCopy {
         if sent > 0 {
             self.best_rate = self.best_rate.max(sent as f64 / secs.max(1e-6));
         }
-        let capacity = self.best_rate.max(link_rate);
-        let write_rate = pending as f64 / secs.max(1e-3);
-        let shrinking = self.last_pending.is_none_or(|last| (pending as f64) < 0.9 * last as f64);
+        let round =
+            DiskRound { pending, last_pending: self.last_pending, secs, capacity: self.best_rate.max(link_rate) };
         self.last_pending = Some(pending);
-        if pending == 0 || shrinking || write_rate < capacity / 2.0 {
-            return;
-        }
         let current = self.stats.write_limit.filter(|_| self.disks.iter().any(|d| d.log.write_limit().is_some()));
-        let next = match current {
-            // First step: half the capacity.
-            None => (capacity / 2.0) as u64,
-            Some(c) => c / 2,
-        }
-        .max(MIN_WRITE_LIMIT);
+        let Some(next) = next_write_limit(current, &round).filter(|&n| Some(n) != current) else { return };
         // The cap is for all disks together.
         let each = (next / self.disks.len().max(1) as u64).max(MIN_WRITE_LIMIT / 4);
         for d in &self.disks {

@@ -323,3 +323,42 @@ impl VirtioDevice for Block {
         DeviceSnapshot::Block(BlockSnapshot { size: self.size, read_only: self.read_only })
     }
 }
+
+#[cfg(test)]
+mod pacing_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_capped_guest_is_held_back_and_lifting_the_cap_frees_it() {
+        let log = Arc::new(DiskWriteLog::new(1 << 20));
+        // No cap: no wait.
+        let t = Instant::now();
+        log.pace(8 << 20);
+        assert!(t.elapsed() < Duration::from_millis(50));
+        // 4 MiB/s: 2 MiB in 64 KiB writes takes at least ~0.4 s (at most
+        // 0.1 s of credit banks up, and none at the start).
+        log.set_write_limit(Some(4 << 20));
+        let t = Instant::now();
+        for _ in 0..32 {
+            log.pace(64 << 10);
+        }
+        assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+        // A write owing 16 s at 64 KiB/s ends when the cap is lifted.
+        log.set_write_limit(Some(64 << 10));
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                log.pace(1 << 20);
+                t.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        log.set_write_limit(None);
+        let waited = writer.join().expect("writer");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(log.write_limit(), None);
+    }
+}
