@@ -390,8 +390,12 @@ async fn receive_one(
     match result {
         Err(e) => {
             // Tell the source why (best effort), and leave nothing behind.
-            let _ = tx.send(&Message::Abort { reason: error_chain(&e) }).await;
-            let _ = tx.finish().await;
+            // Bounded: a source that is gone must not hold us up.
+            let tell = async {
+                let _ = tx.send(&Message::Abort { reason: error_chain(&e) }).await;
+                let _ = tx.finish().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), tell).await;
             if let Some(d) = disks {
                 d.discard();
             }

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request};
+use wanmig_vmm::control::{self, MigrateOutcome, Request};
 use wanmig_vmm::snapshot;
 use wanmig_vmm::testguest;
 
-use crate::harness::{Keys, Receiver, VmDir, VmProcess, require_kvm, run_to_end};
+use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm, run_to_end};
 
 /// A VM whose disk holds, past the `region_mib` the guest writes, 16 MiB
 /// of files (pseudo-random, some duplicated) and zeros, like a filesystem.
@@ -42,24 +42,6 @@ fn vm_with_data(guest: &str, region_mib: u64) -> VmDir {
         f.write_all_at(&block, mib << 20).expect("write");
     }
     vm
-}
-
-fn request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool) -> Request {
-    Request::Migrate {
-        migration: MigrateRequest {
-            dest: dest.to_string(),
-            identity: keys.src.clone(),
-            peer: keys.dst_fp.clone(),
-            downtime_ms: 300,
-            max_bandwidth_bps: None,
-            min_bandwidth_bps: None,
-            timeout_s: 120,
-            link_bandwidth_bps: None,
-            rtt_ms: None,
-            store: store.map(Path::to_path_buf),
-            sync,
-        },
-    }
 }
 
 /// Migrates (or syncs) through the VM's control socket; returns the summary.
@@ -145,7 +127,7 @@ fn a_move_back_sends_only_what_changed() {
     // A → B; A keeps its chunks.
     let b_dir = vm.path("b");
     let b = Receiver::copying(&keys, &keys.src_fp, &b_dir, &[]);
-    let first = move_vm(&src, &request(&b.addr, &keys, Some(&store_a), false), MigrateOutcome::Migrated);
+    let first = move_vm(&src, &migrate_request(&b.addr, &keys, Some(&store_a), false), MigrateOutcome::Migrated);
     b.wait_log("committed and running", Duration::from_secs(10));
     let at_b = VmProcess::at_socket(b_dir.join("wanmig-it.sock"));
     let pb = at_b.wait_for_progress(Duration::from_secs(60), |g| g.disk_done > 100);
@@ -153,7 +135,7 @@ fn a_move_back_sends_only_what_changed() {
     // B → A, into another directory of host A, against A's store.
     let back_dir = vm.path("a-again");
     let a_again = Receiver::copying(&keys, &keys.src_fp, &back_dir, &[OsStr::new("--store"), store_a.as_os_str()]);
-    let second = move_vm(&at_b, &request(&a_again.addr, &keys, None, false), MigrateOutcome::Migrated);
+    let second = move_vm(&at_b, &migrate_request(&a_again.addr, &keys, None, false), MigrateOutcome::Migrated);
     a_again.wait_log("committed and running", Duration::from_secs(10));
 
     let (d1, d2) = (disk_wire_bytes(&first), disk_wire_bytes(&second));
@@ -178,7 +160,7 @@ fn a_sync_keeps_the_vm_here_and_seeds_the_destination() {
     let dst_dir = vm.path("dr");
     let dst = Receiver::copying(&keys, &keys.src_fp, &dst_dir, &[]);
 
-    let synced = move_vm(&src, &request(&dst.addr, &keys, None, true), MigrateOutcome::Synced);
+    let synced = move_vm(&src, &migrate_request(&dst.addr, &keys, None, true), MigrateOutcome::Synced);
     dst.wait_log("disks synced", Duration::from_secs(10));
     assert!(dst_dir.join("disk.img").exists() && dst_dir.join("disk.img.replica").exists());
     // The VM still runs here.
@@ -186,7 +168,7 @@ fn a_sync_keeps_the_vm_here_and_seeds_the_destination() {
     assert_eq!(p.errors, 0);
 
     // The move itself sends only what changed since the sync.
-    let moved = move_vm(&src, &request(&dst.addr, &keys, None, false), MigrateOutcome::Migrated);
+    let moved = move_vm(&src, &migrate_request(&dst.addr, &keys, None, false), MigrateOutcome::Migrated);
     assert!(src.wait_exit(Duration::from_secs(10)).success());
     dst.wait_log("committed and running", Duration::from_secs(10));
     let (d1, d2) = (disk_wire_bytes(&synced), disk_wire_bytes(&moved));
@@ -235,8 +217,9 @@ fn a_full_destination_disk_fails_cleanly_and_the_source_runs_on() {
         &vm.path("dst"),
         &[OsStr::new("--disk-dir"), small.as_os_str(), OsStr::new("--store"), vm.path("store").as_os_str()],
     );
-    let resp = control::request_with_progress(src.socket(), &request(&dst.addr, &keys, None, false), &mut |_| {})
-        .expect("answer");
+    let resp =
+        control::request_with_progress(src.socket(), &migrate_request(&dst.addr, &keys, None, false), &mut |_| {})
+            .expect("answer");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     let error = resp.summary.as_ref().and_then(|s| s["error"].as_str()).unwrap_or("").to_string();
     assert!(error.contains("No space left on device"), "the source is told why: {error}");
@@ -297,7 +280,7 @@ fn disk_writes_under_a_bandwidth_cap_converge() {
     let write_rate = (p1.disk_done - p0.disk_done) as f64 * 4096.0 / t0.elapsed().as_secs_f64();
     let dst_dir = vm.path("dst");
     let dst = Receiver::copying(&keys, &keys.src_fp, &dst_dir, &[]);
-    let mut req = request(&dst.addr, &keys, None, false);
+    let mut req = migrate_request(&dst.addr, &keys, None, false);
     let Request::Migrate { migration } = &mut req else { unreachable!("built above") };
     migration.max_bandwidth_bps = Some(200_000_000);
     let s = move_vm(&src, &req, MigrateOutcome::Migrated);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use wanmig_vmm::control::{self, Request, TestGuestProgress};
+use wanmig_vmm::control::{self, MigrateRequest, Request, TestGuestProgress};
 
 /// The `wanmig` binary under test.
 pub fn wanmig() -> Command {
@@ -213,6 +213,26 @@ impl Drop for VmProcess {
 pub fn run_to_end(args: &[&std::ffi::OsStr]) -> (i32, String) {
     let out = wanmig().args(args).stdin(Stdio::null()).output().expect("run wanmig");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A `migrate` request from `keys.src` to `dest` with the defaults of
+/// `wanmig send` (300 ms downtime budget, a 120 s timeout).
+pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool) -> Request {
+    Request::Migrate {
+        migration: MigrateRequest {
+            dest: dest.to_string(),
+            identity: keys.src.clone(),
+            peer: keys.dst_fp.clone(),
+            downtime_ms: 300,
+            max_bandwidth_bps: None,
+            min_bandwidth_bps: None,
+            timeout_s: 120,
+            link_bandwidth_bps: None,
+            rtt_ms: None,
+            store: store.map(Path::to_path_buf),
+            sync,
+        },
+    }
 }
 
 /// Identities for a source and a destination, in `dir`.

@@ -4,11 +4,11 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request};
+use wanmig_vmm::control::{self, MigrateOutcome, Request};
 use wanmig_vmm::snapshot;
 use wanmig_vmm::testguest;
 
-use crate::harness::{Keys, Receiver, VmDir, VmProcess, require_kvm, run_to_end};
+use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm, run_to_end};
 
 fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str) -> Vec<&'a OsStr> {
     vec![
@@ -25,21 +25,7 @@ fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str)
 
 /// Migrates through the control socket, calling `on_event` with each progress event.
 fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&str)) -> control::Response {
-    let req = Request::Migrate {
-        migration: MigrateRequest {
-            dest: dest.to_string(),
-            identity: keys.src.clone(),
-            peer: keys.dst_fp.clone(),
-            downtime_ms: 300,
-            max_bandwidth_bps: None,
-            min_bandwidth_bps: None,
-            timeout_s: 120,
-            link_bandwidth_bps: None,
-            rtt_ms: None,
-            store: None,
-            sync: false,
-        },
-    };
+    let req = migrate_request(dest, keys, None, false);
     control::request_with_progress(src.socket(), &req, &mut |p| {
         on_event(p.get("event").and_then(|e| e.as_str()).unwrap_or(""))
     })

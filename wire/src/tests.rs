@@ -14,6 +14,18 @@ fn shape() -> VmShape {
     }
 }
 
+/// A minimal Hello of protocol `version`.
+fn hello(version: u16) -> Message {
+    Message::Hello {
+        version,
+        features: 0,
+        page_size: 4096,
+        migration_id: [0; 16],
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+    }
+}
+
 fn pages() -> Pages {
     let raw = [7u8; PAGE_SIZE];
     let mut b = PagesBuilder::new(3);
@@ -173,15 +185,7 @@ fn hostile_lengths_are_refused_before_allocation() {
     assert!(matches!(Message::decode(&[0]), Err(DecodeError::UnknownTag { .. })));
     assert!(matches!(Message::decode(&[200]), Err(DecodeError::UnknownTag { .. })));
     // A Hello with a huge string length.
-    let mut hello = Message::Hello {
-        version: 1,
-        features: 0,
-        page_size: 4096,
-        migration_id: [0; 16],
-        shape: shape(),
-        chunking: ChunkParams::DEFAULT,
-    }
-    .encode();
+    let mut hello = hello(1).encode();
     hello[4 + 1 + 2 + 8 + 4 + 16..4 + 1 + 2 + 8 + 4 + 16 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(Message::decode(&hello[4..]), Err(DecodeError::TooLarge { .. })));
     // Trailing bytes.
@@ -304,18 +308,7 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
         assert_eq!(Destination::AwaitHello.on_message(&m).is_ok(), allowed, "{}", m.name());
     }
     let receiving = Destination::Receiving { features: 0 };
-    for m in [
-        Message::Commit,
-        Message::Ready,
-        Message::Hello {
-            version: 1,
-            features: 0,
-            page_size: 4096,
-            migration_id: [0; 16],
-            shape: shape(),
-            chunking: ChunkParams::DEFAULT,
-        },
-    ] {
+    for m in [Message::Commit, Message::Ready, hello(1)] {
         assert!(receiving.clone().on_message(&m).is_err(), "{}", m.name());
     }
     assert!(Destination::Committed.on_message(&Message::Abort { reason: "x".into() }).is_err());
@@ -323,14 +316,7 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
     assert!(Source::Precopy { features: 0 }.commit().is_err(), "commit before Ready");
     assert!(Source::CommitSent.abort("late").is_err(), "no abort after commit");
     // Another protocol version or page size never gets past the hello.
-    let v2 = Message::Hello {
-        version: 2,
-        features: 0,
-        page_size: 4096,
-        migration_id: [0; 16],
-        shape: shape(),
-        chunking: ChunkParams::DEFAULT,
-    };
+    let v2 = hello(2);
     assert!(Destination::AwaitHello.on_message(&v2).is_err());
     // An Accept with features the source never offered is refused.
     assert!(
