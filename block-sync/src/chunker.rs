@@ -69,11 +69,6 @@ impl<'a> ImageChunker<'a> {
         ImageChunker { file, size, params, batch_bytes, read_at: 0, carry: Vec::new(), carry_at: 0 }
     }
 
-    /// Image bytes not yet returned in a batch.
-    pub fn remaining(&self) -> u64 {
-        self.size - self.carry_at
-    }
-
     /// The next batch, or `None` at the end. Every byte read is also fed to
     /// `digest`, in order.
     pub fn next_batch(&mut self, digest: &mut BlockDigest) -> io::Result<Option<Batch>> {

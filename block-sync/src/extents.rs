@@ -18,27 +18,6 @@ use crate::digest::{BLOCK, BlockDigest};
 
 const PAGES_PER_BLOCK: u64 = BLOCK / EXTENT_GRANULE;
 
-/// Extents `(offset, len)` of the set bits of `words`, clipped to `size`.
-pub fn extents_of(words: &[u64], size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (w, &word) in words.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let i = bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            let off = (w as u64 * 64 + i) * EXTENT_GRANULE;
-            if off >= size {
-                return out;
-            }
-            match out.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += EXTENT_GRANULE,
-                _ => out.push((off, EXTENT_GRANULE)),
-            }
-        }
-    }
-    out
-}
-
 /// Reads the pages a write log marks, a batch at a time.
 #[derive(Debug)]
 pub struct DirtyReader<'a> {
@@ -114,13 +93,6 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-
-    #[test]
-    fn runs_merge_and_clip() {
-        let words = [0b1110_0001u64, 1 << 63, 1];
-        assert_eq!(extents_of(&words, 1 << 30), vec![(0, 4096), (5 * 4096, 3 * 4096), (127 * 4096, 2 * 4096)]);
-        assert_eq!(extents_of(&words, 6 * 4096), vec![(0, 4096), (5 * 4096, 4096)]);
-    }
 
     #[test]
     fn batches_carry_exactly_the_written_pages_and_fresh_block_hashes() {

@@ -18,7 +18,6 @@ pub struct ImageWriter {
     file: File,
     size: u64,
     digest: BlockDigest,
-    written: u64,
 }
 
 impl ImageWriter {
@@ -26,7 +25,7 @@ impl ImageWriter {
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         file.set_len(size)?;
-        Ok(ImageWriter { path: path.to_owned(), file, size, digest: BlockDigest::new(size), written: 0 })
+        Ok(ImageWriter { path: path.to_owned(), file, size, digest: BlockDigest::new(size) })
     }
 
     /// Where it is.
@@ -37,11 +36,6 @@ impl ImageWriter {
     /// Its size.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Bytes written so far (chunks and extents).
-    pub fn written(&self) -> u64 {
-        self.written
     }
 
     /// Writes `data` at `offset`, which must lie inside the image.
@@ -55,7 +49,6 @@ impl ImageWriter {
         }
         self.file.write_all_at(data, offset)?;
         self.digest.mark(offset, data.len() as u64);
-        self.written += data.len() as u64;
         Ok(())
     }
 

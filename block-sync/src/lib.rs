@@ -27,5 +27,5 @@ pub mod throttle;
 
 pub use chunker::{Batch, CutChunk, ImageChunker};
 pub use digest::{BLOCK, BlockDigest};
-pub use extents::{DirtyReader, extents_of};
+pub use extents::DirtyReader;
 pub use image::ImageWriter;

@@ -396,27 +396,17 @@ async fn receive_one(
                 let _ = tx.finish().await;
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), tell).await;
-            if let Some(d) = disks {
-                d.discard();
-            }
+            drop(disks); // removes the incoming images
             Err(e)
         }
         Ok((dst, ready_vm)) => {
+            // Anything but Commit ends the attempt; returning drops (and
+            // so removes) the incoming images.
             let commit =
-                rx.recv_timeout(COMMIT_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Commit".into()));
-            let dst = commit.map_err(ReceiveError::from).and_then(|c| Ok(dst.on_message(&c)?));
-            let dst = match dst {
-                Ok(d) if d.owns_vm() => d,
-                Ok(Destination::Aborted(reason)) => {
-                    drop(disks);
-                    return Err(ReceiveError::Aborted(reason));
-                }
-                other => {
-                    drop(disks);
-                    return Err(other.err().unwrap_or(ReceiveError::BadInput("no commit".into())));
-                }
-            };
-            let _ = dst;
+                rx.recv_timeout(COMMIT_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Commit".into()))?;
+            if let Destination::Aborted(reason) = dst.on_message(&commit)? {
+                return Err(ReceiveError::Aborted(reason));
+            }
             // Committed: the VM (or the replica) is ours, whatever happens
             // to the acknowledgement.
             let installed = match disks {
@@ -502,6 +492,11 @@ async fn transfer(
     let drained = t_state.elapsed();
     if let Some(d) = &inc.disks {
         d.check_complete()?;
+        let s = d.stats;
+        log(format!(
+            "disks verified: {} chunks copied from the local store, {} received, {} found corrupt in the store and fetched again",
+            s.from_store, s.received, s.corrupt
+        ));
     }
     failpoint("receive-exit-before-ready");
     if sync {

@@ -278,9 +278,6 @@ impl DestDisks {
         }
         Ok(paths)
     }
-
-    /// A failed attempt: removes the incoming images (as dropping does).
-    pub fn discard(self) {}
 }
 
 impl Drop for DestDisks {
@@ -326,7 +323,7 @@ mod tests {
         assert!(e.is_err());
         assert!(disks.on_chunk(&Chunk { disk: 1, offset: 0, id, data: good }).is_err(), "no disk 1");
         assert!(dir.path().join("disk.img.0a0b.incoming").exists());
-        disks.discard();
+        drop(disks);
         assert!(!dir.path().join("disk.img.0a0b.incoming").exists());
     }
 

@@ -179,7 +179,6 @@ impl DiskCopy {
                         need.disk, need.seq, disk.index
                     )));
                 }
-                self.stats.chunks_present += batch.chunks.iter().filter(|c| c.id.is_some()).count() as u64;
                 for &i in &need.chunks {
                     let c = batch.chunks.get(i as usize).filter(|c| c.id.is_some()).ok_or_else(|| {
                         SendError::Peer(format!("the destination needs chunk {i} of manifest {seq}, which it lacks"))
@@ -193,9 +192,11 @@ impl DiskCopy {
                     });
                     bulk.send_message(&msg, wire).await?;
                     self.stats.chunks_sent += 1;
-                    self.stats.chunks_present -= 1;
                     self.stats.chunk_bytes_sent += u64::from(c.len);
                 }
+                // Every index named a distinct chunk with an id (checked above).
+                let with_id = batch.chunks.iter().filter(|c| c.id.is_some()).count();
+                self.stats.chunks_present += (with_id - need.chunks.len()) as u64;
                 done += batch.data.len() as u64;
                 progress(&Event::Disk {
                     phase: "copy".into(),
@@ -267,7 +268,8 @@ impl DiskCopy {
         let round =
             DiskRound { pending, last_pending: self.last_pending, secs, capacity: self.best_rate.max(link_rate) };
         self.last_pending = Some(pending);
-        let current = self.stats.write_limit.filter(|_| self.disks.iter().any(|d| d.log.write_limit().is_some()));
+        // The cap stays until the migration ends, so the last one set is in force.
+        let current = self.stats.write_limit;
         let Some(next) = next_write_limit(current, &round).filter(|&n| Some(n) != current) else { return };
         // The cap is for all disks together.
         let each = (next / self.disks.len().max(1) as u64).max(MIN_WRITE_LIMIT / 4);

@@ -461,8 +461,7 @@ async fn run_session(
         d.first_copy(&mut ctl_tx, &mut bulk, bytes, &mut msgs, session, deadline, progress).await?;
         // A round boundary: the destination hashes what the first copy
         // wrote now, not inside the stop-and-copy.
-        summary.bytes.total +=
-            bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut WireBytes::default()).await? as u64;
+        bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut summary.bytes).await?;
         round_applied(&mut msgs, session, deadline, round).await?;
         round += 1;
         let disk_started = Instant::now();
@@ -480,8 +479,7 @@ async fn run_session(
             let on_wire = summary.bytes.disk;
             let sent = d.send_pending(&mut bulk, &mut summary.bytes).await?;
             let on_wire = summary.bytes.disk - on_wire;
-            summary.bytes.total +=
-                bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut WireBytes::default()).await? as u64;
+            bulk.send_message(&Message::RoundDone { round, pages: 0 }, &mut summary.bytes).await?;
             round_applied(&mut msgs, session, deadline, round).await?;
             let secs = t.elapsed().as_secs_f64();
             let written = d.harvest();
@@ -534,8 +532,7 @@ async fn run_session(
     if let Some(d) = &mut disks {
         d.finish(&mut bulk, &mut summary.bytes).await?;
     }
-    summary.bytes.total +=
-        bulk.send_message(&Message::RoundDone { round, pages: last_pages }, &mut WireBytes::default()).await? as u64;
+    bulk.send_message(&Message::RoundDone { round, pages: last_pages }, &mut summary.bytes).await?;
     bulk.stream.finish().await?;
     let since_pause = || paused_at.elapsed().as_secs_f64() * 1e3;
     summary.downtime_breakdown.last_pages_ms = since_pause();
@@ -623,8 +620,7 @@ async fn precopy_memory(
         };
         let (disk_sent, disk_wire, pages, bytes) =
             tokio::time::timeout(left, sending).await.map_err(|_| SendError::Timeout(opts.timeout))??;
-        summary.bytes.total +=
-            bulk.send_message(&Message::RoundDone { round: r, pages }, &mut WireBytes::default()).await? as u64;
+        bulk.send_message(&Message::RoundDone { round: r, pages }, &mut summary.bytes).await?;
         // The round ends when the destination has applied it: the rate that
         // matters is the rate at which pages land, not at which they leave.
         round_applied(msgs, session, deadline, r).await?;

@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wanmig_vmm::control::{self, MigrateOutcome, Request};
-use wanmig_vmm::snapshot;
-use wanmig_vmm::testguest;
 
-use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm, run_to_end};
+use crate::harness::{Keys, Receiver, VmDir, VmProcess, check_guest, migrate_request, require_kvm, run_to_end};
 
 /// A VM whose disk holds, past the `region_mib` the guest writes, 16 MiB
 /// of files (pseudo-random, some duplicated) and zeros, like a filesystem.
@@ -59,15 +57,6 @@ fn incoming_images(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn disk_wire_bytes(summary: &Value) -> u64 {
     summary["bytes"]["disk"].as_u64().expect("disk bytes")
-}
-
-/// Checks the guest through a snapshot: memory, and the disk at `disk`.
-fn check_guest(vm: &VmProcess, dir: &Path, disk: &Path) {
-    vm.snapshot(dir);
-    let (_, ram) = snapshot::load_for_inspection(dir).expect("snapshot");
-    let m = testguest::check_memory(ram.mem(), &ram.regions()).expect("memory oracle");
-    let image = std::fs::read(disk).expect("disk");
-    testguest::check_disk(&image, &m.status).expect("disk oracle");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use wanmig_vmm::control::{self, MigrateRequest, Request, TestGuestProgress};
+use wanmig_vmm::{snapshot, testguest};
 
 /// The `wanmig` binary under test.
 pub fn wanmig() -> Command {
@@ -213,6 +214,17 @@ impl Drop for VmProcess {
 pub fn run_to_end(args: &[&std::ffi::OsStr]) -> (i32, String) {
     let out = wanmig().args(args).stdin(Stdio::null()).output().expect("run wanmig");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Checks the guest through a snapshot in `dir`: memory oracle, and disk
+/// oracle on the image at `disk`.
+pub fn check_guest(vm: &VmProcess, dir: &Path, disk: &Path) -> testguest::MemoryReport {
+    vm.snapshot(dir);
+    let (_, ram) = snapshot::load_for_inspection(dir).expect("snapshot");
+    let m = testguest::check_memory(ram.mem(), &ram.regions()).expect("memory oracle");
+    let image = std::fs::read(disk).expect("disk");
+    testguest::check_disk(&image, &m.status).expect("disk oracle");
+    m
 }
 
 /// A `migrate` request from `keys.src` to `dest` with the defaults of

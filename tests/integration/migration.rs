@@ -5,10 +5,8 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use wanmig_vmm::control::{self, MigrateOutcome, Request};
-use wanmig_vmm::snapshot;
-use wanmig_vmm::testguest;
 
-use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm, run_to_end};
+use crate::harness::{Keys, Receiver, VmDir, VmProcess, check_guest, migrate_request, require_kvm, run_to_end};
 
 fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str) -> Vec<&'a OsStr> {
     vec![
@@ -30,16 +28,6 @@ fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&s
         on_event(p.get("event").and_then(|e| e.as_str()).unwrap_or(""))
     })
     .expect("the VM process answers")
-}
-
-/// Checks the guest through a snapshot: memory and disk oracles.
-fn check_guest(vm: &VmProcess, dir: &std::path::Path, disk: &std::path::Path) -> testguest::MemoryReport {
-    vm.snapshot(dir);
-    let (_, ram) = snapshot::load_for_inspection(dir).expect("snapshot");
-    let m = testguest::check_memory(ram.mem(), &ram.regions()).expect("memory oracle");
-    let image = std::fs::read(disk).expect("disk");
-    testguest::check_disk(&image, &m.status).expect("disk oracle");
-    m
 }
 
 #[test]
