@@ -16,15 +16,27 @@
 //! disk_mib = 1               # size of the disk region the guest cycles over (default 1)
 //! disk_scatter = false       # scatter the 4 KiB writes over the region (default: in order)
 //!
-//! [[disk]]                   # zero or more, at most 8; raw images
+//! [[disk]]                   # zero or more; raw images
 //! path = "disk.img"
 //! read_only = false          # default false
+//!
+//! [[net]]                    # zero or more virtio-net NICs, each on a host TAP
+//! tap = "tap0"               # required: the TAP interface (created if missing), at most 15 bytes
+//! mac = "52:54:00:12:34:56"  # required: the guest's unicast MAC
+//! ip = "10.0.0.2/24"         # optional: the guest's IPv4 address and prefix
+//! gateway = "10.0.0.1"       # optional: its default gateway, inside that prefix
 //! ```
+//!
+//! Disks and NICs together take at most 8 virtio-mmio slots: disks first,
+//! in order, then NICs. The test guest answers on the first NIC's `ip`.
 //!
 //! Relative paths are relative to the directory of `vm.toml`. Unknown keys
 //! are errors that name the key; so are impossible values.
 
+use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::Deserialize;
 
@@ -56,6 +68,8 @@ pub struct VmConfig {
     pub guest: Option<GuestConfig>,
     /// Raw disk images, attached as virtio-blk devices in this order.
     pub disks: Vec<DiskConfig>,
+    /// NICs, attached as virtio-net devices in this order, after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Destination of the guest's serial console.
@@ -119,6 +133,125 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// One virtio-net NIC on a host TAP interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the host TAP interface.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+    /// The guest's IPv4 address, if the configuration gives one.
+    pub ip: Option<Ipv4Cidr>,
+    /// The guest's default gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// An Ethernet MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Whether it can be a NIC's own address: not multicast (nor
+    /// broadcast), not all zeros.
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    /// Six two-digit hex octets separated by `:`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a MAC address (six hex octets separated by ':')");
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut mac {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *octet = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// An IPv4 address with the prefix length of its subnet (`10.0.0.2/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 1 ..= 32.
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// Whether `other` is in this address's subnet.
+    pub fn contains(&self, other: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+        u32::from(self.addr) & mask == u32::from(other) & mask
+    }
+
+    /// The subnet's broadcast address.
+    fn broadcast(&self) -> Ipv4Addr {
+        let host = u32::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) | host)
+    }
+
+    /// The subnet's own address (host part zero).
+    fn network(&self) -> Ipv4Addr {
+        let host = u32::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) & !host)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    /// `A.B.C.D/N`, N in 1 ..= 32, a host address of its subnet (not
+    /// unspecified, loopback, multicast, or, below /31, the subnet's
+    /// network or broadcast address).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) =
+            s.split_once('/').ok_or_else(|| format!("`{s}` is not an IPv4 address with a prefix (A.B.C.D/N)"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+        let prefix: u8 =
+            p.parse().ok().filter(|n| (1..=32).contains(n)).ok_or_else(|| format!("prefix `/{p}` is not in 1..=32"))?;
+        let c = Ipv4Cidr { addr, prefix };
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() || addr.is_broadcast() {
+            return Err(format!("{addr} cannot be a host's address"));
+        }
+        if prefix <= 30 && (addr == c.network() || addr == c.broadcast()) {
+            return Err(format!("{addr} is the network or broadcast address of {}/{prefix}", c.network()));
+        }
+        Ok(c)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A `[[net]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNet {
+    tap: String,
+    mac: String,
+    ip: Option<String>,
+    gateway: Option<String>,
+}
+
 /// The file as written, before validation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +265,8 @@ struct RawConfig {
     guest: Option<GuestConfig>,
     #[serde(default, rename = "disk")]
     disks: Vec<DiskConfig>,
+    #[serde(default, rename = "net")]
+    nets: Vec<RawNet>,
 }
 
 fn default_vcpus() -> u64 {
@@ -218,10 +353,29 @@ impl VmConfig {
         if let Some(GuestConfig::Test(t)) = &raw.guest {
             check_test_guest(t, raw.memory_mib, disks_configured).map_err(|(key, reason)| invalid(key, reason))?;
         }
-        if raw.disks.len() > layout::VIRTIO_MMIO_SLOTS {
-            return Err(invalid("disk", format!("{} disks; at most {}", raw.disks.len(), layout::VIRTIO_MMIO_SLOTS)));
+        if raw.disks.len() + raw.nets.len() > layout::VIRTIO_MMIO_SLOTS {
+            return Err(invalid(
+                if raw.nets.is_empty() { "disk" } else { "net" },
+                format!(
+                    "{} disks and {} NICs; at most {} devices in all",
+                    raw.disks.len(),
+                    raw.nets.len(),
+                    layout::VIRTIO_MMIO_SLOTS
+                ),
+            ));
         }
         let disks = raw.disks.iter().map(|d| DiskConfig { path: resolve(&d.path), read_only: d.read_only }).collect();
+        let mut nets: Vec<NetConfig> = Vec::with_capacity(raw.nets.len());
+        for n in &raw.nets {
+            let net = check_net(n).map_err(|(key, reason)| invalid(key, reason))?;
+            if nets.iter().any(|o| o.tap == net.tap) {
+                return Err(invalid("net.tap", format!("`{}` is used by two NICs", net.tap)));
+            }
+            if nets.iter().any(|o| o.mac == net.mac) {
+                return Err(invalid("net.mac", format!("{} is used by two NICs", net.mac)));
+            }
+            nets.push(net);
+        }
         Ok(VmConfig {
             name: raw.name,
             memory_mib: raw.memory_mib,
@@ -230,6 +384,7 @@ impl VmConfig {
             serial,
             guest: raw.guest,
             disks,
+            nets,
         })
     }
 
@@ -237,6 +392,37 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+/// Checks one `[[net]]` table; the error names the key.
+fn check_net(n: &RawNet) -> Result<NetConfig, (&'static str, String)> {
+    if !crate::devices::tap::is_valid_name(&n.tap) {
+        return Err((
+            "net.tap",
+            format!(
+                "`{}` is not an interface name (1 to {} bytes, no '/', ':' or whitespace)",
+                n.tap,
+                crate::devices::tap::MAX_NAME_LEN
+            ),
+        ));
+    }
+    let mac: MacAddr = n.mac.parse().map_err(|e| ("net.mac", e))?;
+    if !mac.is_unicast() {
+        return Err(("net.mac", format!("{mac} is not a unicast address (multicast bit set, or all zeros)")));
+    }
+    let ip = n.ip.as_deref().map(str::parse::<Ipv4Cidr>).transpose().map_err(|e| ("net.ip", e))?;
+    let gateway = match (n.gateway.as_deref(), ip) {
+        (None, _) => None,
+        (Some(_), None) => return Err(("net.gateway", "a gateway needs the NIC's `ip`".into())),
+        (Some(g), Some(ip)) => {
+            let g: Ipv4Addr = g.parse().map_err(|_| ("net.gateway", format!("`{g}` is not an IPv4 address")))?;
+            if !ip.contains(g) || g == ip.addr {
+                return Err(("net.gateway", format!("{g} is not another address in {}/{}", ip.network(), ip.prefix)));
+            }
+            Some(g)
+        }
+    };
+    Ok(NetConfig { tap: n.tap.clone(), mac, ip, gateway })
 }
 
 /// Checks the test guest's parameters; the error names the key.
@@ -331,5 +517,77 @@ mod tests {
         assert!(e.contains("memory_mib"), "{e}");
         let no_disk = GOOD.replace("[[disk]]\n        path = \"d.img\"", "");
         assert!(error_of(&no_disk).contains("`guest.disk_kib`"));
+    }
+
+    const NET: &str =
+        "\n[[net]]\ntap = \"tap0\"\nmac = \"52:54:00:12:34:56\"\nip = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n";
+
+    #[test]
+    fn nics_follow_the_disks() {
+        let c = parse(&format!("{GOOD}{NET}[[net]]\ntap = \"tap1\"\nmac = \"52:54:00:00:00:01\"\n")).expect("valid");
+        assert_eq!(c.nets.len(), 2);
+        let n = &c.nets[0];
+        assert_eq!((n.tap.as_str(), n.mac), ("tap0", MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+        assert_eq!(n.ip, Some(Ipv4Cidr { addr: Ipv4Addr::new(10, 0, 0, 2), prefix: 24 }));
+        assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!((c.nets[1].ip, c.nets[1].gateway), (None, None));
+        assert_eq!(n.mac.to_string(), "52:54:00:12:34:56");
+        assert_eq!(n.ip.expect("ip").to_string(), "10.0.0.2/24");
+        assert!(parse(GOOD).expect("valid").nets.is_empty());
+    }
+
+    #[test]
+    fn bad_nics_name_the_key() {
+        for (from, to, key) in [
+            ("52:54:00:12:34:56", "52:54:00:12:34", "net.mac"),
+            ("52:54:00:12:34:56", "52:54:00:12:34:56:78", "net.mac"),
+            ("52:54:00:12:34:56", "52-54-00-12-34-56", "net.mac"),
+            ("52:54:00:12:34:56", "52:54:00:12:34:5g", "net.mac"),
+            ("52:54:00:12:34:56", "01:00:5e:00:00:01", "net.mac"),
+            ("52:54:00:12:34:56", "ff:ff:ff:ff:ff:ff", "net.mac"),
+            ("52:54:00:12:34:56", "00:00:00:00:00:00", "net.mac"),
+            ("10.0.0.2/24", "10.0.0.2", "net.ip"),
+            ("10.0.0.2/24", "10.0.0.2/33", "net.ip"),
+            ("10.0.0.2/24", "10.0.0.2/0", "net.ip"),
+            ("10.0.0.2/24", "10.0.0.0/24", "net.ip"),
+            ("10.0.0.2/24", "10.0.0.255/24", "net.ip"),
+            ("10.0.0.2/24", "10.0.0.300/24", "net.ip"),
+            ("10.0.0.2/24", "127.0.0.2/8", "net.ip"),
+            ("10.0.0.2/24", "224.0.0.1/24", "net.ip"),
+            ("10.0.0.1\"", "10.0.1.1\"", "net.gateway"),
+            ("10.0.0.1\"", "10.0.0.2\"", "net.gateway"),
+            ("10.0.0.1\"", "gw\"", "net.gateway"),
+            ("tap0", "", "net.tap"),
+            ("tap0", "much-too-long-tap", "net.tap"),
+            ("tap0", "a/b", "net.tap"),
+        ] {
+            let e = error_of(&format!("{GOOD}{}", NET.replace(from, to)));
+            assert!(e.contains(&format!("`{key}`")), "{to}: {e}");
+        }
+        let no_ip = NET.replace("ip = \"10.0.0.2/24\"\n", "");
+        assert!(error_of(&format!("{GOOD}{no_ip}")).contains("`net.gateway`"));
+        // Unknown and missing keys are named by toml.
+        let e = error_of(&format!("{GOOD}{NET}mtu = 9000\n"));
+        assert!(e.contains("mtu"), "{e}");
+        let e = error_of(&format!("{GOOD}{}", NET.replace("tap = \"tap0\"\n", "")));
+        assert!(e.contains("tap"), "{e}");
+        // Two NICs on one TAP, or with one MAC.
+        let other_mac = NET.replace("52:54:00:12:34:56", "52:54:00:12:34:57");
+        assert!(error_of(&format!("{GOOD}{NET}{other_mac}")).contains("`net.tap`"));
+        let other_tap = NET.replace("tap0", "tap1");
+        assert!(error_of(&format!("{GOOD}{NET}{other_tap}")).contains("`net.mac`"));
+    }
+
+    #[test]
+    fn disks_and_nics_share_the_slots() {
+        let disks = "[[disk]]\npath = \"d.img\"\n".repeat(layout::VIRTIO_MMIO_SLOTS - 2);
+        let nic = |i: usize| format!("[[net]]\ntap = \"t{i}\"\nmac = \"52:54:00:00:00:{i:02x}\"\n");
+        let base = format!("{GOOD}{disks}");
+        // GOOD has one disk: 1 + 6 + 1 NIC = 8 fits, a second NIC does not.
+        assert!(parse(&format!("{base}{}", nic(1))).is_ok());
+        let e = error_of(&format!("{base}{}{}", nic(1), nic(2)));
+        assert!(e.contains("`net`") && e.contains("at most 8"), "{e}");
+        let e = error_of(&format!("{base}{disks}"));
+        assert!(e.contains("`disk`"), "{e}");
     }
 }

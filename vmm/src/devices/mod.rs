@@ -1,6 +1,7 @@
 //! Emulated devices and the dispatch of port and MMIO exits to them.
 
 pub mod block;
+pub mod tap;
 pub mod serial;
 pub mod virtio_mmio;
 
