@@ -79,6 +79,7 @@ fn qemu_boots_the_test_guest_and_its_disk_passes_the_oracle() {
         ticks: 0,
         first_error_gpa: 0,
         disk_stride: 1,
+        ..GuestStatus::default()
     };
     assert_eq!(testguest::check_disk(&image, &status), Ok(writes));
     assert!(writes >= 2 * 64, "{writes} writes after 3 s of guest time at 64 blocks/s");

@@ -142,11 +142,33 @@ pub struct TestGuestProgress {
     pub errors: u64,
     /// Timer ticks (10 ms).
     pub ticks: u64,
+    /// Whether the guest drives a NIC.
+    #[serde(default)]
+    pub net_up: bool,
+    /// Frames it received.
+    #[serde(default)]
+    pub net_rx: u64,
+    /// Frames it sent.
+    #[serde(default)]
+    pub net_tx: u64,
+    /// Replies of its UDP sequence service so far.
+    #[serde(default)]
+    pub udp_seq: u64,
 }
 
 impl From<GuestStatus> for TestGuestProgress {
     fn from(s: GuestStatus) -> Self {
-        TestGuestProgress { phase: s.phase, steps: s.steps, disk_done: s.disk_done, errors: s.errors, ticks: s.ticks }
+        TestGuestProgress {
+            phase: s.phase,
+            steps: s.steps,
+            disk_done: s.disk_done,
+            errors: s.errors,
+            ticks: s.ticks,
+            net_up: s.net_base != 0,
+            net_rx: s.net_rx,
+            net_tx: s.net_tx,
+            udp_seq: s.udp_seq,
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 //! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the
 //!   VMM's own bitmap of device writes).
 //! - [`vcpu`]: vCPU setup, run loop, register state.
-//! - [`devices`]: the 8250 console and virtio-blk over virtio-mmio, whose
-//!   writes feed a per-disk write log.
+//! - [`devices`]: the 8250 console, and over virtio-mmio virtio-blk (whose
+//!   writes feed a per-disk write log) and virtio-net on a host TAP.
 //! - [`boot`]: the multiboot loader; [`testguest`]: the built-in guest and
 //!   its oracle.
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.

@@ -5,7 +5,8 @@
 //! `wanmig testguest --write FILE` saves it. It stamps every page of RAM from
 //! 2 MiB up with a pattern, walks a working set incrementing a generation
 //! counter, writes generation-stamped blocks to its first virtio-blk disk,
-//! and keeps its own status page at [`STATUS_GPA`]. `vmm/testguest/abi.h` is
+//! answers ARP, ICMP echo and a UDP sequence service ([`UDP_SEQ_PORT`]) on
+//! its first virtio-net NIC, and keeps its own status page at [`STATUS_GPA`]. `vmm/testguest/abi.h` is
 //! the contract; the constants here mirror it.
 //!
 //! After any save/restore or migration the oracle ([`check_memory`],
@@ -22,7 +23,7 @@ use std::fmt::Write as _;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::config::TestGuestConfig;
+use crate::config::{NetConfig, TestGuestConfig};
 use crate::memory::GuestMem;
 
 /// The guest image (a multiboot ELF).
@@ -42,11 +43,18 @@ pub const STATUS_MAGIC: u64 = 0x574d_4753_5441_5431;
 pub const DISK_SCATTER_STRIDE: u64 = 40503;
 /// Phase: stamping done, working set and disk writer running.
 pub const PHASE_RUNNING: u64 = 2;
+/// UDP port of the guest's sequence service: each reply is the next value
+/// of a counter in the status page (8 bytes, big-endian, starting at 1)
+/// followed by the request's payload, truncated to [`UDP_SEQ_MAX_ECHO`].
+pub const UDP_SEQ_PORT: u16 = 7;
+/// Most payload bytes the sequence service echoes.
+pub const UDP_SEQ_MAX_ECHO: usize = 1024;
 const PAGE: u64 = 4096;
 const BLOCK: usize = 4096;
 
-/// The guest's command line for `cfg`.
-pub fn cmdline(cfg: &TestGuestConfig) -> String {
+/// The guest's command line for `cfg`; the guest drives the first NIC of
+/// `nets` if it has an address.
+pub fn cmdline(cfg: &TestGuestConfig, nets: &[NetConfig]) -> String {
     let mut s = format!("ws_mib={} disk_kib={} disk_mib={}", cfg.ws_mib, cfg.disk_kib, cfg.disk_mib);
     if cfg.disk_scatter {
         s.push_str(" disk_scatter=1");
@@ -56,11 +64,16 @@ pub fn cmdline(cfg: &TestGuestConfig) -> String {
     } else {
         let _ = write!(s, " rate_mib={}", cfg.rate_mib);
     }
+    if let Some(net) = nets.first()
+        && let Some(ip) = net.ip
+    {
+        let _ = write!(s, " net_ip={} net_mac={}", ip.addr, net.mac);
+    }
     s
 }
 
 /// The guest's status page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GuestStatus {
     /// 0 booting, 1 stamping, 2 running.
     pub phase: u64,
@@ -84,6 +97,16 @@ pub struct GuestStatus {
     pub first_error_gpa: u64,
     /// Write `seq` goes to block `seq * disk_stride % disk_blocks`.
     pub disk_stride: u64,
+    /// virtio-mmio base of the NIC the guest drives; 0: none.
+    pub net_base: u64,
+    /// Frames the guest received.
+    pub net_rx: u64,
+    /// Frames the guest sent.
+    pub net_tx: u64,
+    /// Frames received and not answered (not for it, or malformed).
+    pub net_dropped: u64,
+    /// Replies of the UDP sequence service so far (the last one carried it).
+    pub udp_seq: u64,
 }
 
 /// What the oracle found wrong.
@@ -161,7 +184,7 @@ pub enum OracleError {
 
 /// Reads the status page from guest memory.
 pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
-    let mut w = [0u64; 12];
+    let mut w = [0u64; 17];
     for (i, word) in w.iter_mut().enumerate() {
         *word = mem.read_obj(GuestAddress(STATUS_GPA + 8 * i as u64)).map_err(|_| OracleError::NoStatus(0))?;
     }
@@ -180,6 +203,11 @@ pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
         ticks: w[9],
         first_error_gpa: w[10],
         disk_stride: w[11],
+        net_base: w[12],
+        net_rx: w[13],
+        net_tx: w[14],
+        net_dropped: w[15],
+        udp_seq: w[16],
     })
 }
 
@@ -344,6 +372,8 @@ mod tests {
             ("DISK_MAGIC", DISK_MAGIC),
             ("STATUS_MAGIC", STATUS_MAGIC),
             ("PHASE_RUNNING", PHASE_RUNNING),
+            ("UDP_SEQ_PORT", u64::from(UDP_SEQ_PORT)),
+            ("UDP_SEQ_MAX_ECHO", UDP_SEQ_MAX_ECHO as u64),
         ] {
             let line = abi.lines().find(|l| l.starts_with(&format!("#define {name} "))).expect(name);
             let text = line.split_whitespace().nth(2).expect("value").trim_end_matches("ull");
@@ -366,6 +396,7 @@ mod tests {
             ticks: 0,
             first_error_gpa: 0,
             disk_stride: 1,
+            ..GuestStatus::default()
         }
     }
 

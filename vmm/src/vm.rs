@@ -18,8 +18,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{GuestConfig, SerialOutput, VmConfig};
 use crate::devices::block::{Block, DiskWriteLog};
+use crate::devices::net::{self, Net, RxPass, RxSignal, RxThread};
 use crate::devices::serial::{ConsoleOut, SerialConsole};
-use crate::devices::virtio_mmio::{DeviceSnapshot, MmioTransport};
+use crate::devices::tap::{Tap, TapError};
+use crate::devices::virtio_mmio::{DeviceSnapshot, MmioSnapshot, MmioTransport};
 use crate::devices::{Devices, lock};
 use crate::memory::{DirtyPages, GuestRam};
 use crate::snapshot::{self, VmState};
@@ -66,6 +68,18 @@ pub enum VmError {
         #[source]
         source: crate::devices::block::BlockError,
     },
+    /// A NIC's TAP could not be attached.
+    #[error("cannot attach a NIC")]
+    Tap(#[source] TapError),
+    /// A NIC could not be set up or restored.
+    #[error("NIC on TAP {tap}")]
+    Net {
+        /// The TAP.
+        tap: String,
+        /// The cause.
+        #[source]
+        source: net::NetError,
+    },
     /// The serial output could not be opened.
     #[error("cannot open serial output {path}")]
     Serial {
@@ -88,7 +102,7 @@ pub enum VmError {
     #[error(transparent)]
     MemoryFile(#[from] snapshot::MemoryFileError),
     /// The snapshot does not fit the configured VM.
-    #[error("snapshot does not match the configuration: {0}")]
+    #[error("the saved VM does not match the configuration: {0}")]
     Shape(String),
     /// The operation needs the VM in another run state.
     #[error("the VM is {0}")]
@@ -141,6 +155,8 @@ pub struct Vm {
     ctl: Arc<vcpu::RunControl>,
     devices: Arc<Devices>,
     disk_logs: Vec<Arc<DiskWriteLog>>,
+    nics: Vec<Nic>,
+    rx_threads: Vec<RxThread>,
     stop_tx: Sender<(u8, vcpu::GuestStop)>,
     stop_rx: Receiver<(u8, vcpu::GuestStop)>,
     msr_indices: Vec<u32>,
@@ -149,6 +165,14 @@ pub struct Vm {
     vm_fd: VmFd,
     kvm: Kvm,
     ram: GuestRam,
+}
+
+/// A NIC's pieces its RX thread needs.
+#[derive(Debug)]
+struct Nic {
+    slot: usize,
+    tap: Arc<Tap>,
+    signal: Arc<RxSignal>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -228,12 +252,36 @@ impl Vm {
                     MmioTransport::new(Box::new(block), irq, ram.mem().clone())
                 }
                 Some(s) => {
-                    let DeviceSnapshot::Block(b) = &s.device;
+                    let DeviceSnapshot::Block(b) = &s.device else {
+                        return Err(VmError::Shape(format!("slot {slot}: no disk was saved there")));
+                    };
                     let block = Block::restore(file, disk.read_only, &id, b).map_err(block_err)?;
                     disk_logs.push(block.write_log());
                     MmioTransport::restore(Box::new(block), irq, ram.mem().clone(), s)
                         .map_err(|e| VmError::DeviceState(e.to_string()))?
                 }
+            };
+            virtio.push(Mutex::new(transport));
+        }
+        let mut nics = Vec::new();
+        for (slot, nic) in (config.disks.len()..).zip(&config.nets) {
+            let net_err = |source| VmError::Net { tap: nic.tap.clone(), source };
+            let tap = Arc::new(Tap::open(&nic.tap).map_err(VmError::Tap)?);
+            let irq = irqfd(layout::VIRTIO_IRQ_BASE + slot as u32)?;
+            let (device, transport_state) = match saved.map(|s| &s.virtio[slot]) {
+                None => (Net::new(tap.clone(), nic.mac).map_err(net_err)?, None),
+                Some(s) => {
+                    let DeviceSnapshot::Net(n) = &s.device else {
+                        return Err(VmError::Shape(format!("slot {slot}: no NIC was saved there")));
+                    };
+                    (Net::restore(tap.clone(), nic.mac, n).map_err(net_err)?, Some(s))
+                }
+            };
+            nics.push(Nic { slot, tap, signal: device.rx_signal() });
+            let transport = match transport_state {
+                None => MmioTransport::new(Box::new(device), irq, ram.mem().clone()),
+                Some(s) => MmioTransport::restore(Box::new(device), irq, ram.mem().clone(), s)
+                    .map_err(|e| VmError::DeviceState(e.to_string()))?,
             };
             virtio.push(Mutex::new(transport));
         }
@@ -255,6 +303,8 @@ impl Vm {
             ctl: Arc::new(vcpu::RunControl::new()),
             devices,
             disk_logs,
+            nics,
+            rx_threads: Vec::new(),
             stop_tx,
             stop_rx,
             msr_indices: Vec::new(),
@@ -279,7 +329,12 @@ impl Vm {
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
         let Some(GuestConfig::Test(t)) = &config.guest else { return Err(VmError::NoGuest) };
         let vm = Self::build(config, None, None)?;
-        let entry = boot::load_multiboot(vm.ram.mem(), testguest::IMAGE, &testguest::cmdline(t), &vm.ram.regions())?;
+        let entry = boot::load_multiboot(
+            vm.ram.mem(),
+            testguest::IMAGE,
+            &testguest::cmdline(t, &config.nets),
+            &vm.ram.regions(),
+        )?;
         vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
         vm.spawn_threads()
     }
@@ -318,6 +373,20 @@ impl Vm {
                 .spawn(move || vcpu::run_thread(id, fd, ctl, devices, tx))
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
+        }
+        for nic in &self.nics {
+            let (devices, ctl, slot) = (self.devices.clone(), self.ctl.clone(), nic.slot);
+            let deliver = move || {
+                let mut transport = lock(&devices.virtio[slot]);
+                // Read under the transport's lock: see `Vm::pause`.
+                if ctl.wanted() != vcpu::Wanted::Run {
+                    return RxPass::NotNow;
+                }
+                if transport.device_work(net::RX_QUEUE) { RxPass::Served } else { RxPass::NotNow }
+            };
+            let rx = net::spawn_rx_thread(nic.tap.clone(), nic.signal.clone(), deliver)
+                .map_err(|source| VmError::Net { tap: nic.tap.name().into(), source })?;
+            self.rx_threads.push(rx);
         }
         Ok(self)
     }
@@ -384,6 +453,18 @@ impl Vm {
         }
         self.ctl.set(vcpu::Wanted::Pause);
         self.wait_parked()?;
+        // A barrier for the devices' own threads (NIC receive): they touch
+        // guest memory and queue state only while holding their transport's
+        // lock, and only after reading, under that lock, that the VM is
+        // wanted running. `Pause` was stored before this loop. A thread that
+        // held the lock when we asked for it has finished its pass once we
+        // get it; a thread that takes the lock after we release it reads
+        // `Pause` (the mutex orders our store before its read). So from here
+        // until `resume` nothing but the caller writes guest memory or
+        // queues, and a harvest or save now sees every device write.
+        for transport in &self.devices.virtio {
+            drop(lock(transport));
+        }
         for fd in &self.vcpus {
             // Tells a kvmclock guest it was stopped (avoids soft-lockup
             // warnings); EINVAL when the guest does not use kvmclock.
@@ -535,8 +616,41 @@ fn check_shape(config: &VmConfig, s: &VmState) -> Result<(), VmError> {
     if s.vcpus.len() != usize::from(config.vcpus) || s.vcpus.iter().zip(0u8..).any(|(v, i)| v.id != i) {
         return Err(VmError::Shape(format!("{} vCPUs saved, {} configured", s.vcpus.len(), config.vcpus)));
     }
-    if s.virtio.len() != config.disks.len() {
-        return Err(VmError::Shape(format!("{} disks saved, {} configured", s.virtio.len(), config.disks.len())));
+    check_devices(config, &s.virtio)
+}
+
+/// The saved virtio devices must be the configured ones, slot for slot:
+/// the disks, then the NICs with the same MACs.
+fn check_devices(config: &VmConfig, saved: &[MmioSnapshot]) -> Result<(), VmError> {
+    let describe = |d: &DeviceSnapshot| match d {
+        DeviceSnapshot::Block(b) => format!("a disk of {} bytes", b.size),
+        DeviceSnapshot::Net(n) => format!("a NIC with MAC {}", n.mac),
+    };
+    for (slot, s) in saved.iter().enumerate() {
+        let problem = match (&s.device, slot.checked_sub(config.disks.len())) {
+            (DeviceSnapshot::Block(_), None) => None,
+            (DeviceSnapshot::Net(n), Some(i)) => match config.nets.get(i) {
+                Some(c) if c.mac == n.mac => None,
+                Some(c) => Some(format!("the NIC on TAP {} is configured with MAC {}", c.tap, c.mac)),
+                None => Some("no NIC is configured for it (a [[net]] entry naming the TAP it attaches to here)".into()),
+            },
+            (DeviceSnapshot::Net(_), None) => {
+                Some(format!("disk {} is configured there", config.disks[slot].path.display()))
+            }
+            (DeviceSnapshot::Block(_), Some(_)) => Some(format!("{} disks are configured", config.disks.len())),
+        };
+        if let Some(problem) = problem {
+            return Err(VmError::Shape(format!("slot {slot}: the saved VM has {} but {problem}", describe(&s.device))));
+        }
+    }
+    let configured = config.disks.len() + config.nets.len();
+    if saved.len() != configured {
+        return Err(VmError::Shape(format!(
+            "{} virtio devices saved, {configured} configured ({} disks, {} NICs)",
+            saved.len(),
+            config.disks.len(),
+            config.nets.len()
+        )));
     }
     Ok(())
 }
@@ -596,6 +710,8 @@ impl Throttle {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // Stops and joins the NICs' receive threads.
+        self.rx_threads.clear();
         if let Some(t) = self.throttle.take() {
             t.stop();
         }
@@ -621,5 +737,75 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+    use crate::config::{DiskConfig, MacAddr, NetConfig};
+
+    const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+    fn config(disks: usize, macs: &[MacAddr]) -> VmConfig {
+        let text = "name = \"t\"\nmemory_mib = 16\n";
+        let mut c = VmConfig::parse(text, Path::new("/tmp/vm.toml")).expect("valid");
+        c.disks = (0..disks).map(|i| DiskConfig { path: format!("/d{i}.img").into(), read_only: false }).collect();
+        c.nets = macs
+            .iter()
+            .enumerate()
+            .map(|(i, &mac)| NetConfig { tap: format!("tap{i}"), mac, ip: None, gateway: None })
+            .collect();
+        c
+    }
+
+    /// Saved transports: `d` for a disk, a MAC for a NIC.
+    fn saved(devices: &[Option<MacAddr>]) -> Vec<MmioSnapshot> {
+        let ram = GuestRam::new(16 << 20).expect("ram");
+        let irq = || EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        devices
+            .iter()
+            .map(|d| {
+                let device: Box<dyn crate::devices::virtio_mmio::VirtioDevice> = match d {
+                    None => Box::new(Block::new(tempfile::tempfile().expect("file"), false, "d").expect("block")),
+                    Some(mac) => {
+                        let (a, _) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
+                        let tap = Arc::new(Tap::from_fd(OwnedFd::from(a), "t").expect("tap"));
+                        Box::new(Net::new(tap, *mac).expect("net"))
+                    }
+                };
+                MmioTransport::new(device, irq(), ram.mem().clone()).save()
+            })
+            .collect()
+    }
+
+    fn refusal(config: &VmConfig, saved: &[MmioSnapshot]) -> String {
+        match check_devices(config, saved) {
+            Err(VmError::Shape(m)) => m,
+            other => panic!("not refused for its shape: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn saved_devices_must_be_the_configured_ones() {
+        let other = MacAddr([0x52, 0x54, 0, 0, 0, 9]);
+        assert!(check_devices(&config(1, &[MAC]), &saved(&[None, Some(MAC)])).is_ok());
+        assert!(check_devices(&config(0, &[]), &[]).is_ok());
+        // A migrated or restored VM with a NIC where nothing is configured:
+        // the message names the NIC and the missing [[net]].
+        let m = refusal(&config(1, &[]), &saved(&[None, Some(MAC)]));
+        assert!(m.contains("slot 1") && m.contains("52:54:00:12:34:56") && m.contains("[[net]]"), "{m}");
+        let m = refusal(&config(1, &[other]), &saved(&[None, Some(MAC)]));
+        assert!(m.contains("52:54:00:00:00:09") && m.contains("tap0"), "{m}");
+        let m = refusal(&config(2, &[MAC]), &saved(&[None, Some(MAC)]));
+        assert!(m.contains("/d1.img"), "{m}");
+        let m = refusal(&config(0, &[MAC]), &saved(&[None]));
+        assert!(m.contains("disk"), "{m}");
+        let m = refusal(&config(1, &[MAC]), &saved(&[None]));
+        assert!(m.contains("1 virtio devices saved, 2 configured (1 disks, 1 NICs)"), "{m}");
+        let m = refusal(&config(1, &[MAC, other]), &saved(&[None, Some(MAC)]));
+        assert!(m.contains("2 virtio devices saved, 3 configured"), "{m}");
     }
 }

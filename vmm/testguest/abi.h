@@ -21,6 +21,19 @@
  *   i >= 3: DISK_MAGIC ^ (seq << 16) ^ i
  * Blocks never written stay zero; blocks past the region are not the
  * guest's (the oracle ignores them).
+ *
+ * Network (with net_ip=A.B.C.D on the command line and a virtio-net device,
+ * the first one, or the one whose MAC is net_mac=): the guest answers ARP
+ * requests for its address, ICMP echo requests to it, and runs the UDP
+ * sequence service on UDP_SEQ_PORT: to each datagram it replies, from that
+ * port to the sender's address and port, with
+ *   bytes 0..8: the sequence number, big-endian: status.udp_seq after
+ *               incrementing it (1 for the first reply, then 2, 3, ...)
+ *   bytes 8.. : the request's payload, truncated to UDP_SEQ_MAX_ECHO bytes.
+ * The counter lives in the status page, so it survives save/restore and
+ * migration: the first reply after a restore carries the last one's + 1.
+ * Frames it does not answer (not for it, malformed, fragments, bad
+ * checksums) are counted in net_dropped and otherwise ignored.
  */
 #ifndef WANMIG_TESTGUEST_ABI_H
 #define WANMIG_TESTGUEST_ABI_H
@@ -37,6 +50,10 @@
 #define PHASE_BOOT 0
 #define PHASE_STAMPING 1
 #define PHASE_RUNNING 2
+
+/* The UDP sequence service (see above). */
+#define UDP_SEQ_PORT 7
+#define UDP_SEQ_MAX_ECHO 1024
 
 /* Default virtio-mmio window probed for devices (overridable on the command line). */
 #define VIRTIO_MMIO_BASE 0xd0000000ull
@@ -57,6 +74,11 @@ struct guest_status {
     unsigned long long ticks;
     unsigned long long first_error_gpa;
     unsigned long long disk_stride;
+    unsigned long long net_base;    /* virtio-mmio base of the NIC in use; 0: none */
+    unsigned long long net_rx;      /* frames received */
+    unsigned long long net_tx;      /* frames sent */
+    unsigned long long net_dropped; /* frames received and not answered */
+    unsigned long long udp_seq;     /* UDP sequence replies sent (the last one carried this) */
 };
 
 #endif

@@ -14,6 +14,8 @@
  *   disk_kib=N     disk write rate in KiB/s (default 0 = no disk writes)
  *   disk_mib=N     size of the disk region written, MiB (default 1)
  *   disk_scatter=1 scatter the writes over the region (see abi.h)
+ *   net_ip=A.B.C.D the guest's IPv4 address: drive the NIC (see abi.h)
+ *   net_mac=MAC    use the virtio-net device with this MAC (default: the first)
  *   mmio=ADDR mmio_stride=N mmio_count=N   virtio-mmio window to probe
  *
  * Built freestanding, 64-bit, general registers only: the software KVM
@@ -117,6 +119,8 @@ static void interrupts_init(void) {
 struct params {
     uint64_t ws_mib, rate_mib, disk_kib, disk_mib, mmio, mmio_stride, mmio_count;
     int flat_out, disk_scatter;
+    int have_ip, have_mac;
+    uint8_t ip[4], mac[6];
 };
 
 static int streq_prefix(const char *s, const char *key, const char **val) {
@@ -141,6 +145,37 @@ static uint64_t parse_num(const char *s) {
     return v;
 }
 
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* "A.B.C.D" (each 0..255) followed by a space or the end; 1 if valid. */
+static int parse_ip(const char *s, uint8_t ip[4]) {
+    for (int i = 0; i < 4; i++) {
+        uint32_t v = 0; int digits = 0;
+        while (*s >= '0' && *s <= '9' && digits < 3) { v = v * 10 + (uint32_t)(*s++ - '0'); digits++; }
+        if (!digits || v > 255) return 0;
+        ip[i] = (uint8_t)v;
+        if (i < 3 && *s++ != '.') return 0;
+    }
+    return *s == 0 || *s == ' ';
+}
+
+/* "xx:xx:xx:xx:xx:xx" followed by a space or the end; 1 if valid. */
+static int parse_mac(const char *s, uint8_t mac[6]) {
+    for (int i = 0; i < 6; i++) {
+        int hi = hex_digit(s[0]), lo = hi < 0 ? -1 : hex_digit(s[1]);
+        if (lo < 0) return 0;
+        mac[i] = (uint8_t)(hi << 4 | lo);
+        s += 2;
+        if (i < 5 && *s++ != ':') return 0;
+    }
+    return *s == 0 || *s == ' ';
+}
+
 static void parse_cmdline(const char *s, struct params *p) {
     while (s && *s) {
         while (*s == ' ') s++;
@@ -153,6 +188,8 @@ static void parse_cmdline(const char *s, struct params *p) {
         else if (streq_prefix(s, "disk_kib", &v)) p->disk_kib = parse_num(v);
         else if (streq_prefix(s, "disk_mib", &v)) p->disk_mib = parse_num(v);
         else if (streq_prefix(s, "disk_scatter", &v)) p->disk_scatter = parse_num(v) != 0;
+        else if (streq_prefix(s, "net_ip", &v)) p->have_ip = parse_ip(v, p->ip);
+        else if (streq_prefix(s, "net_mac", &v)) p->have_mac = parse_mac(v, p->mac);
         else if (streq_prefix(s, "mmio", &v)) p->mmio = parse_num(v);
         else if (streq_prefix(s, "mmio_stride", &v)) p->mmio_stride = parse_num(v);
         else if (streq_prefix(s, "mmio_count", &v)) p->mmio_count = parse_num(v);
@@ -264,6 +301,258 @@ static int blk_write_seq(uint64_t seq) {
     return blk_status;
 }
 
+/* ---------------------------------------------------------------- virtio-net */
+
+/*
+ * A polled virtio-net driver: NET_QSZ receive buffers of NET_BUF bytes
+ * (12-byte virtio header included) always posted, one transmit buffer. The
+ * device is asked not to interrupt (VRING_AVAIL_F_NO_INTERRUPT); the main
+ * loop polls the used ring at least every timer tick. Transmit completes
+ * within the QueueNotify write (wanmig processes it synchronously).
+ */
+#define NET_QSZ 16
+#define NET_BUF 2048
+#define VNET_HDR 12
+#define ETH_HDR 14
+#define IP_HDR 20
+#define UDP_HDR 8
+#define AVAIL_F_NO_INTERRUPT 1
+
+struct vq16_avail { uint16_t flags, idx, ring[NET_QSZ], used_event; };
+struct vq16_used { uint16_t flags, idx; struct { uint32_t id, len; } ring[NET_QSZ]; uint16_t avail_event; };
+
+static struct vq_desc rxq_desc[NET_QSZ] __attribute__((aligned(16)));
+static struct vq16_avail rxq_avail __attribute__((aligned(16)));
+static volatile struct vq16_used rxq_used __attribute__((aligned(16)));
+static struct vq_desc txq_desc[NET_QSZ] __attribute__((aligned(16)));
+static struct vq16_avail txq_avail __attribute__((aligned(16)));
+static volatile struct vq16_used txq_used __attribute__((aligned(16)));
+static uint8_t rx_bufs[NET_QSZ][NET_BUF] __attribute__((aligned(16)));
+static uint8_t tx_buf[NET_BUF] __attribute__((aligned(16)));
+static uint16_t rx_used_seen, tx_used_seen, ip_id;
+static uint8_t my_mac[6], my_ip[4];
+
+static int mem_eq(const uint8_t *a, const uint8_t *b, unsigned n) { while (n--) if (*a++ != *b++) return 0; return 1; }
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+
+/* Internet checksum: add n bytes (only the last piece of a sum may be odd). */
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t n) {
+    for (; n > 1; p += 2, n -= 2) sum += (uint32_t)(p[0] << 8 | p[1]);
+    if (n) sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+static uint16_t csum_fold(uint32_t sum) {
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+/* The UDP pseudo-header's contribution: addresses, protocol, length. */
+static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, uint32_t len) {
+    uint32_t sum = csum_add(csum_add(0, src, 4), dst, 4);
+    return sum + 17 + len;
+}
+
+static int vq_setup(uint64_t b, uint32_t q, void *desc, void *avail, volatile void *used) {
+    mmio_write(b + R_QUEUE_SEL, q);
+    if (mmio_read(b + R_QUEUE_NUM_MAX) < NET_QSZ) return 0;
+    mmio_write(b + R_QUEUE_NUM, NET_QSZ);
+    mmio_write(b + R_QUEUE_DESC, (uint32_t)(uint64_t)desc);
+    mmio_write(b + R_QUEUE_DESC + 4, (uint32_t)((uint64_t)desc >> 32));
+    mmio_write(b + R_QUEUE_DRIVER, (uint32_t)(uint64_t)avail);
+    mmio_write(b + R_QUEUE_DRIVER + 4, (uint32_t)((uint64_t)avail >> 32));
+    mmio_write(b + R_QUEUE_DEVICE, (uint32_t)(uint64_t)used);
+    mmio_write(b + R_QUEUE_DEVICE + 4, (uint32_t)((uint64_t)used >> 32));
+    mmio_write(b + R_QUEUE_READY, 1);
+    return mmio_read(b + R_QUEUE_READY) == 1;
+}
+
+static int net_probe(const struct params *p) {
+    for (uint64_t i = 0; i < p->mmio_count; i++) {
+        uint64_t b = p->mmio + i * p->mmio_stride;
+        if (mmio_read(b + R_MAGIC) != VIRTIO_MAGIC || mmio_read(b + R_DEVICE_ID) != 1 || mmio_read(b + R_VERSION) != 2)
+            continue;
+        mmio_write(b + R_STATUS, 0);
+        mmio_write(b + R_STATUS, 1 | 2); /* ACKNOWLEDGE | DRIVER */
+        mmio_write(b + R_DEVICE_FEATURES_SEL, 0);
+        uint32_t lo = mmio_read(b + R_DEVICE_FEATURES);
+        mmio_write(b + R_DEVICE_FEATURES_SEL, 1);
+        if (!(mmio_read(b + R_DEVICE_FEATURES) & 1) || !(lo & (1u << 5))) { /* VERSION_1, MAC */
+            mmio_write(b + R_STATUS, 0x80); /* FAILED */
+            continue;
+        }
+        uint8_t mac[6];
+        for (int k = 0; k < 6; k++) mac[k] = *(volatile uint8_t *)(b + R_CONFIG + (uint64_t)k);
+        if (p->have_mac && !mem_eq(mac, p->mac, 6)) { mmio_write(b + R_STATUS, 0); continue; }
+        mmio_write(b + R_DRIVER_FEATURES_SEL, 0);
+        mmio_write(b + R_DRIVER_FEATURES, 1u << 5);
+        mmio_write(b + R_DRIVER_FEATURES_SEL, 1);
+        mmio_write(b + R_DRIVER_FEATURES, 1);
+        mmio_write(b + R_STATUS, 1 | 2 | 8); /* FEATURES_OK */
+        if (!(mmio_read(b + R_STATUS) & 8)) continue;
+        rxq_avail.flags = AVAIL_F_NO_INTERRUPT;
+        txq_avail.flags = AVAIL_F_NO_INTERRUPT;
+        for (uint16_t k = 0; k < NET_QSZ; k++) {
+            rxq_desc[k] = (struct vq_desc){ (uint64_t)rx_bufs[k], NET_BUF, 2 /* WRITE */, 0 };
+            rxq_avail.ring[k] = k;
+        }
+        rxq_avail.idx = NET_QSZ;
+        if (!vq_setup(b, 0, rxq_desc, &rxq_avail, &rxq_used) || !vq_setup(b, 1, txq_desc, &txq_avail, &txq_used)) {
+            mmio_write(b + R_STATUS, 0x80);
+            continue;
+        }
+        barrier();
+        mmio_write(b + R_STATUS, 1 | 2 | 8 | 4); /* DRIVER_OK */
+        mmio_write(b + R_QUEUE_NOTIFY, 0);
+        memcpy(my_mac, mac, 6);
+        memcpy(my_ip, p->ip, 4);
+        status.net_base = b;
+        puts("wanmig-testguest: virtio-net at "); putx(b);
+        puts(" ip="); for (int k = 0; k < 4; k++) { putu(my_ip[k]); if (k < 3) putc('.'); }
+        puts("\n");
+        return 1;
+    }
+    return 0;
+}
+
+/* Sends the frame of len bytes at tx_buf + VNET_HDR. */
+static void net_send(uint32_t len) {
+    if (len < 60) { memset(tx_buf + VNET_HDR + len, 0, 60 - len); len = 60; } /* Ethernet minimum */
+    memset(tx_buf, 0, VNET_HDR);
+    txq_desc[0] = (struct vq_desc){ (uint64_t)tx_buf, VNET_HDR + len, 0, 0 };
+    txq_avail.ring[txq_avail.idx % NET_QSZ] = 0;
+    barrier();
+    txq_avail.idx++;
+    barrier();
+    mmio_write(status.net_base + R_QUEUE_NOTIFY, 1);
+    /* Completed during the write; a device that does not complete it loses the NIC. */
+    for (int i = 0; i < 1000 && txq_used.idx == tx_used_seen; i++) __asm__ volatile("pause");
+    if (txq_used.idx == tx_used_seen) {
+        puts("wanmig-testguest: virtio-net transmit did not complete, NIC disabled\n");
+        status.net_base = 0;
+        return;
+    }
+    tx_used_seen++;
+    status.net_tx++;
+}
+
+/* Starts a reply to frame f: Ethernet header back to its sender; returns the payload. */
+static uint8_t *eth_reply(const uint8_t *f, uint16_t type) {
+    uint8_t *o = tx_buf + VNET_HDR;
+    memcpy(o, f + 6, 6);
+    memcpy(o + 6, my_mac, 6);
+    put16(o + 12, type);
+    return o + ETH_HDR;
+}
+
+static int arp_in(const uint8_t *f, uint32_t len) {
+    const uint8_t *a = f + ETH_HDR;
+    if (len < ETH_HDR + 28 || get16(a) != 1 || get16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4 || get16(a + 6) != 1)
+        return 0;
+    if (!mem_eq(a + 24, my_ip, 4)) return 0;
+    uint8_t *r = eth_reply(f, 0x0806);
+    put16(r, 1); put16(r + 2, 0x0800); r[4] = 6; r[5] = 4; put16(r + 6, 2);
+    memcpy(r + 8, my_mac, 6);
+    memcpy(r + 14, my_ip, 4);
+    memcpy(r + 18, a + 8, 10); /* target = the asker's MAC and IP */
+    net_send(ETH_HDR + 28);
+    return 1;
+}
+
+/* Writes an IPv4 header for a reply of payload_len bytes to dst; returns the payload. */
+static uint8_t *ip_reply(uint8_t *ip, const uint8_t *dst, uint8_t proto, uint32_t payload_len) {
+    ip[0] = 0x45; ip[1] = 0;
+    put16(ip + 2, (uint16_t)(IP_HDR + payload_len));
+    put16(ip + 4, ip_id++);
+    put16(ip + 6, 0x4000); /* DF */
+    ip[8] = 64; ip[9] = proto;
+    put16(ip + 10, 0);
+    memcpy(ip + 12, my_ip, 4);
+    memcpy(ip + 16, dst, 4);
+    put16(ip + 10, csum_fold(csum_add(0, ip, IP_HDR)));
+    return ip + IP_HDR;
+}
+
+static int icmp_in(const uint8_t *f, const uint8_t *ip, const uint8_t *m, uint32_t mlen) {
+    if (mlen < 8 || m[0] != 8 || m[1] != 0 || csum_fold(csum_add(0, m, mlen)) != 0) return 0;
+    if (ETH_HDR + IP_HDR + mlen > NET_BUF - VNET_HDR) return 0;
+    uint8_t *r = ip_reply(eth_reply(f, 0x0800), ip + 12, 1, mlen);
+    memcpy(r, m, mlen);
+    r[0] = 0; /* echo reply */
+    put16(r + 2, 0);
+    put16(r + 2, csum_fold(csum_add(0, r, mlen)));
+    net_send(ETH_HDR + IP_HDR + mlen);
+    return 1;
+}
+
+static int udp_in(const uint8_t *f, const uint8_t *ip, const uint8_t *u, uint32_t avail) {
+    if (avail < UDP_HDR) return 0;
+    uint32_t ulen = get16(u + 4);
+    if (ulen < UDP_HDR || ulen > avail || get16(u + 2) != UDP_SEQ_PORT) return 0;
+    if (get16(u + 6) && csum_fold(csum_add(pseudo_sum(ip + 12, ip + 16, ulen), u, ulen)) != 0) return 0;
+    uint32_t echo = ulen - UDP_HDR;
+    if (echo > UDP_SEQ_MAX_ECHO) echo = UDP_SEQ_MAX_ECHO;
+    uint32_t rlen = UDP_HDR + 8 + echo;
+    /* The counter is incremented before the reply exists: paused in between,
+     * the saved guest still sends this reply once it runs again. */
+    uint64_t seq = ++status.udp_seq;
+    uint8_t *r = ip_reply(eth_reply(f, 0x0800), ip + 12, 17, rlen);
+    put16(r, UDP_SEQ_PORT);
+    memcpy(r + 2, u, 2); /* to the sender's port */
+    put16(r + 4, (uint16_t)rlen);
+    put16(r + 6, 0);
+    for (int i = 0; i < 8; i++) r[UDP_HDR + i] = (uint8_t)(seq >> (56 - 8 * i));
+    memcpy(r + UDP_HDR + 8, u + UDP_HDR, echo);
+    uint16_t sum = csum_fold(csum_add(pseudo_sum(my_ip, ip + 12, rlen), r, rlen));
+    put16(r + 6, sum ? sum : 0xffff);
+    net_send(ETH_HDR + IP_HDR + rlen);
+    return 1;
+}
+
+static int ipv4_in(const uint8_t *f, uint32_t len) {
+    if (len < ETH_HDR + IP_HDR) return 0;
+    const uint8_t *ip = f + ETH_HDR;
+    uint32_t ihl = (uint32_t)(ip[0] & 15) * 4, total = get16(ip + 2);
+    if (ip[0] >> 4 != 4 || ihl < IP_HDR || total < ihl || total > len - ETH_HDR) return 0;
+    if ((get16(ip + 6) & 0x3fff) != 0) return 0; /* a fragment */
+    if (!mem_eq(ip + 16, my_ip, 4) || csum_fold(csum_add(0, ip, ihl)) != 0) return 0;
+    if (ip[9] == 1) return icmp_in(f, ip, ip + ihl, total - ihl);
+    if (ip[9] == 17) return udp_in(f, ip, ip + ihl, total - ihl);
+    return 0;
+}
+
+static int frame_in(const uint8_t *f, uint32_t len) {
+    static const uint8_t broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (len < ETH_HDR || (!mem_eq(f, my_mac, 6) && !mem_eq(f, broadcast, 6))) return 0;
+    switch (get16(f + 12)) {
+    case 0x0806: return arp_in(f, len);
+    case 0x0800: return ipv4_in(f, len);
+    default: return 0;
+    }
+}
+
+/* Answers what arrived and gives the buffers back (one notification). */
+static void net_poll(void) {
+    int reposted = 0;
+    for (int n = 0; n < NET_QSZ && status.net_base && rx_used_seen != rxq_used.idx; n++) {
+        barrier();
+        uint16_t at = rx_used_seen % NET_QSZ;
+        uint32_t id = rxq_used.ring[at].id, len = rxq_used.ring[at].len;
+        rx_used_seen++;
+        if (id >= NET_QSZ) { status.net_dropped++; continue; }
+        status.net_rx++;
+        if (len < VNET_HDR || len > NET_BUF || !frame_in(rx_bufs[id] + VNET_HDR, len - VNET_HDR)) status.net_dropped++;
+        rxq_desc[id] = (struct vq_desc){ (uint64_t)rx_bufs[id], NET_BUF, 2 /* WRITE */, 0 };
+        rxq_avail.ring[rxq_avail.idx % NET_QSZ] = (uint16_t)id;
+        barrier();
+        rxq_avail.idx++;
+        reposted = 1;
+    }
+    if (reposted && status.net_base) {
+        barrier();
+        mmio_write(status.net_base + R_QUEUE_NOTIFY, 0);
+    }
+}
+
 /* ---------------------------------------------------------------- main */
 
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr, syms[4], mmap_length, mmap_addr; };
@@ -313,7 +602,7 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     if (magic != 0x2BADB002) { puts("wanmig-testguest: not started by a multiboot loader\n"); return; }
     const struct mb_info *mb = (const struct mb_info *)(uint64_t)info_addr;
 
-    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0 };
+    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0, 0, 0, { 0 }, { 0 } };
     if (mb->flags & (1u << 2)) parse_cmdline((const char *)(uint64_t)mb->cmdline, &p);
 
     status.phase = PHASE_STAMPING;
@@ -338,6 +627,7 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     status.ws_pages = p.ws_mib * 256 < ws_max ? p.ws_mib * 256 : ws_max;
 
     int have_disk = p.disk_kib && blk_probe(&p) && status.disk_blocks;
+    if (p.have_ip && !net_probe(&p)) puts("wanmig-testguest: net_ip given but no usable virtio-net device\n");
     interrupts_init();
     status.phase = PHASE_RUNNING;
     puts("wanmig-testguest: running stamped="); putu(status.stamped_pages);
@@ -377,8 +667,15 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
             puts(" cursor="); putu(cursor);
             puts(" disk="); putu(status.disk_done);
             puts(" errors="); putu(status.errors);
+            if (status.net_base) {
+                puts(" net_rx="); putu(status.net_rx);
+                puts(" net_tx="); putu(status.net_tx);
+                puts(" net_dropped="); putu(status.net_dropped);
+                puts(" udp_seq="); putu(status.udp_seq);
+            }
             puts("\n");
         }
+        if (status.net_base) net_poll();
         if (!p.flat_out) __asm__ volatile("sti; hlt");
     }
 }

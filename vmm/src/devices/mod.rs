@@ -1,8 +1,11 @@
-//! Emulated devices and the dispatch of port and MMIO exits to them.
+//! Emulated devices and the dispatch of port and MMIO exits to them: the
+//! serial console, and behind virtio-mmio transports virtio-blk disks
+//! ([`block`]) and virtio-net NICs ([`net`]) on host TAPs ([`tap`]).
 
 pub mod block;
-pub mod tap;
+pub mod net;
 pub mod serial;
+pub mod tap;
 pub mod virtio_mmio;
 
 use std::sync::Mutex;

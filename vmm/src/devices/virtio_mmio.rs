@@ -6,12 +6,20 @@
 //! processing. Queue notifications are processed synchronously on the vCPU
 //! thread that wrote `QueueNotify`, so when all vCPUs are paused no request
 //! is in flight and the queue indices in the saved state are exact.
+//!
+//! A device can also have work the guest did not ask for (a NIC's received
+//! frames): a VMM thread runs it with [`MmioTransport::device_work`], under
+//! the same lock as the vCPUs' accesses. Such a thread must not touch the
+//! transport while the VM is paused; `Vm::pause` takes every transport's
+//! lock once after parking the vCPUs, so it returns only when work begun
+//! before the pause has finished.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::BlockSnapshot;
+use super::net::NetSnapshot;
 use crate::memory::GuestMem;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -45,6 +53,8 @@ pub trait VirtioDevice: Send {
 pub enum DeviceSnapshot {
     /// A virtio-blk device.
     Block(BlockSnapshot),
+    /// A virtio-net device.
+    Net(NetSnapshot),
 }
 
 /// Saved state of one queue (mirrors `virtio_queue::QueueState`).
@@ -261,7 +271,7 @@ impl MmioTransport {
     /// A driver write at `offset` within the slot.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 || data.len() != 4 {
-            return; // config space is read-only for block; registers are 32-bit
+            return; // config space is read-only (block, net); registers are 32-bit
         }
         let v = u32::from_le_bytes(data.try_into().expect("length checked"));
         let configuring = self.status & STATUS_DRIVER_OK == 0;
@@ -320,14 +330,23 @@ impl MmioTransport {
     }
 
     fn notify(&mut self, index: usize) {
+        self.device_work(index);
+    }
+
+    /// Runs the device's work on queue `index` — what a guest notification
+    /// of that queue does — and raises the interrupt if buffers were used.
+    /// Returns false, doing nothing, when the driver has not finished
+    /// setting the device up or the queue is not ready.
+    pub fn device_work(&mut self, index: usize) -> bool {
         if self.status & STATUS_DRIVER_OK == 0 {
-            return;
+            return false;
         }
-        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else { return };
+        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else { return false };
         if self.device.process_queue(index, queue, &self.mem) && queue.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt_status |= INT_VRING;
             // A full eventfd counter still raises the line; nothing to do on error.
             let _ = self.irq.write(1);
         }
+        true
     }
 }
