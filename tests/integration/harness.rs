@@ -14,6 +14,20 @@ pub fn wanmig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wanmig"))
 }
 
+/// The `wanmig` binary under test, run inside network namespace `netns`
+/// (`ip netns exec`, which execs it: the child's pid is wanmig's) when one
+/// is given.
+pub fn wanmig_in(netns: Option<&str>) -> Command {
+    match netns {
+        None => wanmig(),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_wanmig")]);
+            c
+        }
+    }
+}
+
 /// Fails loudly when there is no KVM: these tests must run, not skip.
 pub fn require_kvm() {
     assert!(
@@ -32,13 +46,19 @@ pub struct VmDir {
 impl VmDir {
     /// `guest` is the body of the `[guest]` table after `kind = "test"`.
     pub fn new(memory_mib: u64, vcpus: u8, guest: &str) -> Self {
+        Self::with_extra(memory_mib, vcpus, guest, "")
+    }
+
+    /// As [`VmDir::new`], with `extra` (more tables, such as `[[net]]`)
+    /// appended to vm.toml.
+    pub fn with_extra(memory_mib: u64, vcpus: u8, guest: &str, extra: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("wanmig-it-").tempdir().expect("tempdir");
         let config = dir.path().join("vm.toml");
         let disk = dir.path().join("disk.img");
         std::fs::File::create(&disk).expect("create disk").set_len(8 << 20).expect("size disk");
         let text = format!(
             "name = \"it\"\nmemory_mib = {memory_mib}\nvcpus = {vcpus}\nserial = \"serial.log\"\n\
-             [guest]\nkind = \"test\"\n{guest}\n[[disk]]\npath = \"disk.img\"\n"
+             [guest]\nkind = \"test\"\n{guest}\n[[disk]]\npath = \"disk.img\"\n{extra}"
         );
         std::fs::write(&config, text).expect("write vm.toml");
         VmDir { dir, config, disk }
@@ -69,8 +89,18 @@ impl VmProcess {
         Self::spawn(vm, &["run"])
     }
 
+    /// `wanmig run` inside network namespace `netns`.
+    pub fn run_in(vm: &VmDir, netns: &str) -> Self {
+        Self::spawn_in(Some(netns), vm, &["run"])
+    }
+
     pub fn restore(vm: &VmDir, snapshot: &Path) -> Self {
         Self::spawn(vm, &["restore", "--from", snapshot.to_str().expect("utf-8 path")])
+    }
+
+    /// `wanmig restore` inside network namespace `netns`.
+    pub fn restore_in(vm: &VmDir, snapshot: &Path, netns: &str) -> Self {
+        Self::spawn_in(Some(netns), vm, &["restore", "--from", snapshot.to_str().expect("utf-8 path")])
     }
 
     /// Restored and left paused.
@@ -86,7 +116,11 @@ impl VmProcess {
     }
 
     fn spawn(vm: &VmDir, args: &[&str]) -> Self {
-        let child = wanmig()
+        Self::spawn_in(None, vm, args)
+    }
+
+    fn spawn_in(netns: Option<&str>, vm: &VmDir, args: &[&str]) -> Self {
+        let child = wanmig_in(netns)
             .args(args)
             .arg(&vm.config)
             .stdin(Stdio::null())
@@ -281,18 +315,31 @@ impl Receiver {
     /// are shared from the directory above it.
     pub fn start(keys: &Keys, peer: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
         let shared = dir.parent().unwrap_or(dir); // the VM's directory, where its disk is
-        Self::start_with(keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], env)
+        Self::start_with(None, keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], env)
+    }
+
+    /// As [`Receiver::start`], inside network namespace `netns`.
+    pub fn start_in(netns: &str, keys: &Keys, peer: &str, dir: &Path) -> Self {
+        let shared = dir.parent().unwrap_or(dir);
+        Self::start_with(Some(netns), keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], &[])
     }
 
     /// Starts a destination that copies disks (into `dir`, with its chunk
     /// store in `dir/chunks` unless `args` say otherwise).
     pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
-        Self::start_with(keys, peer, dir, args, &[])
+        Self::start_with(None, keys, peer, dir, args, &[])
     }
 
-    fn start_with(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr], env: &[(&str, &str)]) -> Self {
+    fn start_with(
+        netns: Option<&str>,
+        keys: &Keys,
+        peer: &str,
+        dir: &Path,
+        args: &[&OsStr],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::BufRead;
-        let mut child = wanmig()
+        let mut child = wanmig_in(netns)
             .args(["receive", "--listen", "127.0.0.1:0"])
             .args(args)
             .arg("--identity")
