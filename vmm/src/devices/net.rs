@@ -289,8 +289,12 @@ impl Net {
         if let Some(h) = self.held.take() {
             return Some(h);
         }
-        loop {
+        // Bounded, so a flood of bad frames does not hold the lock: what
+        // is left is read on the next pass.
+        for _ in 0..RX_BUDGET {
             let n = match self.tap.recv(&mut self.rx_buf) {
+                // End of file (a backend whose other end closed): nothing to read.
+                Ok(0) => return None,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // WouldBlock: empty. Any other error: nothing to read now;
@@ -311,6 +315,7 @@ impl Net {
             header.copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
             return Some(Held { len: n, since: Instant::now() });
         }
+        None
     }
 
     /// Delivers frames into the guest's RX buffers; see the module doc.
@@ -463,15 +468,16 @@ pub fn spawn_rx_thread(
 }
 
 fn rx_loop(tap: &Tap, signal: &RxSignal, stop: &AtomicBool, deliver: &mut dyn FnMut() -> RxPass) {
-    let mut retry = false;
+    // Some(d): wait up to d without watching the TAP, then run a pass.
+    let mut hold_off: Option<Duration> = None;
     while !stop.load(Ordering::Acquire) {
-        let watch_tap = !retry && !signal.starved.load(Ordering::Acquire);
+        let watch_tap = hold_off.is_none() && !signal.starved.load(Ordering::Acquire);
         let mut fds = [
             libc::pollfd { fd: signal.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         let nfds = if watch_tap { 2 } else { 1 };
-        let timeout = if watch_tap { RX_IDLE } else { RX_RETRY };
+        let timeout = hold_off.unwrap_or(if watch_tap { RX_IDLE } else { RX_RETRY });
         // SAFETY: `fds` is an array of `nfds` (≤ 2) initialised pollfds that
         // outlives the call; both descriptors stay open (we hold the Tap and
         // the signal) for the whole call.
@@ -485,7 +491,17 @@ fn rx_loop(tap: &Tap, signal: &RxSignal, stop: &AtomicBool, deliver: &mut dyn Fn
         if watch_tap && ready <= 0 {
             continue; // idle (or EINTR): nothing arrived
         }
-        retry = deliver() == RxPass::NotNow;
+        // A TAP in error (its interface deleted) stays "ready": look at it
+        // again only every RX_IDLE rather than spin.
+        let broken = watch_tap && fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+        let pass = deliver();
+        hold_off = if broken {
+            Some(RX_IDLE)
+        } else if pass == RxPass::NotNow {
+            Some(RX_RETRY)
+        } else {
+            None
+        };
     }
 }
 
@@ -893,5 +909,27 @@ mod tests {
         wait_used(&rig, 2);
         assert_eq!(rig.read(DATA + 0x1000 + 12, 1), vec![2]);
         drop(thread); // joins
+    }
+
+    #[test]
+    fn a_broken_backend_does_not_make_the_rx_thread_spin() {
+        // A socket pair whose other end is closed: always "ready",
+        // reads end of file — as a TAP whose interface was deleted is
+        // always in error.
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        drop(b);
+        let tap = Arc::new(Tap::from_fd(OwnedFd::from(a), "broken").expect("tap"));
+        let net = Net::new(tap.clone(), MAC).expect("net");
+        let passes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = passes.clone();
+        let thread = spawn_rx_thread(tap, net.rx_signal(), move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            RxPass::Served
+        })
+        .expect("spawn");
+        std::thread::sleep(Duration::from_millis(500));
+        drop(thread);
+        let n = passes.load(Ordering::Relaxed);
+        assert!((1..=20).contains(&n), "{n} passes in 0.5 s");
     }
 }
