@@ -138,8 +138,9 @@ pub enum NetError {
 /// Shared between a NIC and its RX thread.
 #[derive(Debug)]
 pub struct RxSignal {
-    /// The device holds a frame the guest has no buffer for: the RX thread
-    /// should stop reading the TAP and retry after [`RX_RETRY`].
+    /// The device holds a frame it could not deliver (no guest buffer, or
+    /// its pass ran out of budget): the RX thread should stop reading the
+    /// TAP and offer it again after [`RX_RETRY`].
     starved: AtomicBool,
     /// Wakes the RX thread: the guest posted buffers, or it must stop.
     wake: EventFd,
@@ -322,7 +323,6 @@ impl Net {
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
         let mut used = false;
         let was_starved = self.signal.starved.load(Ordering::Acquire);
-        let mut starved = false;
         for _ in 0..RX_BUDGET {
             let Some(frame) = self.next_frame() else { break };
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -331,7 +331,6 @@ impl Net {
                     continue; // and hold a fresher one, if any
                 }
                 self.held = Some(frame);
-                starved = true;
                 break;
             };
             let head = chain.head_index();
@@ -380,6 +379,9 @@ impl Net {
             }
             used = true;
         }
+        // A frame still held (no buffer for it, or the budget ran out):
+        // the RX thread offers it again after RX_RETRY.
+        let starved = self.held.is_some();
         self.signal.starved.store(starved, Ordering::Release);
         if was_starved && !starved {
             // Back to reading the TAP as soon as frames come.
