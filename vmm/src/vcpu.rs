@@ -466,6 +466,33 @@ pub enum GuestStop {
     Failed(String),
 }
 
+/// What KVM says about an internal error: its sub-error, where the guest
+/// was, and (for an emulation failure, when KVM reports them) the
+/// instruction's bytes.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    const EMULATION: u32 = 1; // KVM_INTERNAL_ERROR_EMULATION
+    const FLAG_INSN_BYTES: u64 = 1; // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    let rip = vcpu.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM wrote the `internal` member of the exit union for this
+    // exit; `emulation_failure` shares its first two fields and is read
+    // only when KVM flags it, and every bit pattern is a valid integer.
+    let (suberror, flags, insn) = unsafe {
+        let e = run.__bindgen_anon_1.emulation_failure;
+        let b = e.__bindgen_anon_1.__bindgen_anon_1;
+        (e.suberror, e.flags, b.insn_bytes[..usize::from(b.insn_size).min(15)].to_vec())
+    };
+    let mut msg = format!("KVM internal error {suberror} at rip {rip}");
+    if suberror == EMULATION {
+        msg.push_str(": an instruction KVM cannot emulate");
+        if flags & FLAG_INSN_BYTES != 0 && !insn.is_empty() {
+            let hex: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+            msg.push_str(&format!(" (bytes {})", hex.join(" ")));
+        }
+    }
+    msg
+}
+
 /// The body of a vCPU thread.
 pub fn run_thread(
     id: u8,
@@ -501,9 +528,7 @@ pub fn run_thread(
                         k => format!("system event {k}"),
                     }));
                 }
-                Ok(VcpuExit::InternalError) => {
-                    break Some(GuestStop::Failed("KVM internal error (an instruction KVM cannot emulate?)".into()));
-                }
+                Ok(VcpuExit::InternalError) => break Some(GuestStop::Failed(internal_error(&mut vcpu))),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     break Some(GuestStop::Failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})")));
                 }
