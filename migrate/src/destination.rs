@@ -212,6 +212,8 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions, attempt: &str) -> Result<
             serial: SerialOutput::File(opts.dir.join(format!("{}.serial.log", shape.name))),
             guest: None,
             disks,
+            // The guest's CPUID arrives with its vCPU state.
+            cpu_hide: Vec::new(),
             // NICs are not mapped to this host's TAPs yet: a VM that has
             // them is refused when its device state arrives (`Vm::from_incoming`
             // names the NIC that has no configuration here).

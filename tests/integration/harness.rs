@@ -64,8 +64,35 @@ impl VmDir {
         VmDir { dir, config, disk }
     }
 
+    /// A VM named "it" whose vm.toml is the given body (after `name`),
+    /// with the console in `serial.log` and no disk.
+    pub fn with_toml(body: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("wanmig-it-").tempdir().expect("tempdir");
+        let config = dir.path().join("vm.toml");
+        let text = format!("name = \"it\"\nserial = \"serial.log\"\n{body}\n");
+        std::fs::write(&config, text).expect("write vm.toml");
+        let disk = dir.path().join("no-disk");
+        VmDir { dir, config, disk }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Waits until the console holds `needle`; returns the console so far.
+    pub fn wait_serial(&self, vm: &mut VmProcess, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let serial = self.serial();
+            if serial.contains(needle) {
+                return serial;
+            }
+            if let Some(status) = vm.exited() {
+                panic!("wanmig exited ({status}) before the console showed {needle:?}: {}\n{serial}", vm.stderr());
+            }
+            assert!(start.elapsed() < timeout, "no {needle:?} on the console after {timeout:?}:\n{serial}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn socket(&self) -> PathBuf {

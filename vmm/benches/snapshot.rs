@@ -30,6 +30,7 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
             disk_scatter: false,
         })),
         disks: Vec::new(),
+        cpu_hide: Vec::new(),
         nets: Vec::new(),
     }
 }

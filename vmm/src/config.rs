@@ -7,8 +7,17 @@
 //! control_socket = "demo.sock"  # default "wanmig-<name>.sock" beside vm.toml
 //! serial = "stdout"          # "stdout" (default), "none", or a file path
 //!
-//! [guest]                    # required by `wanmig run`
-//! kind = "test"              # the built-in test guest (the only kind so far)
+//! [cpu]                      # optional
+//! hide = ["cx16", "xsave"]   # CPUID features the guest must not see (see vmm::cpuid)
+//!
+//! [guest]                    # required by `wanmig run`; either a Linux kernel ...
+//! kind = "linux"
+//! kernel = "vmlinux"         # an x86-64 ELF vmlinux or a bzImage
+//! initrd = "initramfs.cpio.gz"  # optional
+//! cmdline = "console=ttyS0"  # default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1
+//!
+//! [guest]                    # ... or the built-in test guest
+//! kind = "test"
 //! ws_mib = 16                # working set, MiB (default 16)
 //! rate_mib = 0               # MiB/s of working-set pages dirtied (default 0 = idle)
 //! flat_out = false           # dirty as fast as the vCPU can (overrides rate_mib)
@@ -70,6 +79,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// NICs, attached as virtio-net devices in this order, after the disks.
     pub nets: Vec<NetConfig>,
+    /// CPUID features hidden from the guest (names from [`crate::cpuid::FEATURES`]).
+    pub cpu_hide: Vec<String>,
 }
 
 /// Destination of the guest's serial console.
@@ -89,6 +100,40 @@ pub enum SerialOutput {
 pub enum GuestConfig {
     /// The built-in deterministic test guest (see [`crate::testguest`]).
     Test(TestGuestConfig),
+    /// A Linux kernel (see [`crate::linux`]).
+    Linux(LinuxGuestConfig),
+}
+
+/// A Linux kernel, its initramfs and command line.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxGuestConfig {
+    /// The kernel: an x86-64 ELF `vmlinux` or a `bzImage`.
+    pub kernel: PathBuf,
+    /// An initramfs (cpio, optionally compressed).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[serde(default = "default_linux_cmdline")]
+    pub cmdline: String,
+}
+
+/// The command line a Linux guest gets unless `vm.toml` says otherwise:
+/// the console on our 8250 (early messages too), reboot through the
+/// keyboard controller, and a reboot (which ends the VMM) one second after
+/// a panic.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
+
+fn default_linux_cmdline() -> String {
+    DEFAULT_LINUX_CMDLINE.into()
+}
+
+/// The `[cpu]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CpuConfig {
+    #[serde(default)]
+    hide: Vec<String>,
 }
 
 /// Parameters of the built-in test guest, passed on its command line.
@@ -267,6 +312,8 @@ struct RawConfig {
     disks: Vec<DiskConfig>,
     #[serde(default, rename = "net")]
     nets: Vec<RawNet>,
+    #[serde(default)]
+    cpu: CpuConfig,
 }
 
 fn default_vcpus() -> u64 {
@@ -350,8 +397,29 @@ impl VmConfig {
             Some(p) => SerialOutput::File(resolve(Path::new(p))),
         };
         let disks_configured = !raw.disks.is_empty();
-        if let Some(GuestConfig::Test(t)) = &raw.guest {
-            check_test_guest(t, raw.memory_mib, disks_configured).map_err(|(key, reason)| invalid(key, reason))?;
+        let guest = match raw.guest {
+            Some(GuestConfig::Test(t)) => {
+                check_test_guest(&t, raw.memory_mib, disks_configured).map_err(|(key, reason)| invalid(key, reason))?;
+                Some(GuestConfig::Test(t))
+            }
+            Some(GuestConfig::Linux(l)) => {
+                if l.cmdline.len() >= layout::LINUX_CMDLINE_MAX || l.cmdline.contains('\0') {
+                    return Err(invalid(
+                        "guest.cmdline",
+                        format!("must be under {} bytes, without NUL", layout::LINUX_CMDLINE_MAX),
+                    ));
+                }
+                Some(GuestConfig::Linux(LinuxGuestConfig {
+                    kernel: resolve(&l.kernel),
+                    initrd: l.initrd.as_deref().map(resolve),
+                    cmdline: l.cmdline,
+                }))
+            }
+            None => None,
+        };
+        if let Some(bad) = raw.cpu.hide.iter().find(|n| crate::cpuid::feature(n).is_none()) {
+            let known: Vec<&str> = crate::cpuid::FEATURES.iter().map(|f| f.name).collect();
+            return Err(invalid("cpu.hide", format!("unknown feature {bad:?}; known: {}", known.join(", "))));
         }
         if raw.disks.len() + raw.nets.len() > layout::VIRTIO_MMIO_SLOTS {
             return Err(invalid(
@@ -382,9 +450,10 @@ impl VmConfig {
             vcpus,
             control_socket,
             serial,
-            guest: raw.guest,
+            guest,
             disks,
             nets,
+            cpu_hide: raw.cpu.hide,
         })
     }
 
@@ -483,6 +552,25 @@ mod tests {
         );
     }
 
+    #[test]
+    fn linux_guest_paths_resolve_and_cmdline_defaults() {
+        let text = "name = \"l\"\nmemory_mib = 512\n[cpu]\nhide = [\"cx16\"]\n\
+                    [guest]\nkind = \"linux\"\nkernel = \"vmlinux\"\ninitrd = \"/boot/i.gz\"\n";
+        let c = parse(text).expect("valid");
+        assert_eq!(c.cpu_hide, vec!["cx16".to_string()]);
+        assert_eq!(
+            c.guest,
+            Some(GuestConfig::Linux(LinuxGuestConfig {
+                kernel: PathBuf::from("/etc/wanmig/vmlinux"),
+                initrd: Some(PathBuf::from("/boot/i.gz")),
+                cmdline: DEFAULT_LINUX_CMDLINE.into(),
+            }))
+        );
+        let long = format!("{text}cmdline = \"{}\"\n", "x".repeat(layout::LINUX_CMDLINE_MAX));
+        assert!(error_of(&long).contains("`guest.cmdline`"));
+        assert!(error_of(&text.replace("kernel = ", "kernal = ")).contains("kernal"));
+    }
+
     fn error_of(text: &str) -> String {
         parse(text).expect_err("must be refused").to_string()
     }
@@ -515,6 +603,8 @@ mod tests {
         }
         let e = error_of(&GOOD.replace("memory_mib = 64", "memory_mib = \"lots\""));
         assert!(e.contains("memory_mib"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cpu]\nhide = [\"cx16\", \"warp_drive\"]"));
+        assert!(e.contains("`cpu.hide`") && e.contains("warp_drive"), "{e}");
         let no_disk = GOOD.replace("[[disk]]\n        path = \"d.img\"", "");
         assert!(error_of(&no_disk).contains("`guest.disk_kib`"));
     }

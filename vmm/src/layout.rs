@@ -2,7 +2,13 @@
 //!
 //! ```text
 //! 0x0000_0000 ..  RAM (low)          up to 3 GiB
+//!   0x0000_0500   Linux: boot GDT
+//!   0x0000_7000   Linux: zero page (boot_params)
 //!   0x0000_9000   multiboot info, command line at +0x400, memory map at +0x800
+//!   0x0000_9000   Linux: page tables (PML4, PDPT, 4 PDs) up to 0xF000
+//!   0x0002_0000   Linux: command line
+//!   0x0009_FC00   end of conventional memory given to Linux (EBDA above)
+//!   0x000E_0000   ACPI tables, up to 1 MiB (reserved in the memory map)
 //! 0xC000_0000 ..  MMIO gap           3 GiB .. 4 GiB
 //!   0xD000_0000   virtio-mmio slot i at + i * 0x1000, IRQ 5 + i
 //!   0xFEC0_0000   IOAPIC (in-kernel)
@@ -37,6 +43,29 @@ pub const MULTIBOOT_CMDLINE: u64 = 0x9400;
 pub const CMDLINE_MAX: usize = 0x400;
 /// Where the multiboot memory map is written.
 pub const MULTIBOOT_MMAP: u64 = 0x9800;
+/// Linux: the boot GDT.
+pub const LINUX_GDT: u64 = 0x500;
+/// Linux: the zero page (`boot_params`).
+pub const LINUX_ZERO_PAGE: u64 = 0x7000;
+/// Linux: top of the stack the kernel is entered with.
+pub const LINUX_BOOT_STACK: u64 = 0x8ff0;
+/// Linux: the page-map level 4 table.
+pub const LINUX_PML4: u64 = 0x9000;
+/// Linux: the page-directory-pointer table.
+pub const LINUX_PDPT: u64 = 0xa000;
+/// Linux: four page directories mapping 0..4 GiB.
+pub const LINUX_PD: u64 = 0xb000;
+/// Linux: the command line.
+pub const LINUX_CMDLINE: u64 = 0x2_0000;
+/// Linux: longest command line, including its NUL (the x86 kernel's
+/// COMMAND_LINE_SIZE).
+pub const LINUX_CMDLINE_MAX: usize = 2048;
+/// End of the conventional memory Linux is given (the EBDA starts here).
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Start of the window that holds the ACPI tables (reserved in the e820 map).
+pub const ACPI_START: u64 = 0xe_0000;
+/// Start of "high" memory: kernels load at or above it.
+pub const HIMEM_START: u64 = 0x10_0000;
 /// KVM's TSS for real-mode emulation (three pages just below the BIOS area).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Guest page size.

@@ -9,8 +9,9 @@
 //! - [`vcpu`]: vCPU setup, run loop, register state.
 //! - [`devices`]: the 8250 console, and over virtio-mmio virtio-blk (whose
 //!   writes feed a per-disk write log) and virtio-net on a host TAP.
-//! - [`boot`]: the multiboot loader; [`testguest`]: the built-in guest and
-//!   its oracle.
+//! - [`linux`]: the Linux 64-bit boot protocol; [`boot`]: the multiboot
+//!   loader; [`testguest`]: the built-in guest and its oracle.
+//! - [`cpuid`]: the CPU features a guest sees (and hiding some).
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
 //! - [`control`]: the control socket of `wanmig run`.
 //! - [`layout`]: the guest's physical and port map.
@@ -18,8 +19,10 @@
 pub mod boot;
 pub mod config;
 pub mod control;
+pub mod cpuid;
 pub mod devices;
 pub mod layout;
+pub mod linux;
 pub mod memory;
 pub mod snapshot;
 pub mod state;

@@ -118,8 +118,9 @@ impl VcpuState {
 /// Most MSRs a saved vCPU may carry (KVM lists a few hundred at most).
 const MAX_MSRS: usize = 1024;
 
-/// The CPUID for vCPU `id`: what KVM supports, with the APIC id filled in.
-pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, VcpuError> {
+/// The CPUID for vCPU `id`: what KVM supports, with the APIC id filled in
+/// and the features named in `hide` cleared ([`crate::cpuid::hide`]).
+pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8, hide: &[String]) -> Result<CpuId, VcpuError> {
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err(id, "get supported CPUID"))?;
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -131,6 +132,7 @@ pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, VcpuError> {
             _ => {}
         }
     }
+    crate::cpuid::hide(cpuid.as_mut_slice(), hide);
     Ok(cpuid)
 }
 
@@ -155,8 +157,8 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VcpuError> {
 }
 
 /// Sets up vCPU `id` for a fresh boot: CPUID, FPU, and LAPIC virtual-wire mode.
-pub fn configure(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), VcpuError> {
-    vcpu.set_cpuid2(&cpuid_for(kvm, id, count)?).map_err(kvm_err(id, "set CPUID"))?;
+pub fn configure(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, hide: &[String]) -> Result<(), VcpuError> {
+    vcpu.set_cpuid2(&cpuid_for(kvm, id, count, hide)?).map_err(kvm_err(id, "set CPUID"))?;
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm_err(id, "set FPU"))?;
     // LINT0 = ExtINT (the 8259 reaches the CPU), LINT1 = NMI, as a BIOS leaves them.
@@ -207,6 +209,53 @@ pub fn set_multiboot_entry(vcpu: &VcpuFd, entry: u32, info: u32) -> Result<(), V
         rip: u64::from(entry),
         rax: u64::from(crate::boot::BOOTLOADER_MAGIC),
         rbx: u64::from(info),
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm_err(0, "set registers"))
+}
+
+/// Puts the boot vCPU at a Linux 64-bit entry point: long mode with the
+/// loader's GDT and identity page tables ([`crate::linux`]), flat segments
+/// with the selectors the boot protocol names (code 0x10, data 0x18),
+/// interrupts off, RSI = the zero page.
+pub fn set_linux_entry(vcpu: &VcpuFd, entry: &crate::linux::LinuxEntry) -> Result<(), VcpuError> {
+    use crate::layout;
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err(0, "get special registers"))?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_segment { selector: 0x18, type_: 0x3, l: 0, db: 1, ..code };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = layout::LINUX_GDT;
+    sregs.gdt.limit = (std::mem::size_of_val(&crate::linux::BOOT_GDT) - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr3 = layout::LINUX_PML4;
+    sregs.cr4 = 1 << 5; // PAE
+    sregs.cr0 = 0x8000_0011; // PG | ET | PE
+    sregs.efer = (1 << 8) | (1 << 10); // LME | LMA
+    vcpu.set_sregs(&sregs).map_err(kvm_err(0, "set special registers"))?;
+    let regs = kvm_regs {
+        rip: entry.entry,
+        rsi: entry.boot_params,
+        rsp: layout::LINUX_BOOT_STACK,
+        rbp: layout::LINUX_BOOT_STACK,
         rflags: 0x2,
         ..Default::default()
     };
@@ -417,6 +466,33 @@ pub enum GuestStop {
     Failed(String),
 }
 
+/// What KVM says about an internal error: its sub-error, where the guest
+/// was, and (for an emulation failure, when KVM reports them) the
+/// instruction's bytes.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    const EMULATION: u32 = 1; // KVM_INTERNAL_ERROR_EMULATION
+    const FLAG_INSN_BYTES: u64 = 1; // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    let rip = vcpu.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM wrote the `internal` member of the exit union for this
+    // exit; `emulation_failure` shares its first two fields and is read
+    // only when KVM flags it, and every bit pattern is a valid integer.
+    let (suberror, flags, insn) = unsafe {
+        let e = run.__bindgen_anon_1.emulation_failure;
+        let b = e.__bindgen_anon_1.__bindgen_anon_1;
+        (e.suberror, e.flags, b.insn_bytes[..usize::from(b.insn_size).min(15)].to_vec())
+    };
+    let mut msg = format!("KVM internal error {suberror} at rip {rip}");
+    if suberror == EMULATION {
+        msg.push_str(": an instruction KVM cannot emulate");
+        if flags & FLAG_INSN_BYTES != 0 && !insn.is_empty() {
+            let hex: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+            msg.push_str(&format!(" (bytes {})", hex.join(" ")));
+        }
+    }
+    msg
+}
+
 /// The body of a vCPU thread.
 pub fn run_thread(
     id: u8,
@@ -452,9 +528,7 @@ pub fn run_thread(
                         k => format!("system event {k}"),
                     }));
                 }
-                Ok(VcpuExit::InternalError) => {
-                    break Some(GuestStop::Failed("KVM internal error (an instruction KVM cannot emulate?)".into()));
-                }
+                Ok(VcpuExit::InternalError) => break Some(GuestStop::Failed(internal_error(&mut vcpu))),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     break Some(GuestStop::Failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})")));
                 }

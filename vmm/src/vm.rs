@@ -26,7 +26,7 @@ use crate::devices::{Devices, lock};
 use crate::memory::{DirtyPages, GuestRam};
 use crate::snapshot::{self, VmState};
 use crate::state::Pod;
-use crate::{boot, layout, testguest, vcpu};
+use crate::{boot, layout, linux, testguest, vcpu};
 
 /// Errors of VM operations. Each variant names the operation; the cause is
 /// its source.
@@ -50,6 +50,9 @@ pub enum VmError {
     /// Loading the guest failed.
     #[error("cannot load the guest")]
     Boot(#[from] boot::BootError),
+    /// Loading a Linux kernel failed.
+    #[error("cannot load the Linux guest")]
+    Linux(#[from] linux::LinuxBootError),
     /// A disk image could not be opened.
     #[error("cannot open disk image {path}")]
     Disk {
@@ -291,7 +294,7 @@ impl Vm {
         for id in 0..config.vcpus {
             let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm("create a vCPU"))?;
             if saved.is_none() {
-                vcpu::configure(&kvm_sys, &fd, id, config.vcpus)?;
+                vcpu::configure(&kvm_sys, &fd, id, config.vcpus, &config.cpu_hide)?;
             }
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
@@ -327,15 +330,23 @@ impl Vm {
 
     /// Creates a VM and loads its guest, ready to run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let Some(GuestConfig::Test(t)) = &config.guest else { return Err(VmError::NoGuest) };
-        let vm = Self::build(config, None, None)?;
-        let entry = boot::load_multiboot(
-            vm.ram.mem(),
-            testguest::IMAGE,
-            &testguest::cmdline(t, &config.nets),
-            &vm.ram.regions(),
-        )?;
-        vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
+        let vm = match &config.guest {
+            None => return Err(VmError::NoGuest),
+            Some(GuestConfig::Test(t)) => {
+                let vm = Self::build(config, None, None)?;
+                let (mem, ram) = (vm.ram.mem(), vm.ram.regions());
+                let entry = boot::load_multiboot(mem, testguest::IMAGE, &testguest::cmdline(t, &config.nets), &ram)?;
+                vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
+                vm
+            }
+            Some(GuestConfig::Linux(l)) => {
+                let vm = Self::build(config, None, None)?;
+                let (mem, ram) = (vm.ram.mem(), vm.ram.regions());
+                let entry = linux::load(mem, &ram, &l.kernel, l.initrd.as_deref(), &l.cmdline, None)?;
+                vcpu::set_linux_entry(&lock(&vm.vcpus[0]), &entry)?;
+                vm
+            }
+        };
         vm.spawn_threads()
     }
 
