@@ -104,6 +104,11 @@ pub struct ReceiveArgs {
     /// at the source's pause.
     #[arg(long)]
     paused: bool,
+    /// A TAP interface of this host for the VM's next NIC (repeatable, in
+    /// the VM's NIC order); created if missing. A VM with more NICs than
+    /// TAPs given is refused at its hello.
+    #[arg(long = "tap", value_name = "NAME")]
+    taps: Vec<String>,
     /// Expected link bandwidth, for flow-control windows (e.g. 1Gbit).
     #[arg(long, value_parser = parse_bandwidth)]
     link_bandwidth: Option<u64>,
@@ -141,6 +146,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         disk_dir,
         store,
         paused: a.paused,
+        taps: a.taps,
         tuning,
     };
     let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::{PAGE_SIZE, compress, xbzrle};
 use wanmig_transport::{Conn, Fingerprint, FrameReceiver, Identity, LinkTuning, Listener, TransportError};
-use wanmig_vmm::config::{DiskConfig, SerialOutput, VmConfig};
+use wanmig_vmm::config::{DiskConfig, Ipv4Cidr, MacAddr, NetConfig, SerialOutput, VmConfig};
 use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::GuestRam;
 use wanmig_vmm::snapshot::VmState;
@@ -43,6 +43,8 @@ pub struct ReceiveOptions {
     pub store: PathBuf,
     /// Leave the VM paused after the commit.
     pub paused: bool,
+    /// This host's TAP interfaces for the VM's NICs, in the VM's NIC order.
+    pub taps: Vec<String>,
     /// Window sizing.
     pub tuning: LinkTuning,
 }
@@ -203,6 +205,22 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions, attempt: &str) -> Result<
         }
         disks.push(DiskConfig { path: d.path.clone().into(), read_only: d.read_only });
     }
+    if shape.nics.len() > opts.taps.len() {
+        return Err(format!(
+            "the VM has {} NIC(s) and this host offers {} TAP(s) for them (receive --tap NAME, one per NIC)",
+            shape.nics.len(),
+            opts.taps.len()
+        ));
+    }
+    let mut nets = Vec::new();
+    for (n, tap) in shape.nics.iter().zip(&opts.taps) {
+        let mac = MacAddr(n.mac);
+        if !mac.is_unicast() {
+            return Err(format!("NIC MAC {mac} is not a unicast address"));
+        }
+        let ip = n.ipv4.map(|(a, prefix)| Ipv4Cidr { addr: a.into(), prefix });
+        nets.push(NetConfig { tap: tap.clone(), mac, ip, gateway: None });
+    }
     Ok((
         VmConfig {
             name: shape.name.clone(),
@@ -214,10 +232,7 @@ fn host_config(shape: &VmShape, opts: &ReceiveOptions, attempt: &str) -> Result<
             disks,
             // The guest's CPUID arrives with its vCPU state.
             cpu_hide: Vec::new(),
-            // NICs are not mapped to this host's TAPs yet: a VM that has
-            // them is refused when its device state arrives (`Vm::from_incoming`
-            // names the NIC that has no configuration here).
-            nets: Vec::new(),
+            nets,
         },
         finals,
     ))

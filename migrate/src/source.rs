@@ -20,8 +20,8 @@ use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::{DirtyPages, RegionDirty};
 use wanmig_vmm::{Vm, VmError};
 use wanmig_wire::{
-    ChunkParams, DiskInfo, FailureOutcome, Message, PageData, PageRef, PagesBuilder, ProtocolError, Source, VmShape,
-    features,
+    ChunkParams, DiskInfo, FailureOutcome, Message, NicInfo, PageData, PageRef, PagesBuilder, ProtocolError, Source,
+    VmShape, features,
 };
 
 use crate::disk_source::DiskCopy;
@@ -176,6 +176,11 @@ pub fn shape_of(vm: &Vm) -> VmShape {
                 path: d.path.to_string_lossy().into_owned(),
                 read_only: d.read_only,
             })
+            .collect(),
+        nics: c
+            .nets
+            .iter()
+            .map(|n| NicInfo { mac: n.mac.0, ipv4: n.ip.map(|ip| (ip.addr.octets(), ip.prefix)) })
             .collect(),
     }
 }

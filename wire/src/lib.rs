@@ -14,7 +14,7 @@ pub mod session;
 
 pub use codec::DecodeError;
 pub use disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, ManifestChunk, Need};
-pub use message::{DiskInfo, Message, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
+pub use message::{DiskInfo, Message, NicInfo, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
 pub use session::{Destination, FailureOutcome, ProtocolError, Source};
 
 /// ALPN protocol id of this protocol version on QUIC.

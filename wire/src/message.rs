@@ -33,7 +33,7 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The only guest page size of version 1.
 pub const PAGE_SIZE: usize = 4096;
 /// Largest frame body (a `DeviceState` with a full state container).
@@ -46,6 +46,8 @@ pub const MAX_TEXT: u32 = 4096;
 pub const MAX_REGIONS: u32 = 8;
 /// Most disks a VM may declare.
 pub const MAX_DISKS: u32 = 8;
+/// Most NICs a VM may have.
+pub const MAX_NICS: u32 = 8;
 /// Largest device-state blob.
 pub const MAX_DEVICE_STATE: u32 = 16 << 20 | 64;
 
@@ -76,6 +78,16 @@ pub struct DiskInfo {
     pub read_only: bool,
 }
 
+/// A NIC as the source describes it: what the guest knows of itself (the
+/// destination attaches it to a TAP of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicInfo {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address and prefix length, if configured.
+    pub ipv4: Option<([u8; 4], u8)>,
+}
+
 /// What the destination must be able to host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmShape {
@@ -87,6 +99,8 @@ pub struct VmShape {
     pub vcpus: u8,
     /// Disks in attachment order.
     pub disks: Vec<DiskInfo>,
+    /// NICs in attachment order (after the disks).
+    pub nics: Vec<NicInfo>,
 }
 
 /// How one page travels.
@@ -397,6 +411,18 @@ impl Message {
                     w.blob(d.path.as_bytes());
                     w.u8(u8::from(d.read_only));
                 }
+                w.u32(shape.nics.len() as u32);
+                for n in &shape.nics {
+                    w.bytes(&n.mac);
+                    match n.ipv4 {
+                        None => w.u8(0),
+                        Some((addr, prefix)) => {
+                            w.u8(1);
+                            w.bytes(&addr);
+                            w.u8(prefix);
+                        }
+                    }
+                }
                 chunking.write(&mut w);
             }
             Message::Accept { features, chunking } => {
@@ -506,12 +532,30 @@ impl Message {
                     };
                     disks.push(DiskInfo { size, path, read_only });
                 }
+                let n = r.count("NIC count", MAX_NICS)?;
+                let mut nics = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mac: [u8; 6] = r.bytes("NIC MAC", 6)?.try_into().expect("6 bytes read");
+                    let ipv4 = match r.u8("NIC address flag")? {
+                        0 => None,
+                        1 => {
+                            let addr: [u8; 4] = r.bytes("NIC address", 4)?.try_into().expect("4 bytes read");
+                            let prefix = r.u8("NIC prefix length")?;
+                            if !(1..=32).contains(&prefix) {
+                                return Err(DecodeError::Invalid { field: "NIC prefix length", reason: "not 1..=32" });
+                            }
+                            Some((addr, prefix))
+                        }
+                        _ => return Err(DecodeError::Invalid { field: "NIC address flag", reason: "not 0 or 1" }),
+                    };
+                    nics.push(NicInfo { mac, ipv4 });
+                }
                 Message::Hello {
                     version,
                     features,
                     page_size,
                     migration_id,
-                    shape: VmShape { name, memory, vcpus, disks },
+                    shape: VmShape { name, memory, vcpus, disks, nics },
                     chunking: ChunkParams::read(&mut r)?,
                 }
             }

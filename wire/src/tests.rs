@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use crate::message::{MAX_BATCH_PAGES, MAX_FRAME, PAGE_SIZE};
+use crate::message::{MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, PAGE_SIZE, PROTOCOL_VERSION};
 use crate::*;
 
 fn shape() -> VmShape {
@@ -11,7 +11,36 @@ fn shape() -> VmShape {
         memory: vec![(0, 3 << 30), (4 << 30, 1 << 30)],
         vcpus: 2,
         disks: vec![DiskInfo { size: 1 << 30, path: "/var/lib/vm1.img".into(), read_only: false }],
+        nics: vec![NicInfo { mac: NIC_MAC, ipv4: Some(([10, 1, 0, 5], 24)) }, NicInfo { mac: [2; 6], ipv4: None }],
     }
+}
+
+const NIC_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+#[test]
+fn hostile_nic_descriptions_are_refused() {
+    let frame = hello(PROTOCOL_VERSION).encode();
+    let body = &frame[4..];
+    assert_eq!(Message::decode(body).expect("round trip"), hello(PROTOCOL_VERSION));
+    let at = body.windows(6).position(|w| w == NIC_MAC).expect("the MAC is in the frame") + 6;
+    let patched = |i: usize, v: u8| {
+        let mut b = body.to_vec();
+        b[i] = v;
+        b
+    };
+    for (i, v, field) in
+        [(at, 2, "NIC address flag"), (at + 5, 0, "NIC prefix length"), (at + 5, 33, "NIC prefix length")]
+    {
+        match Message::decode(&patched(i, v)) {
+            Err(DecodeError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // Too many NICs.
+    let count_at = at - 6 - 4;
+    let mut b = body.to_vec();
+    b[count_at..count_at + 4].copy_from_slice(&(MAX_NICS + 1).to_le_bytes());
+    assert!(matches!(Message::decode(&b), Err(DecodeError::TooLarge { .. })));
 }
 
 /// A minimal Hello of protocol `version`.
@@ -38,7 +67,7 @@ fn pages() -> Pages {
 fn samples() -> Vec<Message> {
     vec![
         Message::Hello {
-            version: 1,
+            version: PROTOCOL_VERSION,
             features: features::ALL,
             page_size: 4096,
             migration_id: [9; 16],
@@ -185,7 +214,7 @@ fn hostile_lengths_are_refused_before_allocation() {
     assert!(matches!(Message::decode(&[0]), Err(DecodeError::UnknownTag { .. })));
     assert!(matches!(Message::decode(&[200]), Err(DecodeError::UnknownTag { .. })));
     // A Hello with a huge string length.
-    let mut hello = hello(1).encode();
+    let mut hello = hello(PROTOCOL_VERSION).encode();
     hello[4 + 1 + 2 + 8 + 4 + 16..4 + 1 + 2 + 8 + 4 + 16 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(Message::decode(&hello[4..]), Err(DecodeError::TooLarge { .. })));
     // Trailing bytes.
@@ -308,7 +337,7 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
         assert_eq!(Destination::AwaitHello.on_message(&m).is_ok(), allowed, "{}", m.name());
     }
     let receiving = Destination::Receiving { features: 0 };
-    for m in [Message::Commit, Message::Ready, hello(1)] {
+    for m in [Message::Commit, Message::Ready, hello(PROTOCOL_VERSION)] {
         assert!(receiving.clone().on_message(&m).is_err(), "{}", m.name());
     }
     assert!(Destination::Committed.on_message(&Message::Abort { reason: "x".into() }).is_err());
@@ -316,8 +345,9 @@ fn messages_out_of_order_are_errors_and_abort_always_works() {
     assert!(Source::Precopy { features: 0 }.commit().is_err(), "commit before Ready");
     assert!(Source::CommitSent.abort("late").is_err(), "no abort after commit");
     // Another protocol version or page size never gets past the hello.
-    let v2 = hello(2);
-    assert!(Destination::AwaitHello.on_message(&v2).is_err());
+    let other = hello(PROTOCOL_VERSION + 1);
+    assert!(Destination::AwaitHello.on_message(&other).is_err());
+    assert!(Destination::AwaitHello.on_message(&hello(PROTOCOL_VERSION - 1)).is_err());
     // An Accept with features the source never offered is refused.
     assert!(
         Source::HelloSent.on_message(&Message::Accept { features: 1 << 40, chunking: ChunkParams::DEFAULT }).is_err()
