@@ -160,6 +160,9 @@ pub struct Vm {
     disk_logs: Vec<Arc<DiskWriteLog>>,
     nics: Vec<Nic>,
     rx_threads: Vec<RxThread>,
+    /// Set on a restored or received VM: its first resume announces its
+    /// NICs on their new TAPs.
+    announce: bool,
     stop_tx: Sender<(u8, vcpu::GuestStop)>,
     stop_rx: Receiver<(u8, vcpu::GuestStop)>,
     msr_indices: Vec<u32>,
@@ -308,6 +311,7 @@ impl Vm {
             disk_logs,
             nics,
             rx_threads: Vec::new(),
+            announce: saved.is_some(),
             stop_tx,
             stop_rx,
             msr_indices: Vec::new(),
@@ -453,6 +457,38 @@ impl Vm {
     pub fn resume(&mut self) {
         self.ctl.set(vcpu::Wanted::Run);
         self.run_state = RunState::Running;
+        if std::mem::take(&mut self.announce) {
+            self.announce_nics();
+        }
+    }
+
+    /// Announces every NIC on its TAP as if the guest did (a gratuitous ARP
+    /// for its configured address, or a RARP), five times over half a
+    /// second as QEMU does, on a thread of its own: after a restore or a
+    /// migration, the switch learns where the guest's MAC went at once.
+    fn announce_nics(&self) {
+        const SCHEDULE_MS: [u64; 5] = [0, 50, 150, 300, 500];
+        let frames: Vec<(Arc<Tap>, Vec<u8>)> = self
+            .nics
+            .iter()
+            .zip(&self.config.nets)
+            .map(|(nic, cfg)| (nic.tap.clone(), net::announcement(cfg.mac, cfg.ip.map(|c| c.addr))))
+            .collect();
+        if frames.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
+            let start = Instant::now();
+            for at in SCHEDULE_MS.map(Duration::from_millis) {
+                std::thread::sleep(at.saturating_sub(start.elapsed()));
+                for (tap, frame) in &frames {
+                    // Best effort: a TAP that is down now misses one announcement.
+                    let _ = tap.send(frame);
+                }
+            }
+        });
+        // Without a thread the guest still runs; its first packet out teaches the switch.
+        drop(spawned);
     }
 
     /// Stops every vCPU outside `KVM_RUN`, with pending I/O completed.

@@ -450,6 +450,37 @@ pub struct RxThread {
     handle: Option<JoinHandle<()>>,
 }
 
+/// The frame a NIC sends, as if from the guest, to announce that the guest
+/// now sits behind this TAP (after a restore or a migration): switches
+/// learn the port its MAC is on, and neighbours refresh their ARP caches.
+/// With the guest's IPv4 address known: a gratuitous ARP request (sender
+/// and target address the guest's, as `arping -U` sends); without: a RARP
+/// request, as QEMU's self-announce sends. The virtio-net header comes
+/// first, as the TAP expects.
+pub fn announcement(mac: MacAddr, ip: Option<std::net::Ipv4Addr>) -> Vec<u8> {
+    const ETHERTYPE_ARP: u16 = 0x0806;
+    const ETHERTYPE_RARP: u16 = 0x8035;
+    let (ethertype, op, sender_ip, target_mac) = match ip {
+        Some(ip) => (ETHERTYPE_ARP, 1u16, ip.octets(), [0u8; 6]),
+        None => (ETHERTYPE_RARP, 3u16, [0u8; 4], mac.0),
+    };
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&sender_ip);
+    f.extend_from_slice(&target_mac);
+    f.extend_from_slice(&sender_ip);
+    // Pad to the 60-byte Ethernet minimum.
+    f.resize(VNET_HDR_LEN + 60, 0);
+    f
+}
+
 /// Starts the RX thread of the NIC on `tap`. It waits for frames on the
 /// TAP (or, while the device holds a frame, for the guest to post buffers)
 /// and then calls `deliver`, which must run the receive queue under the
@@ -514,6 +545,25 @@ impl Drop for RxThread {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod announce_tests {
+    use super::*;
+
+    #[test]
+    fn announcements_are_gratuitous_arp_or_rarp() {
+        let mac = MacAddr([0x52, 0x54, 0, 1, 2, 3]);
+        let g = announcement(mac, Some(std::net::Ipv4Addr::new(10, 1, 0, 5)));
+        let f = &g[VNET_HDR_LEN..];
+        assert_eq!(f.len(), 60);
+        assert_eq!((&f[..6], &f[6..12], &f[12..14]), (&[0xff; 6][..], &mac.0[..], &[0x08, 0x06][..]));
+        assert_eq!(&f[20..22], &[0, 1], "request");
+        assert_eq!((&f[28..32], &f[38..42]), (&[10, 1, 0, 5][..], &[10, 1, 0, 5][..]), "sender = target = guest");
+        let r = announcement(mac, None);
+        assert_eq!(&r[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14], &[0x80, 0x35]);
+        assert_eq!(&r[VNET_HDR_LEN + 20..VNET_HDR_LEN + 22], &[0, 3], "RARP request");
     }
 }
 
