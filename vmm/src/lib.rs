@@ -7,8 +7,9 @@
 //! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the
 //!   VMM's own bitmap of device writes).
 //! - [`vcpu`]: vCPU setup, run loop, register state.
-//! - [`devices`]: the 8250 console and virtio-blk over virtio-mmio, whose
-//!   writes feed a per-disk write log.
+//! - [`devices`]: the 8250 console, virtio-blk over virtio-mmio, whose
+//!   writes feed a per-disk write log, and the power device (ACPI power
+//!   off and reset).
 //! - [`boot`]: the multiboot loader; [`testguest`]: the built-in guest and
 //!   its oracle.
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
