@@ -15,7 +15,9 @@
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
 //! - [`control`]: the control socket of `wanmig run`.
 //! - [`layout`]: the guest's physical and port map.
+//! - [`acpi`]: the ACPI tables that declare the devices to the guest.
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod control;

@@ -14,6 +14,7 @@ use kvm_bindings::{
     kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{GuestConfig, SerialOutput, VmConfig};
@@ -24,7 +25,7 @@ use crate::devices::{Devices, lock};
 use crate::memory::{DirtyPages, GuestRam};
 use crate::snapshot::{self, VmState};
 use crate::state::Pod;
-use crate::{boot, layout, testguest, vcpu};
+use crate::{acpi, boot, layout, testguest, vcpu};
 
 /// Errors of VM operations. Each variant names the operation; the cause is
 /// its source.
@@ -102,6 +103,9 @@ pub enum VmError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// The ACPI tables could not be built or written.
+    #[error("cannot set up the ACPI tables")]
+    Acpi(#[from] crate::acpi::AcpiError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -144,6 +148,7 @@ pub struct Vm {
     stop_tx: Sender<(u8, vcpu::GuestStop)>,
     stop_rx: Receiver<(u8, vcpu::GuestStop)>,
     msr_indices: Vec<u32>,
+    acpi_rsdp: Option<GuestAddress>,
     run_state: RunState,
     throttle: Option<Throttle>,
     vm_fd: VmFd,
@@ -258,6 +263,7 @@ impl Vm {
             stop_tx,
             stop_rx,
             msr_indices: Vec::new(),
+            acpi_rsdp: None,
             run_state: RunState::Paused,
             throttle: None,
             vm_fd,
@@ -275,10 +281,14 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Creates a VM and loads its guest, ready to run (paused).
+    /// Creates a VM, writes its ACPI tables and loads its guest, ready to
+    /// run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
         let Some(GuestConfig::Test(t)) = &config.guest else { return Err(VmError::NoGuest) };
-        let vm = Self::build(config, None, None)?;
+        let mut vm = Self::build(config, None, None)?;
+        // Every guest gets the tables; the test guest reads the FADT for the
+        // power registers, and a Linux loader passes `acpi_rsdp()` on.
+        vm.acpi_rsdp = Some(acpi::write_tables(vm.ram.mem(), &vm.acpi_spec())?);
         let entry = boot::load_multiboot(vm.ram.mem(), testguest::IMAGE, &testguest::cmdline(t), &vm.ram.regions())?;
         vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
         vm.spawn_threads()
@@ -339,6 +349,19 @@ impl Vm {
         let clock = kvm_bindings::kvm_clock_data { clock: s.clock.0.clock, ..Default::default() };
         self.vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
         Ok(())
+    }
+
+    /// What the ACPI tables declare: the vCPUs, and every attached
+    /// virtio-mmio device (slot i of [`layout::virtio_mmio_addr`]).
+    fn acpi_spec(&self) -> acpi::AcpiSpec {
+        acpi::AcpiSpec::new(u32::from(self.config.vcpus), 0..self.devices.virtio.len())
+    }
+
+    /// Where [`Vm::boot`] put the ACPI RSDP ([`layout::ACPI_RSDP`]; a Linux
+    /// loader passes it in `boot_params.acpi_rsdp_addr`). `None` for a VM
+    /// from a snapshot or a migration: its tables came with its RAM.
+    pub fn acpi_rsdp(&self) -> Option<GuestAddress> {
+        self.acpi_rsdp
     }
 
     /// The configuration the VM was built from.
