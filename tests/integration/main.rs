@@ -6,5 +6,6 @@ mod dirty_tracking;
 mod disk_migration;
 mod harness;
 mod migration;
+mod power;
 mod qemu;
 mod snapshot_restore;
