@@ -9,6 +9,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 command -v ld >/dev/null && command -v objcopy >/dev/null || need_apt+=(binutils)
 # QEMU boots the test guest in a test that checks it is a standard kernel.
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# iasl (the ACPI reference disassembler) checks the VMM's ACPI tables in a test.
+command -v iasl >/dev/null || need_apt+=(acpica-tools)
 # The rocksdb crate compiles RocksDB (C++) and generates its bindings with
 # bindgen, which needs libclang.
 command -v g++ >/dev/null || need_apt+=(g++)

@@ -251,13 +251,17 @@ fn report_end(end: ServeEnd, cfg: &VmConfig) -> Result<ExitCode> {
             eprintln!("wanmig: VM '{}' migrated away; it runs at the destination", cfg.name);
             Ok(ExitCode::SUCCESS)
         }
-        ServeEnd::GuestStopped(GuestStop::Shutdown(why)) => {
-            eprintln!("wanmig: guest stopped: {why}");
+        ServeEnd::GuestStopped(stop @ GuestStop::Failed(_)) => {
+            eprintln!("wanmig: guest {stop}");
+            Ok(ExitCode::FAILURE)
+        }
+        ServeEnd::GuestStopped(stop @ (GuestStop::Reset | GuestStop::TripleFault)) => {
+            eprintln!("wanmig: guest {stop}; VM '{}' ends (wanmig does not reboot guests)", cfg.name);
             Ok(ExitCode::SUCCESS)
         }
-        ServeEnd::GuestStopped(GuestStop::Failed(why)) => {
-            eprintln!("wanmig: guest failed: {why}");
-            Ok(ExitCode::FAILURE)
+        ServeEnd::GuestStopped(GuestStop::PowerOff) => {
+            eprintln!("wanmig: guest powered off; VM '{}' ends", cfg.name);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -251,7 +251,8 @@ impl VmProcess {
         }
     }
 
-    fn stderr(&mut self) -> String {
+    /// What the process wrote to stderr (once it has exited; blocks until then).
+    pub fn stderr(&mut self) -> String {
         let mut s = String::new();
         if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
             let _ = e.read_to_string(&mut s);

@@ -38,6 +38,41 @@ fn linux_vm(vcpus: u8) -> VmDir {
 
 const BOOT: Duration = Duration::from_secs(240);
 
+#[test]
+fn stock_kernel_sees_our_memory_map_acpi_tables_and_cpus() {
+    require_kvm();
+    let vm = linux_vm(2);
+    let mut p = VmProcess::run(&vm);
+    let serial = vm.wait_serial(&mut p, "smpboot: Allowing", BOOT);
+    for line in [
+        "Linux version 6.",
+        "Command line: console=ttyS0",
+        // The e820 map the loader built.
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x00000000000e0000-0x00000000000fffff] reserved",
+        "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
+        // The initramfs where the zero page says.
+        "RAMDISK: [mem 0x",
+        // Every ACPI table found and accepted.
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: XSDT 0x",
+        "ACPI: FACP 0x",
+        "ACPI: DSDT 0x",
+        "ACPI: APIC 0x",
+        // The MADT's CPUs and IOAPIC.
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "IOAPIC[0]: apic_id ",
+        "address 0xfec00000, GSI 0-23",
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+    ] {
+        assert!(serial.contains(line), "the console lacks {line:?}:\n{serial}");
+    }
+    for bad in ["ACPI BIOS Error", "ACPI Error", "Incorrect checksum", "Invalid", "not listed by BIOS"] {
+        assert!(!serial.contains(bad), "the console shows {bad:?}:\n{serial}");
+    }
+    assert!(p.shutdown().success());
+}
+
 /// The kernel's timestamps, in order of the console's lines.
 fn timestamps(console: &str) -> Vec<f64> {
     console.lines().filter_map(|l| l.strip_prefix('[')?.split_once(']')?.0.trim().parse().ok()).collect()

@@ -8,5 +8,6 @@ mod harness;
 mod linux;
 mod migration;
 mod network;
+mod power;
 mod qemu;
 mod snapshot_restore;

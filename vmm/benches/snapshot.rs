@@ -28,6 +28,8 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
             disk_kib: 0,
             disk_mib: 1,
             disk_scatter: false,
+            poweroff_after_s: None,
+            reset_after_s: None,
         })),
         disks: Vec::new(),
         cpu_hide: Vec::new(),

@@ -24,6 +24,8 @@
 //! disk_kib = 0               # KiB/s written to the first disk (default 0)
 //! disk_mib = 1               # size of the disk region the guest cycles over (default 1)
 //! disk_scatter = false       # scatter the 4 KiB writes over the region (default: in order)
+//! poweroff_after_s = 30      # power off through ACPI after this many s (default: never)
+//! reset_after_s = 30         # or reset through ACPI instead (default: never); 1 ..= 31536000
 //!
 //! [[disk]]                   # zero or more; raw images
 //! path = "disk.img"
@@ -58,6 +60,8 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 pub const MAX_MEMORY_MIB: u64 = 60 * 1024;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
+/// Longest delay before the test guest powers off or resets: a year.
+pub const MAX_STOP_AFTER_S: u64 = 365 * 24 * 3600;
 
 /// A VM's configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +162,14 @@ pub struct TestGuestConfig {
     /// Scatter the writes over the region instead of writing it in order.
     #[serde(default)]
     pub disk_scatter: bool,
+    /// Power off through the ACPI sleep control register after this many
+    /// seconds of running; `None`: never.
+    #[serde(default)]
+    pub poweroff_after_s: Option<u64>,
+    /// Reset through the ACPI reset register after this many seconds of
+    /// running; `None`: never.
+    #[serde(default)]
+    pub reset_after_s: Option<u64>,
 }
 
 fn default_ws_mib() -> u64 {
@@ -511,6 +523,16 @@ fn check_test_guest(t: &TestGuestConfig, memory_mib: u64, has_disk: bool) -> Res
     if t.disk_kib > 0 && !has_disk {
         return Err(("guest.disk_kib", "the guest is asked to write but no [[disk]] is configured".into()));
     }
+    for (key, after) in [("guest.poweroff_after_s", t.poweroff_after_s), ("guest.reset_after_s", t.reset_after_s)] {
+        if let Some(s) = after
+            && !(1..=MAX_STOP_AFTER_S).contains(&s)
+        {
+            return Err((key, format!("{s} s is out of range 1..={MAX_STOP_AFTER_S}")));
+        }
+    }
+    if t.poweroff_after_s.is_some() && t.reset_after_s.is_some() {
+        return Err(("guest.reset_after_s", "the guest cannot both power off and reset; set one".into()));
+    }
     Ok(())
 }
 
@@ -548,8 +570,13 @@ mod tests {
                 disk_kib: 8,
                 disk_mib: 1,
                 disk_scatter: false,
+                poweroff_after_s: None,
+                reset_after_s: None,
             }))
         );
+        let c = parse(&GOOD.replace("disk_kib = 8", "disk_kib = 8\npoweroff_after_s = 3")).expect("valid");
+        let Some(GuestConfig::Test(t)) = c.guest else { panic!("test guest") };
+        assert_eq!((t.poweroff_after_s, t.reset_after_s), (Some(3), None));
     }
 
     #[test]
@@ -597,6 +624,9 @@ mod tests {
             ("disk_kib = 8", "disk_kib = 8\nws_mib = 65", "guest.ws_mib"),
             ("disk_kib = 8", "disk_kib = 8\ndisk_mib = 0", "guest.disk_mib"),
             ("memory_mib = 64", "memory_mib = 64\nserial = \"\"", "serial"),
+            ("disk_kib = 8", "disk_kib = 8\npoweroff_after_s = 0", "guest.poweroff_after_s"),
+            ("disk_kib = 8", "disk_kib = 8\nreset_after_s = 99999999999", "guest.reset_after_s"),
+            ("disk_kib = 8", "disk_kib = 8\nreset_after_s = 2\npoweroff_after_s = 2", "guest.reset_after_s"),
         ] {
             let e = error_of(&GOOD.replace(from, to));
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");

@@ -8,14 +8,23 @@
 //!   0x0000_9000   Linux: page tables (PML4, PDPT, 4 PDs) up to 0xF000
 //!   0x0002_0000   Linux: command line
 //!   0x0009_FC00   end of conventional memory given to Linux (EBDA above)
-//!   0x000E_0000   ACPI tables, up to 1 MiB (reserved in the memory map)
+//!   0x000A_0000   .. 1 MiB: not usable RAM (the legacy VGA/BIOS hole)
+//!   0x000E_0000   ACPI tables, .. 1 MiB; the RSDP first (a BIOS-area scan finds it)
 //! 0xC000_0000 ..  MMIO gap           3 GiB .. 4 GiB
-//!   0xD000_0000   virtio-mmio slot i at + i * 0x1000, IRQ 5 + i
-//!   0xFEC0_0000   IOAPIC (in-kernel)
+//!   0xD000_0000   virtio-mmio slot i at + i * 0x1000, GSI 5 + i
+//!   0xFEC0_0000   IOAPIC (in-kernel), 24 pins, GSI 0..24 = pin n
 //!   0xFEE0_0000   LAPIC (in-kernel)
 //! 0x1_0000_0000 ..  RAM (high)       the rest of guest RAM
+//! port 0x64       i8042 command port: only its reset (0xFE) is decoded
 //! port 0x3f8      8250 serial, IRQ 4
+//! port 0x600      ACPI sleep control register (FADT SLEEP_CONTROL_REG)
+//! port 0x601      ACPI sleep status register (FADT SLEEP_STATUS_REG)
+//! port 0x602      ACPI reset register (FADT RESET_REG)
 //! ```
+//!
+//! A Linux loader must report `ACPI_TABLES_START..ACPI_TABLES_END` as
+//! reserved (not RAM) in its memory map and pass [`ACPI_RSDP`] in
+//! `boot_params.acpi_rsdp_addr`.
 
 use vm_memory::GuestAddress;
 
@@ -35,6 +44,30 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// GSI of the serial console.
 pub const SERIAL_IRQ: u32 = 4;
+/// The IOAPIC's registers (KVM's in-kernel IOAPIC).
+pub const IOAPIC_ADDR: u64 = 0xFEC0_0000;
+/// Pins of KVM's IOAPIC; its default routing maps GSI n to pin n.
+pub const IOAPIC_PINS: u32 = 24;
+/// The local APICs' registers.
+pub const LAPIC_ADDR: u64 = 0xFEE0_0000;
+/// Start of the window the ACPI tables live in (16-byte aligned, inside the
+/// BIOS area `0xE0000..0x100000` that an OS scans for the RSDP).
+pub const ACPI_TABLES_START: u64 = 0x000E_0000;
+/// End of the ACPI tables window (exclusive): 1 MiB.
+pub const ACPI_TABLES_END: u64 = 0x0010_0000;
+/// The RSDP, first in the ACPI window.
+pub const ACPI_RSDP: u64 = ACPI_TABLES_START;
+/// ACPI sleep control register: a byte write of `SLP_TYP << 2 | SLP_EN`
+/// with the `\_S5_` type powers the guest off.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// ACPI sleep status register (reads 0: no wake event is ever pending).
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+/// ACPI reset register: a byte write of the FADT's `RESET_VALUE` resets
+/// (ends) the guest.
+pub const ACPI_RESET_PORT: u16 = 0x602;
+/// The i8042 keyboard controller's command port; 0xFE pulses the CPU
+/// reset line (the fallback reboot of Linux and most firmware).
+pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// Where the multiboot information structure is written.
 pub const MULTIBOOT_INFO: u64 = 0x9000;
 /// Where the guest command line is written (at most [`CMDLINE_MAX`] bytes).
@@ -62,8 +95,6 @@ pub const LINUX_CMDLINE: u64 = 0x2_0000;
 pub const LINUX_CMDLINE_MAX: usize = 2048;
 /// End of the conventional memory Linux is given (the EBDA starts here).
 pub const EBDA_START: u64 = 0x9_fc00;
-/// Start of the window that holds the ACPI tables (reserved in the e820 map).
-pub const ACPI_START: u64 = 0xe_0000;
 /// Start of "high" memory: kernels load at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// KVM's TSS for real-mode emulation (three pages just below the BIOS area).
@@ -94,6 +125,12 @@ mod tests {
         assert_eq!(ram_regions(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
         assert_eq!(ram_regions(4 << 30), vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]);
         let last = virtio_mmio_addr(VIRTIO_MMIO_SLOTS - 1) + VIRTIO_MMIO_STRIDE;
-        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && last <= 0xFEC0_0000);
+        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && last <= IOAPIC_ADDR);
+        // The ACPI window lies in the BIOS area, below 1 MiB, clear of the
+        // multiboot data, and the RSDP is 16-byte aligned.
+        assert!(MULTIBOOT_MMAP < 0xA_0000 && (0xE_0000..ACPI_TABLES_END).contains(&ACPI_RSDP));
+        assert_eq!((ACPI_RSDP % 16, ACPI_TABLES_END), (0, 0x10_0000));
+        let power = [ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_RESET_PORT];
+        assert!(power.iter().all(|p| !(SERIAL_PORT..SERIAL_PORT + 8).contains(p) && *p != I8042_COMMAND_PORT));
     }
 }

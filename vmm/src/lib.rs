@@ -7,8 +7,10 @@
 //! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the
 //!   VMM's own bitmap of device writes).
 //! - [`vcpu`]: vCPU setup, run loop, register state.
-//! - [`devices`]: the 8250 console, and over virtio-mmio virtio-blk (whose
-//!   writes feed a per-disk write log) and virtio-net on a host TAP.
+//! - [`devices`]: the 8250 console; over virtio-mmio, virtio-blk (whose
+//!   writes feed a per-disk write log) and virtio-net on a host TAP; and the
+//!   power device (ACPI power off and reset).
+//! - [`acpi`]: the ACPI tables that declare the devices to the guest.
 //! - [`linux`]: the Linux 64-bit boot protocol; [`boot`]: the multiboot
 //!   loader; [`testguest`]: the built-in guest and its oracle.
 //! - [`cpuid`]: the CPU features a guest sees (and hiding some).
@@ -16,6 +18,7 @@
 //! - [`control`]: the control socket of `wanmig run`.
 //! - [`layout`]: the guest's physical and port map.
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod control;

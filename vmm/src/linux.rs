@@ -197,7 +197,7 @@ fn e820_map(ram: &[(GuestAddress, u64)]) -> Vec<boot_e820_entry> {
     let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
         entry(0, layout::EBDA_START, E820_RAM),
-        entry(layout::ACPI_START, layout::HIMEM_START - layout::ACPI_START, E820_RESERVED),
+        entry(layout::ACPI_TABLES_START, layout::ACPI_TABLES_END - layout::ACPI_TABLES_START, E820_RESERVED),
     ];
     for &(start, len) in ram {
         let s = start.0.max(layout::HIMEM_START);
@@ -314,7 +314,7 @@ mod tests {
             map,
             vec![
                 (0, layout::EBDA_START, E820_RAM),
-                (layout::ACPI_START, layout::HIMEM_START - layout::ACPI_START, E820_RESERVED),
+                (layout::ACPI_TABLES_START, layout::ACPI_TABLES_END - layout::ACPI_TABLES_START, E820_RESERVED),
                 (layout::HIMEM_START, (64 << 20) - layout::HIMEM_START, E820_RAM),
             ]
         );

@@ -6,8 +6,11 @@
 //! 2 MiB up with a pattern, walks a working set incrementing a generation
 //! counter, writes generation-stamped blocks to its first virtio-blk disk,
 //! answers ARP, ICMP echo and a UDP sequence service ([`UDP_SEQ_PORT`]) on
-//! its first virtio-net NIC, and keeps its own status page at [`STATUS_GPA`]. `vmm/testguest/abi.h` is
-//! the contract; the constants here mirror it.
+//! its first virtio-net NIC, and keeps its own status page at
+//! [`STATUS_GPA`]. Asked to (`poweroff_after_s`, `reset_after_s`), it finds
+//! the ACPI tables the way an OS does and powers off or resets through the
+//! registers they declare. `vmm/testguest/abi.h` is the contract; the
+//! constants here mirror it.
 //!
 //! After any save/restore or migration the oracle ([`check_memory`],
 //! [`check_disk`]) holds the guest to:
@@ -68,6 +71,12 @@ pub fn cmdline(cfg: &TestGuestConfig, nets: &[NetConfig]) -> String {
         && let Some(ip) = net.ip
     {
         let _ = write!(s, " net_ip={} net_mac={}", ip.addr, net.mac);
+    }
+    if let Some(n) = cfg.poweroff_after_s {
+        let _ = write!(s, " poweroff_after_s={n}");
+    }
+    if let Some(n) = cfg.reset_after_s {
+        let _ = write!(s, " reset_after_s={n}");
     }
     s
 }
@@ -380,6 +389,28 @@ mod tests {
             let parsed =
                 if let Some(hex) = text.strip_prefix("0x") { u64::from_str_radix(hex, 16) } else { text.parse() };
             assert_eq!(parsed, Ok(value), "{name}");
+        }
+    }
+
+    #[test]
+    fn cmdline_carries_every_option() {
+        let mut cfg = TestGuestConfig {
+            ws_mib: 4,
+            rate_mib: 2,
+            flat_out: false,
+            disk_kib: 8,
+            disk_mib: 1,
+            disk_scatter: true,
+            poweroff_after_s: Some(3),
+            reset_after_s: None,
+        };
+        assert_eq!(cmdline(&cfg, &[]), "ws_mib=4 disk_kib=8 disk_mib=1 disk_scatter=1 rate_mib=2 poweroff_after_s=3");
+        (cfg.flat_out, cfg.poweroff_after_s, cfg.reset_after_s) = (true, None, Some(7));
+        assert!(cmdline(&cfg, &[]).ends_with(" rate_mib=max reset_after_s=7"));
+        // The guest parses each key it is given.
+        let guest = include_str!("../testguest/guest.c");
+        for key in cmdline(&cfg, &[]).split(' ').chain(["poweroff_after_s=1"]).filter_map(|kv| kv.split('=').next()) {
+            assert!(guest.contains(&format!("streq_prefix(s, \"{key}\", &v)")), "the guest ignores {key}");
         }
     }
 

@@ -20,6 +20,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use crate::devices::power::PowerEvent;
 use crate::devices::{Devices, lock};
 use crate::state::Pod;
 
@@ -457,11 +458,18 @@ pub fn install_kick_handler() {
     });
 }
 
-/// Why the guest stopped on its own.
+/// Why the guest stopped on its own. wanmig does not reboot guests: every
+/// stop ends the VM; only [`GuestStop::Failed`] is an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestStop {
-    /// The guest shut down, reset, or triple-faulted.
-    Shutdown(String),
+    /// The guest powered itself off (ACPI S5 through the power device).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042 reset line,
+    /// or KVM's reset event).
+    Reset,
+    /// A triple fault: on a PC, a reset. Linux's last-resort reboot; also
+    /// what a guest that crashes early does.
+    TripleFault,
     /// KVM could not run the guest.
     Failed(String),
 }
@@ -493,6 +501,26 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     msg
 }
 
+impl std::fmt::Display for GuestStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestStop::PowerOff => f.write_str("powered off"),
+            GuestStop::Reset => f.write_str("reset"),
+            GuestStop::TripleFault => f.write_str("reset by a triple fault"),
+            GuestStop::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+impl From<PowerEvent> for GuestStop {
+    fn from(e: PowerEvent) -> Self {
+        match e {
+            PowerEvent::PowerOff => GuestStop::PowerOff,
+            PowerEvent::Reset => GuestStop::Reset,
+        }
+    }
+}
+
 /// The body of a vCPU thread.
 pub fn run_thread(
     id: u8,
@@ -516,17 +544,21 @@ pub fn run_thread(
             }
             match vcpu.run() {
                 Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if let Some(event) = devices.pio_write(port, data) {
+                        break Some(event.into());
+                    }
+                }
                 Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
                 Ok(VcpuExit::Hlt | VcpuExit::Intr) => {}
-                Ok(VcpuExit::Shutdown) => break Some(GuestStop::Shutdown("shutdown (triple fault)".into())),
+                Ok(VcpuExit::Shutdown) => break Some(GuestStop::TripleFault),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    break Some(GuestStop::Shutdown(match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => "reset".into(),
-                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => "power off".into(),
-                        k => format!("system event {k}"),
-                    }));
+                    break Some(match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestStop::Reset,
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestStop::PowerOff,
+                        k => GuestStop::Failed(format!("KVM system event {k} (a crash?)")),
+                    });
                 }
                 Ok(VcpuExit::InternalError) => break Some(GuestStop::Failed(internal_error(&mut vcpu))),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {

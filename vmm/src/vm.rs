@@ -14,6 +14,7 @@ use kvm_bindings::{
     kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{GuestConfig, SerialOutput, VmConfig};
@@ -26,7 +27,7 @@ use crate::devices::{Devices, lock};
 use crate::memory::{DirtyPages, GuestRam};
 use crate::snapshot::{self, VmState};
 use crate::state::Pod;
-use crate::{boot, layout, linux, testguest, vcpu};
+use crate::{acpi, boot, layout, linux, testguest, vcpu};
 
 /// Errors of VM operations. Each variant names the operation; the cause is
 /// its source.
@@ -119,6 +120,9 @@ pub enum VmError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// The ACPI tables could not be built or written.
+    #[error("cannot set up the ACPI tables")]
+    Acpi(#[from] crate::acpi::AcpiError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -166,6 +170,7 @@ pub struct Vm {
     stop_tx: Sender<(u8, vcpu::GuestStop)>,
     stop_rx: Receiver<(u8, vcpu::GuestStop)>,
     msr_indices: Vec<u32>,
+    acpi_rsdp: Option<GuestAddress>,
     run_state: RunState,
     throttle: Option<Throttle>,
     vm_fd: VmFd,
@@ -315,6 +320,7 @@ impl Vm {
             stop_tx,
             stop_rx,
             msr_indices: Vec::new(),
+            acpi_rsdp: None,
             run_state: RunState::Paused,
             throttle: None,
             vm_fd,
@@ -332,25 +338,26 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Creates a VM and loads its guest, ready to run (paused).
+    /// Creates a VM, writes its ACPI tables and loads its guest, ready to
+    /// run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let vm = match &config.guest {
+        let mut vm = Self::build(config, None, None)?;
+        // Every guest gets the tables: Linux finds its virtio-mmio devices
+        // there, the test guest its power registers.
+        let rsdp = acpi::write_tables(vm.ram.mem(), &vm.acpi_spec())?;
+        vm.acpi_rsdp = Some(rsdp);
+        let (mem, ram) = (vm.ram.mem(), vm.ram.regions());
+        match &config.guest {
             None => return Err(VmError::NoGuest),
             Some(GuestConfig::Test(t)) => {
-                let vm = Self::build(config, None, None)?;
-                let (mem, ram) = (vm.ram.mem(), vm.ram.regions());
                 let entry = boot::load_multiboot(mem, testguest::IMAGE, &testguest::cmdline(t, &config.nets), &ram)?;
                 vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
-                vm
             }
             Some(GuestConfig::Linux(l)) => {
-                let vm = Self::build(config, None, None)?;
-                let (mem, ram) = (vm.ram.mem(), vm.ram.regions());
-                let entry = linux::load(mem, &ram, &l.kernel, l.initrd.as_deref(), &l.cmdline, None)?;
+                let entry = linux::load(mem, &ram, &l.kernel, l.initrd.as_deref(), &l.cmdline, Some(rsdp.0))?;
                 vcpu::set_linux_entry(&lock(&vm.vcpus[0]), &entry)?;
-                vm
             }
-        };
+        }
         vm.spawn_threads()
     }
 
@@ -423,6 +430,19 @@ impl Vm {
         let clock = kvm_bindings::kvm_clock_data { clock: s.clock.0.clock, ..Default::default() };
         self.vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
         Ok(())
+    }
+
+    /// What the ACPI tables declare: the vCPUs, and every attached
+    /// virtio-mmio device (slot i of [`layout::virtio_mmio_addr`]).
+    fn acpi_spec(&self) -> acpi::AcpiSpec {
+        acpi::AcpiSpec::new(u32::from(self.config.vcpus), 0..self.devices.virtio.len())
+    }
+
+    /// Where [`Vm::boot`] put the ACPI RSDP ([`layout::ACPI_RSDP`]; a Linux
+    /// loader passes it in `boot_params.acpi_rsdp_addr`). `None` for a VM
+    /// from a snapshot or a migration: its tables came with its RAM.
+    pub fn acpi_rsdp(&self) -> Option<GuestAddress> {
+        self.acpi_rsdp
     }
 
     /// The configuration the VM was built from.

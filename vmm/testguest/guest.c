@@ -17,6 +17,12 @@
  *   net_ip=A.B.C.D the guest's IPv4 address: drive the NIC (see abi.h)
  *   net_mac=MAC    use the virtio-net device with this MAC (default: the first)
  *   mmio=ADDR mmio_stride=N mmio_count=N   virtio-mmio window to probe
+ *   poweroff_after_s=N  after N s of running, power off the ACPI way: find
+ *                  the RSDP in the BIOS area, follow it to the FADT and the
+ *                  DSDT, write \_S5_'s SLP_TYP | SLP_EN to the sleep control
+ *                  register
+ *   reset_after_s=N     after N s, write RESET_VALUE to the FADT's reset
+ *                  register (then, if still alive, pulse the i8042 reset)
  *
  * Built freestanding, 64-bit, general registers only: the software KVM
  * backend this project is tested on emulates every guest instruction and
@@ -121,6 +127,7 @@ struct params {
     int flat_out, disk_scatter;
     int have_ip, have_mac;
     uint8_t ip[4], mac[6];
+    uint64_t poweroff_after_s, reset_after_s;
 };
 
 static int streq_prefix(const char *s, const char *key, const char **val) {
@@ -193,6 +200,8 @@ static void parse_cmdline(const char *s, struct params *p) {
         else if (streq_prefix(s, "mmio", &v)) p->mmio = parse_num(v);
         else if (streq_prefix(s, "mmio_stride", &v)) p->mmio_stride = parse_num(v);
         else if (streq_prefix(s, "mmio_count", &v)) p->mmio_count = parse_num(v);
+        else if (streq_prefix(s, "poweroff_after_s", &v)) p->poweroff_after_s = parse_num(v);
+        else if (streq_prefix(s, "reset_after_s", &v)) p->reset_after_s = parse_num(v);
         while (*s && *s != ' ') s++;
     }
 }
@@ -553,6 +562,107 @@ static void net_poll(void) {
     }
 }
 
+/* ---------------------------------------------------------------- ACPI power */
+
+/* Where an OS without a boot loader's hint scans for the RSDP (16-byte steps). */
+#define ACPI_SCAN_START 0xe0000ull
+#define ACPI_SCAN_END 0x100000ull
+
+/* The power registers, as the FADT and the DSDT declare them. */
+struct acpi_power {
+    uint16_t sleep_control, reset;
+    uint8_t slp_typ_s5, reset_value;
+};
+
+static inline uint8_t rd8(uint64_t a) { return *(volatile uint8_t *)a; }
+static inline uint32_t rd32(uint64_t a) { return *(volatile uint32_t *)a; }
+static inline uint64_t rd64(uint64_t a) { return *(volatile uint64_t *)a; }
+
+static int bytes_eq(uint64_t a, const char *s, int n) {
+    for (int i = 0; i < n; i++) if (rd8(a + (uint64_t)i) != (uint8_t)s[i]) return 0;
+    return 1;
+}
+
+static uint8_t sum8(uint64_t a, uint64_t n) {
+    uint8_t s = 0;
+    while (n--) s = (uint8_t)(s + rd8(a++));
+    return s;
+}
+
+/* A table at `a` with signature `sig` and a valid checksum (below 4 GiB, as
+ * the identity map covers it, and of a sane length). */
+static int is_table(uint64_t a, const char *sig) {
+    if (a == 0 || a >= (1ull << 32) || !bytes_eq(a, sig, 4)) return 0;
+    uint32_t len = rd32(a + 4);
+    return len >= 36 && len <= 0x10000 && sum8(a, len) == 0;
+}
+
+/*
+ * SLP_TYPa of S5: the first element of the \_S5_ package. Found the way small
+ * kernels do without an AML interpreter: Name(_S5_, Package(){a, b}) encodes
+ * as "_S5_" 0x12 PkgLength count element..., and the element is ZeroOp,
+ * OneOp or BytePrefix n. Returns -1 when there is none.
+ */
+static int s5_slp_typ(uint64_t dsdt) {
+    uint32_t len = rd32(dsdt + 4);
+    for (uint64_t i = 36; i + 8 < len; i++) {
+        if (!bytes_eq(dsdt + i, "_S5_", 4) || rd8(dsdt + i + 4) != 0x12) continue;
+        uint64_t p = dsdt + i + 5;
+        p += 1 + (rd8(p) >> 6); /* PkgLength */
+        p += 1;                 /* element count */
+        switch (rd8(p)) {
+        case 0x00: return 0;
+        case 0x01: return 1;
+        case 0x0a: return rd8(p + 1);
+        default: return -1;
+        }
+    }
+    return -1;
+}
+
+/* Finds the power registers through RSDP -> XSDT -> FADT (-> DSDT); 0 if the
+ * tables are missing or do not declare them as I/O ports. */
+static int acpi_find_power(struct acpi_power *out) {
+    for (uint64_t a = ACPI_SCAN_START; a < ACPI_SCAN_END; a += 16) {
+        if (!bytes_eq(a, "RSD PTR ", 8) || sum8(a, 20) || rd8(a + 15) < 2 || sum8(a, 36)) continue;
+        uint64_t xsdt = rd64(a + 24);
+        if (!is_table(xsdt, "XSDT")) return 0;
+        uint64_t entries = (rd32(xsdt + 4) - 36) / 8;
+        for (uint64_t i = 0; i < entries; i++) {
+            uint64_t fadt = rd64(xsdt + 36 + 8 * i);
+            if (!is_table(fadt, "FACP") || rd32(fadt + 4) < 268) continue;
+            /* Generic address structures: space id 1 is system I/O. */
+            if (rd8(fadt + 244) != 1 || rd8(fadt + 116) != 1) return 0;
+            uint64_t dsdt = rd64(fadt + 140);
+            if (!dsdt) dsdt = rd32(fadt + 40);
+            int typ = is_table(dsdt, "DSDT") ? s5_slp_typ(dsdt) : -1;
+            if (typ < 0 || typ > 7) return 0;
+            out->sleep_control = (uint16_t)rd64(fadt + 248);
+            out->reset = (uint16_t)rd64(fadt + 120);
+            out->reset_value = rd8(fadt + 128);
+            out->slp_typ_s5 = (uint8_t)typ;
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+/* Powers off (or resets) as the FADT says; returns only if nothing happened. */
+static void acpi_power_off(const struct acpi_power *a) {
+    puts("wanmig-testguest: powering off (ACPI S5)\n");
+    outb(a->sleep_control, (uint8_t)((a->slp_typ_s5 << 2) | 0x20 /* SLP_EN */));
+    puts("wanmig-testguest: still running after the power-off write\n");
+}
+
+static void acpi_reset(const struct acpi_power *a) {
+    puts("wanmig-testguest: resetting (ACPI reset register)\n");
+    outb(a->reset, a->reset_value);
+    puts("wanmig-testguest: still running after the ACPI reset; trying the i8042\n");
+    outb(0x64, 0xfe);
+    puts("wanmig-testguest: still running after the i8042 reset\n");
+}
+
 /* ---------------------------------------------------------------- main */
 
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr, syms[4], mmap_length, mmap_addr; };
@@ -602,8 +712,22 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     if (magic != 0x2BADB002) { puts("wanmig-testguest: not started by a multiboot loader\n"); return; }
     const struct mb_info *mb = (const struct mb_info *)(uint64_t)info_addr;
 
-    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0, 0, 0, { 0 }, { 0 } };
+    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0, 0, 0, { 0 }, { 0 }, 0, 0 };
     if (mb->flags & (1u << 2)) parse_cmdline((const char *)(uint64_t)mb->cmdline, &p);
+
+    struct acpi_power acpi = { 0, 0, 0, 0 };
+    uint64_t stop_after_s = p.poweroff_after_s ? p.poweroff_after_s : p.reset_after_s;
+    if (stop_after_s) {
+        if (acpi_find_power(&acpi)) {
+            puts("wanmig-testguest: ACPI: sleep control port "); putx(acpi.sleep_control);
+            puts(" S5 type "); putu(acpi.slp_typ_s5);
+            puts(", reset port "); putx(acpi.reset);
+            puts(" value "); putx(acpi.reset_value); puts("\n");
+        } else {
+            puts("wanmig-testguest: no usable ACPI tables: cannot power off or reset\n");
+            stop_after_s = 0;
+        }
+    }
 
     status.phase = PHASE_STAMPING;
     uint64_t low_end = 0x100000ull + (uint64_t)mb->mem_upper * 1024;
@@ -676,6 +800,11 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
             puts("\n");
         }
         if (status.net_base) net_poll();
+        if (stop_after_s && now >= stop_after_s * TICK_HZ) {
+            if (p.poweroff_after_s) acpi_power_off(&acpi);
+            else acpi_reset(&acpi);
+            stop_after_s = 0;
+        }
         if (!p.flat_out) __asm__ volatile("sti; hlt");
     }
 }

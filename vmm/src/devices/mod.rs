@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod net;
+pub mod power;
 pub mod serial;
 pub mod tap;
 pub mod virtio_mmio;
@@ -11,6 +12,7 @@ pub mod virtio_mmio;
 use std::sync::Mutex;
 
 use crate::layout;
+use power::PowerEvent;
 use serial::SerialConsole;
 use virtio_mmio::MmioTransport;
 
@@ -28,16 +30,21 @@ impl Devices {
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port.checked_sub(layout::SERIAL_PORT) {
             Some(off @ 0..8) if data.len() == 1 => data[0] = lock(&self.serial).read(off as u8),
+            _ if power::claims(port) => power::read(port, data),
             _ => data.fill(0xff),
         }
     }
 
-    /// A guest `out` to `port`. Ports with no device ignore it.
-    pub fn pio_write(&self, port: u16, data: &[u8]) {
-        if let Some(off @ 0..8) = port.checked_sub(layout::SERIAL_PORT)
-            && data.len() == 1
-        {
-            lock(&self.serial).write(off as u8, data[0]);
+    /// A guest `out` to `port`. Ports with no device ignore it. Returns the
+    /// power event the write asked for, if it did: the vCPU stops the guest.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<PowerEvent> {
+        match port.checked_sub(layout::SERIAL_PORT) {
+            Some(off @ 0..8) if data.len() == 1 => {
+                lock(&self.serial).write(off as u8, data[0]);
+                None
+            }
+            _ if power::claims(port) => power::write(port, data),
+            _ => None,
         }
     }
 
@@ -67,4 +74,30 @@ impl Devices {
 /// vCPU thread; its state is still the last consistent one, so go on.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    #[test]
+    fn port_writes_reach_the_power_device() {
+        let serial = SerialConsole::new(EventFd::new(0).expect("eventfd"), Box::new(std::io::sink()));
+        let d = Devices { serial: Mutex::new(serial), virtio: Vec::new() };
+        assert_eq!(d.pio_write(layout::SERIAL_PORT, b"x"), None);
+        assert_eq!(d.pio_write(0x80, &[0xFE]), None, "a port with no device");
+        assert_eq!(
+            d.pio_write(layout::ACPI_SLEEP_CONTROL_PORT, &[power::power_off_command()]),
+            Some(PowerEvent::PowerOff)
+        );
+        assert_eq!(d.pio_write(layout::ACPI_RESET_PORT, &[power::RESET_VALUE]), Some(PowerEvent::Reset));
+        assert_eq!(d.pio_write(layout::I8042_COMMAND_PORT, &[0xFE]), Some(PowerEvent::Reset));
+        let mut b = [0xAA];
+        d.pio_read(layout::ACPI_SLEEP_STATUS_PORT, &mut b);
+        assert_eq!(b, [0]);
+        d.pio_read(0x80, &mut b);
+        assert_eq!(b, [0xff]);
+    }
 }
