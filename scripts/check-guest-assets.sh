@@ -67,16 +67,16 @@ read -r -t 10 echoed <&3 || fail "no answer from the guest's TCP echo service"
 exec 3>&-
 [ "$echoed" = "$probe" ] || fail "TCP echo sent '$probe', got '$echoed'"
 
-# UDP sequence service: two requests; the replies carry consecutive 64-bit
-# little-endian counters, starting at 0 as nobody else has asked, then the
-# payload.
+# UDP sequence service (vmm/testguest/abi.h): two requests; the replies
+# carry the big-endian sequence numbers 1 and 2 (nobody else has asked),
+# then the payload.
 exec 4<>"/dev/udp/127.0.0.1/$uport"
-for seq in 0 1; do
+for seq in 1 2; do
     payload="wanmig-seq-$seq"
     printf '%s' "$payload" >&4
     reply=$(timeout 10 head -c $((8 + ${#payload})) <&4 | od -An -tx1 -v | tr -d ' \n') ||
         fail "no answer from the guest's UDP sequence service"
-    want=$(printf '%02x00000000000000' "$seq")$(printf '%s' "$payload" | od -An -tx1 -v | tr -d ' \n')
+    want=$(printf '%016x' "$seq")$(printf '%s' "$payload" | od -An -tx1 -v | tr -d ' \n')
     [ "$reply" = "$want" ] || fail "UDP request $seq: reply $reply, expected $want"
 done
 exec 4>&-

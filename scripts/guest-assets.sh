@@ -272,20 +272,24 @@ fi
 
 cat >"$tmp/linux.toml" <<EOF
 # The Linux test guest built by scripts/guest-assets.sh: \`wanmig run linux.toml\`.
-# Written for the \`[guest] kind = "linux"\` (kernel, initrd, cmdline) and
-# \`[[net]]\` (tap, mac, ip) keys of vmm/src/config.rs. The guest writes to
-# data.img; guest-assets.sh puts the pristine image back on its next run.
+# The vm.toml format of vmm/src/config.rs: [guest] kind = "linux" (kernel,
+# initrd, cmdline), [[disk]], [[net]] (tap, mac, ip, gateway). The kernel
+# takes no address from [[net]]: the wanmig.ip/wanmig.gw keys of cmdline
+# (tests/linux-guest/init) must say the same. The guest writes to data.img;
+# guest-assets.sh puts the pristine image back on its next run.
 name = "linux"
 memory_mib = 512
 vcpus = 1
 serial = "stdout"
 
+# On a software KVM (PVM) that cannot emulate cmpxchg16b and xrstor, add
+# [cpu] hide = ["cx16"] and "noxsave" to cmdline (see tests/integration/linux.rs).
+
 [guest]
 kind = "linux"
 kernel = "vmlinux"
 initrd = "initramfs.cpio.gz"
-# wanmig.* keys: see tests/linux-guest/init.
-cmdline = "console=ttyS0 wanmig.ip=10.0.0.2/24 wanmig.gw=10.0.0.1 wanmig.ws_mib=64 wanmig.rate_mib=8 wanmig.disk_kib=64"
+cmdline = "console=ttyS0 reboot=k panic=1 pci=off wanmig.ip=10.0.0.2/24 wanmig.gw=10.0.0.1 wanmig.ws_mib=64 wanmig.rate_mib=8 wanmig.disk_kib=64"
 
 [[disk]]
 path = "data.img"
@@ -294,6 +298,7 @@ path = "data.img"
 tap = "wanmig0"
 mac = "52:54:00:00:00:02"
 ip = "10.0.0.2/24"
+gateway = "10.0.0.1"
 EOF
 cmp -s "$tmp/linux.toml" "$out/linux.toml" || mv "$tmp/linux.toml" "$out/linux.toml"
 

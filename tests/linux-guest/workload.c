@@ -20,9 +20,11 @@
  * was written is reported as "MEMORY CORRUPT": after a migration that is the
  * oracle. Blocks on disk carry {magic, block, generation} the same way.
  *
- * UDP sequence service, the same contract as the built-in test guest's: each
- * datagram is answered with a 64-bit little-endian counter (0 for the first
- * reply, +1 for every reply after it) followed by the request's payload.
+ * UDP sequence service, the contract of the built-in test guest's
+ * (vmm/testguest/abi.h): each datagram is answered, from the service's port
+ * to the sender, with a 64-bit big-endian sequence number (1 for the first
+ * reply, then 2, 3, ...) followed by the request's payload truncated to
+ * UDP_SEQ_MAX_ECHO bytes.
  *
  * Status, once a second on stdout:
  *   wanmig-linux: t=SECONDS mem_steps=N mem_passes=N mem_errors=N
@@ -58,6 +60,7 @@
 #define MAX_CLIENTS 128
 #define CLIENT_BUF 16384
 #define UDP_MAX 65507
+#define UDP_SEQ_MAX_ECHO 1024 /* as the test guest's abi.h */
 #define DISK_MAGIC 0x4b44474d4e41575full /* "_WANMGDK" */
 
 static uint64_t now_ns(void) {
@@ -233,16 +236,16 @@ static int tcp_serve(struct client *c, short revents) {
 }
 
 static void udp_serve(int fd) {
-    static uint8_t req[UDP_MAX], rep[8 + UDP_MAX];
+    static uint8_t req[UDP_MAX], rep[8 + UDP_SEQ_MAX_ECHO];
     for (int i = 0; i < 64; i++) {
         struct sockaddr_in from;
         socklen_t fl = sizeof from;
         ssize_t n = recvfrom(fd, req, sizeof req, 0, (struct sockaddr *)&from, &fl);
         if (n < 0) return;
-        if ((size_t)n > UDP_MAX - 8) n = UDP_MAX - 8;
-        for (int b = 0; b < 8; b++) rep[b] = (uint8_t)(udp_seq >> (8 * b));
+        if (n > UDP_SEQ_MAX_ECHO) n = UDP_SEQ_MAX_ECHO;
+        uint64_t seq = ++udp_seq;
+        for (int b = 0; b < 8; b++) rep[b] = (uint8_t)(seq >> (56 - 8 * b));
         memcpy(rep + 8, req, (size_t)n);
-        udp_seq++;
         if (sendto(fd, rep, 8 + (size_t)n, 0, (struct sockaddr *)&from, fl) >= 0) udp_replies++;
     }
 }
