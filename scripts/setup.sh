@@ -15,6 +15,13 @@ command -v iasl >/dev/null || need_apt+=(acpica-tools)
 # bindgen, which needs libclang.
 command -v g++ >/dev/null || need_apt+=(g++)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# The Linux test guest (scripts/guest-assets.sh): BusyBox and a static C
+# library for its initramfs and workload, depmod for its modules, lz4 for
+# Debian's kernel payload (xz and zstd for kernels and modules packed with
+# those), cpio, and mkfs.ext4 for its data disk.
+for p in busybox-static libc6-dev kmod lz4 xz-utils zstd cpio e2fsprogs; do
+    dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
+done
 if ((${#need_apt[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
@@ -23,6 +30,10 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
+
+# Downloads and builds the Linux test guest into /var/tmp/wanmig-guest, or
+# does nothing when it is up to date.
+bash "$(dirname "$0")/guest-assets.sh"
 
 if [ ! -c /dev/kvm ]; then
     echo "setup: WARNING: /dev/kvm is missing; the KVM integration tests will fail" >&2
