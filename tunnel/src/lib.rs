@@ -1,5 +1,8 @@
-//! Network continuity across subnets after cutover (not built yet).
+//! Network continuity across subnets after cutover (being built).
 //!
-//! This crate will own: the source host answering ARP for the migrated
-//! guest's address and forwarding its packets through an authenticated
-//! tunnel to the destination host, and the destination's gratuitous ARP.
+//! - [`packet`]: Ethernet, ARP and IPv4 parsing and building.
+//! - [`offload`]: undoing the kernel's checksum and segmentation offloads on
+//!   captured packets.
+
+pub mod offload;
+pub mod packet;
