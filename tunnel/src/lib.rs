@@ -389,7 +389,9 @@ pub struct TunnelStatus {
     pub kernel_guard: Vec<String>,
 }
 
-/// A running tunnel end.
+/// A running tunnel end. Dropping it does not stop the tunnel (its tasks
+/// run until it ends): end it with [`TunnelControl::routes_converged`] or
+/// [`TunnelControl::shutdown`].
 #[derive(Debug)]
 pub struct Tunnel {
     control: TunnelControl,
