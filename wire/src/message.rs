@@ -23,9 +23,14 @@
 //! | 15 | `DiskChunk`: one chunk's bytes | source → destination |
 //! | 16 | `DiskWrites`: extents the guest wrote | source → destination |
 //! | 17 | `DiskDone`: a disk is complete, with its digest | source → destination |
+//! | 18 | `TunnelPacket`: one IPv4 packet of the migrated guest | either way |
+//! | 19 | `TunnelClose`: the tunnel ends, and why | either way |
+//! | 20 | `TunnelKeepalive`: nothing to carry, the tunnel lives | either way |
 //!
 //! Control-stream messages: 1–3 and 7–14. Bulk-stream messages: 4–6 and 15–17;
 //! a `Compressed` decodes to the body (type byte included) of 4, 15 or 16.
+//! Tunnel messages (18–20) travel after the commit, on the stream the
+//! network tunnel (`wanmig-tunnel`) runs over, and nowhere else.
 //!
 //! Type 0, and every tag 0 inside messages, is invalid.
 
@@ -50,6 +55,11 @@ pub const MAX_DISKS: u32 = 8;
 pub const MAX_NICS: u32 = 8;
 /// Largest device-state blob.
 pub const MAX_DEVICE_STATE: u32 = 16 << 20 | 64;
+/// Largest IPv4 packet a `TunnelPacket` carries: a 9000-byte jumbo MTU
+/// with room to spare, far below what a guest could ask a host to buffer.
+pub const MAX_TUNNEL_PACKET: u32 = 9216;
+/// Smallest: an IPv4 header without options.
+pub const MIN_TUNNEL_PACKET: u32 = 20;
 
 /// Feature bits negotiated in the hello.
 pub mod features {
@@ -376,6 +386,23 @@ pub enum Message {
     DiskWrites(DiskWrites),
     /// A disk is complete.
     DiskDone(DiskDone),
+    /// One IPv4 packet to or from the migrated guest, without its link-layer
+    /// header: each host builds the Ethernet header of its own segment. The
+    /// codec bounds its length ([`MIN_TUNNEL_PACKET`]..=[`MAX_TUNNEL_PACKET`]);
+    /// the tunnel parses and checks the packet itself.
+    TunnelPacket {
+        /// The packet, IPv4 header first.
+        packet: Vec<u8>,
+    },
+    /// The tunnel ends (the routes converged, its time ran out, or the
+    /// sender stops); the receiver answers with its own `TunnelClose`.
+    TunnelClose {
+        /// Why.
+        reason: String,
+    },
+    /// Sent when the tunnel has carried nothing for a while, so that an idle
+    /// tunnel does not let the connection's idle timeout end it.
+    TunnelKeepalive,
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -487,6 +514,15 @@ impl Message {
                 w.u8(17);
                 d.write(&mut w);
             }
+            Message::TunnelPacket { packet } => {
+                w.u8(18);
+                w.bytes(packet);
+            }
+            Message::TunnelClose { reason } => {
+                w.u8(19);
+                w.blob(truncated(reason));
+            }
+            Message::TunnelKeepalive => w.u8(20),
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
         w.buf[..4].copy_from_slice(&body.to_le_bytes());
@@ -599,6 +635,27 @@ impl Message {
             15 => Message::DiskChunk(Chunk::read(&mut r)?),
             16 => Message::DiskWrites(DiskWrites::read(&mut r)?),
             17 => Message::DiskDone(DiskDone::read(&mut r)?),
+            18 => {
+                // The packet is the rest of the frame: its length is the frame's.
+                let n = r.remaining();
+                if n > MAX_TUNNEL_PACKET as usize {
+                    return Err(DecodeError::TooLarge {
+                        field: "tunnelled packet",
+                        value: n as u64,
+                        limit: MAX_TUNNEL_PACKET.into(),
+                    });
+                }
+                if n < MIN_TUNNEL_PACKET as usize {
+                    return Err(DecodeError::Truncated {
+                        field: "tunnelled packet",
+                        need: MIN_TUNNEL_PACKET as usize,
+                        have: n,
+                    });
+                }
+                Message::TunnelPacket { packet: r.bytes("tunnelled packet", n)?.to_vec() }
+            }
+            19 => Message::TunnelClose { reason: r.string("reason", MAX_TEXT)? },
+            20 => Message::TunnelKeepalive,
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
@@ -635,6 +692,9 @@ impl Message {
             Message::DiskChunk(_) => "DiskChunk",
             Message::DiskWrites(_) => "DiskWrites",
             Message::DiskDone(_) => "DiskDone",
+            Message::TunnelPacket { .. } => "TunnelPacket",
+            Message::TunnelClose { .. } => "TunnelClose",
+            Message::TunnelKeepalive => "TunnelKeepalive",
         }
     }
 }

@@ -2,7 +2,9 @@
 
 use proptest::prelude::*;
 
-use crate::message::{MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, PAGE_SIZE, PROTOCOL_VERSION};
+use crate::message::{
+    MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, MAX_TUNNEL_PACKET, MIN_TUNNEL_PACKET, PAGE_SIZE, PROTOCOL_VERSION,
+};
 use crate::*;
 
 fn shape() -> VmShape {
@@ -90,6 +92,9 @@ fn samples() -> Vec<Message> {
         Message::DiskChunk(Chunk { disk: 1, offset: 1 << 20, id: [3; 32], data: vec![4; 5000] }),
         Message::DiskWrites(writes()),
         Message::DiskDone(DiskDone { disk: 0, size: 64 << 20, digest: [8; 32] }),
+        Message::TunnelPacket { packet: (0..1500).map(|i| i as u8).collect() },
+        Message::TunnelClose { reason: "routes converged".into() },
+        Message::TunnelKeepalive,
     ]
 }
 
@@ -133,6 +138,40 @@ fn disk_messages_refuse_what_cannot_be() {
     assert_eq!(Message::decode_compressed_body(&body[4..]), Ok(Message::DiskWrites(writes())));
     let got: Vec<_> = writes().iter().map(|(o, d)| (o, d.len())).collect();
     assert_eq!(got, vec![(4096, 8192), (1 << 20, 4096)]);
+}
+
+#[test]
+fn tunnel_packets_are_bounded() {
+    let body = |n: usize| {
+        let mut b = vec![18u8];
+        b.resize(1 + n, 0x45);
+        b
+    };
+    // Both bounds are inclusive, and the length is the frame's own.
+    for n in [MIN_TUNNEL_PACKET as usize, 1500, MAX_TUNNEL_PACKET as usize] {
+        assert_eq!(Message::decode(&body(n)), Ok(Message::TunnelPacket { packet: vec![0x45; n] }), "{n}");
+    }
+    assert!(matches!(
+        Message::decode(&body(MAX_TUNNEL_PACKET as usize + 1)),
+        Err(DecodeError::TooLarge { field: "tunnelled packet", .. })
+    ));
+    for n in [0, 1, MIN_TUNNEL_PACKET as usize - 1] {
+        assert!(matches!(Message::decode(&body(n)), Err(DecodeError::Truncated { .. })), "{n}");
+    }
+    // A close reason longer than it says, or longer than any reason may be.
+    let mut close = Message::TunnelClose { reason: "converged".into() }.encode();
+    close[5..9].copy_from_slice(&100u32.to_le_bytes());
+    assert!(matches!(Message::decode(&close[4..]), Err(DecodeError::Truncated { .. })));
+    close[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(Message::decode(&close[4..]), Err(DecodeError::TooLarge { .. })));
+    // A keepalive carries nothing.
+    assert!(matches!(Message::decode(&[20, 0]), Err(DecodeError::Trailing(1))));
+    // A long reason is cut at a character boundary, never refused by the peer.
+    let long = "é".repeat(3000);
+    let Ok(Message::TunnelClose { reason }) = round_trip(&Message::TunnelClose { reason: long }) else {
+        panic!("close")
+    };
+    assert!(reason.len() <= 4096 && reason.chars().all(|c| c == 'é'));
 }
 
 fn round_trip(m: &Message) -> Result<Message, DecodeError> {
@@ -230,7 +269,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_frames_never_panic(i in 0usize..12, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+    fn mutated_frames_never_panic(i in 0usize..20, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
         let frame = samples()[i].encode();
         let mut body = frame[4..].to_vec();
         let p = pos.index(body.len());
