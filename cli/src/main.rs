@@ -59,7 +59,14 @@ enum Command {
         /// The VM's configuration.
         config: PathBuf,
     },
-    /// Print a VM's state as JSON.
+    /// The routes to a migrated guest's address have converged: end the
+    /// network tunnel its migration left (at the old or the new host).
+    RoutesConverged {
+        /// The VM's configuration (names its control socket).
+        config: PathBuf,
+    },
+    /// Print a VM's state (and its network tunnel's, if a migration left
+    /// one at this host) as JSON.
     Status {
         /// The VM's configuration.
         config: PathBuf,
@@ -209,9 +216,14 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Shutdown { config } => ask(&config, &Request::Shutdown).map(|_| ExitCode::SUCCESS),
         Command::Status { config } => {
             let r = ask(&config, &Request::Status)?;
-            println!("{}", serde_json::to_string_pretty(&r.status)?);
+            let text = match r.tunnel {
+                None => serde_json::to_string_pretty(&r.status)?,
+                Some(tunnel) => serde_json::to_string_pretty(&serde_json::json!({ "vm": r.status, "tunnel": tunnel }))?,
+            };
+            println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::RoutesConverged { config } => ask(&config, &Request::RoutesConverged).map(|_| ExitCode::SUCCESS),
         Command::Verify { dir, disk } => {
             let report = demo::verify(&dir, disk.as_deref())?;
             println!("{report}");
@@ -240,7 +252,44 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn serve(vm: Vm, cfg: &VmConfig) -> Result<ExitCode> {
-    report_end(control::serve(vm, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)?, cfg)
+    serve_vm(vm, cfg, control::bind(&cfg.control_socket)?, wanmig_migrate::SourceMigrator::default())
+}
+
+/// Serves a VM until it ends here; after a migration that left the network
+/// tunnel running, goes on serving the tunnel's end until it closes.
+pub fn serve_vm(
+    vm: Vm,
+    cfg: &VmConfig,
+    listener: std::os::unix::net::UnixListener,
+    mut migrator: wanmig_migrate::SourceMigrator,
+) -> Result<ExitCode> {
+    let end = control::serve_on(vm, listener, &cfg.control_socket, &mut migrator)?;
+    let migrated = matches!(end, ServeEnd::MigratedAway);
+    let code = report_end(end, cfg)?;
+    if migrated && let Some(t) = &migrator.tunnel {
+        let s = t.status();
+        eprintln!(
+            "wanmig: network tunnel for {:?} running on {} (until the routes converge: `wanmig routes-converged`); \
+             control socket {}",
+            s.guest_ips,
+            s.interface,
+            cfg.control_socket.display()
+        );
+        control::serve_tunnel(&cfg.control_socket, &mut migrator)?;
+        if let Some(t) = migrator.tunnel.take() {
+            let s = t.wait(std::time::Duration::from_secs(3));
+            eprintln!(
+                "wanmig: network tunnel ended ({}): {} packets to the guest, {} from it",
+                serde_json::to_value(&s.state).map(|v| v.to_string()).unwrap_or_default(),
+                s.to_peer.packets,
+                s.from_peer.packets
+            );
+        }
+    } else if let Some(t) = migrator.tunnel.take() {
+        t.shutdown("the VM ended here");
+        t.wait(std::time::Duration::from_secs(3));
+    }
+    Ok(code)
 }
 
 /// The exit of a process that served a VM.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use wanmig_migrate::destination::{self, ReceiveOptions};
 use wanmig_transport::{Fingerprint, Identity, LinkTuning};
-use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request};
+use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request, TunnelLifetime, TunnelRequest};
 
 /// Exit code of `send` when the migration failed and the VM still runs here.
 pub const EXIT_FAILED: u8 = 1;
@@ -157,9 +157,8 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         cfg.name,
         cfg.control_socket.display()
     );
-    let end =
-        control::serve_on(received.vm, received.control, &cfg.control_socket, &mut wanmig_migrate::SourceMigrator)?;
-    crate::report_end(end, &cfg)
+    let migrator = wanmig_migrate::SourceMigrator { tunnel: received.tunnel };
+    crate::serve_vm(received.vm, &cfg, received.control, migrator)
 }
 
 /// Options of `wanmig send`.
@@ -201,6 +200,18 @@ pub struct SendArgs {
     /// Print the outcome and summary as JSON instead of progress and text.
     #[arg(long)]
     json: bool,
+    /// After the commit, keep the guest's IPv4 address reachable through
+    /// this host: answer ARP for it on this interface (the guest's segment)
+    /// and forward its traffic through a tunnel to the destination, until
+    /// `wanmig routes-converged` (or --tunnel-for, or --tunnel-forever).
+    #[arg(long, value_name = "IFACE")]
+    tunnel_via: Option<String>,
+    /// End the tunnel after this long even without the routes-converged signal.
+    #[arg(long, value_parser = parse_duration, requires = "tunnel_via", conflicts_with = "tunnel_forever")]
+    tunnel_for: Option<Duration>,
+    /// Keep the tunnel for good (a disaster-recovery move whose address stays).
+    #[arg(long, requires = "tunnel_via")]
+    tunnel_forever: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -217,6 +228,9 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
         bail!("--min-bandwidth needs --max-bandwidth (the dynamic rate runs between the two)");
     }
     Identity::load(&a.identity)?;
+    if sync && a.tunnel_via.is_some() {
+        bail!("a sync hands no VM over: it has no tunnel to leave behind");
+    }
     let req = Request::Migrate {
         migration: MigrateRequest {
             dest: a.dest.clone(),
@@ -230,6 +244,14 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
             rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
             store: a.store.as_deref().map(std::path::absolute).transpose()?,
             sync,
+            tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
+                interface,
+                lifetime: match (a.tunnel_forever, a.tunnel_for) {
+                    (true, _) => TunnelLifetime::Forever,
+                    (false, Some(d)) => TunnelLifetime::Seconds(d.as_secs().max(1)),
+                    (false, None) => TunnelLifetime::UntilConverged,
+                },
+            }),
         },
     };
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };

@@ -22,6 +22,7 @@ use wanmig_vmm::{Vm, VmError, layout};
 use wanmig_wire::{ChunkParams, Destination, Message, PageData, Pages, ProtocolError, VmShape, features};
 
 use crate::disk_dest::{self, DestDisks};
+use crate::handover;
 
 /// How to receive.
 #[derive(Debug)]
@@ -90,6 +91,34 @@ pub struct Received {
     pub config: VmConfig,
     /// Its control socket, bound before the commit.
     pub control: std::os::unix::net::UnixListener,
+    /// The network tunnel's end here, when the source asked for one.
+    pub tunnel: Option<handover::TunnelRun>,
+    /// The tunnel end started, before `receive` gives it the runtime.
+    handed_over: Option<handover::Started>,
+}
+
+/// Starts this host's end of the network tunnel on the stream the source
+/// opens after the commit. The VM runs here whatever happens: a failure is
+/// logged, not returned.
+async fn start_tunnel(mut conn: Conn, config: &VmConfig, log: &mut dyn FnMut(String)) -> Option<handover::Started> {
+    let started = async {
+        let cfg = handover::destination_config(&config.nets)?;
+        let (tx, rx) = tokio::time::timeout(handover::OPEN_TIMEOUT, conn.accept_control())
+            .await
+            .map_err(|_| format!("the source opened no tunnel stream within {:?}", handover::OPEN_TIMEOUT))?
+            .map_err(|e| e.to_string())?;
+        wanmig_tunnel::Tunnel::start(cfg, tx, rx).await.map_err(|e| e.to_string())
+    };
+    match started.await {
+        Ok(tunnel) => {
+            log(format!("network tunnel from the source: forwarding for the guest on {}", tunnel.status().interface));
+            Some(handover::Started { tunnel, conn })
+        }
+        Err(e) => {
+            log(format!("network tunnel failed to start: {e}"));
+            None
+        }
+    }
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +139,7 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
                 .map_err(|e| ReceiveError::Disk(format!("chunk store: {}", error_chain(&e))))?,
         )),
     };
-    let result = rt.block_on(async {
+    let mut result = rt.block_on(async {
         let mut listener = Listener::bind(opts.listen, &opts.identity, &opts.peers, opts.tuning)
             .map_err(ReceiveError::Listen)?;
         log(format!("listening on {}", listener.local_addr().map_err(ReceiveError::Listen)?));
@@ -135,6 +164,12 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
             }
         }
     });
+    if let Ok(r) = &mut result
+        && let Some(started) = r.handed_over.take()
+    {
+        r.tunnel = Some(handover::TunnelRun::new(started, rt));
+        return result;
+    }
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
@@ -362,7 +397,10 @@ async fn receive_one(
         Err(e) => {
             let reason = match &hello {
                 Message::Hello { version, page_size, .. } => {
-                    format!("protocol version {version} / page size {page_size} not supported (this host: 1 / 4096)")
+                    format!(
+                        "protocol version {version} / page size {page_size} not supported (this host: {} / {PAGE_SIZE})",
+                        wanmig_wire::message::PROTOCOL_VERSION
+                    )
                 }
                 m => format!("expected Hello, got {}", m.name()),
             };
@@ -397,7 +435,11 @@ async fn receive_one(
         _ => None,
     };
     let ram = if sync { None } else { Some(GuestRam::new(config.memory_bytes()).map_err(VmError::from)?) };
+    // This host runs the tunnel's end if the guest's first NIC has an
+    // address and a TAP here.
+    let local = if handover::destination_config(&config.nets).is_ok() { local } else { local & !features::TUNNEL };
     let (dst, accept) = dst.accept(local, params)?;
+    let tunnel = dst.features().unwrap_or(0) & features::TUNNEL != 0;
     let mut inc = Incoming {
         ram,
         counts: HashMap::new(),
@@ -453,7 +495,8 @@ async fn receive_one(
             let _ = tx.finish().await;
             let mut config = config;
             config.disks = vm.config().disks.clone();
-            Ok(Some(Received { vm, config, control }))
+            let tunnel = if tunnel { start_tunnel(conn, &config, log).await } else { None };
+            Ok(Some(Received { vm, config, control, tunnel: None, handed_over: tunnel }))
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod destination;
 mod disk_dest;
 mod disk_source;
+pub mod handover;
 pub mod report;
 pub mod source;
 
@@ -23,9 +24,14 @@ use wanmig_transport::{Fingerprint, Identity, LinkTuning};
 use wanmig_vmm::Vm;
 use wanmig_vmm::control::{MigrateOutcome, MigrateRequest, Migrator};
 
-/// Runs `migrate` requests of the control socket with [`source::send`].
+/// Runs `migrate` requests of the control socket with [`source::send`],
+/// and holds the network tunnel a migration left running at this host (to
+/// a VM that moved away, or from the source of a VM received here).
 #[derive(Debug, Default)]
-pub struct SourceMigrator;
+pub struct SourceMigrator {
+    /// The tunnel's end at this host, while it runs.
+    pub tunnel: Option<handover::TunnelRun>,
+}
 
 /// Turns a control-socket request into send options.
 pub fn send_options(req: &MigrateRequest) -> Result<source::SendOptions, String> {
@@ -53,6 +59,7 @@ pub fn send_options(req: &MigrateRequest) -> Result<source::SendOptions, String>
         chunking: wanmig_wire::ChunkParams::DEFAULT,
         store: req.store.clone(),
         sync: req.sync,
+        tunnel: req.tunnel.clone(),
     })
 }
 
@@ -79,9 +86,36 @@ impl Migrator for SourceMigrator {
                 return (MigrateOutcome::FailedSourceRunning, serde_json::to_value(summary).unwrap_or_default());
             }
         };
-        let (outcome, summary) = source::send(vm, &opts, &mut |e| {
+        let (outcome, summary, tunnel) = source::send(vm, &opts, &mut |e| {
             progress(serde_json::to_value(e).unwrap_or_default());
         });
+        if tunnel.is_some() {
+            // A tunnel of an earlier migration (from the host this VM came
+            // from) gives way to the one that reaches the VM now.
+            if let Some(old) = self.tunnel.take() {
+                old.shutdown("the VM moved on");
+            }
+            self.tunnel = tunnel;
+        }
         (outcome, serde_json::to_value(summary).unwrap_or_default())
+    }
+
+    fn tunnel_status(&self) -> Option<serde_json::Value> {
+        self.tunnel.as_ref().map(|t| serde_json::to_value(t.status()).unwrap_or_default())
+    }
+
+    fn routes_converged(&mut self) -> Result<(), String> {
+        self.tunnel.as_ref().ok_or_else(|| "no network tunnel runs here".to_string())?.routes_converged()
+    }
+
+    fn tunnel_running(&self) -> bool {
+        self.tunnel.as_ref().is_some_and(handover::TunnelRun::is_running)
+    }
+
+    fn end_tunnel(&mut self, why: &str) {
+        if let Some(t) = self.tunnel.take() {
+            t.shutdown(why);
+            t.wait(Duration::from_secs(3));
+        }
     }
 }

@@ -137,6 +137,9 @@ pub struct Summary {
     /// Set when the migration failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The network tunnel left running after the commit, or why it failed to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
 }
 
 /// What the disk copy did.

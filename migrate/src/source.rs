@@ -25,6 +25,7 @@ use wanmig_wire::{
 };
 
 use crate::disk_source::DiskCopy;
+use crate::handover;
 use crate::report::{Event, RoundStat, Summary, WireBytes};
 
 /// How to migrate.
@@ -58,6 +59,8 @@ pub struct SendOptions {
     pub store: Option<std::path::PathBuf>,
     /// Only copy the disks (`wanmig sync`); the VM keeps running here.
     pub sync: bool,
+    /// Leave the network tunnel running after the commit ([`crate::handover`]).
+    pub tunnel: Option<wanmig_vmm::control::TunnelRequest>,
 }
 
 /// Why a migration failed.
@@ -97,9 +100,15 @@ pub const BATCH_BYTES: usize = 4 << 20;
 /// least how long for any later answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Live-migrates `vm`. Returns how it ended and the summary; the VM is
-/// running here again after `FailedSourceRunning`, paused after `InDoubt`.
-pub fn send(vm: &mut Vm, opts: &SendOptions, progress: &mut dyn FnMut(&Event)) -> (MigrateOutcome, Summary) {
+/// Live-migrates `vm`. Returns how it ended, the summary, and (after a
+/// migration asked to leave one) the network tunnel's source end, running;
+/// the VM is running here again after `FailedSourceRunning`, paused after
+/// `InDoubt`.
+pub fn send(
+    vm: &mut Vm,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&Event),
+) -> (MigrateOutcome, Summary, Option<handover::TunnelRun>) {
     let start = Instant::now();
     let mut session = Source::Start;
     let mut summary = Summary { memory_bytes: vm.ram().size(), ..Summary::default() };
@@ -107,10 +116,11 @@ pub fn send(vm: &mut Vm, opts: &SendOptions, progress: &mut dyn FnMut(&Event)) -
         Ok(rt) => rt,
         Err(e) => {
             summary.error = Some(format!("cannot start the async runtime: {e}"));
-            return (MigrateOutcome::FailedSourceRunning, summary);
+            return (MigrateOutcome::FailedSourceRunning, summary, None);
         }
     };
-    let result = rt.block_on(run(vm, opts, progress, &mut session, &mut summary));
+    let mut handed_over = None;
+    let result = rt.block_on(run(vm, opts, progress, &mut session, &mut summary, &mut handed_over));
     summary.total_ms = start.elapsed().as_secs_f64() * 1e3;
     summary.effective_rate = summary.memory_bytes as f64 / start.elapsed().as_secs_f64();
     summary.compression_ratio = if summary.bytes.pages > 0 {
@@ -148,8 +158,15 @@ pub fn send(vm: &mut Vm, opts: &SendOptions, progress: &mut dyn FnMut(&Event)) -
             }
         }
     };
-    rt.shutdown_timeout(Duration::from_secs(1));
-    (outcome, summary)
+    match handed_over {
+        Some(started) if outcome == MigrateOutcome::Migrated => {
+            (outcome, summary, Some(handover::TunnelRun::new(started, rt)))
+        }
+        _ => {
+            rt.shutdown_timeout(Duration::from_secs(1));
+            (outcome, summary, None)
+        }
+    }
 }
 
 fn migration_id() -> [u8; 16] {
@@ -356,9 +373,10 @@ async fn run(
     progress: &mut dyn FnMut(&Event),
     session: &mut Source,
     summary: &mut Summary,
+    handed_over: &mut Option<handover::Started>,
 ) -> Result<(), SendError> {
     let note = AbortNote::default();
-    let result = run_session(vm, opts, progress, session, summary, note.clone()).await;
+    let result = run_session(vm, opts, progress, session, summary, note.clone(), handed_over).await;
     if let Err(SendError::Transport(_) | SendError::Closed) = &result {
         for _ in 0..10 {
             if let Some(reason) = note.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -377,6 +395,7 @@ async fn run_session(
     session: &mut Source,
     summary: &mut Summary,
     note: AbortNote,
+    handed_over: &mut Option<handover::Started>,
 ) -> Result<(), SendError> {
     let start = Instant::now();
     let deadline = start + opts.timeout;
@@ -385,7 +404,17 @@ async fn run_session(
     }
     let mut conn = wanmig_transport::connect(opts.dest, &opts.identity, &[opts.peer], opts.tuning).await?;
     let (mut ctl_tx, mut ctl_rx) = conn.open_control().await?;
-    let offer = if opts.sync { features::ALL } else { features::ALL & !features::SYNC_ONLY };
+    let tunnel_config = match &opts.tunnel {
+        Some(req) if !opts.sync => Some(
+            handover::source_config(req, &vm.config().nets)
+                .map_err(|e| SendError::Peer(format!("cannot run the network tunnel: {e}")))?,
+        ),
+        _ => None,
+    };
+    let mut offer = if opts.sync { features::ALL } else { features::ALL & !features::SYNC_ONLY };
+    if tunnel_config.is_none() {
+        offer &= !features::TUNNEL;
+    }
     let hello = advance(session, |s| s.hello(migration_id(), shape_of(vm), offer, opts.chunking))?;
     summary.bytes.total += ctl_tx.send(&hello).await? as u64;
     let answer = ctl_rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
@@ -400,6 +429,13 @@ async fn run_session(
     };
     if opts.sync && agreed & (features::SYNC_ONLY | features::DISK_COPY) != features::SYNC_ONLY | features::DISK_COPY {
         let reason = "the destination does not take disk syncs (it runs with --shared-disks)";
+        if let Ok(abort) = advance(session, |s| s.abort(reason)) {
+            let _ = ctl_tx.send(&abort).await;
+        }
+        return Err(SendError::Peer(reason.into()));
+    }
+    if tunnel_config.is_some() && agreed & features::TUNNEL == 0 {
+        let reason = "the destination cannot run the network tunnel's end (it needs a TAP for the VM's first NIC: receive --tap)";
         if let Ok(abort) = advance(session, |s| s.abort(reason)) {
             let _ = ctl_tx.send(&abort).await;
         }
@@ -574,7 +610,27 @@ async fn run_session(
     receive(session, &answer)?;
     summary.downtime_ms = since_pause();
     summary.downtime_breakdown.commit_ack_ms = summary.downtime_ms;
-    conn.close(0);
+    let Some(config) = tunnel_config else {
+        conn.close(0);
+        return Ok(());
+    };
+    // The VM runs at the destination now: a tunnel that fails to start is
+    // reported, not a failed migration.
+    let interface = config.role.interface().to_string();
+    let started = async {
+        let (tx, rx) = conn.open_control().await.map_err(|e| e.to_string())?;
+        wanmig_tunnel::Tunnel::start(config, tx, rx).await.map_err(|e| e.to_string())
+    };
+    match started.await {
+        Ok(tunnel) => {
+            summary.tunnel = Some(format!("forwarding for the guest through {interface}"));
+            *handed_over = Some(handover::Started { tunnel, conn });
+        }
+        Err(e) => {
+            summary.tunnel = Some(format!("failed to start: {e}"));
+            conn.close(0);
+        }
+    }
     Ok(())
 }
 

@@ -305,6 +305,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             rtt_ms: None,
             store: store.map(Path::to_path_buf),
             sync,
+            tunnel: None,
         },
     }
 }
@@ -343,23 +344,31 @@ impl Receiver {
     /// are shared from the directory above it.
     pub fn start(keys: &Keys, peer: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
         let shared = dir.parent().unwrap_or(dir); // the VM's directory, where its disk is
-        Self::start_with(None, keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], env)
+        Self::start_with(None, "127.0.0.1:0", keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], env)
     }
 
     /// As [`Receiver::start`], inside network namespace `netns`.
     pub fn start_in(netns: &str, keys: &Keys, peer: &str, dir: &Path) -> Self {
         let shared = dir.parent().unwrap_or(dir);
-        Self::start_with(Some(netns), keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], &[])
+        let shared = [OsStr::new("--shared-disks"), shared.as_os_str()];
+        Self::start_with(Some(netns), "127.0.0.1:0", keys, peer, dir, &shared, &[])
+    }
+
+    /// A destination in network namespace `netns` listening on `listen`,
+    /// with extra `args`.
+    pub fn start_at(netns: &str, listen: &str, keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
+        Self::start_with(Some(netns), listen, keys, peer, dir, args, &[])
     }
 
     /// Starts a destination that copies disks (into `dir`, with its chunk
     /// store in `dir/chunks` unless `args` say otherwise).
     pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
-        Self::start_with(None, keys, peer, dir, args, &[])
+        Self::start_with(None, "127.0.0.1:0", keys, peer, dir, args, &[])
     }
 
     fn start_with(
         netns: Option<&str>,
+        listen: &str,
         keys: &Keys,
         peer: &str,
         dir: &Path,
@@ -368,7 +377,7 @@ impl Receiver {
     ) -> Self {
         use std::io::BufRead;
         let mut child = wanmig_in(netns)
-            .args(["receive", "--listen", "127.0.0.1:0"])
+            .args(["receive", "--listen", listen])
             .args(args)
             .arg("--identity")
             .arg(&keys.dst)

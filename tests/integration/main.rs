@@ -11,3 +11,4 @@ mod network;
 mod power;
 mod qemu;
 mod snapshot_restore;
+mod tunnel;

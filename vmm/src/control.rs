@@ -52,6 +52,9 @@ pub enum Request {
         /// What to do.
         migration: MigrateRequest,
     },
+    /// The routes to the guest's address have converged: end the network
+    /// tunnel of the last migration (at either end).
+    RoutesConverged,
 }
 
 /// What `wanmig send` asks of the process running the VM.
@@ -85,6 +88,33 @@ pub struct MigrateRequest {
     /// Only copy the disks (`wanmig sync`): the VM keeps running here.
     #[serde(default)]
     pub sync: bool,
+    /// Keep the guest's address reachable through this host after the
+    /// commit (the network tunnel).
+    #[serde(default)]
+    pub tunnel: Option<TunnelRequest>,
+}
+
+/// The network tunnel a migration should leave behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelRequest {
+    /// This host's interface on the guest's segment (where it answers ARP
+    /// for the guest's address).
+    pub interface: String,
+    /// How long it lives.
+    pub lifetime: TunnelLifetime,
+}
+
+/// How long a tunnel lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelLifetime {
+    /// Until an operator says the routes converged (`wanmig routes-converged`).
+    UntilConverged,
+    /// Until the routes converged or this many seconds passed.
+    Seconds(u64),
+    /// For good (a disaster-recovery move): only a shutdown ends it.
+    Forever,
 }
 
 /// How a migration ended, as the VM's process reports it.
@@ -112,6 +142,25 @@ pub trait Migrator {
         req: &MigrateRequest,
         progress: &mut dyn FnMut(serde_json::Value),
     ) -> (MigrateOutcome, serde_json::Value);
+
+    /// The status of the network tunnel a migration left running here
+    /// (to or from this host), if there is one.
+    fn tunnel_status(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Ends that tunnel: the routes converged.
+    fn routes_converged(&mut self) -> Result<(), String> {
+        Err("no network tunnel runs here".into())
+    }
+
+    /// Whether a tunnel still runs here.
+    fn tunnel_running(&self) -> bool {
+        false
+    }
+
+    /// Ends a running tunnel (the process is shutting down).
+    fn end_tunnel(&mut self, _why: &str) {}
 }
 
 /// What `status` reports.
@@ -192,6 +241,9 @@ pub struct Response {
     /// For `migrate`: the summary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<serde_json::Value>,
+    /// For `status`: the network tunnel a migration left running here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<serde_json::Value>,
 }
 
 /// Timings of a snapshot.
@@ -211,7 +263,7 @@ pub struct SaveSummary {
 
 impl Response {
     fn ok() -> Self {
-        Response { ok: true, error: None, status: None, save: None, outcome: None, summary: None }
+        Response { ok: true, error: None, status: None, save: None, outcome: None, summary: None, tunnel: None }
     }
     fn err(e: impl std::fmt::Display) -> Self {
         Response { ok: false, error: Some(e.to_string()), ..Self::ok() }
@@ -306,6 +358,45 @@ pub fn serve_on(
     Ok(end)
 }
 
+/// After a migration away, serves the control socket at `path` for the
+/// network tunnel the migration left running (`status`, `routesconverged`,
+/// `shutdown`) until the tunnel ends; every other request is refused (the
+/// VM runs at the destination).
+pub fn serve_tunnel(path: &Path, migrator: &mut dyn Migrator) -> Result<(), ControlError> {
+    let listener = bind(path)?;
+    while migrator.tunnel_running() {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                let mut line = String::new();
+                let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+                let req = read.map_err(|e| e.to_string()).and_then(|_| {
+                    serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}"))
+                });
+                let response = match req {
+                    Err(e) => Response::err(e),
+                    Ok(Request::Status) => Response { tunnel: migrator.tunnel_status(), ..Response::ok() },
+                    Ok(Request::RoutesConverged) => {
+                        migrator.routes_converged().map_or_else(Response::err, |()| Response::ok())
+                    }
+                    Ok(Request::Shutdown) => {
+                        migrator.end_tunnel("the operator shut the old host's end down");
+                        Response::ok()
+                    }
+                    Ok(_) => Response::err("the VM has migrated away; only its network tunnel runs here"),
+                };
+                send_line(&stream, &response);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
 /// State of the serving loop across requests.
 struct Server {
     /// A migration committed without acknowledgement: the VM must not run
@@ -333,6 +424,14 @@ impl Server {
         let (response, end) = match req {
             Err(e) => (Response::err(e), None),
             Ok(Request::Migrate { migration }) => self.migrate(vm, &migration, &stream, migrator),
+            Ok(Request::RoutesConverged) => {
+                (migrator.routes_converged().map_or_else(Response::err, |()| Response::ok()), None)
+            }
+            Ok(Request::Status) => {
+                let (mut r, end) = self.execute(vm, Request::Status);
+                r.tunnel = migrator.tunnel_status();
+                (r, end)
+            }
             Ok(req) => self.execute(vm, req),
         };
         send_line(&stream, &response);
@@ -415,7 +514,9 @@ impl Server {
                 }
             }
             Request::Shutdown => (Response::ok(), Some(ServeEnd::Shutdown)),
-            Request::Migrate { .. } => (Response::err("migrate is handled on its own"), None),
+            Request::Migrate { .. } | Request::RoutesConverged => {
+                (Response::err("handled with the migrator, not here"), None)
+            }
         }
     }
 }

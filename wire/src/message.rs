@@ -73,8 +73,11 @@ pub mod features {
     /// A disk-only session (`wanmig sync`): no memory, an empty device
     /// state, and the source's VM keeps running after the commit.
     pub const SYNC_ONLY: u64 = 1 << 3;
+    /// After the commit, the source opens a second two-way stream and both
+    /// hosts run the network tunnel on it (`wanmig-tunnel`).
+    pub const TUNNEL: u64 = 1 << 4;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL;
 }
 
 /// A disk as the source describes it.
