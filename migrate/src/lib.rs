@@ -7,6 +7,9 @@
 //! - `disk_source.rs` / `disk_dest.rs`: the two halves of disk migration
 //!   (block-sync over the session: manifests, chunks, written extents, the
 //!   final digest), built from `wanmig-block-sync` and `wanmig-dedup`.
+//! - [`handover`]: after the commit, the network tunnel's two ends on the
+//!   migration's own connection (`wanmig-tunnel`), kept alive by a
+//!   [`handover::TunnelRun`].
 //! - [`report`]: progress events and the final summary.
 //!
 //! The protocol and its commit rule are documented in `wanmig_wire::session`.
