@@ -263,6 +263,7 @@ pub fn serve_vm(
     listener: std::os::unix::net::UnixListener,
     mut migrator: wanmig_migrate::SourceMigrator,
 ) -> Result<ExitCode> {
+    use wanmig_vmm::control::Migrator as _;
     let end = control::serve_on(vm, listener, &cfg.control_socket, &mut migrator)?;
     let migrated = matches!(end, ServeEnd::MigratedAway);
     let code = report_end(end, cfg)?;
@@ -285,9 +286,8 @@ pub fn serve_vm(
                 s.from_peer.packets
             );
         }
-    } else if let Some(t) = migrator.tunnel.take() {
-        t.shutdown("the VM ended here");
-        t.wait(std::time::Duration::from_secs(3));
+    } else {
+        migrator.end_tunnel("the VM ended here");
     }
     Ok(code)
 }

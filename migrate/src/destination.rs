@@ -93,8 +93,6 @@ pub struct Received {
     pub control: std::os::unix::net::UnixListener,
     /// The network tunnel's end here, when the source asked for one.
     pub tunnel: Option<handover::TunnelRun>,
-    /// The tunnel end started, before `receive` gives it the runtime.
-    handed_over: Option<handover::Started>,
 }
 
 /// Starts this host's end of the network tunnel on the stream the source
@@ -139,7 +137,7 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
                 .map_err(|e| ReceiveError::Disk(format!("chunk store: {}", error_chain(&e))))?,
         )),
     };
-    let mut result = rt.block_on(async {
+    let result = rt.block_on(async {
         let mut listener = Listener::bind(opts.listen, &opts.identity, &opts.peers, opts.tuning)
             .map_err(ReceiveError::Listen)?;
         log(format!("listening on {}", listener.local_addr().map_err(ReceiveError::Listen)?));
@@ -164,14 +162,17 @@ pub fn receive(opts: &ReceiveOptions, log: &mut dyn FnMut(String)) -> Result<Rec
             }
         }
     });
-    if let Ok(r) = &mut result
-        && let Some(started) = r.handed_over.take()
-    {
-        r.tunnel = Some(handover::TunnelRun::new(started, rt));
-        return result;
+    match result {
+        // The tunnel's end lives on the runtime that drives its connection.
+        Ok((mut r, Some(started))) => {
+            r.tunnel = Some(handover::TunnelRun::new(started, rt));
+            Ok(r)
+        }
+        other => {
+            rt.shutdown_timeout(Duration::from_secs(1));
+            other.map(|(r, _)| r)
+        }
     }
-    rt.shutdown_timeout(Duration::from_secs(1));
-    result
 }
 
 /// Test hook: a destination started with `WANMIG_FAILPOINT=<name>` dies
@@ -381,15 +382,16 @@ fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<ChunkParams, Re
     Ok(proposed)
 }
 
-/// One session; `Some` with the VM when it was a migration, `None` after a
-/// completed sync. Before the commit, a failure removes what the attempt
+/// One session; `Some` with the VM (and the network tunnel's end, when the
+/// source asked for one) when it was a migration, `None` after a completed
+/// sync. Before the commit, a failure removes what the attempt
 /// created and tells the source why.
 async fn receive_one(
     mut conn: Conn,
     opts: &ReceiveOptions,
     store: Option<Arc<ChunkStore>>,
     log: &mut dyn FnMut(String),
-) -> Result<Option<Received>, ReceiveError> {
+) -> Result<Option<(Received, Option<handover::Started>)>, ReceiveError> {
     let (mut tx, mut rx) = conn.accept_control().await?;
     let hello = rx.recv_timeout(HELLO_TIMEOUT).await?.ok_or(TransportError::Lost("closed before Hello".into()))?;
     let dst = match Destination::AwaitHello.on_message(&hello) {
@@ -496,7 +498,7 @@ async fn receive_one(
             let mut config = config;
             config.disks = vm.config().disks.clone();
             let tunnel = if tunnel { start_tunnel(conn, &config, log).await } else { None };
-            Ok(Some(Received { vm, config, control, tunnel: None, handed_over: tunnel }))
+            Ok(Some((Received { vm, config, control, tunnel: None }, tunnel)))
         }
     }
 }

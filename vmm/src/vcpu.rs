@@ -178,30 +178,36 @@ pub fn configure(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, hide: &[String]) -
     Ok(())
 }
 
-/// Puts the boot vCPU at a multiboot entry point: 32-bit protected mode,
-/// flat segments, paging off, EAX = magic, EBX = boot information.
-pub fn set_multiboot_entry(vcpu: &VcpuFd, entry: u32, info: u32) -> Result<(), VcpuError> {
-    let mut sregs = vcpu.get_sregs().map_err(kvm_err(0, "get special registers"))?;
-    let code = kvm_segment {
+/// Loads flat 4 GiB segments: code at selector `code`, data (all the others)
+/// at the next one; the code segment is 64-bit when `long`, else 32-bit.
+fn set_flat_segments(sregs: &mut kvm_sregs, code: u16, long: bool) {
+    let cs = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: 0x08,
+        selector: code,
         type_: 0xb,
         present: 1,
         dpl: 0,
-        db: 1,
+        db: u8::from(!long),
         s: 1,
-        l: 0,
+        l: u8::from(long),
         g: 1,
         ..Default::default()
     };
-    let data = kvm_segment { selector: 0x10, type_: 0x3, ..code };
-    sregs.cs = code;
+    let data = kvm_segment { selector: code + 8, type_: 0x3, l: 0, db: 1, ..cs };
+    sregs.cs = cs;
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
+}
+
+/// Puts the boot vCPU at a multiboot entry point: 32-bit protected mode,
+/// flat segments, paging off, EAX = magic, EBX = boot information.
+pub fn set_multiboot_entry(vcpu: &VcpuFd, entry: u32, info: u32) -> Result<(), VcpuError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err(0, "get special registers"))?;
+    set_flat_segments(&mut sregs, 0x08, false);
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
@@ -223,26 +229,7 @@ pub fn set_multiboot_entry(vcpu: &VcpuFd, entry: u32, info: u32) -> Result<(), V
 pub fn set_linux_entry(vcpu: &VcpuFd, entry: &crate::linux::LinuxEntry) -> Result<(), VcpuError> {
     use crate::layout;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err(0, "get special registers"))?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x10,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment { selector: 0x18, type_: 0x3, l: 0, db: 1, ..code };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_flat_segments(&mut sregs, 0x10, true);
     sregs.gdt.base = layout::LINUX_GDT;
     sregs.gdt.limit = (std::mem::size_of_val(&crate::linux::BOOT_GDT) - 1) as u16;
     sregs.idt.base = 0;
