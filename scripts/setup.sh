@@ -11,10 +11,12 @@ command -v ld >/dev/null && command -v objcopy >/dev/null || need_apt+=(binutils
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 # iasl (the ACPI reference disassembler) checks the VMM's ACPI tables in a test.
 command -v iasl >/dev/null || need_apt+=(acpica-tools)
-# The rocksdb crate compiles RocksDB (C++) and generates its bindings with
-# bindgen, which needs libclang.
+# The chunk store links the distribution's RocksDB (.cargo/config.toml); the
+# rocksdb crate generates its bindings from its header with bindgen, which
+# needs libclang. g++ links the C++ runtime RocksDB needs.
 command -v g++ >/dev/null || need_apt+=(g++)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+dpkg -s librocksdb-dev >/dev/null 2>&1 || need_apt+=(librocksdb-dev)
 # The Linux test guest (scripts/guest-assets.sh): BusyBox and a static C
 # library for its initramfs and workload, depmod for its modules, lz4 for
 # Debian's kernel payload (xz and zstd for kernels and modules packed with
