@@ -317,5 +317,5 @@ fn report_end(end: ServeEnd, cfg: &VmConfig) -> Result<ExitCode> {
 
 /// Flattens an error's source chain into one anyhow message.
 fn chain(e: impl std::error::Error) -> anyhow::Error {
-    anyhow::anyhow!(control::error_chain(&e))
+    anyhow::anyhow!(wanmig_types::error_chain(&e))
 }

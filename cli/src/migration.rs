@@ -150,7 +150,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         tuning,
     };
     let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))
-        .map_err(|e| anyhow::anyhow!(control::error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(wanmig_types::error_chain(&e)))?;
     let cfg = received.config;
     eprintln!(
         "wanmig receive: VM '{}' committed and running; control socket {}",

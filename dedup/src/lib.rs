@@ -56,45 +56,13 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
-
 pub use gc::{GcReport, Retention};
 pub use store::{ChunkStore, RootInfo, Stats, StoreOptions, VerifyReport};
 
 /// The largest chunk the store accepts (4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;
 
-/// A chunk's id: blake3 of its content.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChunkId(pub [u8; 32]);
-
-impl ChunkId {
-    /// The id of `data`: its blake3 hash.
-    pub fn of(data: &[u8]) -> ChunkId {
-        ChunkId(*blake3::hash(data).as_bytes())
-    }
-}
-
-impl fmt::Display for ChunkId {
-    /// All 64 hex digits, lowercase.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for ChunkId {
-    /// The first 16 hex digits, enough to tell chunks apart in logs.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ChunkId(")?;
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        f.write_str(")")
-    }
-}
+pub use wanmig_types::ChunkId;
 
 /// The outcome of [`ChunkStore::put`], a put-if-absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,22 +1,7 @@
 //! Dirty bitmaps in the layout `KVM_GET_DIRTY_LOG` uses: one bit per page,
 //! bit `i % 64` of word `i / 64` is page `i`.
 
-/// A run of consecutive pages: `count` pages starting at page index `first`
-/// (relative to the start of the bitmap's memory region).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRange {
-    /// Index of the first page of the run.
-    pub first: u64,
-    /// Number of pages in the run (never 0).
-    pub count: u64,
-}
-
-impl PageRange {
-    /// One past the last page of the run.
-    pub fn end(&self) -> u64 {
-        self.first + self.count
-    }
-}
+pub use wanmig_types::PageRange;
 
 /// ORs `src` into `dst` word by word. Words past the shorter slice are left
 /// alone (a bitmap for a smaller region simply has no bits there).

@@ -13,7 +13,5 @@ pub mod encode;
 pub mod policy;
 pub mod xbzrle;
 
-pub use bitmap::{PageRange, merge_into, to_ranges};
-
-/// Guest page size.
-pub const PAGE_SIZE: usize = 4096;
+pub use bitmap::{merge_into, to_ranges};
+pub use wanmig_types::{PAGE_SIZE, PageRange};

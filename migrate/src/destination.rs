@@ -14,8 +14,8 @@ use vm_memory::{Bytes, GuestAddress};
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::{PAGE_SIZE, compress, xbzrle};
 use wanmig_transport::{Conn, Fingerprint, FrameReceiver, Identity, LinkTuning, Listener, TransportError};
+use wanmig_types::error_chain;
 use wanmig_vmm::config::{DiskConfig, Ipv4Cidr, MacAddr, NetConfig, SerialOutput, VmConfig};
-use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::GuestRam;
 use wanmig_vmm::snapshot::VmState;
 use wanmig_vmm::{Vm, VmError, layout};
@@ -414,7 +414,7 @@ async fn receive_one(
         return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
     };
     // Names this attempt's incoming images: never another attempt's.
-    let attempt: String = migration_id[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let attempt: String = migration_id.short();
     let sync = offered & features::SYNC_ONLY != 0;
     let setup = match host_config(shape, opts, &attempt) {
         Ok(_) if sync && store.is_none() => Err("this host keeps no disk copies (it runs with --shared-disks)".into()),

@@ -158,13 +158,13 @@ impl DestDisks {
         let end = end.ok_or_else(|| bad(format!("manifest {} of disk {} goes past the image's end", m.seq, m.disk)))?;
         d.next_seq += 1;
         d.next_offset = end;
-        let ids: Vec<ChunkId> = m.chunks.iter().filter_map(|c| c.id.map(ChunkId)).collect();
+        let ids: Vec<ChunkId> = m.chunks.iter().filter_map(|c| c.id).collect();
         let have = store.contains_many(&ids).map_err(store_err)?;
         let mut have = have.into_iter();
         let (mut need, mut offset) = (Vec::new(), m.offset);
         let (mut from_store, mut corrupt) = (0, 0);
         for (i, c) in m.chunks.iter().enumerate() {
-            if let Some(id) = c.id.map(ChunkId) {
+            if let Some(id) = c.id {
                 d.ids.push(id);
                 let mut wanted = !have.next().unwrap_or(false);
                 if !wanted {
@@ -195,7 +195,7 @@ impl DestDisks {
     /// A chunk from the source: checked against its id, kept, written.
     pub fn on_chunk(&mut self, c: &Chunk) -> Result<(), ReceiveError> {
         let store = self.store.clone();
-        match store.put(&ChunkId(c.id), &c.data) {
+        match store.put(&c.id, &c.data) {
             Ok(Put::Stored | Put::Present) => {}
             Err(e @ StoreError::HashMismatch { .. }) => {
                 return Err(bad(format!("chunk at offset {} of disk {}: {e}", c.offset, c.disk)));
@@ -311,13 +311,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (mut disks, store) = setup(dir.path());
         let good = vec![1u8; 8192];
-        let id = ChunkId::of(&good).0;
+        let id = ChunkId::of(&good);
         let mut bad = good.clone();
         bad[100] ^= 1;
         let e = disks.on_chunk(&Chunk { disk: 0, offset: 0, id, data: bad }).expect_err("refused");
         assert!(matches!(e, ReceiveError::BadInput(_)), "{e}");
         assert!(e.to_string().contains("does not match its id"), "{e}");
-        assert!(!store.contains(&ChunkId(id)).expect("lookup"));
+        assert!(!store.contains(&id).expect("lookup"));
         // Out of range: refused without writing.
         let e = disks.on_chunk(&Chunk { disk: 0, offset: (1 << 20) - 4096, id, data: good.clone() });
         assert!(e.is_err());
@@ -338,16 +338,16 @@ mod tests {
             seq: 0,
             offset: 0,
             chunks: vec![
-                ManifestChunk { len: 65536, id: Some(ChunkId::of(&a).0) },
+                ManifestChunk { len: 65536, id: Some(ChunkId::of(&a)) },
                 ManifestChunk { len: 65536, id: None },
-                ManifestChunk { len: 65536, id: Some(ChunkId::of(&b).0) },
+                ManifestChunk { len: 65536, id: Some(ChunkId::of(&b)) },
             ],
         };
         let need = disks.on_manifest(&m).expect("manifest");
         assert_eq!(need.chunks, vec![2]);
         // The same part again, or one past the image, is refused.
         assert!(disks.on_manifest(&m).is_err());
-        disks.on_chunk(&Chunk { disk: 0, offset: 131072, id: ChunkId::of(&b).0, data: b.clone() }).expect("chunk");
+        disks.on_chunk(&Chunk { disk: 0, offset: 131072, id: ChunkId::of(&b), data: b.clone() }).expect("chunk");
         let mut want = vec![0u8; 1 << 20];
         want[..65536].copy_from_slice(&a);
         want[131072..196608].copy_from_slice(&b);

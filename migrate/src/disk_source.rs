@@ -137,11 +137,7 @@ impl DiskCopy {
                         disk: disk.index,
                         seq,
                         offset: batch.offset,
-                        chunks: batch
-                            .chunks
-                            .iter()
-                            .map(|c| ManifestChunk { len: c.len, id: c.id.map(|id| id.0) })
-                            .collect(),
+                        chunks: batch.chunks.iter().map(|c| ManifestChunk { len: c.len, id: c.id }).collect(),
                     };
                     let n = ctl.send(&Message::DiskManifest(manifest)).await? as u64;
                     self.stats.manifest_bytes += n;
@@ -187,7 +183,7 @@ impl DiskCopy {
                     let msg = Message::DiskChunk(Chunk {
                         disk: disk.index,
                         offset: batch.offset + c.start as u64,
-                        id: id.0,
+                        id,
                         data: batch.bytes(c).to_vec(),
                     });
                     bulk.send_message(&msg, wire).await?;

@@ -15,8 +15,8 @@ use wanmig_mem_sync::compress;
 use wanmig_mem_sync::encode::{Encoded, PageEncoder};
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RateLimit, RoundReport, next_round_rate};
 use wanmig_transport::{Fingerprint, FrameSender, Identity, LinkTuning, TransportError};
+use wanmig_types::error_chain;
 use wanmig_vmm::control::MigrateOutcome;
-use wanmig_vmm::control::error_chain;
 use wanmig_vmm::memory::{DirtyPages, RegionDirty};
 use wanmig_vmm::{Vm, VmError};
 use wanmig_wire::{
@@ -167,15 +167,6 @@ pub fn send(
             (outcome, summary, None)
         }
     }
-}
-
-fn migration_id() -> [u8; 16] {
-    let mut h = blake3::Hasher::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    id
 }
 
 /// What the destination must host.
@@ -415,7 +406,7 @@ async fn run_session(
     if tunnel_config.is_none() {
         offer &= !features::TUNNEL;
     }
-    let hello = advance(session, |s| s.hello(migration_id(), shape_of(vm), offer, opts.chunking))?;
+    let hello = advance(session, |s| s.hello(wanmig_types::MigrationId::new(), shape_of(vm), offer, opts.chunking))?;
     summary.bytes.total += ctl_tx.send(&hello).await? as u64;
     let answer = ctl_rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
     receive(session, &answer)?;

@@ -176,7 +176,7 @@ impl VmProcess {
     }
 
     pub fn request(&self, req: &Request) -> control::Response {
-        control::request(&self.socket, req).unwrap_or_else(|e| panic!("{req:?}: {}", control::error_chain(&e)))
+        control::request(&self.socket, req).unwrap_or_else(|e| panic!("{req:?}: {}", wanmig_types::error_chain(&e)))
     }
 
     pub fn progress(&self) -> Option<TestGuestProgress> {

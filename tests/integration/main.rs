@@ -5,6 +5,7 @@ mod bad_input;
 mod dirty_tracking;
 mod disk_migration;
 mod harness;
+mod layering;
 mod linux;
 mod migration;
 mod network;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use wanmig_transport::{FrameReceiver, FrameSender};
+use wanmig_types::error_chain;
 use wanmig_wire::Message;
 
 use crate::guard::KernelGuard;
@@ -333,18 +334,6 @@ pub(crate) async fn run(parts: Parts, mut tx: FrameSender, rx: FrameReceiver) ->
     shared.status()
 }
 
-/// `e` and its sources, joined with ": ".
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 async fn capture_loop(
     shared: &Shared,
     policy: &Policy,
@@ -436,19 +425,4 @@ async fn downlink_loop(
         }
     };
     let _ = events.send(event).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn error_chains_name_every_cause() {
-        let e = Outer(std::io::Error::other("inner"));
-        assert_eq!(error_chain(&e), "outer: inner");
-    }
 }

@@ -7,9 +7,7 @@
 //! every parser takes any bytes and returns an error rather than panic; a
 //! property test holds them to that.
 
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
 /// EtherType of IPv4.
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -68,75 +66,7 @@ fn mac_at(b: &[u8], at: usize) -> MacAddr {
     MacAddr([b[at], b[at + 1], b[at + 2], b[at + 3], b[at + 4], b[at + 5]])
 }
 
-/// An Ethernet (EUI-48) address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// ff:ff:ff:ff:ff:ff.
-    pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
-    /// 00:00:00:00:00:00, the unknown target of an ARP request.
-    pub const ZERO: MacAddr = MacAddr([0; 6]);
-
-    /// Whether the group bit is set (multicast, broadcast included).
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 == 1
-    }
-
-    /// A unicast address other than all zeros: the only kind a host may
-    /// send from.
-    pub fn is_unicast(&self) -> bool {
-        !self.is_multicast() && *self != MacAddr::ZERO
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MacAddr({self})")
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = PacketError;
-
-    /// Six colon-separated pairs of hex digits.
-    fn from_str(s: &str) -> Result<Self, PacketError> {
-        let bad = PacketError::Invalid { what: "MAC address", reason: "not six colon-separated hex bytes" };
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for o in &mut out {
-            let p = parts.next().ok_or(bad.clone())?;
-            if p.len() != 2 {
-                return Err(bad);
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad.clone())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad);
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl serde::Serialize for MacAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for MacAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use wanmig_types::MacAddr;
 
 /// Whether a host may send unicast to `ip`: not unspecified, loopback,
 /// multicast, limited broadcast or reserved (240/4). (A subnet's directed

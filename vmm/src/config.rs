@@ -52,6 +52,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 use crate::layout;
+pub use wanmig_types::MacAddr;
 
 /// Smallest guest: the test guest reserves the first 2 MiB and needs room to work.
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -201,44 +202,6 @@ pub struct NetConfig {
     pub ip: Option<Ipv4Cidr>,
     /// The guest's default gateway.
     pub gateway: Option<Ipv4Addr>,
-}
-
-/// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// Whether it can be a NIC's own address: not multicast (nor
-    /// broadcast), not all zeros.
-    pub fn is_unicast(&self) -> bool {
-        self.0[0] & 1 == 0 && self.0 != [0; 6]
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-
-    /// Six two-digit hex octets separated by `:`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a MAC address (six hex octets separated by ':')");
-        let mut mac = [0u8; 6];
-        let mut parts = s.split(':');
-        for octet in &mut mac {
-            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-            *octet = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
 }
 
 /// An IPv4 address with the prefix length of its subnet (`10.0.0.2/24`).
@@ -487,7 +450,7 @@ fn check_net(n: &RawNet) -> Result<NetConfig, (&'static str, String)> {
             ),
         ));
     }
-    let mac: MacAddr = n.mac.parse().map_err(|e| ("net.mac", e))?;
+    let mac: MacAddr = n.mac.parse().map_err(|e: wanmig_types::mac::BadMac| ("net.mac", e.to_string()))?;
     if !mac.is_unicast() {
         return Err(("net.mac", format!("{mac} is not a unicast address (multicast bit set, or all zeros)")));
     }

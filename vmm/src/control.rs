@@ -560,14 +560,4 @@ pub fn request_with_progress(
     Ok(resp)
 }
 
-/// An error and its causes, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use wanmig_types::error_chain;

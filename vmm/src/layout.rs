@@ -99,8 +99,6 @@ pub const EBDA_START: u64 = 0x9_fc00;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// KVM's TSS for real-mode emulation (three pages just below the BIOS area).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// Guest page size.
-pub const PAGE_SIZE: u64 = 4096;
 
 /// The RAM regions of a guest with `bytes` of memory: `(start, length)`.
 pub fn ram_regions(bytes: u64) -> Vec<(GuestAddress, u64)> {

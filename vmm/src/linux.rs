@@ -172,7 +172,7 @@ pub fn load(
         };
         let limit = (addr_max + 1).min(low_end);
         let kernel_end = loaded.kernel_end;
-        let at = limit.checked_sub(size).map(|a| a & !(layout::PAGE_SIZE - 1)).filter(|&a| a >= kernel_end);
+        let at = limit.checked_sub(size).map(|a| a & !(wanmig_types::PAGE_SIZE_U64 - 1)).filter(|&a| a >= kernel_end);
         let Some(at) = at else {
             return Err(LinuxBootError::InitrdTooBig { size, kernel_end, limit });
         };
@@ -230,7 +230,7 @@ fn write_gdt_and_page_tables(mem: &GuestMem) -> Result<(), LinuxBootError> {
     const LEAF_2M: u64 = 0x83;
     w(layout::LINUX_PDPT | TABLE, layout::LINUX_PML4)?;
     for gib in 0..4u64 {
-        let pd = layout::LINUX_PD + gib * layout::PAGE_SIZE;
+        let pd = layout::LINUX_PD + gib * wanmig_types::PAGE_SIZE_U64;
         w(pd | TABLE, layout::LINUX_PDPT + 8 * gib)?;
         for i in 0..512u64 {
             w(((gib << 30) + (i << 21)) | LEAF_2M, pd + 8 * i)?;
@@ -302,8 +302,8 @@ mod tests {
         // The initramfs sits page-aligned at the top of RAM, intact.
         let (at, size) = (u64::from(hdr.ramdisk_image), u64::from(hdr.ramdisk_size));
         assert_eq!(size, 10_000);
-        assert_eq!(at % layout::PAGE_SIZE, 0);
-        assert!(at + size <= 64 << 20 && at + size + layout::PAGE_SIZE > 64 << 20);
+        assert_eq!(at % wanmig_types::PAGE_SIZE_U64, 0);
+        assert!(at + size <= 64 << 20 && at + size + wanmig_types::PAGE_SIZE_U64 > 64 << 20);
         let mut back = vec![0u8; 10_000];
         r.mem().read_slice(&mut back, GuestAddress(at)).expect("read");
         assert!(back.iter().all(|&b| b == 0xab));

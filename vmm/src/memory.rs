@@ -151,8 +151,10 @@ impl GuestRam {
                 }
                 merge_into(&mut bitmap, &kvm);
             }
-            regions
-                .push(RegionDirty { start: region.start_addr(), ranges: to_ranges(&bitmap, len / layout::PAGE_SIZE) });
+            regions.push(RegionDirty {
+                start: region.start_addr(),
+                ranges: to_ranges(&bitmap, len / wanmig_types::PAGE_SIZE_U64),
+            });
         }
         Ok(DirtyPages { regions })
     }

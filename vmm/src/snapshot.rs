@@ -20,10 +20,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio_mmio::MmioSnapshot;
-use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::state::Pod;
 use crate::vcpu::VcpuState;
+use wanmig_types::PAGE_SIZE_U64 as PAGE_SIZE;
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";

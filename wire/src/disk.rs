@@ -11,6 +11,7 @@
 //! `DiskDone` digest closes each disk.
 
 use crate::codec::{DecodeError, Reader, Writer};
+pub use wanmig_types::ChunkId;
 
 /// Granularity of re-sent extents: the VMM logs guest writes per 4 KiB.
 pub const EXTENT_GRANULE: u64 = 4096;
@@ -73,7 +74,7 @@ pub struct ManifestChunk {
     /// Length in bytes.
     pub len: u32,
     /// Its blake3 id, or `None` for an all-zero chunk (left a hole).
-    pub id: Option<[u8; 32]>,
+    pub id: Option<ChunkId>,
 }
 
 /// A run of consecutive chunks of one disk.
@@ -113,7 +114,7 @@ impl Manifest {
                 Some(id) => {
                     w.u8(CHUNK_DATA);
                     w.u32(c.len);
-                    w.bytes(id);
+                    w.bytes(&id.0);
                 }
                 None => {
                     w.u8(CHUNK_ZERO);
@@ -146,7 +147,7 @@ impl Manifest {
                 .checked_add(len.into())
                 .ok_or(DecodeError::Invalid { field: "manifest", reason: "offsets overflow" })?;
             let id = match kind {
-                CHUNK_DATA => Some(r.bytes("chunk id", 32)?.try_into().expect("32 bytes")),
+                CHUNK_DATA => Some(ChunkId(r.bytes("chunk id", 32)?.try_into().expect("32 bytes"))),
                 CHUNK_ZERO => None,
                 tag => return Err(DecodeError::UnknownTag { what: "chunk kind", tag: tag.into() }),
             };
@@ -207,7 +208,7 @@ pub struct Chunk {
     /// Image offset.
     pub offset: u64,
     /// blake3 of `data`, which the receiver checks.
-    pub id: [u8; 32],
+    pub id: ChunkId,
     /// The bytes.
     pub data: Vec<u8>,
 }
@@ -216,13 +217,13 @@ impl Chunk {
     pub(crate) fn write(&self, w: &mut Writer) {
         w.u8(self.disk);
         w.u64(self.offset);
-        w.bytes(&self.id);
+        w.bytes(&self.id.0);
         w.blob(&self.data);
     }
 
     pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let (disk, offset) = (r.u8("disk")?, r.u64("chunk offset")?);
-        let id = r.bytes("chunk id", 32)?.try_into().expect("32 bytes");
+        let id = ChunkId(r.bytes("chunk id", 32)?.try_into().expect("32 bytes"));
         let data = r.blob("chunk data", MAX_CHUNK)?.to_vec();
         if data.is_empty() || offset.checked_add(data.len() as u64).is_none() {
             return Err(DecodeError::Invalid { field: "chunk", reason: "empty or past the end of any image" });

@@ -39,8 +39,6 @@ use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
 
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 2;
-/// The only guest page size of version 1.
-pub const PAGE_SIZE: usize = 4096;
 /// Largest frame body (a `DeviceState` with a full state container).
 pub const MAX_FRAME: u32 = 17 << 20;
 /// Most pages in one `Pages` batch.
@@ -61,24 +59,10 @@ pub const MAX_TUNNEL_PACKET: u32 = 9216;
 /// Smallest: an IPv4 header without options.
 pub const MIN_TUNNEL_PACKET: u32 = 20;
 
-/// Feature bits negotiated in the hello.
-pub mod features {
-    /// Re-sent pages may be XBZRLE-style deltas.
-    pub const XBZRLE: u64 = 1 << 0;
-    /// `Pages` bodies may arrive zstd-compressed.
-    pub const ZSTD: u64 = 1 << 1;
-    /// Disk images travel (block-sync); without it both hosts must see
-    /// the same images.
-    pub const DISK_COPY: u64 = 1 << 2;
-    /// A disk-only session (`wanmig sync`): no memory, an empty device
-    /// state, and the source's VM keeps running after the commit.
-    pub const SYNC_ONLY: u64 = 1 << 3;
-    /// After the commit, the source opens a second two-way stream and both
-    /// hosts run the network tunnel on it (`wanmig-tunnel`).
-    pub const TUNNEL: u64 = 1 << 4;
-    /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL;
-}
+use wanmig_types::MigrationId;
+/// The guest page size this protocol version moves; feature bits negotiated
+/// in the hello.
+pub use wanmig_types::{PAGE_SIZE, features};
 
 /// A disk as the source describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,7 +305,7 @@ pub enum Message {
         /// Guest page size.
         page_size: u32,
         /// Random id of this migration attempt.
-        migration_id: [u8; 16],
+        migration_id: MigrationId,
         /// The VM.
         shape: VmShape,
         /// How the source proposes to cut disk images.
@@ -427,7 +411,7 @@ impl Message {
                 w.u16(*version);
                 w.u64(*features);
                 w.u32(*page_size);
-                w.bytes(migration_id);
+                w.bytes(&migration_id.0);
                 w.blob(shape.name.as_bytes());
                 w.u32(shape.memory.len() as u32);
                 for (start, len) in &shape.memory {
@@ -543,7 +527,7 @@ impl Message {
                 let version = r.u16("version")?;
                 let features = r.u64("features")?;
                 let page_size = r.u32("page size")?;
-                let migration_id = r.id16("migration id")?;
+                let migration_id = MigrationId(r.id16("migration id")?);
                 let name = r.string("VM name", 64)?;
                 let n = r.count("region count", MAX_REGIONS)?;
                 let mut memory = Vec::with_capacity(n);

@@ -103,7 +103,7 @@ impl Source {
     /// proposing how to cut disk images.
     pub fn hello(
         self,
-        migration_id: [u8; 16],
+        migration_id: wanmig_types::MigrationId,
         shape: VmShape,
         features: u64,
         chunking: ChunkParams,

@@ -6,6 +6,7 @@ use crate::message::{
     MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, MAX_TUNNEL_PACKET, MIN_TUNNEL_PACKET, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::*;
+use wanmig_types::{ChunkId, MigrationId};
 
 fn shape() -> VmShape {
     VmShape {
@@ -51,7 +52,7 @@ fn hello(version: u16) -> Message {
         version,
         features: 0,
         page_size: 4096,
-        migration_id: [0; 16],
+        migration_id: MigrationId([0; 16]),
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
     }
@@ -72,7 +73,7 @@ fn samples() -> Vec<Message> {
             version: PROTOCOL_VERSION,
             features: features::ALL,
             page_size: 4096,
-            migration_id: [9; 16],
+            migration_id: MigrationId([9; 16]),
             shape: shape(),
             chunking: ChunkParams::DEFAULT,
         },
@@ -89,7 +90,7 @@ fn samples() -> Vec<Message> {
         Message::RoundApplied { round: 7 },
         Message::DiskManifest(manifest()),
         Message::DiskNeed(Need { disk: 0, seq: 5, chunks: vec![0, 2, 9] }),
-        Message::DiskChunk(Chunk { disk: 1, offset: 1 << 20, id: [3; 32], data: vec![4; 5000] }),
+        Message::DiskChunk(Chunk { disk: 1, offset: 1 << 20, id: ChunkId([3; 32]), data: vec![4; 5000] }),
         Message::DiskWrites(writes()),
         Message::DiskDone(DiskDone { disk: 0, size: 64 << 20, digest: [8; 32] }),
         Message::TunnelPacket { packet: (0..1500).map(|i| i as u8).collect() },
@@ -104,9 +105,9 @@ fn manifest() -> Manifest {
         seq: 5,
         offset: 1 << 30,
         chunks: vec![
-            ManifestChunk { len: 65536, id: Some([1; 32]) },
+            ManifestChunk { len: 65536, id: Some(ChunkId([1; 32])) },
             ManifestChunk { len: 262144, id: None },
-            ManifestChunk { len: 20000, id: Some([2; 32]) },
+            ManifestChunk { len: 20000, id: Some(ChunkId([2; 32])) },
         ],
     }
 }
@@ -320,7 +321,7 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
             src = src.on_message(&$m).expect("valid for source");
         }};
     }
-    let (s, hello) = src.hello([1; 16], shape(), features::ALL, ChunkParams::DEFAULT).expect("hello");
+    let (s, hello) = src.hello(MigrationId([1; 16]), shape(), features::ALL, ChunkParams::DEFAULT).expect("hello");
     src = s;
     cross!(hello, to_dst);
     let (d, accept) = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
@@ -328,7 +329,7 @@ fn run(fail_at: usize) -> (FailureOutcome, bool) {
     cross!(accept, to_src);
     cross!(Message::DiskManifest(manifest()), to_dst);
     cross!(Message::DiskNeed(Need { disk: 0, seq: 5, chunks: vec![0] }), to_src);
-    cross!(Message::DiskChunk(Chunk { disk: 0, offset: 1 << 30, id: [1; 32], data: vec![1; 65536] }), to_dst);
+    cross!(Message::DiskChunk(Chunk { disk: 0, offset: 1 << 30, id: ChunkId([1; 32]), data: vec![1; 65536] }), to_dst);
     cross!(Message::Pages(pages()), to_dst);
     cross!(Message::RoundDone { round: 0, pages: 3 }, to_dst);
     cross!(Message::RoundApplied { round: 0 }, to_src);

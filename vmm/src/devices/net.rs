@@ -43,8 +43,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::virtio_mmio::{DeviceSnapshot, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::config::MacAddr;
 use crate::memory::GuestMem;
+use wanmig_types::MacAddr;
 
 /// Virtio device id of a network card.
 pub const DEVICE_ID: u32 = 1;
@@ -99,6 +99,7 @@ pub struct NetCounters {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSnapshot {
     /// The MAC the guest saw.
+    #[serde(with = "wanmig_types::mac_as_bytes")]
     pub mac: MacAddr,
     /// Its counters.
     pub counters: NetCounters,
