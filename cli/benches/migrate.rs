@@ -45,7 +45,7 @@ fn scenario(name: &str, gib: u64, guest: &str) {
     std::thread::sleep(Duration::from_secs(1));
     // Reference: the guest's non-zero pages, compressed.
     let snap = vm.path("ref");
-    src.request(&wanmig_vmm::control::Request::Snapshot { dir: snap.clone(), resume: true });
+    src.request(&wanmig_control::Request::Snapshot { dir: snap.clone(), resume: true });
     let (nonzero, ideal) = compressed_nonzero(&snap.join(wanmig_vmm::snapshot::MEMORY_FILE));
     std::fs::remove_dir_all(&snap).expect("clean up");
 

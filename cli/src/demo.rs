@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use wanmig_vmm::control::{self, Request, TestGuestProgress};
+use wanmig_control::protocol::{SaveSummary, TestGuestProgress};
+use wanmig_control::{self as control, Request};
 use wanmig_vmm::snapshot;
 use wanmig_vmm::testguest::{self, MemoryReport};
 
@@ -90,10 +91,10 @@ impl VmProcess {
         }
     }
 
-    fn snapshot_and_stop(mut self, dir: &Path) -> Result<control::SaveSummary> {
+    fn snapshot_and_stop(mut self, dir: &Path) -> Result<SaveSummary> {
         let socket = self.socket.clone();
         let r = control::request(&socket, &Request::Snapshot { dir: dir.into(), resume: false })?;
-        control::request(&socket, &Request::Shutdown)?;
+        control::request(&socket, &Request::Shutdown { force: false })?;
         if let Some(c) = &mut self.child {
             c.wait()?;
         }

@@ -3,6 +3,8 @@
 
 mod demo;
 mod migration;
+mod settle;
+mod signals;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use wanmig_vmm::control::{self, Request, ServeEnd};
+use wanmig_control::{self as control, Request, ServeEnd};
 use wanmig_vmm::vcpu::GuestStop;
 use wanmig_vmm::{Vm, VmConfig};
 
@@ -27,6 +29,10 @@ enum Command {
     Run {
         /// The VM's configuration.
         config: PathBuf,
+        /// Boot even though its journal says it migrated away or is in doubt
+        /// (it may run elsewhere: two copies of one VM corrupt its data).
+        #[arg(long)]
+        force: bool,
     },
     /// Start a VM from a snapshot directory and serve its control socket.
     Restore {
@@ -38,6 +44,9 @@ enum Command {
         /// Leave the VM paused (resume it with `wanmig resume`).
         #[arg(long)]
         paused: bool,
+        /// Restore even though its journal says it migrated away or is in doubt.
+        #[arg(long)]
+        force: bool,
     },
     /// Pause a running VM and save it to a directory (it stays paused).
     Snapshot {
@@ -75,6 +84,42 @@ enum Command {
     Shutdown {
         /// The VM's configuration.
         config: PathBuf,
+        /// Even while a migration of it is in doubt (it stays in doubt).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Cancel the VM's running migration (before its commit): the VM runs
+    /// on here, the destination discards what it received.
+    Cancel {
+        /// The VM's configuration.
+        config: PathBuf,
+    },
+    /// Change the running migration's downtime budget or bandwidth cap,
+    /// from its next round on.
+    Set {
+        /// The VM's configuration.
+        config: PathBuf,
+        /// New downtime budget (e.g. 50ms).
+        #[arg(long, value_parser = migration::parse_duration)]
+        downtime: Option<std::time::Duration>,
+        /// New bandwidth cap (e.g. 200Mbit).
+        #[arg(long, value_parser = migration::parse_bandwidth, conflicts_with = "no_bandwidth_cap")]
+        max_bandwidth: Option<u64>,
+        /// Lift the bandwidth cap.
+        #[arg(long)]
+        no_bandwidth_cap: bool,
+    },
+    /// Settle a migration left in doubt (commit sent, no acknowledgement):
+    /// ask its destination whether it committed, then retire the VM here
+    /// (it runs there) or take it back. Works whether or not a process
+    /// still serves the VM here.
+    Settle {
+        /// The VM's configuration.
+        config: PathBuf,
+        /// Take the VM back even if the destination has no record of the
+        /// migration (never when it says it committed).
+        #[arg(long)]
+        force_resume: bool,
     },
     /// Check a snapshot of the built-in test guest with its oracle.
     Verify {
@@ -142,7 +187,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Run { .. } | Command::Restore { .. } | Command::Receive { .. } | Command::Demo { .. }
+        Command::Run { .. }
+            | Command::Restore { .. }
+            | Command::Receive { .. }
+            | Command::Demo { .. }
+            | Command::Send(_)
+            | Command::Sync(_)
     ) {
         // Commands that print and exit die quietly when their output pipe
         // closes (`wanmig status vm.toml | head`), like other tools. Not the
@@ -170,15 +220,17 @@ fn ask(config: &Path, req: &Request) -> Result<control::Response> {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { config } => {
+        Command::Run { config, force } => {
             let cfg = load(&config)?;
+            settle::check_may_run(&cfg, force)?;
             let mut vm = Vm::boot(&cfg).map_err(chain).context("cannot start the VM")?;
             vm.resume();
             eprintln!("wanmig: VM '{}' running; control socket {}", cfg.name, cfg.control_socket.display());
             serve(vm, &cfg)
         }
-        Command::Restore { config, from, paused } => {
+        Command::Restore { config, from, paused, force } => {
             let cfg = load(&config)?;
+            settle::check_may_run(&cfg, force)?;
             let t = std::time::Instant::now();
             let mut vm = Vm::restore(&cfg, &from)
                 .map_err(chain)
@@ -213,13 +265,30 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Pause { config } => ask(&config, &Request::Pause).map(|_| ExitCode::SUCCESS),
         Command::Resume { config } => ask(&config, &Request::Resume).map(|_| ExitCode::SUCCESS),
-        Command::Shutdown { config } => ask(&config, &Request::Shutdown).map(|_| ExitCode::SUCCESS),
+        Command::Shutdown { config, force } => ask(&config, &Request::Shutdown { force }).map(|_| ExitCode::SUCCESS),
+        Command::Cancel { config } => {
+            ask(&config, &Request::Cancel)?;
+            eprintln!("wanmig: cancel accepted: the migration stops before its commit; the VM runs on here");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Set { config, downtime, max_bandwidth, no_bandwidth_cap } => {
+            let req = Request::Set {
+                downtime_ms: downtime.map(|d| d.as_millis() as u64),
+                max_bandwidth_bps: max_bandwidth,
+                no_bandwidth_cap,
+            };
+            let r = ask(&config, &req)?;
+            println!("{}", serde_json::to_string_pretty(&r.migration)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Settle { config, force_resume } => settle::settle(&load(&config)?, force_resume),
         Command::Status { config } => {
             let r = ask(&config, &Request::Status)?;
-            let text = match r.tunnel {
-                None => serde_json::to_string_pretty(&r.status)?,
-                Some(tunnel) => serde_json::to_string_pretty(&serde_json::json!({ "vm": r.status, "tunnel": tunnel }))?,
-            };
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "vm": r.status,
+                "migration": r.migration,
+                "tunnel": r.tunnel,
+            }))?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
@@ -252,44 +321,19 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn serve(vm: Vm, cfg: &VmConfig) -> Result<ExitCode> {
-    serve_vm(vm, cfg, control::bind(&cfg.control_socket)?, wanmig_migrate::SourceMigrator::default())
+    serve_vm(vm, cfg, control::socket::bind(&cfg.control_socket)?, None)
 }
 
-/// Serves a VM until it ends here; after a migration that left the network
-/// tunnel running, goes on serving the tunnel's end until it closes.
+/// Serves a VM until it ends here (and, after a migration that left the
+/// network tunnel running, until the tunnel's end here closes).
 pub fn serve_vm(
     vm: Vm,
     cfg: &VmConfig,
     listener: std::os::unix::net::UnixListener,
-    mut migrator: wanmig_migrate::SourceMigrator,
+    tunnel: Option<wanmig_migrate::handover::TunnelRun>,
 ) -> Result<ExitCode> {
-    use wanmig_vmm::control::Migrator as _;
-    let end = control::serve_on(vm, listener, &cfg.control_socket, &mut migrator)?;
-    let migrated = matches!(end, ServeEnd::MigratedAway);
-    let code = report_end(end, cfg)?;
-    if migrated && let Some(t) = &migrator.tunnel {
-        let s = t.status();
-        eprintln!(
-            "wanmig: network tunnel for {:?} running on {} (until the routes converge: `wanmig routes-converged`); \
-             control socket {}",
-            s.guest_ips,
-            s.interface,
-            cfg.control_socket.display()
-        );
-        control::serve_tunnel(&cfg.control_socket, &mut migrator)?;
-        if let Some(t) = migrator.tunnel.take() {
-            let s = t.wait(std::time::Duration::from_secs(3));
-            eprintln!(
-                "wanmig: network tunnel ended ({}): {} packets to the guest, {} from it",
-                serde_json::to_value(&s.state).map(|v| v.to_string()).unwrap_or_default(),
-                s.to_peer.packets,
-                s.from_peer.packets
-            );
-        }
-    } else {
-        migrator.end_tunnel("the VM ended here");
-    }
-    Ok(code)
+    let end = control::serve(vm, listener, cfg, tunnel)?;
+    report_end(end, cfg)
 }
 
 /// The exit of a process that served a VM.
@@ -299,6 +343,13 @@ fn report_end(end: ServeEnd, cfg: &VmConfig) -> Result<ExitCode> {
         ServeEnd::MigratedAway => {
             eprintln!("wanmig: VM '{}' migrated away; it runs at the destination", cfg.name);
             Ok(ExitCode::SUCCESS)
+        }
+        ServeEnd::ShutdownInDoubt => {
+            eprintln!(
+                "wanmig: VM '{}' shut down while a migration of it is in doubt; `wanmig settle` decides where it runs",
+                cfg.name
+            );
+            Ok(ExitCode::from(migration::EXIT_IN_DOUBT))
         }
         ServeEnd::GuestStopped(stop @ GuestStop::Failed(_)) => {
             eprintln!("wanmig: guest {stop}");
@@ -316,6 +367,6 @@ fn report_end(end: ServeEnd, cfg: &VmConfig) -> Result<ExitCode> {
 }
 
 /// Flattens an error's source chain into one anyhow message.
-fn chain(e: impl std::error::Error) -> anyhow::Error {
+pub fn chain(e: impl std::error::Error) -> anyhow::Error {
     anyhow::anyhow!(wanmig_types::error_chain(&e))
 }

@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use wanmig_control::host::ServeHost;
+use wanmig_control::protocol::MigrateRequest;
+use wanmig_control::{self as control, Request};
 use wanmig_migrate::destination::{self, ReceiveOptions};
+use wanmig_migrate::report::{Outcome, Phase, Progress, Summary};
+use wanmig_migrate::source::{TunnelLifetime, TunnelRequest};
 use wanmig_transport::{Fingerprint, Identity, LinkTuning};
-use wanmig_vmm::control::{self, MigrateOutcome, MigrateRequest, Request, TunnelLifetime, TunnelRequest};
 
 /// Exit code of `send` when the migration failed and the VM still runs here.
 pub const EXIT_FAILED: u8 = 1;
@@ -149,16 +153,21 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         taps: a.taps,
         tuning,
     };
-    let received = destination::receive(&opts, &mut |line| eprintln!("wanmig receive: {line}"))
-        .map_err(|e| anyhow::anyhow!(wanmig_types::error_chain(&e)))?;
+    let mut host = ServeHost { dir: opts.dir.clone() };
+    let received = destination::receive(&opts, &mut host, &mut |line| eprintln!("wanmig receive: {line}"))
+        .map_err(crate::chain)?;
     let cfg = received.config;
+    let written = received.vm.config_file.as_ref().map_or_else(|| "not written".into(), |p| p.display().to_string());
     eprintln!(
-        "wanmig receive: VM '{}' committed and running; control socket {}",
+        "wanmig receive: VM '{}' committed and running; control socket {}; its configuration: {written}",
         cfg.name,
         cfg.control_socket.display()
     );
-    let migrator = wanmig_migrate::SourceMigrator { tunnel: received.tunnel };
-    crate::serve_vm(received.vm, &cfg, received.control, migrator)
+    // The listener goes on answering settle queries while the VM runs here.
+    let _listener = received.listener;
+    let mut cfg = cfg;
+    cfg.disks = received.vm.vm.config().disks.clone();
+    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener, received.tunnel)
 }
 
 /// Options of `wanmig send`.
@@ -219,7 +228,9 @@ fn mib(b: f64) -> String {
 }
 
 /// `wanmig send` (or, with `sync`, `wanmig sync`): asks the process running
-/// the VM to migrate it (or to copy its disks to the destination).
+/// the VM to migrate it (or to copy its disks to the destination). Ctrl-C or
+/// SIGTERM before the commit cancels it; after the commit they are too late,
+/// and it waits for the outcome.
 pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
     // Fail fast, here, on what the VM process would refuse anyway.
@@ -231,168 +242,158 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     if sync && a.tunnel_via.is_some() {
         bail!("a sync hands no VM over: it has no tunnel to leave behind");
     }
-    let req = Request::Migrate {
-        migration: MigrateRequest {
-            dest: a.dest.clone(),
-            identity: std::path::absolute(&a.identity)?,
-            peer: a.peer.clone(),
-            downtime_ms: a.downtime.as_millis() as u64,
-            max_bandwidth_bps: a.max_bandwidth,
-            min_bandwidth_bps: a.min_bandwidth,
-            timeout_s: a.timeout.as_secs().max(1),
-            link_bandwidth_bps: a.link_bandwidth,
-            rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
-            store: a.store.as_deref().map(std::path::absolute).transpose()?,
-            sync,
-            tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
-                interface,
-                lifetime: match (a.tunnel_forever, a.tunnel_for) {
-                    (true, _) => TunnelLifetime::Forever,
-                    (false, Some(d)) => TunnelLifetime::Seconds(d.as_secs().max(1)),
-                    (false, None) => TunnelLifetime::UntilConverged,
-                },
-            }),
-        },
-    };
+    let req = Request::Migrate { migration: migrate_request(&a, sync)? };
+    crate::signals::cancel_on_interrupt(cfg.control_socket.clone());
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     bar.set_message(format!("connecting to {}", a.dest));
-    let resp = control::request_with_progress(&cfg.control_socket, &req, &mut |p| {
-        let msg = match p.get("event").and_then(|e| e.as_str()) {
-            Some("connected") => "connected; pre-copy starts".to_string(),
-            Some("round") => {
-                let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                let left = f("bytes_left");
-                let link = f("link_rate").max(1.0);
-                format!(
-                    "pre-copy round {} | {} left | dirty {}/s | link {}/s | predicted downtime {:.0} ms | throttle {}% | ETA {:.1} s",
-                    f("round"),
-                    mib(left),
-                    mib(f("dirty_rate")),
-                    mib(link),
-                    f("predicted_downtime_ms"),
-                    f("throttle"),
-                    left / link
-                )
-            }
-            Some("disk") => {
-                let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                if p.get("phase").and_then(|v| v.as_str()) == Some("copy") {
-                    let (done, total) = (f("bytes_done"), f("bytes_total").max(1.0));
-                    format!(
-                        "disk copy {:.0}% | {} of {} | {} chunks sent, {} already there | {}/s",
-                        100.0 * done / total,
-                        mib(done),
-                        mib(total),
-                        f("chunks_sent"),
-                        f("chunks_present"),
-                        mib(done / f("elapsed_s").max(1e-3))
-                    )
-                } else {
-                    format!(
-                        "disk round: {} of written blocks sent, {} written meanwhile",
-                        mib(f("bytes_done")),
-                        mib(f("bytes_total"))
-                    )
-                }
-            }
-            Some("stop_and_copy") => "stop-and-copy: guest paused".to_string(),
-            Some("committing") => "committing".to_string(),
-            _ => p.to_string(),
-        };
-        bar.set_message(msg);
-    })?;
+    let resp = control::request_with_progress(&cfg.control_socket, &req, &mut |p| bar.set_message(progress_line(&p)))?;
     bar.finish_and_clear();
     let outcome = resp.outcome.context("the VM process answered without an outcome")?;
-    let summary = resp.summary.unwrap_or_default();
+    let summary = resp.summary.context("the VM process answered without a summary")?;
     if a.json {
         println!("{}", serde_json::json!({ "outcome": outcome, "summary": summary }));
     } else {
         print_summary(outcome, &summary);
     }
     Ok(match outcome {
-        MigrateOutcome::Migrated => ExitCode::SUCCESS,
-        MigrateOutcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
-        MigrateOutcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
-        MigrateOutcome::Synced => ExitCode::SUCCESS,
+        Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
+        Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
+        Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
     })
 }
 
-fn print_summary(outcome: MigrateOutcome, s: &serde_json::Value) {
-    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    let b = |k: &str| s.get("bytes").and_then(|v| v.get(k)).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    match outcome {
-        MigrateOutcome::Migrated => println!("migrated: the VM runs at the destination"),
-        MigrateOutcome::Synced => println!("synced: the destination holds a verified replica; the VM runs here"),
-        MigrateOutcome::FailedSourceRunning => println!(
-            "FAILED, the VM still runs here: {}",
-            s.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")
+fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
+    Ok(MigrateRequest {
+        dest: a.dest.clone(),
+        identity: std::path::absolute(&a.identity)?,
+        peer: a.peer.clone(),
+        downtime_ms: a.downtime.as_millis() as u64,
+        max_bandwidth_bps: a.max_bandwidth,
+        min_bandwidth_bps: a.min_bandwidth,
+        timeout_s: a.timeout.as_secs().max(1),
+        link_bandwidth_bps: a.link_bandwidth,
+        rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
+        store: a.store.as_deref().map(std::path::absolute).transpose()?,
+        sync,
+        tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
+            interface,
+            lifetime: match (a.tunnel_forever, a.tunnel_for) {
+                (true, _) => TunnelLifetime::Forever,
+                (false, Some(d)) => TunnelLifetime::Seconds(d.as_secs().max(1)),
+                (false, None) => TunnelLifetime::UntilConverged,
+            },
+        }),
+    })
+}
+
+/// One line of live progress.
+pub fn progress_line(p: &Progress) -> String {
+    let eta = if p.eta_s > 0.0 { format!(" | ETA {:.1} s", p.eta_s) } else { String::new() };
+    match (p.phase, &p.disk) {
+        (Phase::Connecting, _) => format!("connecting to {}", p.dest),
+        (Phase::DiskCopy, Some(d)) => format!(
+            "disk copy {:.0}% | {} of {} | {} chunks sent, {} already there | {}/s{eta}",
+            100.0 * d.bytes_done as f64 / d.bytes_total.max(1) as f64,
+            mib(d.bytes_done as f64),
+            mib(d.bytes_total as f64),
+            d.chunks_sent,
+            d.chunks_present,
+            mib(p.link_rate)
         ),
-        MigrateOutcome::InDoubt => println!(
-            "IN DOUBT: commit was sent but not acknowledged; the VM is paused here and may run at the destination: {}",
-            s.get("error").and_then(|e| e.as_str()).unwrap_or("")
+        (Phase::DiskCopy, None) => "disk copy".into(),
+        (Phase::DiskRounds, _) => format!(
+            "disk round {} | {} of written blocks left | {}/s",
+            p.round,
+            mib(p.bytes_left as f64),
+            mib(p.link_rate)
+        ),
+        (Phase::Precopy, _) => format!(
+            "pre-copy round {} | {} left | dirty {}/s | link {}/s | predicted downtime {:.0} ms (budget {:.0}) | throttle {}%{eta}",
+            p.round,
+            mib(p.bytes_left as f64),
+            mib(p.dirty_rate),
+            mib(p.link_rate),
+            p.predicted_downtime_ms,
+            p.downtime_budget_ms,
+            p.throttle
+        ),
+        (Phase::StopAndCopy, _) => "stop-and-copy: guest paused".into(),
+        (Phase::Committing, _) => "committing: the destination verifies".into(),
+        (Phase::Committed, _) => "commit sent: waiting for the destination's acknowledgement".into(),
+    }
+}
+
+fn print_summary(outcome: Outcome, s: &Summary) {
+    let error = s.error.as_deref().unwrap_or("unknown error");
+    match outcome {
+        Outcome::Migrated => println!("migrated: the VM runs at the destination (migration {})", s.migration_id),
+        Outcome::Synced => println!("synced: the destination holds a verified replica; the VM runs here"),
+        Outcome::FailedSourceRunning if s.cancelled => {
+            println!("CANCELLED, the VM still runs here; the destination discarded what it received: {error}")
+        }
+        Outcome::FailedSourceRunning => println!("FAILED, the VM still runs here: {error}"),
+        Outcome::InDoubt => println!(
+            "IN DOUBT: commit was sent but not acknowledged; the VM is paused here and may run at the destination              (`wanmig settle` asks it): {error}"
         ),
     }
     println!(
         "  total {:.2} s, downtime {:.1} ms, {} pre-copy round(s), throttle up to {}%",
-        f("total_ms") / 1e3,
-        f("downtime_ms"),
-        f("rounds"),
-        f("max_throttle")
+        s.total_ms / 1e3,
+        s.downtime_ms,
+        s.rounds,
+        s.max_throttle
     );
+    let b = &s.bytes;
     println!(
         "  on the wire: {} total, {} of pages (from {} before compression, ratio {:.1}), {:.1} KiB of state",
-        mib(b("total")),
-        mib(b("pages")),
-        mib(b("pages_uncompressed")),
-        f("compression_ratio"),
-        b("state") / 1024.0
+        mib(b.total as f64),
+        mib(b.pages as f64),
+        mib(b.pages_uncompressed as f64),
+        s.compression_ratio,
+        b.state as f64 / 1024.0
     );
     println!(
         "  pages: {} raw, {} delta, {} zero (never sent as data); {} of RAM at {}/s effective",
-        b("raw_pages"),
-        b("delta_pages"),
-        b("zero_pages"),
-        mib(f("memory_bytes")),
-        mib(f("effective_rate"))
+        b.raw_pages,
+        b.delta_pages,
+        b.zero_pages,
+        mib(s.memory_bytes as f64),
+        mib(s.effective_rate)
     );
-    if let Some(d) = s.get("disk").filter(|d| d.is_object()) {
-        let g = |k: &str| d.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    if let Some(d) = &s.disk {
         println!(
             "  disks: {} in {} disk(s), {} on the wire; {} chunks: {} sent ({}), {} already there, {} zero; dedup {}",
-            mib(g("image_bytes")),
-            g("disks"),
-            mib(b("disk")),
-            g("chunks"),
-            g("chunks_sent"),
-            mib(g("chunk_bytes_sent")),
-            g("chunks_present"),
-            g("zero_chunks"),
-            if g("chunk_bytes_sent") > 0.0 {
-                format!("{:.1}x", g("dedup_ratio"))
+            mib(d.image_bytes as f64),
+            d.disks,
+            mib(b.disk as f64),
+            d.chunks,
+            d.chunks_sent,
+            mib(d.chunk_bytes_sent as f64),
+            d.chunks_present,
+            d.zero_chunks,
+            if d.chunk_bytes_sent > 0 {
+                format!("{:.1}x", d.dedup_ratio)
             } else {
                 "complete: every chunk was already there".into()
             },
         );
         println!(
             "  disk writes re-sent: {} ({} inside the downtime); first copy {:.2} s{}",
-            mib(g("extent_bytes")),
-            mib(g("final_bytes")),
-            g("first_copy_ms") / 1e3,
-            d.get("write_limit")
-                .and_then(|v| v.as_f64())
-                .map(|l| format!("; guest disk writes throttled down to {}/s", mib(l)))
+            mib(d.extent_bytes as f64),
+            mib(d.final_bytes as f64),
+            d.first_copy_ms / 1e3,
+            d.write_limit
+                .map(|l| format!("; guest disk writes throttled down to {}/s", mib(l as f64)))
                 .unwrap_or_default()
         );
     }
-    if let Some(rounds) = s.get("per_round").and_then(|r| r.as_array()) {
-        let wws: Vec<String> = rounds
+    if !s.per_round.is_empty() {
+        let wws: Vec<String> = s
+            .per_round
             .iter()
-            .map(|r| {
-                let g = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                format!("{}: {} sent, {} dirtied in {:.0} ms", g("round"), g("pages_sent"), g("dirty_pages"), g("ms"))
-            })
+            .map(|r| format!("{}: {} sent, {} dirtied in {:.0} ms", r.round, r.pages_sent, r.dirty_pages, r.ms))
             .collect();
         println!("  writable working set by round: {}", wws.join("; "));
     }

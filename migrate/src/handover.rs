@@ -17,10 +17,10 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use crate::source::{TunnelLifetime, TunnelRequest};
 use wanmig_transport::Conn;
 use wanmig_tunnel::{MacAddr, Role, Tunnel, TunnelConfig, TunnelControl, TunnelStatus, Until};
 use wanmig_vmm::config::NetConfig;
-use wanmig_vmm::control::{TunnelLifetime, TunnelRequest};
 
 /// How long the destination waits for the source to open the tunnel's
 /// stream after the commit.
@@ -28,7 +28,7 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A tunnel end started inside a migration's runtime, not yet given the runtime.
 #[derive(Debug)]
-pub(crate) struct Started {
+pub struct Started {
     pub(crate) tunnel: Tunnel,
     pub(crate) conn: Conn,
 }
@@ -40,7 +40,7 @@ pub struct TunnelRun {
     task: tokio::task::JoinHandle<TunnelStatus>,
     _conn: Conn,
     // Last: dropped after the tasks and the connection it drives.
-    rt: tokio::runtime::Runtime,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for TunnelRun {
@@ -50,7 +50,7 @@ impl std::fmt::Debug for TunnelRun {
 }
 
 impl TunnelRun {
-    pub(crate) fn new(started: Started, rt: tokio::runtime::Runtime) -> Self {
+    pub(crate) fn new(started: Started, rt: std::sync::Arc<tokio::runtime::Runtime>) -> Self {
         let control = started.tunnel.control();
         let task = rt.spawn(started.tunnel.wait());
         TunnelRun { control, task, _conn: started.conn, rt }
@@ -84,7 +84,9 @@ impl TunnelRun {
             Ok(Ok(s)) => s,
             _ => control.status(),
         };
-        rt.shutdown_timeout(Duration::from_secs(1));
+        if let Ok(rt) = std::sync::Arc::try_unwrap(rt) {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
         status
     }
 }
@@ -93,7 +95,7 @@ impl TunnelRun {
 pub(crate) fn guest_of(nets: &[NetConfig]) -> Result<(Ipv4Addr, MacAddr, String), String> {
     let nic = nets.first().ok_or("the VM has no NIC")?;
     let ip = nic.ip.ok_or("the VM's first NIC has no IPv4 address in its configuration ([[net]] ip)")?;
-    Ok((ip.addr, MacAddr(nic.mac.0), nic.tap.clone()))
+    Ok((ip.addr, nic.mac, nic.tap.clone()))
 }
 
 /// The source end's configuration for `req`.

@@ -1,63 +1,99 @@
-//! What a migration reports while it runs and when it ends.
+//! What a migration reports while it runs ([`Progress`]) and when it ends
+//! ([`Summary`]). Both cross the control socket as JSON and are read back
+//! by the same types, so a field cannot be renamed on one side only.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// A progress event (sent to `wanmig send` as JSON).
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    /// Connected and agreed with the destination.
-    Connected {
-        /// Peer address.
-        peer: String,
-    },
-    /// A pre-copy round ended.
-    Round {
-        /// Round number.
-        round: u32,
-        /// Pages sent in it.
-        pages: u64,
-        /// Pages still dirty.
-        dirty_pages: u64,
-        /// Bytes left to send (dirty pages at the round's bytes per page).
-        bytes_left: u64,
-        /// Guest dirty rate, bytes/s.
-        dirty_rate: f64,
-        /// Link rate, bytes/s.
-        link_rate: f64,
-        /// Predicted downtime if stopping now, ms.
-        predicted_downtime_ms: f64,
-        /// vCPU throttle, percent.
-        throttle: u8,
-        /// Seconds since the start.
-        elapsed_s: f64,
-    },
-    /// Disk copy progress.
-    Disk {
-        /// "copy" (the first copy) or "round" (written extents).
-        phase: String,
-        /// Image bytes copied (or extent bytes sent).
-        bytes_done: u64,
-        /// Image bytes in all (or extent bytes still pending).
-        bytes_total: u64,
-        /// Chunks sent so far.
-        chunks_sent: u64,
-        /// Chunks the destination already held.
-        chunks_present: u64,
-        /// Seconds since the disk copy began.
-        elapsed_s: f64,
-    },
-    /// The guest is paused for the final copy.
-    StopAndCopy {
-        /// Pages to send.
-        dirty_pages: u64,
-    },
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Connecting and agreeing with the destination.
+    #[default]
+    Connecting,
+    /// The first copy of the disks (chunks the destination lacks).
+    DiskCopy,
+    /// Rounds of blocks the guest wrote during the disk copy.
+    DiskRounds,
+    /// Iterative pre-copy of memory (with the disks' written blocks).
+    Precopy,
+    /// The guest is paused; the last pages, blocks and the device state go.
+    StopAndCopy,
     /// Waiting for the destination to verify and commit.
     Committing,
+    /// `Commit` sent: too late to cancel; waiting for the acknowledgement.
+    Committed,
+}
+
+impl Phase {
+    /// The phase as the progress line and `status` name it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::DiskCopy => "disk copy",
+            Phase::DiskRounds => "disk rounds",
+            Phase::Precopy => "pre-copy",
+            Phase::StopAndCopy => "stop-and-copy",
+            Phase::Committing => "committing",
+            Phase::Committed => "committed",
+        }
+    }
+}
+
+/// A migration's live progress (QEMU's `query-migrate`): sent to `wanmig
+/// send` after every round and disk batch, and answered by `wanmig status`
+/// while the migration runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Where it is.
+    pub phase: Phase,
+    /// The destination, `host:port`.
+    pub dest: String,
+    /// The current round (rounds of disk blocks count too).
+    pub round: u32,
+    /// Bytes put on the wire so far.
+    pub bytes_sent: u64,
+    /// Bytes still to send, estimated: dirty pages at the last round's bytes
+    /// per page, plus written disk blocks, plus (during the disk copy) the
+    /// image not yet read.
+    pub bytes_left: u64,
+    /// Guest memory dirty rate, bytes/s (0 before the first memory round).
+    pub dirty_rate: f64,
+    /// Rate at which data landed at the destination, bytes/s.
+    pub link_rate: f64,
+    /// Predicted downtime if the guest stopped now, ms.
+    pub predicted_downtime_ms: f64,
+    /// vCPU throttle (auto-converge), percent.
+    pub throttle: u8,
+    /// Estimated seconds to the end (bytes left at the link rate).
+    pub eta_s: f64,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+    /// The downtime budget in force, ms (changed by `wanmig set`).
+    pub downtime_budget_ms: f64,
+    /// The bandwidth cap in force, bits/s (`None`: none).
+    pub max_bandwidth_bps: Option<u64>,
+    /// During the disk copy: image bytes read of all, chunks sent and
+    /// already at the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskProgress>,
+}
+
+/// The disk copy's progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskProgress {
+    /// Image bytes read and offered.
+    pub bytes_done: u64,
+    /// Image bytes in all.
+    pub bytes_total: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Chunks the destination already held.
+    pub chunks_present: u64,
 }
 
 /// Bytes on the wire, by kind.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct WireBytes {
     /// Frames carrying pages, after compression.
     pub pages: u64,
@@ -78,9 +114,9 @@ pub struct WireBytes {
 }
 
 /// The downtime, phase by phase (ms from the pause).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct DowntimeBreakdown {
-    /// Last dirty pages sent and acknowledged.
+    /// Last dirty pages and disk blocks sent.
     pub last_pages_ms: f64,
     /// vCPU and device state captured and sent.
     pub state_ms: f64,
@@ -90,9 +126,9 @@ pub struct DowntimeBreakdown {
     pub commit_ack_ms: f64,
 }
 
-/// One pre-copy round: what it sent and what the guest dirtied meanwhile
-/// (the writable working set of Clark et al.).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// One round: what it sent and what the guest dirtied meanwhile (the
+/// writable working set of Clark et al.).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundStat {
     /// Round number.
     pub round: u32,
@@ -108,14 +144,33 @@ pub struct RoundStat {
     pub ms: f64,
 }
 
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The destination runs the VM; the source's process stops.
+    Migrated,
+    /// Failed (or cancelled) before the commit: the VM runs at the source
+    /// as before, and the destination discarded what it received.
+    FailedSourceRunning,
+    /// `Commit` sent, acknowledgement lost: the VM stays paused at the
+    /// source until `wanmig settle` learns what the destination did.
+    InDoubt,
+    /// A `sync` completed: the destination holds a verified replica of the
+    /// disks; the VM runs at the source as before.
+    Synced,
+}
+
 /// The final summary.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// The migration's id (as both ends journal it).
+    pub migration_id: String,
     /// Wall time from connect to the end, ms.
     pub total_ms: f64,
     /// Guest paused (source pause to destination's acknowledgement), ms.
     pub downtime_ms: f64,
-    /// Pre-copy rounds.
+    /// Pre-copy rounds of memory.
     pub rounds: u32,
     /// Bytes on the wire.
     pub bytes: WireBytes,
@@ -132,18 +187,17 @@ pub struct Summary {
     /// The writable working set, round by round.
     pub per_round: Vec<RoundStat>,
     /// The disks, when they were copied.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskStats>,
-    /// Set when the migration failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Why it failed, when it did: the cause and its chain.
     pub error: Option<String>,
+    /// Whether an operator cancelled it.
+    pub cancelled: bool,
     /// The network tunnel left running after the commit, or why it failed to start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<String>,
 }
 
 /// What the disk copy did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DiskStats {
     /// Disks copied.
     pub disks: u32,
@@ -172,6 +226,30 @@ pub struct DiskStats {
     /// The first copy, ms.
     pub first_copy_ms: f64,
     /// The lowest guest write cap applied, bytes/s.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub write_limit: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_and_progress_read_back_what_was_written() {
+        let s = Summary {
+            migration_id: "00ff".into(),
+            total_ms: 12.5,
+            bytes: WireBytes { pages: 7, total: 9, ..WireBytes::default() },
+            disk: Some(DiskStats { chunks_sent: 3, write_limit: Some(1 << 20), ..DiskStats::default() }),
+            error: Some("the destination has no space left writing g.img".into()),
+            per_round: vec![RoundStat { round: 2, ms: 1.0, ..RoundStat::default() }],
+            ..Summary::default()
+        };
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).expect("json")).expect("back");
+        assert_eq!(back, s);
+        let p = Progress { phase: Phase::StopAndCopy, disk: Some(DiskProgress::default()), ..Progress::default() };
+        let back: Progress = serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("back");
+        assert_eq!(back, p);
+        // A field missing on one side is an error, not a silent zero.
+        assert!(serde_json::from_str::<Summary>(r#"{"total_ms": 1.0}"#).is_err());
+    }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use wanmig_vmm::control::{self, MigrateOutcome, Request};
+use wanmig_control::{self as control, Request};
+use wanmig_migrate::report::Outcome as MigrateOutcome;
 
 use crate::harness::{Keys, Receiver, VmDir, VmProcess, check_guest, migrate_request, require_kvm, run_to_end};
 
@@ -46,7 +47,7 @@ fn vm_with_data(guest: &str, region_mib: u64) -> VmDir {
 fn move_vm(vm: &VmProcess, req: &Request, want: MigrateOutcome) -> Value {
     let resp = control::request_with_progress(vm.socket(), req, &mut |_| {}).expect("the VM process answers");
     assert_eq!(resp.outcome, Some(want), "{resp:?}");
-    resp.summary.expect("summary")
+    serde_json::to_value(resp.summary.expect("summary")).expect("a summary serializes")
 }
 
 /// Images still being received in `dir`.
@@ -210,7 +211,7 @@ fn a_full_destination_disk_fails_cleanly_and_the_source_runs_on() {
         control::request_with_progress(src.socket(), &migrate_request(&dst.addr, &keys, None, false), &mut |_| {})
             .expect("answer");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
-    let error = resp.summary.as_ref().and_then(|s| s["error"].as_str()).unwrap_or("").to_string();
+    let error = resp.summary.as_ref().and_then(|s| s.error.clone()).unwrap_or_default();
     assert!(error.contains("No space left on device"), "the source is told why: {error}");
     dst.wait_log("failed, discarded", Duration::from_secs(10));
     assert!(incoming_images(&small).is_empty(), "the partial image is removed");

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use wanmig_vmm::control::{self, MigrateRequest, Request, TestGuestProgress};
+use wanmig_control::protocol::{MigrateRequest, TestGuestProgress};
+use wanmig_control::{self as control, Request};
 use wanmig_vmm::{snapshot, testguest};
 
 /// The `wanmig` binary under test.
@@ -225,14 +226,14 @@ impl VmProcess {
     }
 
     /// Pauses and saves to `dir`; the process keeps serving, paused.
-    pub fn snapshot(&self, dir: &Path) -> control::SaveSummary {
+    pub fn snapshot(&self, dir: &Path) -> wanmig_control::protocol::SaveSummary {
         self.request(&Request::Snapshot { dir: dir.into(), resume: false }).save.expect("save figures")
     }
 
     /// Shuts the VM down; returns its process's exit status (success if
     /// it is not our child).
     pub fn shutdown(mut self) -> ExitStatus {
-        self.request(&Request::Shutdown);
+        self.request(&Request::Shutdown { force: false });
         match self.child.take() {
             Some(mut c) => c.wait().expect("wait"),
             None => std::os::unix::process::ExitStatusExt::from_raw(0),

@@ -4,7 +4,8 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use wanmig_vmm::control::{self, MigrateOutcome, Request};
+use wanmig_control::{self as control, Request};
+use wanmig_migrate::report::Outcome as MigrateOutcome;
 
 use crate::harness::{Keys, Receiver, VmDir, VmProcess, check_guest, migrate_request, require_kvm, run_to_end};
 
@@ -25,7 +26,8 @@ fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str)
 fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&str)) -> control::Response {
     let req = migrate_request(dest, keys, None, false);
     control::request_with_progress(src.socket(), &req, &mut |p| {
-        on_event(p.get("event").and_then(|e| e.as_str()).unwrap_or(""))
+        let phase = serde_json::to_value(p.phase).expect("a phase serializes");
+        on_event(phase.as_str().unwrap_or(""))
     })
     .expect("the VM process answers")
 }
@@ -65,7 +67,7 @@ fn destination_killed_mid_precopy_leaves_the_source_running() {
     // Kill the destination as soon as pre-copy starts.
     let addr = dst.addr.clone();
     let resp = migrate(&src, &addr, &keys, &mut |event| {
-        if event == "connected" {
+        if event == "precopy" {
             dst.kill();
         }
     });

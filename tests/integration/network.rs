@@ -11,7 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use wanmig_vmm::control::{self, MigrateOutcome, Request};
+use wanmig_control::{self as control, Request};
+use wanmig_migrate::report::Outcome as MigrateOutcome;
 use wanmig_vmm::snapshot;
 use wanmig_vmm::testguest::{UDP_SEQ_MAX_ECHO, UDP_SEQ_PORT};
 

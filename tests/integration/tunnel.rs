@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use wanmig_vmm::control::{self, MigrateOutcome, Request, TunnelLifetime, TunnelRequest};
+use wanmig_control::{self as control, Request};
+use wanmig_migrate::report::Outcome as MigrateOutcome;
+use wanmig_migrate::source::{TunnelLifetime, TunnelRequest};
 use wanmig_vmm::testguest::UDP_SEQ_PORT;
 
 use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm};
@@ -157,7 +159,7 @@ fn guest_stays_reachable_at_its_address_after_moving_to_another_subnet() {
     let moved_at = Instant::now();
     let resp = control::request_with_progress(src.socket(), &req, &mut |_| {}).expect("the VM process answers");
     assert_eq!(resp.outcome, Some(MigrateOutcome::Migrated), "{resp:?}\n{}", dst.log());
-    let summary = resp.summary.expect("summary");
+    let summary = serde_json::to_value(resp.summary.expect("summary")).expect("a summary serializes");
     assert!(summary["tunnel"].as_str().is_some_and(|t| t.starts_with("forwarding")), "{summary}");
     let downtime_ms = summary["downtime_ms"].as_f64().expect("downtime");
     std::thread::sleep(Duration::from_secs(3));
@@ -197,7 +199,7 @@ fn guest_stays_reachable_at_its_address_after_moving_to_another_subnet() {
     // The old host serves the tunnel's status on the VM's socket, then ends
     // it when told the routes converged; the VM runs on at host B.
     let status = control::request(src.socket(), &Request::Status).expect("status at the old host");
-    let tunnel = status.tunnel.expect("the old host reports its tunnel");
+    let tunnel = serde_json::to_value(status.tunnel.expect("the old host reports its tunnel")).expect("serializes");
     assert_eq!(tunnel["state"], "forwarding", "{tunnel}");
     assert!(tunnel["to_peer"]["packets"].as_u64() > Some(100), "{tunnel}");
     control::request(src.socket(), &Request::RoutesConverged).expect("routes converged");

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use s2n_quic::client::Connect;
 use s2n_quic::provider::limits::Limits;
-use s2n_quic::stream::{ReceiveStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use wanmig_wire::{ALPN, DecodeError, Message, frame_len};
 
 use crate::identity::{Fingerprint, Identity};
@@ -54,12 +53,20 @@ pub enum TransportError {
     Timeout(Duration),
 }
 
+/// The application close code of a migration its source cancelled.
+pub const CLOSE_CANCELLED: u32 = 12;
+/// What a side whose peer closed the connection with [`CLOSE_CANCELLED`] hears.
+pub const PEER_CANCELLED: &str = "the peer cancelled the migration";
+
 /// A connection or stream error. With TLS 1.3 the client finishes its
 /// handshake before the server has checked the client's certificate, so a
 /// source that is not pinned at the destination learns it here, from the
 /// first stream operation, as a TLS alert: say so.
 fn lost(e: impl std::fmt::Display) -> TransportError {
     let s = e.to_string();
+    if s.contains(&format!("application::Error({CLOSE_CANCELLED}) by remote")) {
+        return TransportError::Lost(PEER_CANCELLED.into());
+    }
     if s.contains("HANDSHAKE_FAILURE") || s.contains("certificate") || s.contains("crypto") || s.contains("alert") {
         TransportError::Lost(format!("{s} (the peer refused our certificate: is our fingerprint pinned there?)"))
     } else {
@@ -187,7 +194,9 @@ pub async fn connect(
     match client.connect(Connect::new(addr).with_server_name("wanmig")).await {
         Ok(c) => {
             let mut conn = Conn::new(c);
-            conn._client = Some(client);
+            if let ConnInner::Quic { _client, .. } = &mut conn.inner {
+                *_client = Some(client);
+            }
             Ok(conn)
         }
         Err(e) => {
@@ -199,12 +208,20 @@ pub async fn connect(
     }
 }
 
-/// An authenticated connection.
+/// An authenticated connection: QUIC between hosts, or an in-memory pair
+/// ([`crate::mem::pair`]) for tests that drive both ends in one process.
 pub struct Conn {
-    handle: s2n_quic::connection::Handle,
-    acceptor: s2n_quic::connection::StreamAcceptor,
-    // The client endpoint must live as long as its connection.
-    _client: Option<s2n_quic::Client>,
+    inner: ConnInner,
+}
+
+enum ConnInner {
+    Quic {
+        handle: s2n_quic::connection::Handle,
+        acceptor: s2n_quic::connection::StreamAcceptor,
+        // The client endpoint must live as long as its connection.
+        _client: Option<s2n_quic::Client>,
+    },
+    Mem(crate::mem::MemConn),
 }
 
 impl std::fmt::Debug for Conn {
@@ -216,58 +233,93 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     fn new(c: s2n_quic::Connection) -> Self {
         let (handle, acceptor) = c.split();
-        Conn { handle, acceptor, _client: None }
+        Conn { inner: ConnInner::Quic { handle, acceptor, _client: None } }
     }
 
-    /// The peer's address.
+    pub(crate) fn mem(m: crate::mem::MemConn) -> Self {
+        Conn { inner: ConnInner::Mem(m) }
+    }
+
+    /// The peer's address (none for an in-memory pair).
     pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.handle.remote_addr().ok()
+        match &self.inner {
+            ConnInner::Quic { handle, .. } => handle.remote_addr().ok(),
+            ConnInner::Mem(_) => None,
+        }
     }
 
-    /// Opens the control stream (source side).
+    /// Opens a two-way stream: the control stream (source side), or the
+    /// network tunnel's after the commit.
     pub async fn open_control(&mut self) -> Result<(FrameSender, FrameReceiver), TransportError> {
-        let s = self.handle.open_bidirectional_stream().await.map_err(lost)?;
-        let (rx, tx) = s.split();
-        Ok((FrameSender { stream: tx }, FrameReceiver::new(rx)))
+        match &mut self.inner {
+            ConnInner::Quic { handle, .. } => {
+                let s = handle.open_bidirectional_stream().await.map_err(lost)?;
+                let (rx, tx) = s.split();
+                Ok((FrameSender::new(tx), FrameReceiver::new(rx)))
+            }
+            ConnInner::Mem(m) => m.open_bidi().await,
+        }
     }
 
-    /// Accepts the control stream (destination side).
+    /// Accepts a two-way stream the peer opened.
     pub async fn accept_control(&mut self) -> Result<(FrameSender, FrameReceiver), TransportError> {
-        let s = self
-            .acceptor
-            .accept_bidirectional_stream()
-            .await
-            .map_err(lost)?
-            .ok_or_else(|| lost("the peer closed the connection"))?;
-        let (rx, tx) = s.split();
-        Ok((FrameSender { stream: tx }, FrameReceiver::new(rx)))
+        match &mut self.inner {
+            ConnInner::Quic { acceptor, .. } => {
+                let s = acceptor
+                    .accept_bidirectional_stream()
+                    .await
+                    .map_err(lost)?
+                    .ok_or_else(|| lost("the peer closed the connection"))?;
+                let (rx, tx) = s.split();
+                Ok((FrameSender::new(tx), FrameReceiver::new(rx)))
+            }
+            ConnInner::Mem(m) => m.accept_bidi().await,
+        }
     }
 
-    /// Opens a bulk stream (source side).
+    /// Opens a one-way bulk stream (source side).
     pub async fn open_bulk(&mut self) -> Result<FrameSender, TransportError> {
-        Ok(FrameSender { stream: self.handle.open_send_stream().await.map_err(lost)? })
+        match &mut self.inner {
+            ConnInner::Quic { handle, .. } => Ok(FrameSender::new(handle.open_send_stream().await.map_err(lost)?)),
+            ConnInner::Mem(m) => m.open_uni().await,
+        }
     }
 
-    /// Accepts a bulk stream (destination side).
+    /// Accepts a one-way bulk stream (destination side).
     pub async fn accept_bulk(&mut self) -> Result<FrameReceiver, TransportError> {
-        let s = self
-            .acceptor
-            .accept_receive_stream()
-            .await
-            .map_err(lost)?
-            .ok_or_else(|| lost("the peer closed the connection"))?;
-        Ok(FrameReceiver::new(s))
+        match &mut self.inner {
+            ConnInner::Quic { acceptor, .. } => {
+                let s = acceptor
+                    .accept_receive_stream()
+                    .await
+                    .map_err(lost)?
+                    .ok_or_else(|| lost("the peer closed the connection"))?;
+                Ok(FrameReceiver::new(s))
+            }
+            ConnInner::Mem(m) => m.accept_uni().await,
+        }
     }
 
     /// Closes the connection with an application error code.
     pub fn close(&self, code: u32) {
-        self.handle.close(code.into());
+        match &self.inner {
+            ConnInner::Quic { handle, .. } => handle.close(code.into()),
+            ConnInner::Mem(m) => m.close(code),
+        }
     }
 }
 
+/// A stream's writing half, whatever carries it.
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+/// A stream's reading half.
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+
 /// Sends frames on a stream.
 pub struct FrameSender {
-    stream: SendStream,
+    stream: WriteHalf,
+    /// A send was interrupted (its future dropped) part way through a
+    /// frame: the stream is no longer at a frame boundary.
+    torn: bool,
 }
 
 impl std::fmt::Debug for FrameSender {
@@ -277,20 +329,33 @@ impl std::fmt::Debug for FrameSender {
 }
 
 impl FrameSender {
+    pub(crate) fn new(stream: impl AsyncWrite + Send + Unpin + 'static) -> Self {
+        FrameSender { stream: Box::new(stream), torn: false }
+    }
+
     /// Sends one message; returns the bytes put on the stream.
     pub async fn send(&mut self, msg: &Message) -> Result<usize, TransportError> {
         self.send_encoded(&msg.encode()).await
     }
 
     /// Sends an already encoded frame.
+    ///
+    /// Cancel-safe in the sense that matters: if the future is dropped part
+    /// way through a frame, every later send fails instead of writing after
+    /// half a frame.
     pub async fn send_encoded(&mut self, frame: &[u8]) -> Result<usize, TransportError> {
+        if self.torn {
+            return Err(TransportError::Lost("an earlier send on this stream was interrupted mid-frame".into()));
+        }
+        self.torn = true;
         self.stream.write_all(frame).await.map_err(lost)?;
+        self.torn = false;
         Ok(frame.len())
     }
 
     /// Waits until everything sent was delivered, then ends the stream.
     pub async fn finish(&mut self) -> Result<(), TransportError> {
-        self.stream.close().await.map_err(lost)
+        self.stream.shutdown().await.map_err(lost)
     }
 }
 
@@ -300,7 +365,7 @@ impl FrameSender {
 /// receiver, so it can race another stream in `tokio::select!` and lose
 /// without losing bytes.
 pub struct FrameReceiver {
-    stream: ReceiveStream,
+    stream: ReadHalf,
     header: [u8; 4],
     header_filled: usize,
     buf: Vec<u8>,
@@ -314,8 +379,8 @@ impl std::fmt::Debug for FrameReceiver {
 }
 
 impl FrameReceiver {
-    fn new(stream: ReceiveStream) -> Self {
-        FrameReceiver { stream, header: [0; 4], header_filled: 0, buf: Vec::new(), body_filled: 0 }
+    pub(crate) fn new(stream: impl AsyncRead + Send + Unpin + 'static) -> Self {
+        FrameReceiver { stream: Box::new(stream), header: [0; 4], header_filled: 0, buf: Vec::new(), body_filled: 0 }
     }
 
     /// The next message, or `None` when the peer ended the stream cleanly

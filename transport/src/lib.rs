@@ -6,12 +6,17 @@
 //! - [`identity`]: host keys (`wanmig keygen`) and fingerprints.
 //! - [`tls`]: the pinned-peer verifiers.
 //! - [`endpoint`]: listener, connect, control and bulk streams.
+//! - [`mem`]: an in-memory connection pair with a link that can be cut, for
+//!   tests that drive both ends of a migration in one process.
 
 pub mod endpoint;
 pub mod identity;
+pub mod mem;
 pub mod tls;
 
-pub use endpoint::{Conn, FrameReceiver, FrameSender, LinkTuning, Listener, TransportError, connect};
+pub use endpoint::{
+    CLOSE_CANCELLED, Conn, FrameReceiver, FrameSender, LinkTuning, Listener, PEER_CANCELLED, TransportError, connect,
+};
 pub use identity::{Fingerprint, Identity, IdentityError};
 
 #[cfg(test)]

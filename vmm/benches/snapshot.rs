@@ -20,6 +20,7 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
         memory_mib: gib << 10,
         vcpus: 1,
         control_socket: dir.join("unused.sock"),
+        state_dir: dir.to_path_buf(),
         serial: SerialOutput::None,
         guest: Some(GuestConfig::Test(TestGuestConfig {
             ws_mib: 16,

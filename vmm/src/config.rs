@@ -6,6 +6,7 @@
 //! vcpus = 1                  # default 1; 1 ..= 32
 //! control_socket = "demo.sock"  # default "wanmig-<name>.sock" beside vm.toml
 //! serial = "stdout"          # "stdout" (default), "none", or a file path
+//! state_dir = "."            # where wanmig keeps the VM's migration journal (default: beside vm.toml)
 //!
 //! [cpu]                      # optional
 //! hide = ["cx16", "xsave"]   # CPUID features the guest must not see (see vmm::cpuid)
@@ -77,6 +78,9 @@ pub struct VmConfig {
     pub control_socket: PathBuf,
     /// Where the guest's serial console goes.
     pub serial: SerialOutput,
+    /// Where wanmig keeps what must survive this process for the VM (its
+    /// migration journal).
+    pub state_dir: PathBuf,
     /// What runs inside; required to boot (`wanmig run`), unused when the
     /// VM comes from a snapshot or a migration.
     pub guest: Option<GuestConfig>,
@@ -282,6 +286,7 @@ struct RawConfig {
     vcpus: u64,
     control_socket: Option<PathBuf>,
     serial: Option<String>,
+    state_dir: Option<PathBuf>,
     guest: Option<GuestConfig>,
     #[serde(default, rename = "disk")]
     disks: Vec<DiskConfig>,
@@ -419,17 +424,83 @@ impl VmConfig {
             }
             nets.push(net);
         }
+        let state_dir = raw.state_dir.as_deref().map_or_else(|| base.to_path_buf(), resolve);
         Ok(VmConfig {
             name: raw.name,
             memory_mib: raw.memory_mib,
             vcpus,
             control_socket,
             serial,
+            state_dir,
             guest,
             disks,
             nets,
             cpu_hide: raw.cpu.hide,
         })
+    }
+
+    /// The configuration as a `vm.toml` that [`VmConfig::parse`] reads back
+    /// to the same host configuration, every path absolute. It has no
+    /// `[guest]` section: it describes a VM that resumes from its state (a
+    /// received VM), not one to boot.
+    pub fn to_toml(&self) -> String {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), self.name.clone().into());
+        t.insert("memory_mib".into(), (self.memory_mib as i64).into());
+        t.insert("vcpus".into(), i64::from(self.vcpus).into());
+        let path = |p: &Path| toml::Value::from(p.to_string_lossy().into_owned());
+        t.insert("control_socket".into(), path(&self.control_socket));
+        t.insert("state_dir".into(), path(&self.state_dir));
+        let serial = match &self.serial {
+            SerialOutput::Stdout => "stdout".into(),
+            SerialOutput::None => "none".into(),
+            SerialOutput::File(p) => path(p),
+        };
+        t.insert("serial".into(), serial);
+        if !self.cpu_hide.is_empty() {
+            let mut cpu = toml::Table::new();
+            cpu.insert(
+                "hide".into(),
+                self.cpu_hide.iter().map(|h| toml::Value::from(h.clone())).collect::<Vec<_>>().into(),
+            );
+            t.insert("cpu".into(), cpu.into());
+        }
+        let disks: Vec<toml::Value> = self
+            .disks
+            .iter()
+            .map(|d| {
+                let mut d2 = toml::Table::new();
+                d2.insert("path".into(), path(&d.path));
+                d2.insert("read_only".into(), d.read_only.into());
+                d2.into()
+            })
+            .collect();
+        if !disks.is_empty() {
+            t.insert("disk".into(), disks.into());
+        }
+        let nets: Vec<toml::Value> = self
+            .nets
+            .iter()
+            .map(|n| {
+                let mut n2 = toml::Table::new();
+                n2.insert("tap".into(), n.tap.clone().into());
+                n2.insert("mac".into(), n.mac.to_string().into());
+                if let Some(ip) = n.ip {
+                    n2.insert("ip".into(), ip.to_string().into());
+                }
+                if let Some(g) = n.gateway {
+                    n2.insert("gateway".into(), g.to_string().into());
+                }
+                n2.into()
+            })
+            .collect();
+        if !nets.is_empty() {
+            t.insert("net".into(), nets.into());
+        }
+        let mut text =
+            String::from("# Written by wanmig when this VM arrived here; `wanmig status|send|snapshot` read it.\n");
+        text.push_str(&toml::to_string(&t).expect("a TOML table serializes"));
+        text
     }
 
     /// Guest RAM in bytes.
@@ -672,5 +743,19 @@ mod tests {
         assert!(e.contains("`net`") && e.contains("at most 8"), "{e}");
         let e = error_of(&format!("{base}{disks}"));
         assert!(e.contains("`disk`"), "{e}");
+    }
+
+    #[test]
+    fn a_written_configuration_reads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let text = "name = \"vm-1\"\nmemory_mib = 64\nvcpus = 2\nserial = \"serial.log\"\n[cpu]\nhide = [\"cx16\"]\n\
+             [[disk]]\npath = \"a.img\"\n[[disk]]\npath = \"b.img\"\nread_only = true\n\
+             [[net]]\ntap = \"tap0\"\nmac = \"52:54:00:12:34:56\"\nip = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n";
+        let path = dir.path().join("vm.toml");
+        let c = VmConfig::parse(text, &path).expect("parses");
+        assert_eq!(c.state_dir, dir.path());
+        let written = dir.path().join("elsewhere").join("vm-1.toml");
+        let back = VmConfig::parse(&c.to_toml(), &written).expect("reads back");
+        assert_eq!(back, VmConfig { guest: None, ..c });
     }
 }

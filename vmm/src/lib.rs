@@ -15,15 +15,19 @@
 //!   loader; [`testguest`]: the built-in guest and its oracle.
 //! - [`cpuid`]: the CPU features a guest sees (and hiding some).
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
-//! - [`control`]: the control socket of `wanmig run`.
+//! - [`disklock`]: one owner per disk image (OFD locks).
 //! - [`layout`]: the guest's physical and port map.
+//!
+//! It knows nothing about migration: it exposes a VM to drive (memory,
+//! dirty logs, pause and resume, state, disks); the control socket and
+//! the migration drivers live above it (`wanmig-control`, `wanmig-migrate`).
 
 pub mod acpi;
 pub mod boot;
 pub mod config;
-pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod disklock;
 pub mod layout;
 pub mod linux;
 pub mod memory;

@@ -123,6 +123,9 @@ pub enum VmError {
     /// The ACPI tables could not be built or written.
     #[error("cannot set up the ACPI tables")]
     Acpi(#[from] crate::acpi::AcpiError),
+    /// A disk image is in use (or could not be locked).
+    #[error(transparent)]
+    DiskLock(#[from] crate::disklock::LockError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -162,6 +165,8 @@ pub struct Vm {
     ctl: Arc<vcpu::RunControl>,
     devices: Arc<Devices>,
     disk_logs: Vec<Arc<DiskWriteLog>>,
+    /// One lock per disk image while this process owns the images.
+    disk_locks: Vec<crate::disklock::DiskLock>,
     nics: Vec<Nic>,
     rx_threads: Vec<RxThread>,
     /// Set on a restored or received VM: its first resume announces its
@@ -209,6 +214,11 @@ fn open_console(out: &SerialOutput) -> Result<ConsoleOut, VmError> {
     })
 }
 
+fn lock_all(config: &VmConfig) -> Result<Vec<crate::disklock::DiskLock>, VmError> {
+    let locks = config.disks.iter().map(|d| crate::disklock::DiskLock::acquire(&d.path, !d.read_only));
+    Ok(locks.collect::<Result<Vec<_>, _>>()?)
+}
+
 fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
     config
         .disks
@@ -226,7 +236,18 @@ fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
 impl Vm {
     /// Creates the KVM VM, its memory, vCPUs and (if `saved` is given, from
     /// its state) devices. Nothing runs yet.
-    fn build(config: &VmConfig, saved: Option<&VmState>, ram: Option<GuestRam>) -> Result<Self, VmError> {
+    fn build(
+        config: &VmConfig,
+        saved: Option<&VmState>,
+        ram: Option<GuestRam>,
+        own_disks: bool,
+    ) -> Result<Self, VmError> {
+        // Before anything is built: a VM that cannot own its disks fails
+        // here, naming who has them.
+        let disk_locks = match own_disks {
+            true => lock_all(config)?,
+            false => Vec::new(),
+        };
         let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm_fd = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
         vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm("set the TSS address"))?;
@@ -314,6 +335,7 @@ impl Vm {
             ctl: Arc::new(vcpu::RunControl::new()),
             devices,
             disk_logs,
+            disk_locks,
             nics,
             rx_threads: Vec::new(),
             announce: saved.is_some(),
@@ -341,7 +363,7 @@ impl Vm {
     /// Creates a VM, writes its ACPI tables and loads its guest, ready to
     /// run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let mut vm = Self::build(config, None, None)?;
+        let mut vm = Self::build(config, None, None, true)?;
         // Every guest gets the tables: Linux finds its virtio-mmio devices
         // there, the test guest its power registers.
         let rsdp = acpi::write_tables(vm.ram.mem(), &vm.acpi_spec())?;
@@ -367,7 +389,7 @@ impl Vm {
     pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmError> {
         let state: VmState = crate::state::read_file(&dir.join(snapshot::STATE_FILE))?;
         check_shape(config, &state)?;
-        let vm = Self::build(config, Some(&state), None)?;
+        let vm = Self::build(config, Some(&state), None, true)?;
         snapshot::load_memory(&vm.ram, &dir.join(snapshot::MEMORY_FILE))?;
         vm.spawn_threads()
     }
@@ -383,7 +405,24 @@ impl Vm {
                 config.memory_bytes()
             )));
         }
-        Self::build(config, Some(state), Some(ram))?.spawn_threads()
+        Self::build(config, Some(state), Some(ram), false)?.spawn_threads()
+    }
+
+    /// Takes this VM's disk images (an exclusive lock on each writable one,
+    /// a shared one on each read-only one). A received VM does this after
+    /// the commit, when the source has let go; a source after a migration
+    /// that failed once it had let go.
+    pub fn lock_disks(&mut self) -> Result<(), VmError> {
+        if self.disk_locks.is_empty() {
+            self.disk_locks = lock_all(&self.config)?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of the disk images (just before a migration's commit: the
+    /// destination may open the same images on shared storage).
+    pub fn unlock_disks(&mut self) {
+        self.disk_locks.clear();
     }
 
     fn spawn_threads(mut self) -> Result<Self, VmError> {
@@ -455,6 +494,9 @@ impl Vm {
     pub fn set_disk_paths(&mut self, paths: &[std::path::PathBuf]) {
         for (d, p) in self.config.disks.iter_mut().zip(paths) {
             d.path = p.clone();
+        }
+        for (l, p) in self.disk_locks.iter_mut().zip(paths) {
+            l.renamed(p);
         }
     }
 

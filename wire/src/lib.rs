@@ -15,7 +15,9 @@ pub mod session;
 pub use codec::DecodeError;
 pub use disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, ManifestChunk, Need};
 pub use message::{DiskInfo, Message, NicInfo, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
-pub use session::{Destination, FailureOutcome, ProtocolError, Source};
+pub use session::{
+    DestAction, DestSession, FailureOutcome, ProtocolError, Settlement, SourceEvent, SourceSession, Stream, stream_of,
+};
 
 /// ALPN protocol id of this protocol version on QUIC.
 pub const ALPN: &[u8] = b"wanmig/1";

@@ -26,11 +26,14 @@
 //! | 18 | `TunnelPacket`: one IPv4 packet of the migrated guest | either way |
 //! | 19 | `TunnelClose`: the tunnel ends, and why | either way |
 //! | 20 | `TunnelKeepalive`: nothing to carry, the tunnel lives | either way |
+//! | 21 | `SettleQuery`: did this migration commit here? | source → destination |
+//! | 22 | `SettleAnswer`: committed, not committed, or unknown | destination → source |
 //!
 //! Control-stream messages: 1–3 and 7–14. Bulk-stream messages: 4–6 and 15–17;
 //! a `Compressed` decodes to the body (type byte included) of 4, 15 or 16.
 //! Tunnel messages (18–20) travel after the commit, on the stream the
-//! network tunnel (`wanmig-tunnel`) runs over, and nowhere else.
+//! network tunnel (`wanmig-tunnel`) runs over, and nowhere else. A settle
+//! query (21, 22) is a connection's only exchange, on its control stream.
 //!
 //! Type 0, and every tag 0 inside messages, is invalid.
 
@@ -38,7 +41,7 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame body (a `DeviceState` with a full state container).
 pub const MAX_FRAME: u32 = 17 << 20;
 /// Most pages in one `Pages` batch.
@@ -60,6 +63,8 @@ pub const MAX_TUNNEL_PACKET: u32 = 9216;
 pub const MIN_TUNNEL_PACKET: u32 = 20;
 
 use wanmig_types::MigrationId;
+
+use crate::session::Settlement;
 /// The guest page size this protocol version moves; feature bits negotiated
 /// in the hello.
 pub use wanmig_types::{PAGE_SIZE, features};
@@ -390,6 +395,19 @@ pub enum Message {
     /// Sent when the tunnel has carried nothing for a while, so that an idle
     /// tunnel does not let the connection's idle timeout end it.
     TunnelKeepalive,
+    /// `wanmig settle`: did migration `migration_id` commit here? The first
+    /// message of a connection of its own (instead of `Hello`).
+    SettleQuery {
+        /// The migration asked about.
+        migration_id: MigrationId,
+    },
+    /// The destination's answer to a `SettleQuery`, from its journal.
+    SettleAnswer {
+        /// The migration asked about.
+        migration_id: MigrationId,
+        /// What became of it here.
+        outcome: Settlement,
+    },
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -510,6 +528,19 @@ impl Message {
                 w.blob(truncated(reason));
             }
             Message::TunnelKeepalive => w.u8(20),
+            Message::SettleQuery { migration_id } => {
+                w.u8(21);
+                w.bytes(&migration_id.0);
+            }
+            Message::SettleAnswer { migration_id, outcome } => {
+                w.u8(22);
+                w.bytes(&migration_id.0);
+                w.u8(match outcome {
+                    Settlement::Committed => 1,
+                    Settlement::NotCommitted => 2,
+                    Settlement::Unknown => 3,
+                });
+            }
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
         w.buf[..4].copy_from_slice(&body.to_le_bytes());
@@ -643,6 +674,16 @@ impl Message {
             }
             19 => Message::TunnelClose { reason: r.string("reason", MAX_TEXT)? },
             20 => Message::TunnelKeepalive,
+            21 => Message::SettleQuery { migration_id: MigrationId(r.id16("migration id")?) },
+            22 => Message::SettleAnswer {
+                migration_id: MigrationId(r.id16("migration id")?),
+                outcome: match r.u8("settlement")? {
+                    1 => Settlement::Committed,
+                    2 => Settlement::NotCommitted,
+                    3 => Settlement::Unknown,
+                    tag => return Err(DecodeError::UnknownTag { what: "settlement", tag: tag.into() }),
+                },
+            },
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
@@ -682,6 +723,8 @@ impl Message {
             Message::TunnelPacket { .. } => "TunnelPacket",
             Message::TunnelClose { .. } => "TunnelClose",
             Message::TunnelKeepalive => "TunnelKeepalive",
+            Message::SettleQuery { .. } => "SettleQuery",
+            Message::SettleAnswer { .. } => "SettleAnswer",
         }
     }
 }

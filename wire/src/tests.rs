@@ -8,7 +8,7 @@ use crate::message::{
 use crate::*;
 use wanmig_types::{ChunkId, MigrationId};
 
-fn shape() -> VmShape {
+pub(crate) fn shape() -> VmShape {
     VmShape {
         name: "vm1".into(),
         memory: vec![(0, 3 << 30), (4 << 30, 1 << 30)],
@@ -47,7 +47,7 @@ fn hostile_nic_descriptions_are_refused() {
 }
 
 /// A minimal Hello of protocol `version`.
-fn hello(version: u16) -> Message {
+pub(crate) fn hello(version: u16) -> Message {
     Message::Hello {
         version,
         features: 0,
@@ -58,7 +58,7 @@ fn hello(version: u16) -> Message {
     }
 }
 
-fn pages() -> Pages {
+pub(crate) fn pages() -> Pages {
     let raw = [7u8; PAGE_SIZE];
     let mut b = PagesBuilder::new(3);
     b.push(PageRef { gpa: 0x1000, data: PageData::Zero });
@@ -67,7 +67,7 @@ fn pages() -> Pages {
     b.finish()
 }
 
-fn samples() -> Vec<Message> {
+pub(crate) fn samples() -> Vec<Message> {
     vec![
         Message::Hello {
             version: PROTOCOL_VERSION,
@@ -96,10 +96,12 @@ fn samples() -> Vec<Message> {
         Message::TunnelPacket { packet: (0..1500).map(|i| i as u8).collect() },
         Message::TunnelClose { reason: "routes converged".into() },
         Message::TunnelKeepalive,
+        Message::SettleQuery { migration_id: MigrationId([4; 16]) },
+        Message::SettleAnswer { migration_id: MigrationId([4; 16]), outcome: Settlement::NotCommitted },
     ]
 }
 
-fn manifest() -> Manifest {
+pub(crate) fn manifest() -> Manifest {
     Manifest {
         disk: 0,
         seq: 5,
@@ -112,7 +114,7 @@ fn manifest() -> Manifest {
     }
 }
 
-fn writes() -> DiskWrites {
+pub(crate) fn writes() -> DiskWrites {
     DiskWrites { disk: 0, extents: vec![(4096, 8192), (1 << 20, 4096)], data: (0..12288).map(|i| i as u8).collect() }
 }
 
@@ -294,102 +296,4 @@ proptest! {
         prop_assert_eq!(back.iter().collect::<Vec<_>>(), p.iter().collect::<Vec<_>>());
         prop_assert_eq!(back.len(), entries.len());
     }
-}
-
-// ---------------------------------------------------------------- sessions
-
-/// Drives both machines through a whole migration in memory, dropping the
-/// link after `fail_at` messages. Returns (source outcome, destination owns VM).
-fn run(fail_at: usize) -> (FailureOutcome, bool) {
-    let mut src = Source::Start;
-    let mut dst = Destination::AwaitHello;
-    let mut sent = 0usize;
-    // Each step: one message crosses if the link still works.
-    macro_rules! cross {
-        ($m:expr, to_dst) => {{
-            if sent == fail_at {
-                return (src.on_failure(), dst.owns_vm());
-            }
-            sent += 1;
-            dst = dst.on_message(&$m).expect("valid for destination");
-        }};
-        ($m:expr, to_src) => {{
-            if sent == fail_at {
-                return (src.on_failure(), dst.owns_vm());
-            }
-            sent += 1;
-            src = src.on_message(&$m).expect("valid for source");
-        }};
-    }
-    let (s, hello) = src.hello(MigrationId([1; 16]), shape(), features::ALL, ChunkParams::DEFAULT).expect("hello");
-    src = s;
-    cross!(hello, to_dst);
-    let (d, accept) = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
-    dst = d;
-    cross!(accept, to_src);
-    cross!(Message::DiskManifest(manifest()), to_dst);
-    cross!(Message::DiskNeed(Need { disk: 0, seq: 5, chunks: vec![0] }), to_src);
-    cross!(Message::DiskChunk(Chunk { disk: 0, offset: 1 << 30, id: ChunkId([1; 32]), data: vec![1; 65536] }), to_dst);
-    cross!(Message::Pages(pages()), to_dst);
-    cross!(Message::RoundDone { round: 0, pages: 3 }, to_dst);
-    cross!(Message::RoundApplied { round: 0 }, to_src);
-    src = src.stop_and_copy().expect("pause");
-    cross!(Message::Pages(pages()), to_dst);
-    cross!(Message::DiskWrites(writes()), to_dst);
-    cross!(Message::DiskDone(DiskDone { disk: 0, size: 2 << 30, digest: [0; 32] }), to_dst);
-    let (s, state) = src.device_state(vec![1, 2, 3]).expect("state");
-    src = s;
-    cross!(state, to_dst);
-    let (d, ready) = dst.ready().expect("ready");
-    dst = d;
-    cross!(ready, to_src);
-    let (s, commit) = src.commit().expect("commit");
-    src = s;
-    cross!(commit, to_dst);
-    cross!(Message::CommitAck, to_src);
-    assert_eq!(sent, 15, "the whole exchange is fifteen messages");
-    (src.on_failure(), dst.owns_vm())
-}
-
-#[test]
-fn exactly_one_side_runs_the_vm_whatever_fails() {
-    let mut outcomes = Vec::new();
-    for fail_at in 0..=15 {
-        let (src, dst_owns) = run(fail_at);
-        match src {
-            // Before commit: the source resumes and the destination must not run it.
-            FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
-            // Commit sent, ack lost: the source stays paused; the destination may run it.
-            FailureOutcome::InDoubt => {}
-            FailureOutcome::Done => assert!(dst_owns, "nobody runs the VM (fail at {fail_at})"),
-        }
-        outcomes.push(src);
-    }
-    assert!(outcomes.contains(&FailureOutcome::ResumeSource));
-    assert!(outcomes.contains(&FailureOutcome::InDoubt));
-    assert_eq!(outcomes.last(), Some(&FailureOutcome::Done));
-}
-
-#[test]
-fn messages_out_of_order_are_errors_and_abort_always_works() {
-    for m in samples() {
-        let allowed = matches!(m, Message::Hello { .. } | Message::Abort { .. });
-        assert_eq!(Destination::AwaitHello.on_message(&m).is_ok(), allowed, "{}", m.name());
-    }
-    let receiving = Destination::Receiving { features: 0 };
-    for m in [Message::Commit, Message::Ready, hello(PROTOCOL_VERSION)] {
-        assert!(receiving.clone().on_message(&m).is_err(), "{}", m.name());
-    }
-    assert!(Destination::Committed.on_message(&Message::Abort { reason: "x".into() }).is_err());
-    assert!(Source::Precopy { features: 0 }.on_message(&Message::CommitAck).is_err());
-    assert!(Source::Precopy { features: 0 }.commit().is_err(), "commit before Ready");
-    assert!(Source::CommitSent.abort("late").is_err(), "no abort after commit");
-    // Another protocol version or page size never gets past the hello.
-    let other = hello(PROTOCOL_VERSION + 1);
-    assert!(Destination::AwaitHello.on_message(&other).is_err());
-    assert!(Destination::AwaitHello.on_message(&hello(PROTOCOL_VERSION - 1)).is_err());
-    // An Accept with features the source never offered is refused.
-    assert!(
-        Source::HelloSent.on_message(&Message::Accept { features: 1 << 40, chunking: ChunkParams::DEFAULT }).is_err()
-    );
 }

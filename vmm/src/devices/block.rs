@@ -54,13 +54,17 @@ struct Pacer {
 const MAX_PACE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl DiskWriteLog {
-    fn new(bytes: u64) -> Self {
+    /// A log for an image of `bytes` bytes, nothing written yet. (The
+    /// block device makes its own; a VM that does its own disk I/O, such as
+    /// a test double, makes one and records into it.)
+    pub fn new(bytes: u64) -> Self {
         let len = usize::try_from(bytes).expect("image sizes fit usize on 64-bit hosts");
         let granule = std::num::NonZeroUsize::new(WRITE_LOG_GRANULE).expect("non-zero");
         DiskWriteLog { bits: AtomicBitmap::new(len.max(1), granule), limit: std::sync::Mutex::new(None) }
     }
 
-    fn record(&self, offset: u64, len: usize) {
+    /// Records that `len` bytes at `offset` were written.
+    pub fn record(&self, offset: u64, len: usize) {
         self.bits.set_addr_range(offset as usize, len);
     }
 

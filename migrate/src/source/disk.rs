@@ -18,17 +18,18 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
 use wanmig_block_sync::throttle::{DiskRound, MIN_WRITE_LIMIT, next_write_limit};
 use wanmig_block_sync::{Batch, BlockDigest, DirtyReader, ImageChunker};
 use wanmig_dedup::{ChunkId, ChunkStore};
-use wanmig_transport::{FrameSender, TransportError};
-use wanmig_vmm::Vm;
 use wanmig_vmm::devices::block::DiskWriteLog;
-use wanmig_wire::{Chunk, ChunkParams, DiskDone, Manifest, ManifestChunk, Message, Source};
+use wanmig_wire::{Chunk, ChunkParams, DiskDone, Message, SourceEvent};
 
-use crate::report::{DiskStats, Event, WireBytes};
-use crate::source::{BulkSender, SendError, next_answer, receive};
+use super::error::SendError;
+use super::link::Link;
+use super::progress::Reporter;
+use super::vm::SourceVm;
+use crate::report::{DiskProgress, DiskStats, WireBytes};
+use crate::steer::Steering;
 
 /// Image bytes read and cut per manifest part.
 pub const BATCH_BYTES: usize = 8 << 20;
@@ -48,13 +49,14 @@ struct SourceDisk {
     pending: Vec<u64>,
     /// The chunk ids of the first copy, for the local store's root.
     ids: Vec<ChunkId>,
+    /// The next manifest part's number.
+    next_seq: u32,
 }
 
 /// The disks of a migrating VM.
 #[derive(Debug)]
 pub struct DiskCopy {
     disks: Vec<SourceDisk>,
-    params: ChunkParams,
     /// This host's chunk store, which keeps every chunk read (`--store`).
     store: Option<Arc<ChunkStore>>,
     vm_name: String,
@@ -66,10 +68,14 @@ pub struct DiskCopy {
     pub stats: DiskStats,
 }
 
+fn disk_err(index: u8, e: std::io::Error) -> SendError {
+    SendError::Disk(format!("disk {index}: {e}"))
+}
+
 impl DiskCopy {
     /// Opens the images of `vm` for reading. Disks are copied in 4 KiB units:
     /// an image whose size is not a multiple is refused.
-    pub fn new(vm: &Vm, params: ChunkParams, store: Option<Arc<ChunkStore>>) -> Result<Self, SendError> {
+    pub fn new(vm: &dyn SourceVm, store: Option<Arc<ChunkStore>>) -> Result<Self, SendError> {
         let mut disks = Vec::new();
         for (i, (d, log)) in vm.config().disks.iter().zip(vm.disk_write_logs()).enumerate() {
             let file = File::open(&d.path).map_err(|e| SendError::Disk(format!("{}: {e}", d.path.display())))?;
@@ -80,140 +86,130 @@ impl DiskCopy {
                     d.path.display()
                 )));
             }
-            disks.push(SourceDisk {
-                index: i as u8,
-                file,
-                size,
-                digest: BlockDigest::new(size),
-                log: log.clone(),
-                pending: Vec::new(),
-                ids: Vec::new(),
-            });
+            let digest = BlockDigest::new(size);
+            let (pending, ids) = (Vec::new(), Vec::new());
+            disks.push(SourceDisk { index: i as u8, file, size, digest, log: log.clone(), pending, ids, next_seq: 0 });
         }
-        let stats = DiskStats {
-            disks: disks.len() as u32,
-            image_bytes: disks.iter().map(|d| d.size).sum(),
-            ..DiskStats::default()
-        };
-        Ok(DiskCopy {
-            disks,
-            params,
-            store,
-            vm_name: vm.config().name.clone(),
-            best_rate: 0.0,
-            last_pending: None,
-            stats,
-        })
+        let image_bytes = disks.iter().map(|d| d.size).sum();
+        let stats = DiskStats { disks: disks.len() as u32, image_bytes, ..DiskStats::default() };
+        let vm_name = vm.config().name.clone();
+        Ok(DiskCopy { disks, store, vm_name, best_rate: 0.0, last_pending: None, stats })
     }
 
     /// The first copy of every disk: manifests, the chunks the destination
     /// lacks, and (with a local store) every chunk kept here.
-    #[allow(clippy::too_many_arguments)]
     pub async fn first_copy(
         &mut self,
-        ctl: &mut FrameSender,
-        bulk: &mut BulkSender,
+        link: &mut Link,
         wire: &mut WireBytes,
-        msgs: &mut mpsc::Receiver<Result<Message, TransportError>>,
-        session: &mut Source,
-        deadline: Instant,
-        progress: &mut dyn FnMut(&Event),
+        chunking: ChunkParams,
+        report: &mut Reporter<'_>,
+        steer: &Steering,
     ) -> Result<(), SendError> {
         let started = Instant::now();
-        let total = self.stats.image_bytes;
         let mut done = 0u64;
-        for disk in &mut self.disks {
+        for i in 0..self.disks.len() {
             // Track writes from before the first byte is read.
-            disk.log.take();
-            let mut chunker = ImageChunker::new(&disk.file, disk.size, self.params, BATCH_BYTES);
-            let mut window: VecDeque<(u32, Batch)> = VecDeque::new();
-            let mut seq = 0u32;
+            self.disks[i].log.take();
+            let mut window: VecDeque<Batch> = VecDeque::new();
+            let file = self.disks[i].file.try_clone().map_err(|e| disk_err(i as u8, e))?;
+            let mut chunker = ImageChunker::new(&file, self.disks[i].size, chunking, BATCH_BYTES);
             loop {
                 while window.len() < WINDOW {
-                    let Some(batch) = chunker.next_batch(&mut disk.digest).map_err(|e| disk_err(disk.index, e))? else {
+                    let Some(batch) =
+                        chunker.next_batch(&mut self.disks[i].digest).map_err(|e| disk_err(i as u8, e))?
+                    else {
                         break;
                     };
-                    let manifest = Manifest {
-                        disk: disk.index,
-                        seq,
-                        offset: batch.offset,
-                        chunks: batch.chunks.iter().map(|c| ManifestChunk { len: c.len, id: c.id }).collect(),
-                    };
-                    let n = ctl.send(&Message::DiskManifest(manifest)).await? as u64;
-                    self.stats.manifest_bytes += n;
-                    wire.disk += n;
-                    wire.total += n;
-                    for c in &batch.chunks {
-                        self.stats.chunks += 1;
-                        match c.id {
-                            None => self.stats.zero_chunks += 1,
-                            Some(id) => {
-                                self.stats.data_bytes += u64::from(c.len);
-                                disk.ids.push(id);
-                                if let Some(store) = &self.store {
-                                    store.put(&id, batch.bytes(c)).map_err(|e| SendError::Disk(format!("{e}")))?;
-                                }
-                            }
-                        }
-                    }
-                    window.push_back((seq, batch));
-                    seq += 1;
+                    self.offer(i, &batch, link, wire).await?;
+                    window.push_back(batch);
                 }
-                let Some((seq, batch)) = window.pop_front() else { break };
-                let m = next_answer(msgs, deadline).await?;
-                receive(session, &m)?;
-                let need = match m {
-                    Message::DiskNeed(n) => n,
-                    Message::Abort { reason } => {
-                        return Err(SendError::Peer(format!("destination aborted: {reason}")));
-                    }
-                    m => return Err(SendError::Peer(format!("unexpected {} during the disk copy", m.name()))),
-                };
-                if need.disk != disk.index || need.seq != seq {
-                    return Err(SendError::Peer(format!(
-                        "the destination answered manifest {}/{} while {}/{seq} was due",
-                        need.disk, need.seq, disk.index
-                    )));
-                }
-                for &i in &need.chunks {
-                    let c = batch.chunks.get(i as usize).filter(|c| c.id.is_some()).ok_or_else(|| {
-                        SendError::Peer(format!("the destination needs chunk {i} of manifest {seq}, which it lacks"))
-                    })?;
-                    let id = c.id.expect("filtered");
-                    let msg = Message::DiskChunk(Chunk {
-                        disk: disk.index,
-                        offset: batch.offset + c.start as u64,
-                        id,
-                        data: batch.bytes(c).to_vec(),
-                    });
-                    bulk.send_message(&msg, wire).await?;
-                    self.stats.chunks_sent += 1;
-                    self.stats.chunk_bytes_sent += u64::from(c.len);
-                }
-                // Every index named a distinct chunk with an id (checked above).
-                let with_id = batch.chunks.iter().filter(|c| c.id.is_some()).count();
-                self.stats.chunks_present += (with_id - need.chunks.len()) as u64;
+                let Some(batch) = window.pop_front() else { break };
+                // A cap changed by an operator applies from the next batch.
+                link.bulk.set_rate(steer.tunables().max_bandwidth);
+                self.send_needed(i, &batch, link, wire).await?;
                 done += batch.data.len() as u64;
-                progress(&Event::Disk {
-                    phase: "copy".into(),
-                    bytes_done: done,
-                    bytes_total: total,
-                    chunks_sent: self.stats.chunks_sent,
-                    chunks_present: self.stats.chunks_present,
-                    elapsed_s: started.elapsed().as_secs_f64(),
-                });
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                report.disk(self.progress(done), wire.total, rate);
             }
         }
-        if let Some(store) = &self.store {
-            for d in &self.disks {
-                store
-                    .set_root(&format!("{}/disk{}", self.vm_name, d.index), &d.ids)
-                    .map_err(|e| SendError::Disk(format!("{e}")))?;
-            }
-            store.commit().map_err(|e| SendError::Disk(format!("{e}")))?;
-        }
+        self.keep_roots()?;
         self.stats.first_copy_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    fn progress(&self, done: u64) -> DiskProgress {
+        DiskProgress {
+            bytes_done: done,
+            bytes_total: self.stats.image_bytes,
+            chunks_sent: self.stats.chunks_sent,
+            chunks_present: self.stats.chunks_present,
+        }
+    }
+
+    /// Sends a batch's manifest (and keeps its chunks in the local store).
+    async fn offer(&mut self, i: usize, batch: &Batch, link: &mut Link, wire: &mut WireBytes) -> Result<(), SendError> {
+        let (index, seq) = (self.disks[i].index, self.disks[i].next_seq);
+        let chunks: Vec<(u32, Option<ChunkId>)> = batch.chunks.iter().map(|c| (c.len, c.id)).collect();
+        let msg = link.session.manifest(index, seq, batch.offset, &chunks)?;
+        self.disks[i].next_seq += 1;
+        let n = link.send_ctl(&msg, wire).await? as u64;
+        self.stats.manifest_bytes += n;
+        wire.disk += n;
+        let disk = &mut self.disks[i];
+        for c in &batch.chunks {
+            self.stats.chunks += 1;
+            match c.id {
+                None => self.stats.zero_chunks += 1,
+                Some(id) => {
+                    self.stats.data_bytes += u64::from(c.len);
+                    disk.ids.push(id);
+                    if let Some(store) = &self.store {
+                        store.put(&id, batch.bytes(c)).map_err(|e| SendError::Disk(format!("{e}")))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the answer to a batch's manifest and sends what it asks for.
+    async fn send_needed(
+        &mut self,
+        i: usize,
+        batch: &Batch,
+        link: &mut Link,
+        wire: &mut WireBytes,
+    ) -> Result<(), SendError> {
+        let index = self.disks[i].index;
+        let chunks = match link.next_event().await? {
+            SourceEvent::Need { disk, chunks, .. } if disk == index => chunks,
+            e => return Err(SendError::Peer(format!("{e:?} during the disk copy"))),
+        };
+        for &k in &chunks {
+            // The machine checked that each index names a chunk with data.
+            let c = &batch.chunks[k as usize];
+            let id = c.id.ok_or_else(|| SendError::Peer(format!("chunk {k} has no data")))?;
+            let data = batch.bytes(c).to_vec();
+            let msg = Message::DiskChunk(Chunk { disk: index, offset: batch.offset + c.start as u64, id, data });
+            link.bulk.send(&msg, wire).await?;
+            self.stats.chunks_sent += 1;
+            self.stats.chunk_bytes_sent += u64::from(c.len);
+        }
+        let with_id = batch.chunks.iter().filter(|c| c.id.is_some()).count();
+        self.stats.chunks_present += (with_id - chunks.len()) as u64;
+        Ok(())
+    }
+
+    /// Keeps the first copy's chunks durable in the local store.
+    fn keep_roots(&self) -> Result<(), SendError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        for d in &self.disks {
+            store
+                .set_root(&format!("{}/disk{}", self.vm_name, d.index), &d.ids)
+                .map_err(|e| SendError::Disk(format!("{e}")))?;
+        }
+        store.commit().map_err(|e| SendError::Disk(format!("{e}")))
     }
 
     /// Takes the write logs into the pending set; returns the pending bytes.
@@ -237,14 +233,14 @@ impl DiskCopy {
     }
 
     /// Sends every pending extent; returns the bytes of disk data sent.
-    pub async fn send_pending(&mut self, bulk: &mut BulkSender, wire: &mut WireBytes) -> Result<u64, SendError> {
+    pub async fn send_pending(&mut self, link: &mut Link, wire: &mut WireBytes) -> Result<u64, SendError> {
         let mut sent = 0u64;
         for d in &mut self.disks {
             let words = std::mem::take(&mut d.pending);
             let mut reader = DirtyReader::new(&d.file, d.size, &words);
             while let Some(w) = reader.next_batch(d.index, &mut d.digest).map_err(|e| disk_err(d.index, e))? {
                 sent += w.data.len() as u64;
-                bulk.send_message(&Message::DiskWrites(w), wire).await?;
+                link.bulk.send(&Message::DiskWrites(w), wire).await?;
             }
         }
         self.stats.extent_bytes += sent;
@@ -252,11 +248,11 @@ impl DiskCopy {
     }
 
     /// After a round that put `sent` bytes of extents on the wire in `secs`:
-    /// learns the rate at which
-    /// extents land and, when the guest's writes no longer shrink from
-    /// round to round while it writes at half the link's capacity or more
-    /// (`pending` is what it wrote meanwhile; `link_rate` the expected
-    /// capacity, bytes/s), tightens its write cap one step.
+    /// learns the rate at which extents land and, when the guest's writes
+    /// no longer shrink from round to round while it writes at half the
+    /// link's capacity or more (`pending` is what it wrote meanwhile;
+    /// `link_rate` the expected capacity, bytes/s), tightens its write cap
+    /// one step.
     pub fn after_round(&mut self, sent: u64, secs: f64, pending: u64, link_rate: f64) {
         if sent > 0 {
             self.best_rate = self.best_rate.max(sent as f64 / secs.max(1e-6));
@@ -281,7 +277,7 @@ impl DiskCopy {
     }
 
     /// Lifts the write caps (after the migration, or when it fails).
-    pub fn unthrottle(vm: &Vm) {
+    pub fn unthrottle(vm: &dyn SourceVm) {
         for l in vm.disk_write_logs() {
             l.set_write_limit(None);
         }
@@ -289,13 +285,13 @@ impl DiskCopy {
 
     /// Inside the stop-and-copy (disks synced, guest paused): the last
     /// written extents and each disk's `DiskDone`.
-    pub async fn finish(&mut self, bulk: &mut BulkSender, wire: &mut WireBytes) -> Result<u64, SendError> {
+    pub async fn finish(&mut self, link: &mut Link, wire: &mut WireBytes) -> Result<u64, SendError> {
         self.harvest();
-        let sent = self.send_pending(bulk, wire).await?;
+        let sent = self.send_pending(link, wire).await?;
         self.stats.final_bytes = sent;
         for d in &self.disks {
-            let done = DiskDone { disk: d.index, size: d.size, digest: d.digest.digest() };
-            bulk.send_message(&Message::DiskDone(done), wire).await?;
+            let done = link.session.disk_done(DiskDone { disk: d.index, size: d.size, digest: d.digest.digest() })?;
+            link.bulk.send(&done, wire).await?;
         }
         // With nothing sent the ratio is unbounded: reported as 0, and the
         // summary says every chunk was already there.
@@ -306,8 +302,4 @@ impl DiskCopy {
         };
         Ok(sent)
     }
-}
-
-fn disk_err(index: u8, e: std::io::Error) -> SendError {
-    SendError::Disk(format!("disk {index}: {e}"))
 }

@@ -1,4 +1,7 @@
-//! The destination's half of disk migration.
+//! The destination's half of disk migration: where the images are
+//! assembled and what is written into them. What may arrive when (manifest
+//! order, chunks asked for, nothing after a disk's digest) the session
+//! machine has already checked.
 //!
 //! Each disk is assembled in `<disk-dir>/<name>.<attempt>.incoming`
 //! (the attempt named by the migration id), created sparse:
@@ -14,9 +17,9 @@ use std::sync::Arc;
 
 use wanmig_block_sync::ImageWriter;
 use wanmig_dedup::{ChunkId, ChunkStore, Put, StoreError};
-use wanmig_wire::{Chunk, DiskDone, DiskInfo, DiskWrites, Manifest, Need};
+use wanmig_wire::{Chunk, DiskDone, DiskInfo, DiskWrites, Manifest};
 
-use crate::destination::ReceiveError;
+use super::error::ReceiveError;
 
 /// Suffix of an image being received.
 pub const INCOMING: &str = "incoming";
@@ -43,9 +46,6 @@ struct DestDisk {
     image: ImageWriter,
     /// Where it goes once committed.
     path: PathBuf,
-    /// Next manifest part expected, and the offset it must start at.
-    next_seq: u32,
-    next_offset: u64,
     /// The first copy's chunk ids, for the store's root.
     ids: Vec<ChunkId>,
     /// Digest checked (`DiskDone` received and matched).
@@ -127,14 +127,7 @@ impl DestDisks {
         for (d, path) in disks.iter().zip(paths) {
             let incoming = incoming(path, attempt);
             let image = ImageWriter::create(&incoming, d.size).map_err(|e| disk_io(&incoming, "cannot create", e))?;
-            out.disks.push(DestDisk {
-                image,
-                path: path.clone(),
-                next_seq: 0,
-                next_offset: 0,
-                ids: Vec::new(),
-                verified: false,
-            });
+            out.disks.push(DestDisk { image, path: path.clone(), ids: Vec::new(), verified: false });
         }
         Ok(out)
     }
@@ -144,20 +137,12 @@ impl DestDisks {
         self.disks.get_mut(index as usize).ok_or_else(|| bad(format!("disk {index} of {n}")))
     }
 
-    /// A manifest part: copies what the store holds, answers with the rest.
-    pub fn on_manifest(&mut self, m: &Manifest) -> Result<Need, ReceiveError> {
+    /// A manifest part (in its place, within the image: checked by the
+    /// session): copies what the store holds; returns the indices of the
+    /// chunks to ask the source for.
+    pub fn on_manifest(&mut self, m: &Manifest) -> Result<Vec<u32>, ReceiveError> {
         let store = self.store.clone();
         let d = self.disk(m.disk)?;
-        if m.seq != d.next_seq || m.offset != d.next_offset {
-            return Err(bad(format!(
-                "manifest {} of disk {} at {} while {} at {} was due",
-                m.seq, m.disk, m.offset, d.next_seq, d.next_offset
-            )));
-        }
-        let end = m.offset.checked_add(m.len()).filter(|&e| e <= d.image.size());
-        let end = end.ok_or_else(|| bad(format!("manifest {} of disk {} goes past the image's end", m.seq, m.disk)))?;
-        d.next_seq += 1;
-        d.next_offset = end;
         let ids: Vec<ChunkId> = m.chunks.iter().filter_map(|c| c.id).collect();
         let have = store.contains_many(&ids).map_err(store_err)?;
         let mut have = have.into_iter();
@@ -189,7 +174,7 @@ impl DestDisks {
         }
         self.stats.from_store += from_store;
         self.stats.corrupt += corrupt;
-        Ok(Need { disk: m.disk, seq: m.seq, chunks: need })
+        Ok(need)
     }
 
     /// A chunk from the source: checked against its id, kept, written.
@@ -343,10 +328,7 @@ mod tests {
                 ManifestChunk { len: 65536, id: Some(ChunkId::of(&b)) },
             ],
         };
-        let need = disks.on_manifest(&m).expect("manifest");
-        assert_eq!(need.chunks, vec![2]);
-        // The same part again, or one past the image, is refused.
-        assert!(disks.on_manifest(&m).is_err());
+        assert_eq!(disks.on_manifest(&m).expect("manifest"), vec![2]);
         disks.on_chunk(&Chunk { disk: 0, offset: 131072, id: ChunkId::of(&b), data: b.clone() }).expect("chunk");
         let mut want = vec![0u8; 1 << 20];
         want[..65536].copy_from_slice(&a);

@@ -1,0 +1,111 @@
+//! What arrives on the bulk stream, carried out: pages into guest RAM,
+//! chunks and written extents into the images, each disk's digest
+//! compared, rounds made durable. Every message has been through the
+//! session machine first, which said what to do with it.
+
+use vm_memory::{Bytes, GuestAddress};
+use wanmig_mem_sync::{PAGE_SIZE, compress, xbzrle};
+use wanmig_vmm::memory::GuestRam;
+use wanmig_wire::{DestAction, DestSession, Message, PageData, Pages, Stream};
+
+use super::disks::DestDisks;
+use super::error::ReceiveError;
+
+/// What the destination keeps while data arrive.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Guest RAM (none for a disk-only sync).
+    pub ram: Option<GuestRam>,
+    /// The decoder of the source's zstd stream.
+    zstd: compress::StreamDecompressor,
+    /// The disks being copied.
+    pub disks: Option<DestDisks>,
+}
+
+/// What a bulk-stream message amounted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bulk {
+    /// Data applied.
+    Applied,
+    /// A round is complete and applied: tell the source.
+    RoundDone(u32),
+    /// The source ended the stream.
+    End,
+}
+
+fn bad(e: impl std::fmt::Display) -> ReceiveError {
+    ReceiveError::BadInput(e.to_string())
+}
+
+impl Incoming {
+    /// Keeps `ram` and `disks` for the data to come.
+    pub fn new(ram: Option<GuestRam>, disks: Option<DestDisks>) -> Result<Self, ReceiveError> {
+        let zstd = compress::StreamDecompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
+        Ok(Incoming { ram, zstd, disks })
+    }
+
+    fn disks(&mut self) -> Result<&mut DestDisks, ReceiveError> {
+        // The session admits disk data only when a copy was agreed, and one
+        // is then always set up.
+        self.disks.as_mut().ok_or_else(|| bad("disk data, but no disk is being copied"))
+    }
+
+    /// Feeds one message of the bulk stream (`None`: its end) through
+    /// `session` and carries out what it says.
+    pub fn on_bulk(&mut self, session: &mut DestSession, msg: Option<Message>) -> Result<Bulk, ReceiveError> {
+        let Some(msg) = msg else {
+            session.on_bulk_end()?;
+            return Ok(Bulk::End);
+        };
+        let action = session.on_message(Stream::Bulk, &msg)?;
+        self.carry_out(session, action, msg)
+    }
+
+    fn carry_out(&mut self, session: &mut DestSession, action: DestAction, msg: Message) -> Result<Bulk, ReceiveError> {
+        match (action, msg) {
+            (DestAction::ApplyPages, Message::Pages(p)) => {
+                let ram = self.ram.as_ref().ok_or_else(|| bad("pages, but no memory is being received"))?;
+                apply(ram, &p)?;
+            }
+            (DestAction::Decompress, Message::Compressed { raw_len, data }) => {
+                let body = self.zstd.decompress(&data, raw_len as usize).map_err(bad)?;
+                let inner = Message::decode_compressed_body(body).map_err(bad)?;
+                let action = session.on_decompressed(&inner)?;
+                return self.carry_out(session, action, inner);
+            }
+            (DestAction::StoreChunk, Message::DiskChunk(c)) => self.disks()?.on_chunk(&c)?,
+            (DestAction::WriteExtents, Message::DiskWrites(w)) => self.disks()?.on_writes(&w)?,
+            (DestAction::CheckDisk, Message::DiskDone(d)) => self.disks()?.on_done(&d)?,
+            (DestAction::RoundComplete(round), Message::RoundDone { .. }) => {
+                // Hash what the round wrote now, so the check before Ready
+                // reads only what the stop-and-copy writes.
+                if let Some(d) = &mut self.disks {
+                    d.refresh()?;
+                }
+                return Ok(Bulk::RoundDone(round));
+            }
+            (a, m) => return Err(bad(format!("{} on the bulk stream ({a:?})", m.name()))),
+        }
+        Ok(Bulk::Applied)
+    }
+}
+
+/// Writes a batch into guest RAM, checking every address.
+fn apply(ram: &GuestRam, pages: &Pages) -> Result<(), ReceiveError> {
+    let mem = ram.mem();
+    let mut page = [0u8; PAGE_SIZE];
+    let outside = |gpa: u64| bad(format!("page {gpa:#x} is outside guest memory"));
+    for p in pages.iter() {
+        let at = GuestAddress(p.gpa);
+        match p.data {
+            PageData::Zero => mem.write_slice(&[0u8; PAGE_SIZE], at).map_err(|_| outside(p.gpa))?,
+            PageData::Raw(b) => mem.write_slice(b, at).map_err(|_| outside(p.gpa))?,
+            PageData::Delta(d) => {
+                mem.read_slice(&mut page, at).map_err(|_| outside(p.gpa))?;
+                xbzrle::decode(d, &mut page).map_err(|e| bad(format!("page {:#x}: {e}", p.gpa)))?;
+                mem.write_slice(&page, at).map_err(|_| outside(p.gpa))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The migration journal: each end records a migration's id and phase on
+//! disk, synced, before it acts on that phase, so that after a crash or a
+//! restart of either process the outcome can still be settled.
+//!
+//! - The source keeps one record per VM ([`SourceJournal`], beside the VM's
+//!   state: `STATE_DIR/NAME.migration.json`): written before the hello
+//!   (`started`), before `Commit` leaves (`commit_sent`: from then on the
+//!   VM must not run here until settled) and after the acknowledgement
+//!   (`migrated`). A migration that fails before the commit removes it.
+//! - The destination keeps one record per migration ([`DestJournal`],
+//!   `DIR/journal/ID.json`): `receiving`, `ready`, then `committed` (written
+//!   before the VM runs) or `aborted`. A settle query is answered from it.
+//!
+//! Records are JSON, written to a temporary file, synced, renamed over the
+//! old one and the directory synced: a crash leaves the old record or the
+//! new one, never a torn one. A record that cannot be read is an error,
+//! never taken as "no migration".
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use wanmig_types::MigrationId;
+use wanmig_wire::Settlement;
+
+/// Why the journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("migration journal {path}")]
+    Io {
+        /// The record.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source was told this migration did not commit here; it never may.
+    #[error("migration {0} was settled as not committed; it cannot commit now")]
+    SettledNotCommitted(MigrationId),
+    /// A record is not what this build writes.
+    #[error("migration journal {path} is unreadable: {reason}")]
+    Corrupt {
+        /// The record.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.into(), source }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Writes `value` to `path` atomically and durably.
+fn write_atomic(path: &Path, value: &impl Serialize) -> Result<(), JournalError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| JournalError::Corrupt { path: path.into(), reason: e.to_string() })?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&text).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, JournalError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| JournalError::Corrupt { path: path.into(), reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn remove(path: &Path) -> Result<(), JournalError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => File::open(path.parent().unwrap_or(Path::new("."))).and_then(|d| d.sync_all()).map_err(io(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Where the source is in a migration, as journalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourcePhase {
+    /// Hello sent or about to be: the VM runs here; nothing is decided.
+    Started,
+    /// `Commit` sent (or about to be): the VM must not run here until the
+    /// destination's outcome is known (in doubt).
+    CommitSent,
+    /// The destination acknowledged: the VM runs there, not here.
+    Migrated,
+}
+
+/// The source's record of a VM's migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The VM.
+    pub vm: String,
+    /// Where it went: `host:port`.
+    pub dest: String,
+    /// The destination's pinned fingerprint.
+    pub peer: String,
+    /// This host's identity directory (to ask the destination again).
+    pub identity: PathBuf,
+    /// Where it is.
+    pub phase: SourcePhase,
+    /// When the phase was recorded, Unix seconds.
+    pub updated_unix: u64,
+}
+
+/// The source's journal of one VM.
+#[derive(Debug, Clone)]
+pub struct SourceJournal {
+    path: PathBuf,
+}
+
+impl SourceJournal {
+    /// The journal of VM `name` in `state_dir`.
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        SourceJournal { path: state_dir.join(format!("{name}.migration.json")) }
+    }
+
+    /// Its file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record, if a migration left one.
+    pub fn read(&self) -> Result<Option<SourceRecord>, JournalError> {
+        read(&self.path)
+    }
+
+    /// Records `rec` with `phase`, durably, before the caller acts on it.
+    pub fn record(&self, rec: &mut SourceRecord, phase: SourcePhase) -> Result<(), JournalError> {
+        rec.phase = phase;
+        rec.updated_unix = now_unix();
+        write_atomic(&self.path, rec)
+    }
+
+    /// Forgets the migration (it failed before the commit, or was settled
+    /// as not committed): the VM is this host's again.
+    pub fn clear(&self) -> Result<(), JournalError> {
+        remove(&self.path)
+    }
+}
+
+/// Where the destination is in a migration, as journalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestPhase {
+    /// Receiving; nothing is decided.
+    Receiving,
+    /// `Ready` sent; waiting for `Commit`.
+    Ready,
+    /// `Commit` received: the VM is this host's.
+    Committed,
+    /// Ended before `Commit`: what arrived was discarded, and this
+    /// migration can never commit here.
+    Aborted,
+}
+
+/// The destination's record of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestRecord {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The VM.
+    pub vm: String,
+    /// Where the source connected from.
+    pub source: String,
+    /// Where it is.
+    pub phase: DestPhase,
+    /// When the phase was recorded, Unix seconds.
+    pub updated_unix: u64,
+}
+
+/// The destination's journal: a record per migration under `DIR/journal`.
+#[derive(Debug, Clone)]
+pub struct DestJournal {
+    dir: PathBuf,
+}
+
+impl DestJournal {
+    /// The journal under `dir/journal`.
+    pub fn new(dir: &Path) -> Self {
+        DestJournal { dir: dir.join("journal") }
+    }
+
+    fn path(&self, id: MigrationId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Records the commit, durably, unless the migration was already
+    /// settled as not committed (a query answered meanwhile): then it must
+    /// not commit, and this fails.
+    pub fn commit(&self, rec: &mut DestRecord) -> Result<(), JournalError> {
+        if self.read(rec.migration_id)?.is_some_and(|r| r.phase == DestPhase::Aborted) {
+            return Err(JournalError::SettledNotCommitted(rec.migration_id));
+        }
+        self.record(rec, DestPhase::Committed)
+    }
+
+    /// Records `rec` with `phase`, durably.
+    pub fn record(&self, rec: &mut DestRecord, phase: DestPhase) -> Result<(), JournalError> {
+        rec.phase = phase;
+        rec.updated_unix = now_unix();
+        write_atomic(&self.path(rec.migration_id), rec)
+    }
+
+    /// The record of migration `id`.
+    pub fn read(&self, id: MigrationId) -> Result<Option<DestRecord>, JournalError> {
+        read(&self.path(id))
+    }
+
+    /// What this host says of migration `id`. Only pinned peers reach it,
+    /// and only one that knows the id (128 random bits, shared by the two
+    /// ends alone) can ask about it. A migration that is not committed is
+    /// recorded as aborted first, so the answer can never change.
+    pub fn settle(&self, id: MigrationId) -> Result<Settlement, JournalError> {
+        let Some(mut rec) = self.read(id)? else { return Ok(Settlement::Unknown) };
+        match rec.phase {
+            DestPhase::Committed => Ok(Settlement::Committed),
+            DestPhase::Aborted => Ok(Settlement::NotCommitted),
+            DestPhase::Receiving | DestPhase::Ready => {
+                self.record(&mut rec, DestPhase::Aborted)?;
+                Ok(Settlement::NotCommitted)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_record_survives_and_clears() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = SourceJournal::new(dir.path(), "vm");
+        assert_eq!(j.read().expect("read"), None);
+        let mut rec = SourceRecord {
+            migration_id: MigrationId::new(),
+            vm: "vm".into(),
+            dest: "b:4750".into(),
+            peer: "fp".into(),
+            identity: "/id".into(),
+            phase: SourcePhase::Started,
+            updated_unix: 0,
+        };
+        j.record(&mut rec, SourcePhase::CommitSent).expect("write");
+        let back = j.read().expect("read").expect("a record");
+        assert_eq!((back.phase, back.migration_id), (SourcePhase::CommitSent, rec.migration_id));
+        j.clear().expect("clear");
+        assert_eq!(j.read().expect("read"), None);
+        std::fs::write(j.path(), b"{\"migration_id\": 3").expect("garbage");
+        assert!(matches!(j.read(), Err(JournalError::Corrupt { .. })), "a torn record is an error, not 'none'");
+    }
+
+    #[test]
+    fn the_destination_never_changes_its_answer() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = DestJournal::new(dir.path());
+        let id = MigrationId::new();
+        assert_eq!(j.settle(id).expect("settle"), Settlement::Unknown);
+        let mut rec = DestRecord {
+            migration_id: id,
+            vm: "vm".into(),
+            source: "src".into(),
+            phase: DestPhase::Receiving,
+            updated_unix: 0,
+        };
+        j.record(&mut rec, DestPhase::Ready).expect("write");
+        assert_eq!(j.settle(id).expect("settle"), Settlement::NotCommitted);
+        assert_eq!(j.read(id).expect("read").expect("record").phase, DestPhase::Aborted, "fixed once told");
+        let other = MigrationId::new();
+        let mut rec = DestRecord { migration_id: other, ..rec };
+        j.record(&mut rec, DestPhase::Committed).expect("write");
+        assert_eq!(j.settle(other).expect("settle"), Settlement::Committed);
+    }
+}

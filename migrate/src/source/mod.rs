@@ -1,0 +1,372 @@
+//! The source side: runs in the process that owns the VM (`wanmig run`),
+//! reached through its control socket by `wanmig send`.
+//!
+//! [`send`] connects, agrees on the session, copies the disks, runs the
+//! pre-copy rounds, stops and copies, and commits; an operator may watch,
+//! steer and cancel it meanwhile through its [`Steering`]. Any failure (or
+//! a cancel) before `Commit` resumes the guest here with nothing lost;
+//! after `Commit` the guest never runs here again, and a lost
+//! acknowledgement leaves it paused and in doubt until `wanmig settle`.
+//!
+//! The files: [`options`] (what to do), [`vm`] (what it needs of the VM),
+//! `link.rs` (streams and the session machine), `progress.rs`, `run.rs`
+//! (one migration's state), `disk.rs` (the disks' copy), `memory.rs` (the
+//! pre-copy rounds), `switchover.rs` (stop-and-copy and commit).
+
+mod disk;
+mod error;
+mod link;
+mod memory;
+pub mod options;
+mod progress;
+mod run;
+mod switchover;
+pub mod vm;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wanmig_transport::Conn;
+use wanmig_types::{MigrationId, error_chain, features};
+use wanmig_wire::{FailureOutcome, SourceEvent, SourceSession, Stream};
+
+pub use error::SendError;
+pub use link::BATCH_BYTES;
+pub use options::{SendOptions, TunnelLifetime, TunnelRequest};
+pub use vm::{SourceVm, shape_of};
+
+use self::disk::DiskCopy;
+use self::link::{ANSWER_TIMEOUT, BulkSender, Link};
+use self::progress::Reporter;
+use self::run::Run;
+use crate::handover;
+use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
+use crate::report::{Outcome, Progress, Summary};
+use crate::steer::Steering;
+
+/// How a migration ended at the source.
+#[derive(Debug)]
+pub struct SendResult {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The summary (its `error` says why, when it failed).
+    pub summary: Summary,
+    /// After a migration that asked for one, the network tunnel's source
+    /// end, running.
+    pub tunnel: Option<handover::TunnelRun>,
+}
+
+/// Live-migrates `vm` as `opts` says, steered by `steer`, reporting progress
+/// to `progress`. Connects over QUIC; the VM runs here again after
+/// `FailedSourceRunning`, stays paused after `InDoubt`.
+pub fn send(
+    vm: &mut dyn SourceVm,
+    opts: &SendOptions,
+    steer: &Steering,
+    progress: &mut dyn FnMut(&Progress),
+) -> SendResult {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let summary = Summary { error: Some(format!("cannot start the async runtime: {e}")), ..Summary::default() };
+            return SendResult { outcome: Outcome::FailedSourceRunning, summary, tunnel: None };
+        }
+    };
+    let (outcome, summary, started) = rt.block_on(async {
+        let pins = [opts.peer];
+        let connect = wanmig_transport::connect(opts.dest, &opts.identity, &pins, opts.tuning);
+        let conn = tokio::select! {
+            c = connect => c.map_err(SendError::from),
+            c = steer.cancelled() => Err(SendError::Cancelled(c.0)),
+        };
+        match conn {
+            Ok(conn) => send_on(conn, vm, opts, steer, progress).await,
+            Err(e) => {
+                let summary = Summary {
+                    error: Some(error_chain(&e)),
+                    cancelled: matches!(e, SendError::Cancelled(_)),
+                    ..Summary::default()
+                };
+                (Outcome::FailedSourceRunning, summary, None)
+            }
+        }
+    });
+    match started {
+        Some(s) if outcome == Outcome::Migrated => {
+            SendResult { outcome, summary, tunnel: Some(handover::TunnelRun::new(s, Arc::new(rt))) }
+        }
+        _ => {
+            rt.shutdown_timeout(Duration::from_secs(1));
+            SendResult { outcome, summary, tunnel: None }
+        }
+    }
+}
+
+/// [`send`] on a connection already made (QUIC, or an in-memory pair in
+/// tests). Returns the outcome, the summary and, after a migration that
+/// asked for it, the tunnel's source end started on the connection.
+pub async fn send_on(
+    mut conn: Conn,
+    vm: &mut dyn SourceVm,
+    opts: &SendOptions,
+    steer: &Steering,
+    progress: &mut dyn FnMut(&Progress),
+) -> (Outcome, Summary, Option<handover::Started>) {
+    let start = Instant::now();
+    let journal = SourceJournal::new(&opts.state_dir, &vm.config().name);
+    let mut summary = Summary { memory_bytes: vm.ram().size(), ..Summary::default() };
+    let mut session = None;
+    let result = {
+        let attempt = attempt(&mut conn, vm, opts, steer, progress, &journal, &mut summary, &mut session);
+        tokio::select! {
+            r = attempt => r,
+            c = steer.cancelled(), if !steer.committed() => Err(SendError::Cancelled(c.0)),
+        }
+    };
+    finish_summary(&mut summary, start);
+    let outcome = settle_locally(vm, opts, &journal, session.as_ref(), &result, &mut summary, &conn).await;
+    let started = match (result, outcome) {
+        (Ok(()), Outcome::Migrated) => handover_tunnel(conn, vm, opts, &mut summary).await,
+        _ => None,
+    };
+    (outcome, summary, started)
+}
+
+fn finish_summary(summary: &mut Summary, start: Instant) {
+    let secs = start.elapsed().as_secs_f64();
+    summary.total_ms = secs * 1e3;
+    summary.effective_rate = summary.memory_bytes as f64 / secs;
+    summary.compression_ratio = match summary.bytes.pages {
+        0 => 1.0,
+        p => summary.bytes.pages_uncompressed as f64 / p as f64,
+    };
+}
+
+/// The session as far as it got, kept outside the attempt so that a
+/// failure or a cancel at any await point can be judged by it.
+type SessionSlot = Option<SourceSession>;
+
+/// Everything from the hello to the commit acknowledgement.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    conn: &mut Conn,
+    vm: &mut dyn SourceVm,
+    opts: &SendOptions,
+    steer: &Steering,
+    progress: &mut dyn FnMut(&Progress),
+    journal: &SourceJournal,
+    summary: &mut Summary,
+    slot: &mut SessionSlot,
+) -> Result<(), SendError> {
+    if opts.sync && vm.config().disks.is_empty() {
+        return Err(SendError::Refused("the VM has no disks to sync".into()));
+    }
+    let report = Reporter::new(steer, progress, opts.dest.to_string());
+    let (mut rec, link) = negotiate(conn, &*vm, opts, journal, summary, slot).await?;
+    let copy_disks = link.session.features() & features::DISK_COPY != 0 && !vm.config().disks.is_empty();
+    let disks = match copy_disks {
+        true => Some(DiskCopy::new(&*vm, open_store(opts)?)?),
+        false => None,
+    };
+    let chunking = link.session.chunking();
+    let mut run = Run { vm, opts, link, summary, report, steer, disks };
+    let result = transfer(&mut run, chunking, journal, &mut rec).await;
+    *slot = Some(run.link.session.clone());
+    run.unthrottle_disks();
+    match result {
+        Err(e) => match run.link.peer_reason().await {
+            Some(reason) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
+            None => Err(e),
+        },
+        ok => ok,
+    }
+}
+
+fn open_store(opts: &SendOptions) -> Result<Option<Arc<wanmig_dedup::ChunkStore>>, SendError> {
+    let Some(dir) = &opts.store else { return Ok(None) };
+    let store = wanmig_dedup::ChunkStore::open(dir).map_err(|e| SendError::Disk(error_chain(&e)))?;
+    Ok(Some(Arc::new(store)))
+}
+
+/// Opens the control stream, journals the migration, says hello and checks
+/// the destination's answer; then opens the bulk stream.
+async fn negotiate(
+    conn: &mut Conn,
+    vm: &dyn SourceVm,
+    opts: &SendOptions,
+    journal: &SourceJournal,
+    summary: &mut Summary,
+    slot: &mut SessionSlot,
+) -> Result<(SourceRecord, Link), SendError> {
+    let tunnel = match &opts.tunnel {
+        Some(req) if !opts.sync => Some(
+            handover::source_config(req, &vm.config().nets)
+                .map_err(|e| SendError::Refused(format!("cannot run the network tunnel: {e}")))?,
+        ),
+        _ => None,
+    };
+    let mut offer = if opts.sync { features::ALL } else { features::ALL & !features::SYNC_ONLY };
+    if tunnel.is_none() {
+        offer &= !features::TUNNEL;
+    }
+    let id = MigrationId::new();
+    summary.migration_id = id.to_string();
+    let mut rec = SourceRecord {
+        migration_id: id,
+        vm: vm.config().name.clone(),
+        dest: opts.dest.to_string(),
+        peer: opts.peer.to_string(),
+        identity: opts.identity_dir.clone(),
+        phase: SourcePhase::Started,
+        updated_unix: 0,
+    };
+    if !opts.sync {
+        journal.record(&mut rec, SourcePhase::Started)?;
+    }
+    let (mut ctl, mut rx) = conn.open_control().await?;
+    let mut session = SourceSession::new();
+    let hello = session.hello(id, shape_of(vm), offer, opts.chunking)?;
+    summary.bytes.total += ctl.send(&hello).await? as u64;
+    let answer = rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
+    let event = session.on_message(Stream::Control, &answer);
+    *slot = Some(session.clone());
+    match event? {
+        SourceEvent::Accepted { .. } => {}
+        SourceEvent::Refused(reason) => return Err(SendError::Peer(format!("refused: {reason}"))),
+        e => return Err(SendError::Peer(format!("{e:?} instead of an answer to the hello"))),
+    }
+    let agreed = session.features();
+    let refusal = match () {
+        () if opts.sync
+            && agreed & (features::SYNC_ONLY | features::DISK_COPY) != features::SYNC_ONLY | features::DISK_COPY =>
+        {
+            Some("the destination does not take disk syncs (it runs with --shared-disks)")
+        }
+        () if tunnel.is_some() && agreed & features::TUNNEL == 0 => Some(
+            "the destination cannot run the network tunnel's end (it needs a TAP for the VM's first NIC: receive --tap)",
+        ),
+        () => None,
+    };
+    if let Some(reason) = refusal {
+        if let Ok(abort) = session.abort(reason) {
+            let _ = ctl.send(&abort).await;
+        }
+        return Err(SendError::Refused(reason.into()));
+    }
+    let rate = opts.max_bandwidth.map(|max| opts.min_bandwidth.unwrap_or(max).min(max));
+    let xbzrle = if agreed & features::XBZRLE != 0 { opts.xbzrle_cache } else { 0 };
+    let bulk = BulkSender::new(conn.open_bulk().await?, xbzrle, opts.compress && agreed & features::ZSTD != 0, rate)?;
+    let (link, _) = Link::new(ctl, rx, bulk, session, Instant::now() + opts.timeout);
+    Ok((rec, link))
+}
+
+/// What the failure (or success) means for the VM here: resumed (before
+/// the commit), left paused (in doubt), or handed over. The journal is
+/// brought in line.
+#[allow(clippy::too_many_arguments)]
+async fn settle_locally(
+    vm: &mut dyn SourceVm,
+    opts: &SendOptions,
+    journal: &SourceJournal,
+    session: Option<&SourceSession>,
+    result: &Result<(), SendError>,
+    summary: &mut Summary,
+    conn: &Conn,
+) -> Outcome {
+    let failure = session.map_or(FailureOutcome::ResumeSource, SourceSession::on_failure);
+    let resume = |vm: &mut dyn SourceVm, summary: &mut Summary| {
+        vm.set_throttle(0);
+        let _ = vm.set_dirty_logging(false);
+        if let Err(e) = vm.reclaim_disks() {
+            summary.error = Some(format!(
+                "{}; and the disk images could not be locked again: {}",
+                summary.error.as_deref().unwrap_or("failed"),
+                error_chain(&e)
+            ));
+        }
+        vm.resume();
+    };
+    DiskCopy::unthrottle(&*vm);
+    match (result, failure) {
+        (Ok(()), _) | (Err(_), FailureOutcome::Done) if opts.sync => {
+            resume(vm, summary);
+            Outcome::Synced
+        }
+        (Ok(()), _) | (Err(_), FailureOutcome::Done) => Outcome::Migrated,
+        (Err(e), FailureOutcome::InDoubt) if !opts.sync => {
+            summary.error = Some(error_chain(e));
+            Outcome::InDoubt
+        }
+        (Err(e), _) => {
+            summary.error = Some(error_chain(e));
+            summary.cancelled = matches!(e, SendError::Cancelled(_));
+            // The destination hears why (it may already know), then the
+            // connection goes.
+            if summary.cancelled {
+                conn.close(wanmig_transport::CLOSE_CANCELLED);
+            }
+            if let Err(je) = journal.clear() {
+                summary.error = Some(format!("{}; and the journal: {}", error_chain(e), error_chain(&je)));
+            }
+            resume(vm, summary);
+            Outcome::FailedSourceRunning
+        }
+    }
+}
+
+/// After the commit: starts the network tunnel's source end, if asked for.
+/// The VM runs at the destination whatever happens here.
+async fn handover_tunnel(
+    mut conn: Conn,
+    vm: &dyn SourceVm,
+    opts: &SendOptions,
+    summary: &mut Summary,
+) -> Option<handover::Started> {
+    let config = opts.tunnel.as_ref().and_then(|req| handover::source_config(req, &vm.config().nets).ok());
+    let Some(config) = config.filter(|_| !opts.sync) else {
+        conn.close(0);
+        return None;
+    };
+    let interface = config.role.interface().to_string();
+    let started = async {
+        let (tx, rx) = conn.open_control().await.map_err(|e| e.to_string())?;
+        wanmig_tunnel::Tunnel::start(config, tx, rx).await.map_err(|e| e.to_string())
+    };
+    match started.await {
+        Ok(tunnel) => {
+            summary.tunnel = Some(format!("forwarding for the guest through {interface}"));
+            Some(handover::Started { tunnel, conn })
+        }
+        Err(e) => {
+            summary.tunnel = Some(format!("failed to start: {e}"));
+            conn.close(0);
+            None
+        }
+    }
+}
+
+/// The disks, the memory, the stop-and-copy and the commit.
+async fn transfer(
+    run: &mut Run<'_>,
+    chunking: wanmig_wire::ChunkParams,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+) -> Result<(), SendError> {
+    if let Some(mut d) = run.disks.take() {
+        run.report.phase(crate::report::Phase::DiskCopy);
+        let r = d.first_copy(&mut run.link, &mut run.summary.bytes, chunking, &mut run.report, run.steer).await;
+        run.disks = Some(d);
+        r?;
+        // A round boundary: the destination hashes what the first copy
+        // wrote now, not inside the stop-and-copy.
+        run.link.end_round(0, &mut run.summary.bytes).await?;
+        memory::disk_rounds(run).await?;
+    }
+    let pending = match run.opts.sync {
+        true => wanmig_vmm::memory::DirtyPages { regions: Vec::new() },
+        false => memory::precopy(run).await?,
+    };
+    let paused_at = switchover::stop_and_copy(run, pending).await?;
+    run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
+    switchover::commit(run, journal, rec, paused_at).await
+}

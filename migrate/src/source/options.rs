@@ -1,0 +1,102 @@
+//! How to migrate: what `wanmig send` and `wanmig sync` ask for.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wanmig_transport::{Fingerprint, Identity, LinkTuning};
+use wanmig_wire::ChunkParams;
+
+/// The network tunnel a migration should leave behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelRequest {
+    /// This host's interface on the guest's segment (where it answers ARP
+    /// for the guest's address).
+    pub interface: String,
+    /// How long it lives.
+    pub lifetime: TunnelLifetime,
+}
+
+/// How long a tunnel lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelLifetime {
+    /// Until an operator says the routes converged (`wanmig routes-converged`).
+    UntilConverged,
+    /// Until the routes converged or this many seconds passed.
+    Seconds(u64),
+    /// For good (a disaster-recovery move): only a shutdown ends it.
+    Forever,
+}
+
+/// How to migrate.
+#[derive(Debug)]
+pub struct SendOptions {
+    /// Destination.
+    pub dest: SocketAddr,
+    /// This host's identity.
+    pub identity: Identity,
+    /// Its directory (journalled, so `wanmig settle` can ask again).
+    pub identity_dir: PathBuf,
+    /// The destination's pinned fingerprint.
+    pub peer: Fingerprint,
+    /// Downtime budget (an operator may change it while the migration runs).
+    pub downtime: Duration,
+    /// Bandwidth cap, bytes/s (likewise).
+    pub max_bandwidth: Option<f64>,
+    /// With a cap: Clark et al.'s dynamic rate, starting here (bytes/s) and
+    /// running each round at the last round's dirty rate plus this much.
+    pub min_bandwidth: Option<f64>,
+    /// Give up after this long (before commit).
+    pub timeout: Duration,
+    /// Window sizing.
+    pub tuning: LinkTuning,
+    /// XBZRLE cache size, bytes (0 disables delta encoding).
+    pub xbzrle_cache: usize,
+    /// zstd-compress page batches.
+    pub compress: bool,
+    /// How to cut disk images (the destination may answer with its own).
+    pub chunking: ChunkParams,
+    /// This host's chunk store: keep every chunk of the disks there, so a
+    /// later move back here sends only what changed.
+    pub store: Option<PathBuf>,
+    /// Only copy the disks (`wanmig sync`); the VM keeps running here.
+    pub sync: bool,
+    /// Leave the network tunnel running after the commit ([`crate::handover`]).
+    pub tunnel: Option<TunnelRequest>,
+    /// Where the migration's journal goes (the VM's state directory).
+    pub state_dir: PathBuf,
+}
+
+impl SendOptions {
+    /// Options with the defaults for everything but where, who and the
+    /// state directory.
+    pub fn new(
+        dest: SocketAddr,
+        identity: Identity,
+        identity_dir: PathBuf,
+        peer: Fingerprint,
+        state_dir: PathBuf,
+    ) -> Self {
+        SendOptions {
+            dest,
+            identity,
+            identity_dir,
+            peer,
+            downtime: Duration::from_millis(300),
+            max_bandwidth: None,
+            min_bandwidth: None,
+            timeout: Duration::from_secs(600),
+            tuning: LinkTuning::default(),
+            xbzrle_cache: wanmig_mem_sync::encode::DEFAULT_CACHE_BYTES,
+            compress: true,
+            chunking: ChunkParams::DEFAULT,
+            store: None,
+            sync: false,
+            tunnel: None,
+            state_dir,
+        }
+    }
+}

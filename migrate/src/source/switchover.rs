@@ -1,0 +1,110 @@
+//! The end of a migration at the source: stop-and-copy, then the two-phase
+//! commit (journalled), then the network hand-over.
+
+use std::time::Instant;
+
+use wanmig_mem_sync::compress;
+use wanmig_types::features;
+use wanmig_vmm::memory::DirtyPages;
+use wanmig_wire::SourceEvent;
+
+use super::error::SendError;
+use super::run::Run;
+use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
+use crate::report::Phase;
+
+/// Pauses the guest and sends what is left: the last dirty pages, the last
+/// written blocks and each disk's digest, then the device state. Returns
+/// when the pause began.
+pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Instant, SendError> {
+    // A throttled disk write must not hold up the pause.
+    run.unthrottle_disks();
+    run.report.phase(Phase::StopAndCopy);
+    let paused_at = Instant::now();
+    run.vm.pause()?;
+    // Disk writes the guest saw complete must be on the images before
+    // they are read for the last time (or another host opens them).
+    run.vm.sync_disks()?;
+    run.link.session.stop_and_copy()?;
+    let round = run.link.session.round();
+    let mut last_pages = 0;
+    if !run.opts.sync {
+        let last = run.vm.harvest_dirty()?;
+        let ram = run.vm.ram();
+        let (p1, _) = run.link.bulk.send_pages(ram, &pending, round, &mut run.summary.bytes).await?;
+        let (p2, _) = run.link.bulk.send_pages(ram, &last, round, &mut run.summary.bytes).await?;
+        last_pages = p1 + p2;
+    }
+    if let Some(d) = &mut run.disks {
+        d.finish(&mut run.link, &mut run.summary.bytes).await?;
+    }
+    // The round's acknowledgement arrives before Ready; not waited for here.
+    let done = run.link.session.round_done(last_pages)?;
+    run.link.bulk.send(&done, &mut run.summary.bytes).await?;
+    run.link.bulk.finish().await?;
+    run.summary.downtime_breakdown.last_pages_ms = ms_since(paused_at);
+    let state = if run.opts.sync {
+        // A sync hands over no VM: its "device state" is empty.
+        Vec::new()
+    } else {
+        let state = run.vm.device_state()?;
+        match run.link.session.features() & features::ZSTD != 0 {
+            true => compress::compress_blob(&state).map_err(|e| SendError::Refused(format!("zstd: {e}")))?,
+            false => state,
+        }
+    };
+    run.summary.bytes.state = state.len() as u64;
+    let msg = run.link.session.device_state(state)?;
+    run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
+    run.summary.downtime_breakdown.state_ms = ms_since(paused_at);
+    Ok(paused_at)
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The two-phase commit: waits for Ready, records `commit_sent` in the
+/// journal, lets go of the disks and sends `Commit` (the point of no
+/// return), then waits for the acknowledgement.
+pub async fn commit(
+    run: &mut Run<'_>,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+    paused_at: Instant,
+) -> Result<(), SendError> {
+    run.report.phase(Phase::Committing);
+    loop {
+        match run.link.next_event().await? {
+            SourceEvent::Ready => break,
+            SourceEvent::RoundApplied(_) => {}
+            e => return Err(SendError::Peer(format!("{e:?} while waiting for Ready"))),
+        }
+    }
+    run.summary.downtime_breakdown.ready_ms = ms_since(paused_at);
+    // From here on a cancel is refused; one that came first wins.
+    run.steer.try_commit().map_err(|c| SendError::Cancelled(c.0))?;
+    // A sync hands no VM over: nothing to journal.
+    if !run.opts.sync {
+        journal.record(rec, SourcePhase::CommitSent)?;
+    }
+    crate::failpoint("send-exit-before-commit", std::time::Duration::ZERO);
+    if !run.opts.sync {
+        run.vm.release_disks();
+    }
+    let commit = run.link.session.commit()?;
+    run.report.phase(Phase::Committed);
+    run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
+    // Long enough for the Commit to leave this host.
+    crate::failpoint("send-exit-after-commit", std::time::Duration::from_millis(300));
+    match run.link.next_event().await? {
+        SourceEvent::CommitAcked => {}
+        e => return Err(SendError::Peer(format!("{e:?} instead of CommitAck"))),
+    }
+    run.summary.downtime_ms = ms_since(paused_at);
+    run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
+    if !run.opts.sync {
+        journal.record(rec, SourcePhase::Migrated)?;
+    }
+    Ok(())
+}

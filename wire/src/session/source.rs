@@ -1,0 +1,393 @@
+//! The source's machine.
+
+use std::collections::VecDeque;
+
+use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
+
+use super::{FailureOutcome, ProtocolError, Stream, check_stream, violation};
+use crate::disk::{ChunkParams, DiskDone, Manifest};
+use crate::message::{Message, PROTOCOL_VERSION, VmShape};
+
+/// Where the source is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Start,
+    HelloSent {
+        offered: u64,
+    },
+    /// Pre-copy (`paused` false) or stop-and-copy (`paused` true).
+    Transfer {
+        paused: bool,
+    },
+    AwaitReady,
+    ReadyToCommit,
+    CommitSent,
+    Done,
+    Aborted(String),
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Start => "starting",
+            Phase::HelloSent { .. } => "waiting for the destination's answer",
+            Phase::Transfer { paused: false } => "in pre-copy",
+            Phase::Transfer { paused: true } => "in stop-and-copy",
+            Phase::AwaitReady => "waiting for Ready",
+            Phase::ReadyToCommit => "ready to commit",
+            Phase::CommitSent => "waiting for CommitAck",
+            Phase::Done => "done",
+            Phase::Aborted(_) => "aborted",
+        }
+    }
+}
+
+/// A manifest part sent and not yet answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    disk: u8,
+    seq: u32,
+    /// Per chunk: whether it has an id (all-zero chunks have none and are
+    /// never asked for).
+    has_id: Vec<bool>,
+}
+
+/// A disk of the VM, as far as the session goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Disk {
+    size: u64,
+    next_seq: u32,
+    next_offset: u64,
+    done: bool,
+}
+
+/// What a message from the destination means for the source's driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// The destination takes the VM with these features and chunking.
+    Accepted {
+        /// Features both sides speak.
+        features: u64,
+        /// How to cut the disks.
+        chunking: ChunkParams,
+    },
+    /// The destination refused the VM.
+    Refused(String),
+    /// The destination applied round `0`.
+    RoundApplied(u32),
+    /// The answer to manifest part `seq` of `disk`: send these chunks
+    /// (indices into the part, ascending, each one with an id).
+    Need {
+        /// Disk index.
+        disk: u8,
+        /// Manifest part.
+        seq: u32,
+        /// Chunks to send.
+        chunks: Vec<u32>,
+    },
+    /// The destination holds everything and is ready to run the VM.
+    Ready,
+    /// The destination runs the VM.
+    CommitAcked,
+    /// The destination gave up (the reason says why).
+    Aborted(String),
+}
+
+/// The source's side of a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSession {
+    phase: Phase,
+    id: MigrationId,
+    features: u64,
+    chunking: ChunkParams,
+    disks: Vec<Disk>,
+    /// The next round number.
+    round: u32,
+    /// Rounds ended and not yet acknowledged, oldest first.
+    unapplied: VecDeque<u32>,
+    /// Manifest parts awaiting their answer, in the order sent.
+    pending: VecDeque<Pending>,
+}
+
+impl Default for SourceSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SourceSession {
+    /// A session that has sent nothing yet.
+    pub fn new() -> Self {
+        SourceSession {
+            phase: Phase::Start,
+            id: MigrationId::default(),
+            features: 0,
+            chunking: ChunkParams::DEFAULT,
+            disks: Vec::new(),
+            round: 0,
+            unapplied: VecDeque::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn unexpected(&self, message: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected { state: self.phase.name(), message }
+    }
+
+    /// Opens the session: the `Hello` to send, offering `offered` features
+    /// and proposing how to cut disk images.
+    pub fn hello(
+        &mut self,
+        migration_id: MigrationId,
+        shape: VmShape,
+        offered: u64,
+        chunking: ChunkParams,
+    ) -> Result<Message, ProtocolError> {
+        if self.phase != Phase::Start {
+            return Err(self.unexpected("Hello"));
+        }
+        self.id = migration_id;
+        self.chunking = chunking;
+        self.disks =
+            shape.disks.iter().map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, done: false }).collect();
+        self.phase = Phase::HelloSent { offered };
+        Ok(Message::Hello {
+            version: PROTOCOL_VERSION,
+            features: offered,
+            page_size: PAGE_SIZE as u32,
+            migration_id,
+            shape,
+            chunking,
+        })
+    }
+
+    /// A message from the destination, on `stream`.
+    pub fn on_message(&mut self, stream: Stream, msg: &Message) -> Result<SourceEvent, ProtocolError> {
+        check_stream(stream, msg)?;
+        match (&self.phase, msg) {
+            (Phase::HelloSent { offered }, Message::Accept { features: f, chunking }) => {
+                if f & !offered != 0 {
+                    return Err(violation(format!(
+                        "the destination accepted features {f:#x} not offered ({offered:#x})"
+                    )));
+                }
+                chunking.check().map_err(|e| violation(format!("the destination's chunking: {e}")))?;
+                (self.features, self.chunking) = (*f, *chunking);
+                self.phase = Phase::Transfer { paused: false };
+                Ok(SourceEvent::Accepted { features: *f, chunking: *chunking })
+            }
+            (Phase::HelloSent { .. }, Message::Refuse { reason }) => {
+                self.phase = Phase::Aborted(format!("refused: {reason}"));
+                Ok(SourceEvent::Refused(reason.clone()))
+            }
+            (Phase::Transfer { .. } | Phase::AwaitReady, Message::RoundApplied { round }) => {
+                match self.unapplied.front() {
+                    Some(r) if r == round => {
+                        self.unapplied.pop_front();
+                        Ok(SourceEvent::RoundApplied(*round))
+                    }
+                    due => Err(violation(format!("RoundApplied for round {round} while {due:?} was due"))),
+                }
+            }
+            (Phase::Transfer { .. }, Message::DiskNeed(n)) => self.on_need(n.disk, n.seq, &n.chunks),
+            (Phase::AwaitReady, Message::Ready) => {
+                if !self.unapplied.is_empty() {
+                    return Err(violation(format!("Ready before rounds {:?} were applied", self.unapplied)));
+                }
+                self.phase = Phase::ReadyToCommit;
+                Ok(SourceEvent::Ready)
+            }
+            (Phase::CommitSent, Message::CommitAck) => {
+                self.phase = Phase::Done;
+                Ok(SourceEvent::CommitAcked)
+            }
+            (
+                Phase::HelloSent { .. } | Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit,
+                Message::Abort { reason },
+            ) => {
+                self.phase = Phase::Aborted(format!("destination aborted: {reason}"));
+                Ok(SourceEvent::Aborted(reason.clone()))
+            }
+            (_, m) => Err(self.unexpected(m.name())),
+        }
+    }
+
+    fn on_need(&mut self, disk: u8, seq: u32, chunks: &[u32]) -> Result<SourceEvent, ProtocolError> {
+        let Some(p) = self.pending.front() else {
+            return Err(violation(format!("an answer to manifest {disk}/{seq}, which was never sent")));
+        };
+        if (p.disk, p.seq) != (disk, seq) {
+            return Err(violation(format!("the answer to manifest {disk}/{seq} while {}/{} was due", p.disk, p.seq)));
+        }
+        // Indices arrive strictly ascending (the codec's gaps); each must name
+        // a chunk of the part that has an id.
+        if let Some(&bad) = chunks.iter().find(|&&i| !p.has_id.get(i as usize).copied().unwrap_or(false)) {
+            return Err(violation(format!("manifest {disk}/{seq} has no chunk {bad} with data to send")));
+        }
+        self.pending.pop_front();
+        Ok(SourceEvent::Need { disk, seq, chunks: chunks.to_vec() })
+    }
+
+    /// Features agreed (0 before the destination accepted).
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The chunking agreed (the proposal until the destination answered).
+    pub fn chunking(&self) -> ChunkParams {
+        self.chunking
+    }
+
+    /// The migration's id.
+    pub fn id(&self) -> MigrationId {
+        self.id
+    }
+
+    /// The round pages and disk data belong to now.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Rounds ended and not yet applied by the destination.
+    pub fn unapplied_rounds(&self) -> usize {
+        self.unapplied.len()
+    }
+
+    /// Manifest parts not yet answered.
+    pub fn unanswered_manifests(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn in_transfer(&self, what: &'static str) -> Result<bool, ProtocolError> {
+        match self.phase {
+            Phase::Transfer { paused } => Ok(paused),
+            _ => Err(self.unexpected(what)),
+        }
+    }
+
+    /// A manifest part of the first copy (before the pause).
+    pub fn manifest(
+        &mut self,
+        disk: u8,
+        seq: u32,
+        offset: u64,
+        chunks: &[(u32, Option<ChunkId>)],
+    ) -> Result<Message, ProtocolError> {
+        if self.in_transfer("DiskManifest")? || self.features & features::DISK_COPY == 0 {
+            return Err(self.unexpected("DiskManifest"));
+        }
+        let d = self.disks.get_mut(disk as usize).ok_or_else(|| violation(format!("no disk {disk}")))?;
+        let len: u64 = chunks.iter().map(|(l, _)| u64::from(*l)).sum();
+        if d.done || seq != d.next_seq || offset != d.next_offset || offset.checked_add(len).is_none_or(|e| e > d.size)
+        {
+            return Err(violation(format!("manifest {disk}/{seq} at {offset} out of place")));
+        }
+        d.next_seq += 1;
+        d.next_offset = offset + len;
+        self.pending.push_back(Pending { disk, seq, has_id: chunks.iter().map(|(_, id)| id.is_some()).collect() });
+        let chunks = chunks.iter().map(|&(len, id)| crate::disk::ManifestChunk { len, id }).collect();
+        Ok(Message::DiskManifest(Manifest { disk, seq, offset, chunks }))
+    }
+
+    /// Ends the current round (its pages and disk data are all sent).
+    pub fn round_done(&mut self, pages: u64) -> Result<Message, ProtocolError> {
+        self.in_transfer("RoundDone")?;
+        let round = self.round;
+        self.round = round.checked_add(1).ok_or_else(|| violation("rounds are exhausted".into()))?;
+        self.unapplied.push_back(round);
+        Ok(Message::RoundDone { round, pages })
+    }
+
+    /// The guest has been paused for the final copy.
+    pub fn stop_and_copy(&mut self) -> Result<(), ProtocolError> {
+        match self.phase {
+            Phase::Transfer { paused: false } if self.pending.is_empty() => {
+                self.phase = Phase::Transfer { paused: true };
+                Ok(())
+            }
+            _ => Err(self.unexpected("stop-and-copy")),
+        }
+    }
+
+    /// A disk's last word (inside the stop-and-copy, after its last extents).
+    pub fn disk_done(&mut self, done: DiskDone) -> Result<Message, ProtocolError> {
+        if !self.in_transfer("DiskDone")? {
+            return Err(self.unexpected("DiskDone"));
+        }
+        let d = self.disks.get_mut(done.disk as usize).ok_or_else(|| violation(format!("no disk {}", done.disk)))?;
+        if d.done || d.size != done.size || d.next_offset != d.size {
+            return Err(violation(format!("disk {} cannot be closed here", done.disk)));
+        }
+        d.done = true;
+        Ok(Message::DiskDone(done))
+    }
+
+    /// Whether data (extents) may still be sent for `disk`.
+    pub fn disk_open(&self, disk: u8) -> bool {
+        self.disks.get(disk as usize).is_some_and(|d| !d.done)
+    }
+
+    /// The `DeviceState` that ends the stop-and-copy: every copied disk
+    /// closed first.
+    pub fn device_state(&mut self, state: Vec<u8>) -> Result<Message, ProtocolError> {
+        if !self.in_transfer("DeviceState")? {
+            return Err(self.unexpected("DeviceState"));
+        }
+        let copying = self.features & features::DISK_COPY != 0;
+        if let Some(i) = self.disks.iter().position(|d| copying && !d.done) {
+            return Err(violation(format!("device state before disk {i} was closed")));
+        }
+        self.phase = Phase::AwaitReady;
+        Ok(Message::DeviceState { state })
+    }
+
+    /// The commit point: after this the source never runs the guest again.
+    pub fn commit(&mut self) -> Result<Message, ProtocolError> {
+        if self.phase != Phase::ReadyToCommit {
+            return Err(self.unexpected("Commit"));
+        }
+        self.phase = Phase::CommitSent;
+        Ok(Message::Commit)
+    }
+
+    /// Gives up (before commit): the `Abort` to send, if the link still works.
+    pub fn abort(&mut self, reason: &str) -> Result<Message, ProtocolError> {
+        if matches!(self.phase, Phase::CommitSent | Phase::Done) {
+            return Err(self.unexpected("Abort"));
+        }
+        self.phase = Phase::Aborted(reason.into());
+        Ok(Message::Abort { reason: reason.into() })
+    }
+
+    /// Whether the session ended before the commit, and why.
+    pub fn aborted(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Aborted(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether `Commit` was sent (the source must never run the VM again).
+    pub fn committed(&self) -> bool {
+        matches!(self.phase, Phase::CommitSent | Phase::Done)
+    }
+
+    /// Whether the destination acknowledged the commit.
+    pub fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// What any failure in this state means.
+    pub fn on_failure(&self) -> FailureOutcome {
+        match self.phase {
+            Phase::CommitSent => FailureOutcome::InDoubt,
+            Phase::Done => FailureOutcome::Done,
+            _ => FailureOutcome::ResumeSource,
+        }
+    }
+
+    /// A name for the current state, for messages.
+    pub fn state_name(&self) -> &'static str {
+        self.phase.name()
+    }
+}

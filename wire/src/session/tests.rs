@@ -1,0 +1,326 @@
+//! The session machines driven against each other in memory: a whole
+//! migration with the link failing after every message, and what each side
+//! refuses from a hostile peer.
+
+use wanmig_types::{ChunkId, MigrationId, features};
+
+use super::*;
+use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Need};
+use crate::message::{DiskInfo, Message, PROTOCOL_VERSION, PageData, PageRef, PagesBuilder, VmShape};
+use crate::tests::samples;
+
+const DISK: u64 = 1 << 20;
+
+fn shape() -> VmShape {
+    VmShape {
+        name: "vm".into(),
+        memory: vec![(0, 16 << 20)],
+        vcpus: 1,
+        disks: vec![DiskInfo { size: DISK, path: "d.img".into(), read_only: false }],
+        nics: Vec::new(),
+    }
+}
+
+fn pages(round: u32, n: u64) -> Message {
+    let mut b = PagesBuilder::new(round);
+    for i in 0..n {
+        b.push(PageRef { gpa: i * 4096, data: PageData::Zero });
+    }
+    Message::Pages(b.finish())
+}
+
+/// One message on its way, or the source pausing.
+enum Step {
+    ToDst(Message),
+    ToSrc(Message),
+}
+
+/// Drives both machines through a whole migration with disks, the link
+/// failing before message `fail_at` crosses. Returns what the failure means
+/// for the source and whether the destination owns the VM.
+fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
+    let mut src = SourceSession::new();
+    let mut dst = DestSession::new();
+    let mut crossed = 0usize;
+    // Each message crosses if the link still works; the receiving side's
+    // answer is computed as its driver would.
+    let mut step = |src: &mut SourceSession, dst: &mut DestSession, s: Step| -> bool {
+        if crossed == fail_at {
+            return false;
+        }
+        crossed += 1;
+        match s {
+            Step::ToDst(m) => {
+                let stream = stream_of(&m).expect("a migration message");
+                dst.on_message(stream, &m).expect("valid for the destination");
+            }
+            Step::ToSrc(m) => {
+                src.on_message(Stream::Control, &m).expect("valid for the source");
+            }
+        }
+        true
+    };
+    macro_rules! cross {
+        ($s:expr) => {
+            let s = $s;
+            if !step(&mut src, &mut dst, s) {
+                return (src.on_failure(), dst.owns_vm(), crossed);
+            }
+        };
+    }
+    let hello = src
+        .hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, ChunkParams::DEFAULT)
+        .expect("hello");
+    cross!(Step::ToDst(hello));
+    let accept = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    cross!(Step::ToSrc(accept));
+    // The first copy: two chunks cover the disk; the destination has the first.
+    let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+    let half = (DISK / 2) as u32;
+    let m = src.manifest(0, 0, 0, &[(half, Some(a)), (half, Some(b))]).expect("manifest");
+    cross!(Step::ToDst(m));
+    let need = dst.need(0, vec![1]).expect("need");
+    cross!(Step::ToSrc(need));
+    cross!(Step::ToDst(Message::DiskChunk(Chunk {
+        disk: 0,
+        offset: u64::from(half),
+        id: b,
+        data: vec![1; half as usize]
+    })));
+    // A round of memory.
+    cross!(Step::ToDst(pages(src.round(), 3)));
+    let done = src.round_done(3).expect("round done");
+    cross!(Step::ToDst(done));
+    cross!(Step::ToSrc(Message::RoundApplied { round: 0 }));
+    // Stop-and-copy.
+    src.stop_and_copy().expect("pause");
+    cross!(Step::ToDst(pages(src.round(), 2)));
+    cross!(Step::ToDst(Message::DiskWrites(DiskWrites { disk: 0, extents: vec![(4096, 4096)], data: vec![9; 4096] })));
+    let dd = src.disk_done(DiskDone { disk: 0, size: DISK, digest: [0; 32] }).expect("disk done");
+    cross!(Step::ToDst(dd));
+    let last = src.round_done(2).expect("last round");
+    cross!(Step::ToDst(last));
+    dst.on_bulk_end().expect("bulk ends");
+    let state = src.device_state(vec![1, 2, 3]).expect("state");
+    cross!(Step::ToDst(state));
+    cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
+    let ready = dst.ready().expect("ready");
+    cross!(Step::ToSrc(ready));
+    let commit = src.commit().expect("commit");
+    cross!(Step::ToDst(commit));
+    cross!(Step::ToSrc(Message::CommitAck));
+    (src.on_failure(), dst.owns_vm(), crossed)
+}
+
+#[test]
+fn exactly_one_side_runs_the_vm_whatever_fails() {
+    let (_, _, total) = run(usize::MAX);
+    assert_eq!(total, 17, "the whole exchange");
+    let mut outcomes = Vec::new();
+    for fail_at in 0..=total {
+        let (src, dst_owns, _) = run(fail_at);
+        match src {
+            // Before commit: the source resumes and the destination must not run it.
+            FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
+            // Commit sent, ack lost: the source stays paused; the destination may run it.
+            FailureOutcome::InDoubt => {}
+            FailureOutcome::Done => assert!(dst_owns, "nobody runs the VM (fail at {fail_at})"),
+        }
+        outcomes.push(src);
+    }
+    assert!(outcomes.contains(&FailureOutcome::ResumeSource));
+    assert!(outcomes.contains(&FailureOutcome::InDoubt));
+    assert_eq!(outcomes.last(), Some(&FailureOutcome::Done));
+}
+
+/// A destination that accepted the VM with every feature and has answered
+/// a manifest of the disk's first half asking for its only chunk.
+fn receiving() -> DestSession {
+    let mut dst = DestSession::new();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        features: features::ALL & !features::SYNC_ONLY,
+        page_size: 4096,
+        migration_id: MigrationId([2; 16]),
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+    };
+    dst.on_message(Stream::Control, &hello).expect("hello");
+    dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    let m = crate::disk::Manifest {
+        disk: 0,
+        seq: 0,
+        offset: 0,
+        chunks: vec![crate::disk::ManifestChunk { len: 65536, id: Some(ChunkId([5; 32])) }],
+    };
+    assert_eq!(dst.on_message(Stream::Control, &Message::DiskManifest(m)), Ok(DestAction::AnswerManifest));
+    dst.need(0, vec![0]).expect("need");
+    dst
+}
+
+#[test]
+fn the_destination_takes_only_what_it_asked_for_where_it_belongs() {
+    let chunk = |id: u8, offset: u64, len: usize| {
+        Message::DiskChunk(Chunk { disk: 0, offset, id: ChunkId([id; 32]), data: vec![0; len] })
+    };
+    let refused = |m: Message, why: &str| {
+        let mut d = receiving();
+        assert!(d.on_message(Stream::Bulk, &m).is_err(), "{why}");
+    };
+    refused(chunk(6, 0, 65536), "a chunk nobody asked for");
+    refused(chunk(5, 4096, 65536), "the asked-for id at another offset");
+    refused(chunk(5, 0, 4096), "the asked-for id with another length");
+    let mut d = receiving();
+    assert_eq!(d.on_message(Stream::Bulk, &chunk(5, 0, 65536)), Ok(DestAction::StoreChunk));
+    assert!(d.on_message(Stream::Bulk, &chunk(5, 0, 65536)).is_err(), "the same chunk twice");
+    // On the control stream, bulk data is refused whatever it is.
+    let mut d = receiving();
+    assert!(matches!(d.on_message(Stream::Control, &chunk(5, 0, 65536)), Err(ProtocolError::WrongStream { .. })));
+    // Pages of another round, or a round ending with the wrong count.
+    let mut d = receiving();
+    assert!(d.on_message(Stream::Bulk, &pages(1, 1)).is_err());
+    let mut d = receiving();
+    d.on_message(Stream::Bulk, &pages(0, 2)).expect("pages");
+    assert!(d.on_message(Stream::Bulk, &Message::RoundDone { round: 0, pages: 3 }).is_err());
+    // A manifest out of place, or past the disk's end.
+    let mut d = receiving();
+    let late = crate::disk::Manifest { disk: 0, seq: 5, offset: 65536, chunks: Vec::new() };
+    assert!(d.on_message(Stream::Control, &Message::DiskManifest(late)).is_err());
+    let mut d = receiving();
+    let past = crate::disk::Manifest {
+        disk: 0,
+        seq: 1,
+        offset: 65536,
+        chunks: vec![crate::disk::ManifestChunk { len: DISK as u32, id: None }],
+    };
+    assert!(d.on_message(Stream::Control, &Message::DiskManifest(past)).is_err());
+    // Asking for a chunk without data (a hole) is the destination's own bug.
+    let mut d = receiving();
+    let holes = crate::disk::Manifest {
+        disk: 0,
+        seq: 1,
+        offset: 65536,
+        chunks: vec![crate::disk::ManifestChunk { len: 4096, id: None }],
+    };
+    d.on_message(Stream::Control, &Message::DiskManifest(holes)).expect("manifest");
+    assert!(d.need(0, vec![0]).is_err());
+}
+
+#[test]
+fn nothing_may_change_a_disk_after_its_digest() {
+    let mut d = receiving();
+    d.on_message(
+        Stream::Bulk,
+        &Message::DiskChunk(Chunk { disk: 0, offset: 0, id: ChunkId([5; 32]), data: vec![0; 65536] }),
+    )
+    .expect("chunk");
+    let rest = crate::disk::Manifest {
+        disk: 0,
+        seq: 1,
+        offset: 65536,
+        chunks: vec![crate::disk::ManifestChunk { len: (DISK - 65536) as u32, id: None }],
+    };
+    d.on_message(Stream::Control, &Message::DiskManifest(rest)).expect("manifest");
+    d.need(0, Vec::new()).expect("nothing needed");
+    let done = Message::DiskDone(DiskDone { disk: 0, size: DISK, digest: [0; 32] });
+    assert_eq!(d.on_message(Stream::Bulk, &done), Ok(DestAction::CheckDisk));
+    let writes = Message::DiskWrites(DiskWrites { disk: 0, extents: vec![(0, 4096)], data: vec![1; 4096] });
+    assert!(d.on_message(Stream::Bulk, &writes).is_err(), "extents after DiskDone");
+    assert!(d.on_message(Stream::Bulk, &done).is_err(), "a second DiskDone");
+}
+
+#[test]
+fn a_disk_closed_early_or_a_ready_too_soon_is_refused() {
+    let mut d = receiving();
+    let done = Message::DiskDone(DiskDone { disk: 0, size: DISK, digest: [0; 32] });
+    assert!(d.on_message(Stream::Bulk, &done).is_err(), "the chunk asked for never came");
+    let mut d = receiving();
+    assert!(d.ready().is_err(), "no device state yet");
+    d.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).expect("state");
+    assert!(d.ready().is_err(), "the bulk stream has not ended");
+    d.on_bulk_end().expect("end");
+    assert!(d.ready().is_err(), "the disk was never completed");
+}
+
+#[test]
+fn the_source_checks_every_answer_against_what_it_sent() {
+    let mut src = SourceSession::new();
+    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT)
+        .expect("hello");
+    // Features never offered.
+    let mut s = src.clone();
+    assert!(
+        s.on_message(Stream::Control, &Message::Accept { features: features::TUNNEL, chunking: ChunkParams::DEFAULT })
+            .is_err()
+    );
+    src.on_message(Stream::Control, &Message::Accept { features: features::DISK_COPY, chunking: ChunkParams::DEFAULT })
+        .expect("accept");
+    let (a, b) = (Some(ChunkId([1; 32])), None);
+    src.manifest(0, 0, 0, &[(4096, a), (4096, b)]).expect("manifest");
+    let need = |disk, seq, chunks: Vec<u32>| Message::DiskNeed(Need { disk, seq, chunks });
+    for (bad, why) in
+        [(need(0, 1, vec![0]), "another part"), (need(0, 0, vec![1]), "a hole"), (need(0, 0, vec![2]), "past the part")]
+    {
+        assert!(src.clone().on_message(Stream::Control, &bad).is_err(), "{why}");
+    }
+    assert!(src.clone().on_message(Stream::Control, &Message::RoundApplied { round: 0 }).is_err(), "no round ended");
+    assert_eq!(
+        src.on_message(Stream::Control, &need(0, 0, vec![0])),
+        Ok(SourceEvent::Need { disk: 0, seq: 0, chunks: vec![0] })
+    );
+    assert!(src.on_message(Stream::Control, &need(0, 0, vec![0])).is_err(), "answered twice");
+    assert!(src.commit().is_err(), "commit before Ready");
+    assert!(src.device_state(Vec::new()).is_err(), "state before the pause");
+    src.stop_and_copy().expect("pause");
+    assert!(src.device_state(Vec::new()).is_err(), "state before the disk is closed");
+    assert!(
+        src.disk_done(DiskDone { disk: 0, size: DISK, digest: [0; 32] }).is_err(),
+        "the first copy never reached the end"
+    );
+}
+
+#[test]
+fn messages_out_of_order_are_errors_and_abort_works_until_the_commit() {
+    for m in samples() {
+        let mut d = DestSession::new();
+        let ok = match stream_of(&m) {
+            Some(s) => d.on_message(s, &m).is_ok(),
+            None => d.on_message(Stream::Control, &m).is_ok(),
+        };
+        let allowed = matches!(m, Message::Abort { .. })
+            || (matches!(m, Message::Hello { version, .. } if version == PROTOCOL_VERSION));
+        assert_eq!(ok, allowed, "{}", m.name());
+    }
+    let mut d = receiving();
+    for m in [Message::Commit, Message::Ready, crate::tests::hello(PROTOCOL_VERSION)] {
+        assert!(d.clone().on_message(Stream::Control, &m).is_err(), "{}", m.name());
+    }
+    assert_eq!(d.on_message(Stream::Control, &Message::Abort { reason: "x".into() }), Ok(DestAction::Aborted));
+    // Another protocol version or page size never gets past the hello.
+    for v in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        assert!(DestSession::new().on_message(Stream::Control, &crate::tests::hello(v)).is_err());
+    }
+    let mut src = SourceSession::new();
+    assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err());
+    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT).expect("hello");
+    src.on_message(Stream::Control, &Message::Accept { features: 0, chunking: ChunkParams::DEFAULT }).expect("accept");
+    src.stop_and_copy().expect("pause");
+    src.device_state(Vec::new()).expect("state");
+    src.on_message(Stream::Control, &Message::Ready).expect("ready");
+    src.commit().expect("commit");
+    assert!(src.abort("late").is_err(), "no abort after commit");
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+}
+
+#[test]
+fn a_sync_carries_no_pages_and_no_state() {
+    let mut d = DestSession::new();
+    let mut hello = crate::tests::hello(PROTOCOL_VERSION);
+    if let Message::Hello { features: f, .. } = &mut hello {
+        *f = features::SYNC_ONLY | features::DISK_COPY;
+    }
+    d.on_message(Stream::Control, &hello).expect("hello");
+    d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    assert!(d.clone().on_message(Stream::Bulk, &pages(0, 1)).is_err());
+    assert!(d.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).is_err());
+}
