@@ -121,29 +121,38 @@ pub fn default_pool_bytes(low_free: u64, mem_entropy: u64, disk_entropy: u64) ->
 /// [`POOL_SEED`]. Pages and blocks copy windows of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
-    words: Vec<u64>,
+    /// Little-endian, as guest memory holds it.
+    bytes: Vec<u8>,
 }
 
 impl Pool {
     /// The pool of `bytes` (a multiple of 8).
     pub fn new(bytes: u64) -> Self {
-        let words = (0..bytes / 8).map(|i| mix64(POOL_SEED.wrapping_add((i + 1).wrapping_mul(POOL_GOLDEN)))).collect();
-        Pool { words }
+        let bytes = (0..bytes / 8)
+            .flat_map(|i| mix64(POOL_SEED.wrapping_add((i + 1).wrapping_mul(POOL_GOLDEN))).to_le_bytes())
+            .collect();
+        Pool { bytes }
     }
 
     /// Its bytes, as guest memory holds them.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
-    /// The `n`-word window that `key` picks (abi.h `POOL_OFF`); empty if the
-    /// pool is smaller than `n` words.
-    pub fn window(&self, key: u64, n: usize) -> &[u64] {
-        if n == 0 || self.words.len() < n {
+    /// Word `i`.
+    pub fn word(&self, i: usize) -> u64 {
+        word_at(&self.bytes, i)
+    }
+
+    /// The bytes of the `n`-word window that `key` picks (abi.h
+    /// `POOL_OFF`); empty if the pool is smaller than `n` words.
+    pub fn window(&self, key: u64, n: usize) -> &[u8] {
+        let words = self.bytes.len() / 8;
+        if n == 0 || words < n {
             return &[];
         }
-        let off = (mix64(key) % (self.words.len() - n + 1) as u64) as usize;
-        &self.words[off..off + n]
+        let off = (mix64(key) % (words - n + 1) as u64) as usize;
+        &self.bytes[8 * off..8 * (off + n)]
     }
 }
 
@@ -157,34 +166,51 @@ fn disk_key(seq: u64, block: u64) -> u64 {
     DISK_SALT ^ block ^ seq.wrapping_mul(POOL_GOLDEN)
 }
 
-/// Page `gpa` at generation `generation` with `n` pseudo-random words: its bytes
-/// up to the zero tail (16 + 8n bytes; the rest of the page is zero).
+/// Page `gpa` at generation `generation` with `n` pseudo-random words: its
+/// bytes up to the zero tail (16 + 8n bytes; the rest of the page is zero).
 pub fn page_head(pool: &Pool, gpa: u64, generation: u64, n: usize) -> Vec<u8> {
     let mut b = Vec::with_capacity(16 + 8 * n);
     b.extend_from_slice(&(PAGE_MAGIC ^ gpa).to_le_bytes());
     b.extend_from_slice(&generation.to_le_bytes());
-    for w in pool.window(page_key(gpa, generation), n) {
-        b.extend_from_slice(&w.to_le_bytes());
-    }
+    b.extend_from_slice(pool.window(page_key(gpa, generation), n));
     b
 }
 
-/// Writes what the guest would stamp at boot before it runs: the pool and
-/// generation 0 of every page above it (the guest checks each page and
-/// skips those already right). Only for a fresh boot, before the first run.
-pub fn prestamp(mem: &GuestMem, cfg: &TestGuestConfig, ram: &[(GuestAddress, u64)]) -> Result<(), vm_memory::GuestMemoryError> {
+/// Writes what the guest would stamp at boot before it runs: the pool and,
+/// with `mem_entropy`, generation 0 of every page above it (the guest checks
+/// each page and skips those already right: copying the random words itself
+/// would take it minutes on a large guest here). Only for a fresh boot,
+/// before the first run.
+pub fn prestamp(
+    mem: &GuestMem,
+    cfg: &TestGuestConfig,
+    ram: &[(GuestAddress, u64)],
+) -> Result<(), vm_memory::GuestMemoryError> {
     let (me, de) = (u64::from(cfg.mem_entropy), u64::from(cfg.disk_entropy));
     let low_end = ram.iter().find(|(s, l)| s.0 <= RESERVED_END && s.0 + l > RESERVED_END).map_or(0, |(s, l)| s.0 + l);
     let pool_bytes = default_pool_bytes(low_end.saturating_sub(RESERVED_END), me, de);
     let pool = Pool::new(pool_bytes);
-    mem.write_slice(&pool.bytes(), GuestAddress(RESERVED_END))?;
+    mem.write_slice(pool.bytes(), GuestAddress(RESERVED_END))?;
     let n = mem_words(if pool_bytes == 0 { 0 } else { me });
+    if n == 0 {
+        // Two words a page: the guest writes them as fast as it checks them.
+        return Ok(());
+    }
     let ws_start = RESERVED_END + pool_bytes;
+    // A MiB at a time; the pages' zero tails stay zero in the buffer.
+    let mut buf = vec![0u8; 1 << 20];
     for &(start, len) in ram {
         let mut gpa = start.0.max(ws_start).next_multiple_of(PAGE);
-        while gpa + PAGE <= start.0 + len {
-            mem.write_slice(&page_head(&pool, gpa, 0, n), GuestAddress(gpa))?;
-            gpa += PAGE;
+        let end = start.0 + len;
+        while gpa + PAGE <= end {
+            let bytes = ((end - gpa) / PAGE * PAGE).min(buf.len() as u64) as usize;
+            for (i, page) in buf[..bytes].chunks_exact_mut(PAGE as usize).enumerate() {
+                let at = gpa + i as u64 * PAGE;
+                page[..8].copy_from_slice(&(PAGE_MAGIC ^ at).to_le_bytes());
+                page[16..16 + 8 * n].copy_from_slice(pool.window(page_key(at, 0), n));
+            }
+            mem.write_slice(&buf[..bytes], GuestAddress(gpa))?;
+            gpa += bytes as u64;
         }
     }
     Ok(())
@@ -427,15 +453,22 @@ fn word_at(page: &[u8], i: usize) -> u64 {
 
 /// Compares a page's pseudo-random words with `want`; the first that
 /// differs, as (word index, found, expected).
-fn first_diff(page: &[u8], want: &[u64]) -> Option<(usize, u64, u64)> {
-    want.iter().enumerate().map(|(j, &w)| (2 + j, word_at(page, 2 + j), w)).find(|(_, f, w)| f != w)
+fn first_diff(page: &[u8], want: &[u8]) -> Option<(usize, u64, u64)> {
+    if page[16..16 + want.len()] == *want {
+        return None;
+    }
+    (0..want.len() / 8).map(|j| (2 + j, word_at(page, 2 + j), word_at(want, j))).find(|(_, f, w)| f != w)
 }
 
 /// Whether the random words are `new`'s up to some point and `old`'s after
 /// it: a page paused while `rep movsq` rewrote them.
-fn torn_between(page: &[u8], new: &[u64], old: &[u64]) -> bool {
-    let k = new.iter().enumerate().take_while(|&(j, &w)| word_at(page, 2 + j) == w).count();
-    old.iter().enumerate().skip(k).all(|(j, &w)| word_at(page, 2 + j) == w)
+fn torn_between(page: &[u8], new: &[u8], old: &[u8]) -> bool {
+    let random = &page[16..16 + new.len()];
+    if old.len() != new.len() {
+        return false;
+    }
+    let k = random.chunks_exact(8).zip(new.chunks_exact(8)).take_while(|(a, b)| a == b).count();
+    random[8 * k..] == old[8 * k..]
 }
 
 static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
@@ -459,12 +492,9 @@ pub fn check_memory(mem: &GuestMem, regions: &[(GuestAddress, u64)]) -> Result<M
     // The pool, word by word.
     let mut held = vec![0u8; status.pool_bytes as usize];
     mem.read_slice(&mut held, GuestAddress(RESERVED_END)).map_err(|_| OracleError::NoStatus(0))?;
-    if let Some(i) = held.chunks_exact(8).zip(&pool.words).position(|(h, w)| h != w.to_le_bytes()) {
-        return Err(OracleError::Pool {
-            gpa: RESERVED_END + 8 * i as u64,
-            found: u64::from_le_bytes(held[8 * i..8 * i + 8].try_into().expect("8 bytes")),
-            expected: pool.words[i],
-        });
+    if held != pool.bytes() {
+        let i = held.chunks_exact(8).zip(pool.bytes().chunks_exact(8)).position(|(h, w)| h != w).expect("a word");
+        return Err(OracleError::Pool { gpa: RESERVED_END + 8 * i as u64, found: word_at(&held, i), expected: pool.word(i) });
     }
     drop(held);
     let n = mem_words(status.mem_entropy);
@@ -554,11 +584,11 @@ pub fn disk_block(pool: &Pool, n: usize, seq: u64, blocks: u64, stride: u64) -> 
             0 => DISK_MAGIC,
             1 => seq,
             2 => block,
-            _ if i < 3 + random.len() => random[i - 3],
             _ => DISK_MAGIC ^ i as u64,
         };
         w.copy_from_slice(&v.to_le_bytes());
     }
+    b[24..24 + random.len()].copy_from_slice(random);
     b
 }
 
@@ -663,10 +693,11 @@ mod tests {
         // output); our pool is the same generator from POOL_SEED.
         assert_eq!(mix64(POOL_GOLDEN), 0xe220_a839_7b1d_cdaf);
         let pool = Pool::new(1 << 20);
-        assert_eq!(pool.words.len(), 1 << 17);
-        assert_eq!(pool.words[0], mix64(POOL_SEED.wrapping_add(POOL_GOLDEN)));
+        assert_eq!(pool.bytes().len(), 1 << 20);
+        assert_eq!(pool.word(0), mix64(POOL_SEED.wrapping_add(POOL_GOLDEN)));
+        assert_eq!(pool.word(9), mix64(POOL_SEED.wrapping_add(10u64.wrapping_mul(POOL_GOLDEN))));
         let (a, b) = (pool.window(page_key(0x40_0000, 7), 200), pool.window(page_key(0x40_0000, 8), 200));
-        assert_eq!(a.len(), 200);
+        assert_eq!(a.len(), 1600);
         assert_ne!(a, b);
         assert!(pool.window(1, 1 << 18).is_empty(), "a window larger than the pool");
         assert_eq!(default_pool_bytes(1 << 30, 35, 0), POOL_MAX_BYTES);
@@ -791,7 +822,7 @@ mod tests {
         assert_eq!(check_disk(&img, &s), Ok(40));
         // The random words of 8 blocks differ from the pool's start: windows.
         let pool = Pool::new(POOL);
-        assert_ne!(img[24..32], pool.words[0].to_le_bytes());
+        assert_ne!(img[24..32], pool.word(0).to_le_bytes());
         for at in [24, 100, 8 * (3 + disk_words(e)) - 1, 8 * (3 + disk_words(e)), BLOCK - 1] {
             let mut bad = img.clone();
             bad[5 * BLOCK + at] ^= 0x40;
@@ -824,7 +855,7 @@ mod memory_oracle_tests {
         let mem = ram.mem();
         let pool_bytes = if entropy > 0 { POOL } else { 0 };
         let pool = Pool::new(pool_bytes);
-        mem.write_slice(&pool.bytes(), GuestAddress(RESERVED_END)).expect("write");
+        mem.write_slice(pool.bytes(), GuestAddress(RESERVED_END)).expect("write");
         let ws = RESERVED_END + pool_bytes;
         for gpa in (ws..16 << 20).step_by(PAGE as usize) {
             let i = (gpa - ws) / PAGE;
@@ -869,6 +900,35 @@ mod memory_oracle_tests {
             let pool = Pool::new(if e > 0 { POOL } else { 0 });
             g.mem().write_slice(&page_head(&pool, page, 2, mem_words(e)), GuestAddress(page)).expect("write");
             assert!(check(&g).is_ok(), "entropy {e}");
+        }
+    }
+
+    #[test]
+    fn prestamp_writes_what_the_oracle_expects_of_a_fresh_guest() {
+        for (me, de) in [(0, 0), (35, 60), (0, 60), (100, 0)] {
+            let ram = GuestRam::new(32 << 20).expect("map");
+            let cfg = TestGuestConfig {
+                ws_mib: 1,
+                rate_mib: 0,
+                flat_out: false,
+                disk_kib: 0,
+                disk_mib: 1,
+                disk_scatter: false,
+                mem_entropy: me,
+                disk_entropy: de,
+                poweroff_after_s: None,
+                reset_after_s: None,
+            };
+            prestamp(ram.mem(), &cfg, &ram.regions()).expect("prestamp");
+            let pool_bytes = default_pool_bytes((32 << 20) - RESERVED_END, me.into(), de.into());
+            assert_eq!(pool_bytes, if me + de > 0 { 0x3c_0000 } else { 0 });
+            let ws = RESERVED_END + pool_bytes;
+            let status = [STATUS_MAGIC, PHASE_RUNNING, 0, ws, 256, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            for (i, w) in status.iter().chain(&[me.into(), de.into(), pool_bytes]).enumerate() {
+                ram.mem().write_obj(*w, GuestAddress(STATUS_GPA + 8 * i as u64)).expect("write");
+            }
+            let r = check(&ram).expect("a freshly stamped guest");
+            assert_eq!((r.generation, r.pages_checked), (0, ((32 << 20) - ws) / PAGE), "{me} {de}");
         }
     }
 

@@ -734,7 +734,7 @@ static void acpi_reset(const struct acpi_power *a) {
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr, syms[4], mmap_length, mmap_addr; };
 struct __attribute__((packed)) mb_mmap { uint32_t size; uint64_t addr, len; uint32_t type; };
 
-static uint64_t mem_words;
+static uint64_t mem_words, rewritten;
 
 static inline uint64_t page_off(uint64_t a, uint64_t gen) {
     return POOL_OFF(PAGE_SALT ^ a ^ gen * POOL_GOLDEN, mem_words, pool_words);
@@ -756,6 +756,7 @@ static void stamp(uint64_t start, uint64_t end) {
     for (uint64_t a = start; a + PAGE_SIZE <= end; a += PAGE_SIZE) {
         volatile uint64_t *p = (volatile uint64_t *)a;
         if (!page_holds(p, a, 0)) {
+            rewritten++;
             p[0] = PAGE_MAGIC ^ a;
             p[1] = 0;
             if (mem_words) copy_words(p + 2, pool + page_off(a, 0), mem_words);
@@ -883,6 +884,7 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     interrupts_init();
     status.phase = PHASE_RUNNING;
     puts("wanmig-testguest: running stamped="); putu(status.stamped_pages);
+    puts(" (written here "); putu(rewritten); puts(")");
     puts(" ws_pages="); putu(status.ws_pages);
     puts(" rate_mib="); if (p.flat_out) puts("max"); else putu(p.rate_mib);
     puts(" disk_kib="); putu(have_disk ? p.disk_kib : 0);
