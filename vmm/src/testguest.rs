@@ -932,6 +932,13 @@ mod memory_oracle_tests {
             let pool_bytes = default_pool_bytes((32 << 20) - RESERVED_END, me.into(), de.into());
             assert_eq!(pool_bytes, if me + de > 0 { 0x3c_0000 } else { 0 });
             let ws = RESERVED_END + pool_bytes;
+            if me == 0 {
+                // The host leaves two-word pages to the guest: stamp as it does.
+                for gpa in (ws..32 << 20).step_by(PAGE as usize) {
+                    assert_eq!(peek(&ram, gpa), 0, "the host stamped {gpa:#x}");
+                    poke(&ram, gpa, PAGE_MAGIC ^ gpa);
+                }
+            }
             let status = [STATUS_MAGIC, PHASE_RUNNING, 0, ws, 256, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             for (i, w) in status.iter().chain(&[me.into(), de.into(), pool_bytes]).enumerate() {
                 ram.mem().write_obj(*w, GuestAddress(STATUS_GPA + 8 * i as u64)).expect("write");
