@@ -69,6 +69,10 @@ pub const POOL_ALIGN: u64 = 0x1_0000;
 pub const POOL_MAX_BYTES: u64 = 0x100_0000;
 /// A default pool takes at most 1/this of the low RAM above [`RESERVED_END`].
 pub const POOL_RAM_SHARE: u64 = 8;
+/// The host's word in the status page saying it stamped generation 0.
+pub const PRESTAMP_MAGIC: u64 = 0x574d_4750_5245_5354;
+/// Index of that word (`host_stamped`) in the status page.
+const HOST_STAMPED_WORD: u64 = 21;
 /// Most disk writes the guest has in flight.
 pub const DISK_QUEUE_DEPTH: u64 = 8;
 /// Default `mem_entropy` (see `config.rs` for why).
@@ -177,10 +181,11 @@ pub fn page_head(pool: &Pool, gpa: u64, generation: u64, n: usize) -> Vec<u8> {
 }
 
 /// Writes what the guest would stamp at boot before it runs: the pool and,
-/// with `mem_entropy`, generation 0 of every page above it (the guest checks
-/// each page and skips those already right: copying the random words itself
+/// with `mem_entropy`, generation 0 of every page above it, and says so in
+/// the status page's `host_stamped` (the guest then checks one page at each
+/// end of a RAM region instead of stamping: copying the random words itself
 /// would take it minutes on a large guest here). Only for a fresh boot,
-/// before the first run.
+/// after the image is loaded and before the first run.
 pub fn prestamp(
     mem: &GuestMem,
     cfg: &TestGuestConfig,
@@ -213,7 +218,9 @@ pub fn prestamp(
             gpa += bytes as u64;
         }
     }
-    Ok(())
+    // So that the guest checks a page a region rather than every page (the
+    // loader has written the status page: it is in the image).
+    mem.write_obj(PRESTAMP_MAGIC ^ me ^ (pool_bytes << 8), GuestAddress(STATUS_GPA + 8 * HOST_STAMPED_WORD))
 }
 
 /// The guest's command line for `cfg`; the guest drives the first NIC of
@@ -289,6 +296,9 @@ pub struct GuestStatus {
     /// Disk writes handed to the device; `disk_done..disk_issued` may each
     /// have reached the disk or not.
     pub disk_issued: u64,
+    /// What the host wrote before boot if it stamped generation 0
+    /// ([`PRESTAMP_MAGIC`] ^ mem_entropy ^ pool_bytes << 8), else 0.
+    pub host_stamped: u64,
 }
 
 /// What the oracle found wrong.
@@ -386,7 +396,7 @@ pub enum OracleError {
 
 /// Reads the status page from guest memory.
 pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
-    let mut w = [0u64; 21];
+    let mut w = [0u64; 22];
     for (i, word) in w.iter_mut().enumerate() {
         *word = mem.read_obj(GuestAddress(STATUS_GPA + 8 * i as u64)).map_err(|_| OracleError::NoStatus(0))?;
     }
@@ -414,6 +424,7 @@ pub fn read_status(mem: &GuestMem) -> Result<GuestStatus, OracleError> {
         disk_entropy: w[18],
         pool_bytes: w[19],
         disk_issued: w[20],
+        host_stamped: w[21],
     })
 }
 
@@ -680,6 +691,7 @@ mod tests {
             ("DEFAULT_MEM_ENTROPY", u64::from(DEFAULT_MEM_ENTROPY)),
             ("DEFAULT_DISK_ENTROPY", u64::from(DEFAULT_DISK_ENTROPY)),
             ("DISK_QUEUE_DEPTH", DISK_QUEUE_DEPTH),
+            ("PRESTAMP_MAGIC", PRESTAMP_MAGIC),
         ] {
             let line = abi.lines().find(|l| l.starts_with(&format!("#define {name} "))).expect(name);
             let text = line.split_whitespace().nth(2).expect("value").trim_end_matches("ull");
@@ -944,6 +956,8 @@ mod memory_oracle_tests {
                 ram.mem().write_obj(*w, GuestAddress(STATUS_GPA + 8 * i as u64)).expect("write");
             }
             let r = check(&ram).expect("a freshly stamped guest");
+            let said = if me > 0 { PRESTAMP_MAGIC ^ u64::from(me) ^ (pool_bytes << 8) } else { 0 };
+            assert_eq!(r.status.host_stamped, said);
             assert_eq!((r.generation, r.pages_checked), (0, ((32 << 20) - ws) / PAGE), "{me} {de}");
         }
     }

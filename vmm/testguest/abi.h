@@ -23,10 +23,14 @@
  * The pool: pool_bytes (a multiple of POOL_ALIGN; 0 when mem_entropy and
  * disk_entropy are both 0) at RESERVED_END, never written once running;
  * word i is POOL_WORD(i) (splitmix64 of POOL_SEED). The host may write it
- * (and the generation-0 stamp of every page) before the guest starts; the
- * guest checks one word in every 4 KiB of it and computes it itself if any
- * is wrong, and stamps every page whose words 0, 1 and first and last
- * random word are not already right. Windows are picked by hashing (page,
+ * before the guest starts; the guest checks one word in every 4 KiB of it
+ * and computes it itself if any is wrong. The host may also write the
+ * generation-0 stamp of every page above the pool, and then says so in the
+ * status page: host_stamped = PRESTAMP_MAGIC ^ mem_entropy ^ pool_bytes << 8.
+ * If that matches what the guest runs with and the pool was right, the
+ * guest checks only the first and last page of each RAM region; otherwise
+ * it stamps every page whose words 0, 1 and first and last random word are
+ * not already right. Windows are picked by hashing (page,
  * generation), so a page's random words change with each generation and
  * two pages share a byte sequence only where their windows overlap by
  * chance (about n * 8 * pages / pool_bytes of the bytes in a span of
@@ -101,6 +105,9 @@
 #define DEFAULT_MEM_ENTROPY 35
 #define DEFAULT_DISK_ENTROPY 60
 
+/* host_stamped's magic (see above). */
+#define PRESTAMP_MAGIC 0x574d475052455354ull /* "WMGPREST" */
+
 /* Disk writes in flight at once. */
 #define DISK_QUEUE_DEPTH 8
 
@@ -143,6 +150,7 @@ struct guest_status {
     unsigned long long disk_entropy;
     unsigned long long pool_bytes;  /* the pool at RESERVED_END; ws_start = RESERVED_END + pool_bytes */
     unsigned long long disk_issued; /* writes handed to the device (>= disk_done) */
+    unsigned long long host_stamped; /* written by the host before boot, see above */
 };
 
 #endif
