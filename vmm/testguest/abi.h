@@ -7,7 +7,8 @@
  *   word 0 = PAGE_MAGIC ^ guest-physical address of the page
  *   word 1 = generation counter g (0 outside the working set)
  *   words 2 .. 2+n: n = MEM_WORDS(mem_entropy) pseudo-random words, a copy of
- *            the pool's words POOL_OFF(PAGE_SALT ^ gpa ^ g * POOL_GOLDEN, n)
+ *            the pool's words from POOL_OFF(PAGE_SALT ^ gpa ^ g * POOL_GOLDEN,
+ *            n, pool_bytes / 8) on
  *   words 2+n .. 512: zero
  * The working set is ws_pages pages from ws_start = RESERVED_END + pool_bytes.
  * Each step rewrites the next working-set page, in address order, wrapping
@@ -20,8 +21,12 @@
  * g + 1's for some prefix and generation g's after it. Every other page is
  * exactly as above.
  *
- * The pool: pool_bytes (a multiple of POOL_ALIGN; 0 when mem_entropy and
- * disk_entropy are both 0) at RESERVED_END, never written once running;
+ * The pool: pool_bytes at RESERVED_END, never written once running.
+ * pool_bytes is 0 when mem_entropy and disk_entropy are both 0; else
+ * pool_kib * 1024 if the command line gives pool_kib=, or POOL_MAX_BYTES or
+ * 1/POOL_RAM_SHARE of the low RAM above RESERVED_END if that is less; at
+ * most half of that RAM; rounded down to POOL_ALIGN (if that leaves 0, the
+ * guest runs with both entropies 0). The status page says what it chose.
  * word i is POOL_WORD(i) (splitmix64 of POOL_SEED). The host may write it
  * before the guest starts; the guest checks one word in every 4 KiB of it
  * and computes it itself if any is wrong. The host may also write the
@@ -43,7 +48,7 @@
  * word i of the block is
  *   i == 0: DISK_MAGIC, i == 1: seq, i == 2: block index,
  *   3 <= i < 3+n, n = DISK_WORDS(disk_entropy): pool word
- *          POOL_OFF(DISK_SALT ^ block ^ seq * POOL_GOLDEN, n) + (i - 3),
+ *          POOL_OFF(DISK_SALT ^ block ^ seq * POOL_GOLDEN, n, pool_bytes / 8) + (i - 3),
  *   i >= 3+n: DISK_MAGIC ^ i
  * Blocks never written stay zero; blocks past the region are not the
  * guest's (the oracle ignores them).
