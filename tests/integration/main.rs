@@ -11,5 +11,6 @@ mod migration;
 mod network;
 mod power;
 mod qemu;
+mod realism;
 mod snapshot_restore;
 mod tunnel;

@@ -5,20 +5,39 @@
  * report every part. The parts are chosen on the command line, each a
  * keyword followed by its arguments:
  *
+ *   entropy MEM_PCT DISK_PCT  pseudo-random share of each page and block
+ *                           written, 0..100 (default 35 and 60, as the built-in
+ *                           test guest's); must come before mem and disk
  *   mem WS_MIB RATE_MIB     keep rewriting a WS_MIB working set at RATE_MIB MiB/s
  *   disk KIB_S FILE MIB     write 4 KiB blocks at KIB_S KiB/s, cycling over the
- *                           first MIB MiB of FILE, fdatasync'd after every batch
+ *                           first MIB MiB of FILE (emptied first), fdatasync'd
+ *                           after every batch
  *   tcp PORT                TCP echo service (RFC 862)
  *   udp PORT                UDP sequence service (below)
  *   status FILE             also keep the last status line in FILE
  *
- * Memory: every page of the working set starts with {index, generation}.
- * A pass over the set checks that each page still holds the generation the
- * previous pass wrote, then stamps the new one (and a 64-byte line at an
- * offset that moves with the generation, so that a dirtied page differs
- * from its old copy by more than a counter). A page that does not hold what
- * was written is reported as "MEMORY CORRUPT": after a migration that is the
- * oracle. Blocks on disk carry {magic, block, generation} the same way.
+ * Memory: page i of the working set at generation g is
+ *   word 0 = i, word 1 = g,
+ *   words 2 .. 2+n = RANDOM(PAGE_SALT ^ i * GOLDEN ^ g, j) for j = 0 .. n,
+ *             n = 510 * mem_entropy / 100,
+ *   the rest zero,
+ * where RANDOM(key, j) = MIX64(key + (j + 1) * GOLDEN), splitmix64 (the
+ * built-in test guest's mixer; its random words come from a pool instead,
+ * because its emulated vCPU is too slow to compute them). Pages start at
+ * generation 0. A pass over the set checks every byte of each page against
+ * the generation the previous pass wrote, then writes the next one, so a
+ * page's random words change with every generation (neither zstd nor an
+ * XBZRLE delta against its old copy finds them again). A page that does not
+ * hold what was written is reported as "MEMORY CORRUPT": after a migration
+ * that is the oracle.
+ *
+ * Disk: block b at generation g (its g-th write, from 1) is
+ *   word 0 = DISK_MAGIC, 1 = b, 2 = g, 3 = the write's number,
+ *   words 4 .. 4+n = RANDOM(DISK_SALT ^ b * GOLDEN ^ g, j), n = 508 * disk_entropy / 100,
+ *   the rest DISK_MAGIC ^ word index.
+ * Before each write the block is read back and must hold generation g - 1
+ * (zeros for g = 1: the file is emptied at start); a block that does not is
+ * reported as "DISK CORRUPT" and counted in disk_errors.
  *
  * UDP sequence service, the contract of the built-in test guest's
  * (vmm/testguest/abi.h): each datagram is answered, from the service's port
@@ -27,7 +46,7 @@
  * UDP_SEQ_MAX_ECHO bytes.
  *
  * Status, once a second on stdout:
- *   wanmig-linux: t=SECONDS mem_steps=N mem_passes=N mem_errors=N
+ *   wanmig-linux: t=SECONDS mem_steps=N mem_passes=N disk_errors=N mem_errors=N
  *                 disk_writes=N tcp_conns=OPEN tcp_total=N udp_replies=N
  *
  * Rates are kept by a token bucket on CLOCK_MONOTONIC; after a pause (a VM
@@ -62,6 +81,18 @@
 #define UDP_MAX 65507
 #define UDP_SEQ_MAX_ECHO 1024 /* as the test guest's abi.h */
 #define DISK_MAGIC 0x4b44474d4e41575full /* "_WANMGDK" */
+#define GOLDEN 0x9e3779b97f4a7c15ull
+#define PAGE_SALT 0x574d4750524e4430ull /* as abi.h */
+#define DISK_SALT 0x574d4744524e4430ull
+
+static uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Pseudo-random share of each page and block (entropy MEM DISK). */
+static uint64_t mem_entropy = 35, disk_entropy = 60;
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -75,8 +106,8 @@ static void die(const char *what) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: wanmig-workload [mem WS_MIB RATE_MIB] [disk KIB_S FILE MIB] [tcp PORT] "
-                    "[udp PORT] [status FILE]\n");
+    fprintf(stderr, "usage: wanmig-workload [entropy MEM_PCT DISK_PCT] [mem WS_MIB RATE_MIB] [disk KIB_S FILE MIB] "
+                    "[tcp PORT] [udp PORT] [status FILE]\n");
     exit(2);
 }
 
@@ -104,41 +135,42 @@ static uint64_t pace_due(struct pace *p, uint64_t now) {
 
 static struct {
     uint8_t *base;
-    uint64_t pages, cursor, gen, steps, passes, errors;
+    uint64_t pages, cursor, gen, steps, passes, errors, words;
     struct pace pace;
 } mem;
+
+/* Page i at generation g (see above), all 4096 bytes. */
+static void mem_page(uint64_t *w, uint64_t i, uint64_t g) {
+    uint64_t key = PAGE_SALT ^ i * GOLDEN ^ g;
+    w[0] = i, w[1] = g;
+    for (uint64_t j = 0; j < mem.words; j++) w[2 + j] = mix64(key + (j + 1) * GOLDEN);
+    memset(w + 2 + mem.words, 0, PAGE - 8 * (2 + mem.words));
+}
 
 static void mem_init(uint64_t ws_mib, uint64_t rate_mib, uint64_t now) {
     mem.pages = ws_mib * (1024 * 1024 / PAGE);
     if (!mem.pages) return;
     mem.base = mmap(NULL, mem.pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (mem.base == MAP_FAILED) die("mmap working set");
-    /* Distinct, non-zero content per page: neither a zero page nor a
-     * duplicate of another page, as an application's heap would be. */
-    for (uint64_t i = 0; i < mem.pages; i++) {
-        uint64_t *w = (uint64_t *)(mem.base + i * PAGE), x = i * 0x9e3779b97f4a7c15ull + 1;
-        for (unsigned j = 2; j < PAGE / 8; j++) {
-            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-            w[j] = x;
-        }
-        w[0] = i, w[1] = 0;
-    }
+    mem.words = 510 * mem_entropy / 100;
+    for (uint64_t i = 0; i < mem.pages; i++) mem_page((uint64_t *)(mem.base + i * PAGE), i, 0);
     mem.gen = 1;
     mem.pace = (struct pace){ rate_mib * (1024 * 1024 / PAGE), now, 0 };
 }
 
 static void mem_step(void) {
+    static uint64_t want[PAGE / 8];
     uint64_t *w = (uint64_t *)(mem.base + mem.cursor * PAGE);
-    if (w[0] != mem.cursor || w[1] != mem.gen - 1) {
+    mem_page(want, mem.cursor, mem.gen - 1);
+    if (memcmp(w, want, PAGE)) {
+        unsigned j = 0;
+        while (w[j] == want[j]) j++;
         if (mem.errors++ < 10)
-            printf("wanmig-linux: MEMORY CORRUPT page=%llu index=%llu gen=%llu want gen=%llu\n",
-                   (unsigned long long)mem.cursor, (unsigned long long)w[0], (unsigned long long)w[1],
-                   (unsigned long long)(mem.gen - 1));
-        w[0] = mem.cursor;
+            printf("wanmig-linux: MEMORY CORRUPT page=%llu gen=%llu want gen=%llu: word %u is %#llx, want %#llx\n",
+                   (unsigned long long)mem.cursor, (unsigned long long)w[1], (unsigned long long)(mem.gen - 1), j,
+                   (unsigned long long)w[j], (unsigned long long)want[j]);
     }
-    w[1] = mem.gen;
-    uint64_t *line = w + 8 * (1 + mem.gen % (PAGE / 64 - 1));
-    for (unsigned j = 0; j < 8; j++) line[j] = mem.gen * 0x100000001b3ull + j;
+    mem_page(w, mem.cursor, mem.gen);
     mem.steps++;
     if (++mem.cursor == mem.pages) mem.cursor = 0, mem.gen++, mem.passes++;
 }
@@ -147,15 +179,16 @@ static void mem_step(void) {
 
 static struct {
     int fd;
-    uint64_t blocks, cursor, gen, writes;
+    uint64_t blocks, cursor, gen, writes, errors, words;
     struct pace pace;
 } disk = { .fd = -1 };
 
 static void disk_init(uint64_t kib_s, const char *path, uint64_t mib, uint64_t now) {
     disk.blocks = mib * (1024 * 1024 / BLOCK);
     if (!disk.blocks || !kib_s) return;
-    disk.fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    disk.fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (disk.fd < 0) die(path);
+    disk.words = 508 * disk_entropy / 100;
     /* Allocated up front so that the writes overwrite blocks in place, as a
      * database does, rather than growing the file. */
     int e = posix_fallocate(disk.fd, 0, (off_t)(disk.blocks * BLOCK));
@@ -164,11 +197,33 @@ static void disk_init(uint64_t kib_s, const char *path, uint64_t mib, uint64_t n
     disk.pace = (struct pace){ kib_s * 1024 / BLOCK, now, 0 };
 }
 
+/* Block b at generation g (see above); zeros for generation 0. */
+static void disk_block(uint64_t *buf, uint64_t b, uint64_t g) {
+    if (!g) {
+        memset(buf, 0, BLOCK);
+        return;
+    }
+    uint64_t key = DISK_SALT ^ b * GOLDEN ^ g;
+    buf[0] = DISK_MAGIC, buf[1] = b, buf[2] = g, buf[3] = (g - 1) * disk.blocks + b;
+    for (uint64_t j = 4; j < BLOCK / 8; j++)
+        buf[j] = j < 4 + disk.words ? mix64(key + (j - 3) * GOLDEN) : DISK_MAGIC ^ j;
+}
+
 static void disk_write(void) {
-    static uint64_t buf[BLOCK / 8];
-    buf[0] = DISK_MAGIC, buf[1] = disk.cursor, buf[2] = disk.gen, buf[3] = disk.writes;
-    for (unsigned j = 4; j < BLOCK / 8; j++) buf[j] = (disk.gen << 32 | disk.cursor) * 0x9e3779b97f4a7c15ull + j;
-    if (pwrite(disk.fd, buf, BLOCK, (off_t)(disk.cursor * BLOCK)) != BLOCK) die("disk write");
+    static uint64_t buf[BLOCK / 8], held[BLOCK / 8];
+    off_t at = (off_t)(disk.cursor * BLOCK);
+    disk_block(buf, disk.cursor, disk.gen - 1);
+    if (pread(disk.fd, held, BLOCK, at) != BLOCK) die("disk read");
+    if (memcmp(held, buf, BLOCK)) {
+        unsigned j = 0;
+        while (held[j] == buf[j]) j++;
+        if (disk.errors++ < 10)
+            printf("wanmig-linux: DISK CORRUPT block=%llu gen=%llu: word %u is %#llx, want %#llx\n",
+                   (unsigned long long)disk.cursor, (unsigned long long)(disk.gen - 1), j, (unsigned long long)held[j],
+                   (unsigned long long)buf[j]);
+    }
+    disk_block(buf, disk.cursor, disk.gen);
+    if (pwrite(disk.fd, buf, BLOCK, at) != BLOCK) die("disk write");
     disk.writes++;
     if (++disk.cursor == disk.blocks) disk.cursor = 0, disk.gen++;
 }
@@ -255,10 +310,11 @@ static void udp_serve(int fd) {
 static void status(uint64_t t, const char *path) {
     char line[256];
     int n = snprintf(line, sizeof line,
-                     "wanmig-linux: t=%llu mem_steps=%llu mem_passes=%llu mem_errors=%llu disk_writes=%llu "
-                     "tcp_conns=%u tcp_total=%llu udp_replies=%llu\n",
+                     "wanmig-linux: t=%llu mem_steps=%llu mem_passes=%llu disk_errors=%llu mem_errors=%llu "
+                     "disk_writes=%llu tcp_conns=%u tcp_total=%llu udp_replies=%llu\n",
                      (unsigned long long)t, (unsigned long long)mem.steps, (unsigned long long)mem.passes,
-                     (unsigned long long)mem.errors, (unsigned long long)disk.writes, nclients,
+                     (unsigned long long)disk.errors, (unsigned long long)mem.errors, (unsigned long long)disk.writes,
+                     nclients,
                      (unsigned long long)tcp_total, (unsigned long long)udp_replies);
     fputs(line, stdout);
     fflush(stdout);
@@ -280,16 +336,21 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc;) {
         const char *k = argv[i++];
         int left = argc - i;
-        if (!strcmp(k, "mem") && left >= 2) mem_init(number(argv[i]), number(argv[i + 1]), t0), i += 2;
+        if (!strcmp(k, "entropy") && left >= 2) {
+            mem_entropy = number(argv[i]), disk_entropy = number(argv[i + 1]), i += 2;
+            if (mem_entropy > 100 || disk_entropy > 100) usage();
+        } else if (!strcmp(k, "mem") && left >= 2) mem_init(number(argv[i]), number(argv[i + 1]), t0), i += 2;
         else if (!strcmp(k, "disk") && left >= 3) disk_init(number(argv[i]), argv[i + 1], number(argv[i + 2]), t0), i += 3;
         else if (!strcmp(k, "tcp") && left >= 1) tcp_fd = listen_on(SOCK_STREAM, number(argv[i++]));
         else if (!strcmp(k, "udp") && left >= 1) udp_fd = listen_on(SOCK_DGRAM, number(argv[i++]));
         else if (!strcmp(k, "status") && left >= 1) status_path = argv[i++];
         else usage();
     }
-    printf("wanmig-linux: workload: mem %llu MiB at %llu MiB/s, disk %llu KiB/s over %llu MiB, tcp %s, udp %s\n",
+    printf("wanmig-linux: workload: mem %llu MiB at %llu MiB/s, disk %llu KiB/s over %llu MiB, "
+           "entropy mem %llu%% disk %llu%%, tcp %s, udp %s\n",
            (unsigned long long)(mem.pages * PAGE >> 20), (unsigned long long)(mem.pace.per_s * PAGE >> 20),
            (unsigned long long)(disk.pace.per_s * BLOCK >> 10), (unsigned long long)(disk.blocks * BLOCK >> 20),
+           (unsigned long long)mem_entropy, (unsigned long long)disk_entropy,
            tcp_fd >= 0 ? "on" : "off", udp_fd >= 0 ? "on" : "off");
     fflush(stdout); /* the host waits for this line: the sockets are bound */
 

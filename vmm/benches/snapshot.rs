@@ -29,6 +29,8 @@ fn config(gib: u64, dir: &Path) -> VmConfig {
             disk_kib: 0,
             disk_mib: 1,
             disk_scatter: false,
+            mem_entropy: wanmig_vmm::testguest::DEFAULT_MEM_ENTROPY,
+            disk_entropy: wanmig_vmm::testguest::DEFAULT_DISK_ENTROPY,
             poweroff_after_s: None,
             reset_after_s: None,
         })),

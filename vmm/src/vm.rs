@@ -373,6 +373,7 @@ impl Vm {
             None => return Err(VmError::NoGuest),
             Some(GuestConfig::Test(t)) => {
                 let entry = boot::load_multiboot(mem, testguest::IMAGE, &testguest::cmdline(t, &config.nets), &ram)?;
+                testguest::prestamp(mem, t, &ram).map_err(boot::BootError::Write)?;
                 vcpu::set_multiboot_entry(&lock(&vm.vcpus[0]), entry, layout::MULTIBOOT_INFO as u32)?;
             }
             Some(GuestConfig::Linux(l)) => {

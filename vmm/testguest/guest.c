@@ -2,11 +2,12 @@
  * wanmig built-in test guest: the deterministic oracle of every save/restore
  * and migration test.
  *
- * It stamps every page of RAM above RESERVED_END with a known pattern, then
- * increments a generation counter in the pages of a working set at a
- * configurable rate, writes generation-stamped blocks to its virtio-blk disk
- * at a configurable rate, and reports progress on the 8250 serial port.
- * abi.h describes exactly what the host can check afterwards.
+ * It stamps every page of RAM above RESERVED_END with a known pattern (part
+ * of it pseudo-random, copied from a pool), then rewrites the pages of a
+ * working set with the next generation at a configurable rate, writes
+ * generation-stamped blocks to its virtio-blk disk at a configurable rate
+ * with several writes in flight, and reports progress on the 8250 serial
+ * port. abi.h describes exactly what the host can check afterwards.
  *
  * Command line (multiboot cmdline, "key=value" separated by spaces):
  *   ws_mib=N       working set in MiB (default 16; clamped to low RAM)
@@ -14,6 +15,10 @@
  *   disk_kib=N     disk write rate in KiB/s (default 0 = no disk writes)
  *   disk_mib=N     size of the disk region written, MiB (default 1)
  *   disk_scatter=1 scatter the writes over the region (see abi.h)
+ *   mem_entropy=N  pseudo-random share of each written page, 0..100
+ *                  (default DEFAULT_MEM_ENTROPY)
+ *   disk_entropy=N the same for disk blocks (default DEFAULT_DISK_ENTROPY)
+ *   pool_kib=N     size of the pseudo-random pool (default: abi.h's rule)
  *   net_ip=A.B.C.D the guest's IPv4 address: drive the NIC (see abi.h)
  *   net_mac=MAC    use the virtio-net device with this MAC (default: the first)
  *   mmio=ADDR mmio_stride=N mmio_count=N   virtio-mmio window to probe
@@ -26,7 +31,10 @@
  *
  * Built freestanding, 64-bit, general registers only: the software KVM
  * backend this project is tested on emulates every guest instruction and
- * may lack SSE/AVX.
+ * may lack SSE/AVX. It emulates a `rep movsq` iteration about as fast as a
+ * whole instruction, so pseudo-random bytes are copied 8 at a time from a
+ * pool the host writes at boot rather than computed per word (which costs
+ * ten times as much).
  */
 #include <stdint.h>
 #include "abi.h"
@@ -44,6 +52,9 @@ static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, 
 static inline uint32_t mmio_read(uint64_t a) { return *(volatile uint32_t *)a; }
 static inline void mmio_write(uint64_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
 static inline void barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
+static inline void copy_words(volatile uint64_t *d, const uint64_t *s, uint64_t n) {
+    __asm__ volatile("cld; rep movsq" : "+D"(d), "+S"(s), "+c"(n) : : "memory");
+}
 
 void *memset(void *d, int c, unsigned long n) { unsigned char *p = d; while (n--) *p++ = (unsigned char)c; return d; }
 void *memcpy(void *d, const void *s, unsigned long n) { unsigned char *p = d; const unsigned char *q = s; while (n--) *p++ = *q++; return d; }
@@ -124,6 +135,8 @@ static void interrupts_init(void) {
 
 struct params {
     uint64_t ws_mib, rate_mib, disk_kib, disk_mib, mmio, mmio_stride, mmio_count;
+    uint64_t mem_entropy, disk_entropy, pool_kib;
+    int have_pool_kib;
     int flat_out, disk_scatter;
     int have_ip, have_mac;
     uint8_t ip[4], mac[6];
@@ -195,6 +208,9 @@ static void parse_cmdline(const char *s, struct params *p) {
         else if (streq_prefix(s, "disk_kib", &v)) p->disk_kib = parse_num(v);
         else if (streq_prefix(s, "disk_mib", &v)) p->disk_mib = parse_num(v);
         else if (streq_prefix(s, "disk_scatter", &v)) p->disk_scatter = parse_num(v) != 0;
+        else if (streq_prefix(s, "mem_entropy", &v)) p->mem_entropy = parse_num(v);
+        else if (streq_prefix(s, "disk_entropy", &v)) p->disk_entropy = parse_num(v);
+        else if (streq_prefix(s, "pool_kib", &v)) { p->pool_kib = parse_num(v); p->have_pool_kib = 1; }
         else if (streq_prefix(s, "net_ip", &v)) p->have_ip = parse_ip(v, p->ip);
         else if (streq_prefix(s, "net_mac", &v)) p->have_mac = parse_mac(v, p->mac);
         else if (streq_prefix(s, "mmio", &v)) p->mmio = parse_num(v);
@@ -228,7 +244,10 @@ static void parse_cmdline(const char *s, struct params *p) {
 #define R_QUEUE_DRIVER 0x090
 #define R_QUEUE_DEVICE 0x0a0
 #define R_CONFIG 0x100
-#define QSZ 8
+/* Three descriptors per write (header, data, status): DISK_QUEUE_DEPTH
+ * writes fit, write k always in slot k % DISK_QUEUE_DEPTH. */
+#define QSZ 32
+#define QD DISK_QUEUE_DEPTH
 
 struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct vq_avail { uint16_t flags, idx, ring[QSZ], used_event; };
@@ -238,10 +257,11 @@ struct blk_req { uint32_t type, reserved; uint64_t sector; };
 static struct vq_desc vq_desc[QSZ] __attribute__((aligned(4096)));
 static struct vq_avail vq_avail __attribute__((aligned(4096)));
 static volatile struct vq_used vq_used __attribute__((aligned(4096)));
-static struct blk_req blk_req;
-static volatile uint8_t blk_status;
-static uint64_t blk_buf[512] __attribute__((aligned(4096)));
-static uint64_t blk_base;
+static struct blk_req blk_req[QD];
+static volatile uint8_t blk_status[QD];
+static uint8_t blk_complete[QD];
+static uint64_t blk_buf[QD][512] __attribute__((aligned(4096)));
+static uint64_t blk_base, blk_qd, disk_words;
 static uint16_t used_seen;
 
 static int blk_probe(const struct params *p) {
@@ -264,6 +284,7 @@ static int blk_probe(const struct params *p) {
         if (!(mmio_read(b + R_STATUS) & 8)) continue;
         mmio_write(b + R_QUEUE_SEL, 0);
         if (mmio_read(b + R_QUEUE_NUM_MAX) < QSZ) continue;
+        vq_avail.flags = 1; /* VRING_AVAIL_F_NO_INTERRUPT: completions are polled */
         mmio_write(b + R_QUEUE_NUM, QSZ);
         mmio_write(b + R_QUEUE_DESC, (uint32_t)(uint64_t)vq_desc);
         mmio_write(b + R_QUEUE_DESC + 4, (uint32_t)((uint64_t)vq_desc >> 32));
@@ -279,6 +300,11 @@ static int blk_probe(const struct params *p) {
         uint64_t want = p->disk_mib * 256;
         status.disk_blocks = want < blocks ? want : blocks;
         status.disk_stride = p->disk_scatter && status.disk_blocks % DISK_SCATTER_STRIDE ? DISK_SCATTER_STRIDE : 1;
+        /* In-flight writes must go to different blocks. */
+        blk_qd = status.disk_blocks < QD ? status.disk_blocks : QD;
+        /* The compressible tail of every block never changes: written once. */
+        for (uint64_t k = 0; k < QD; k++)
+            for (uint64_t i = 3 + disk_words; i < 512; i++) blk_buf[k][i] = DISK_MAGIC ^ i;
         puts("wanmig-testguest: virtio-blk at "); putx(b);
         puts(" sectors="); putu(sectors); puts("\n");
         return 1;
@@ -286,28 +312,68 @@ static int blk_probe(const struct params *p) {
     return 0;
 }
 
-/* Writes the block of write number seq (see abi.h); returns 0 on success. */
-static int blk_write_seq(uint64_t seq) {
-    uint64_t block = seq * status.disk_stride % status.disk_blocks;
-    blk_buf[0] = DISK_MAGIC;
-    blk_buf[1] = seq;
-    blk_buf[2] = block;
-    for (uint64_t i = 3; i < 512; i++) blk_buf[i] = DISK_MAGIC ^ (seq << 16) ^ i;
-    blk_req = (struct blk_req){ 1 /* VIRTIO_BLK_T_OUT */, 0, block * 8 };
-    blk_status = 0xff;
-    vq_desc[0] = (struct vq_desc){ (uint64_t)&blk_req, sizeof(blk_req), 1 /* NEXT */, 1 };
-    vq_desc[1] = (struct vq_desc){ (uint64_t)blk_buf, sizeof(blk_buf), 1, 2 };
-    vq_desc[2] = (struct vq_desc){ (uint64_t)&blk_status, 1, 2 /* WRITE */, 0 };
-    vq_avail.ring[vq_avail.idx % QSZ] = 0;
+/* The pseudo-random pool at RESERVED_END (abi.h). */
+static const uint64_t *pool = (const uint64_t *)RESERVED_END;
+static uint64_t pool_words;
+
+/* Makes the request of write number seq (see abi.h) in its slot, counts it
+ * as issued and makes it available; the caller notifies. */
+static void blk_issue(uint64_t seq) {
+    uint64_t k = seq % QD, block = seq * status.disk_stride % status.disk_blocks;
+    uint64_t *buf = blk_buf[k];
+    buf[0] = DISK_MAGIC;
+    buf[1] = seq;
+    buf[2] = block;
+    if (disk_words)
+        copy_words(buf + 3, pool + POOL_OFF(DISK_SALT ^ block ^ seq * POOL_GOLDEN, disk_words, pool_words), disk_words);
+    blk_req[k] = (struct blk_req){ 1 /* VIRTIO_BLK_T_OUT */, 0, block * 8 };
+    blk_status[k] = 0xff;
+    blk_complete[k] = 0;
+    uint16_t d = (uint16_t)(3 * k);
+    vq_desc[d] = (struct vq_desc){ (uint64_t)&blk_req[k], sizeof(blk_req[k]), 1 /* NEXT */, (uint16_t)(d + 1) };
+    vq_desc[d + 1] = (struct vq_desc){ (uint64_t)buf, 4096, 1, (uint16_t)(d + 2) };
+    vq_desc[d + 2] = (struct vq_desc){ (uint64_t)&blk_status[k], 1, 2 /* WRITE */, 0 };
+    status.disk_issued = seq + 1; /* before the device can see it */
+    vq_avail.ring[vq_avail.idx % QSZ] = d;
     barrier();
     vq_avail.idx++;
-    barrier();
-    mmio_write(blk_base + R_QUEUE_NOTIFY, 0);
-    while (vq_used.idx == used_seen) __asm__ volatile("pause");
-    used_seen++;
-    uint32_t isr = mmio_read(blk_base + R_INTERRUPT_STATUS);
-    if (isr) mmio_write(blk_base + R_INTERRUPT_ACK, isr);
-    return blk_status;
+}
+
+/* Takes what the device completed and moves disk_done over the completed
+ * prefix; returns 1 if a write failed. */
+static int blk_reap(void) {
+    while (used_seen != vq_used.idx) {
+        barrier();
+        uint32_t id = vq_used.ring[used_seen % QSZ].id;
+        used_seen++;
+        if (id % 3 || id / 3 >= blk_qd) return 1;
+        if (blk_status[id / 3] != 0) return 1;
+        blk_complete[id / 3] = 1;
+    }
+    while (status.disk_done < status.disk_issued && blk_complete[status.disk_done % QD]) {
+        blk_complete[status.disk_done % QD] = 0;
+        status.disk_done++;
+    }
+    return 0;
+}
+
+/* Issues writes up to `target` (never more than blk_qd in flight), one
+ * notification per batch, reaping as completions arrive; returns 1 if a
+ * write failed. A device that completes during the notification (wanmig)
+ * is kept busy to the target; one that completes later (QEMU) is reaped on
+ * the next call. */
+static int blk_pump(uint64_t target) {
+    for (;;) {
+        if (blk_reap()) return 1;
+        int issued = 0;
+        while (status.disk_issued < target && status.disk_issued < status.disk_done + blk_qd) {
+            blk_issue(status.disk_issued);
+            issued = 1;
+        }
+        if (!issued) return 0;
+        barrier();
+        mmio_write(blk_base + R_QUEUE_NOTIFY, 0);
+    }
 }
 
 /* ---------------------------------------------------------------- virtio-net */
@@ -668,14 +734,61 @@ static void acpi_reset(const struct acpi_power *a) {
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr, syms[4], mmap_length, mmap_addr; };
 struct __attribute__((packed)) mb_mmap { uint32_t size; uint64_t addr, len; uint32_t type; };
 
+static uint64_t mem_words, rewritten;
+
+static inline uint64_t page_off(uint64_t a, uint64_t gen) {
+    return POOL_OFF(PAGE_SALT ^ a ^ gen * POOL_GOLDEN, mem_words, pool_words);
+}
+
+/* Whether page a holds generation gen (words 0, 1, and the first and last
+ * pseudo-random word). */
+static inline int page_holds(volatile uint64_t *p, uint64_t a, uint64_t gen) {
+    if (p[0] != (PAGE_MAGIC ^ a) || p[1] != gen) return 0;
+    if (!mem_words) return 1;
+    uint64_t off = page_off(a, gen);
+    return p[2] == pool[off] && p[1 + mem_words] == pool[off + mem_words - 1];
+}
+
+/* Generation 0 on every page in [start, end) above the pool, unless the
+ * host already wrote it. */
+static int host_stamped;
+
 static void stamp(uint64_t start, uint64_t end) {
-    if (start < RESERVED_END) start = RESERVED_END;
+    if (start < status.ws_start) start = status.ws_start;
+    /* The host says it stamped every page: trust it if the region's first
+     * and last pages agree (the oracle checks every byte anyway). */
+    uint64_t last = end >= PAGE_SIZE ? ((end - PAGE_SIZE) & ~(PAGE_SIZE - 1)) : 0;
+    if (host_stamped && start + PAGE_SIZE <= end && page_holds((volatile uint64_t *)start, start, 0) &&
+        page_holds((volatile uint64_t *)last, last, 0)) {
+        status.stamped_pages += (last - start) / PAGE_SIZE + 1;
+        return;
+    }
     for (uint64_t a = start; a + PAGE_SIZE <= end; a += PAGE_SIZE) {
         volatile uint64_t *p = (volatile uint64_t *)a;
-        p[0] = PAGE_MAGIC ^ a;
-        p[1] = 0;
+        if (!page_holds(p, a, 0)) {
+            rewritten++;
+            p[0] = PAGE_MAGIC ^ a;
+            p[1] = 0;
+            if (mem_words) copy_words(p + 2, pool + page_off(a, 0), mem_words);
+        }
         status.stamped_pages++;
     }
+}
+
+/* The pool of pool_bytes at RESERVED_END: kept if one word in every 4 KiB
+ * is right (the host wrote it), else computed here; 1 if it was kept. */
+static int pool_setup(uint64_t pool_bytes) {
+    uint64_t *w = (uint64_t *)RESERVED_END;
+    pool_words = pool_bytes / 8;
+    status.pool_bytes = pool_bytes;
+    for (uint64_t i = 0; i < pool_words; i += 512) {
+        if (w[i] != POOL_WORD(i) || w[i + 511] != POOL_WORD(i + 511)) {
+            puts("wanmig-testguest: computing the pool\n");
+            for (uint64_t j = 0; j < pool_words; j++) w[j] = POOL_WORD(j);
+            return 0;
+        }
+    }
+    return 1;
 }
 
 static void report_error(uint64_t gpa, uint64_t found, uint64_t want) {
@@ -695,9 +808,9 @@ static uint64_t cursor, pass;
 static inline void step(void) {
     uint64_t a = status.ws_start + cursor * PAGE_SIZE;
     volatile uint64_t *p = (volatile uint64_t *)a;
-    uint64_t g = p[1];
-    if (g != pass || p[0] != (PAGE_MAGIC ^ a)) report_error(a, g, pass);
+    if (!page_holds(p, a, pass)) report_error(a, p[1], pass);
     p[1] = pass + 1;
+    if (mem_words) copy_words(p + 2, pool + page_off(a, pass + 1), mem_words);
     status.steps++;
     if (++cursor == status.ws_pages) {
         cursor = 0;
@@ -712,7 +825,8 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     if (magic != 0x2BADB002) { puts("wanmig-testguest: not started by a multiboot loader\n"); return; }
     const struct mb_info *mb = (const struct mb_info *)(uint64_t)info_addr;
 
-    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT, 0, 0, 0, 0, { 0 }, { 0 }, 0, 0 };
+    struct params p = { 16, 0, 0, 1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_COUNT,
+                        DEFAULT_MEM_ENTROPY, DEFAULT_DISK_ENTROPY, 0, 0, 0, 0, 0, 0, { 0 }, { 0 }, 0, 0 };
     if (mb->flags & (1u << 2)) parse_cmdline((const char *)(uint64_t)mb->cmdline, &p);
 
     struct acpi_power acpi = { 0, 0, 0, 0 };
@@ -730,24 +844,51 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     }
 
     status.phase = PHASE_STAMPING;
+    int have_mmap = (mb->flags & (1u << 6)) != 0;
     uint64_t low_end = 0x100000ull + (uint64_t)mb->mem_upper * 1024;
-    if (mb->flags & (1u << 6)) {
-        uint64_t at = mb->mmap_addr, end = at + mb->mmap_length;
+    if (have_mmap) {
         low_end = 0;
-        while (at < end) {
+        for (uint64_t at = mb->mmap_addr; at < (uint64_t)mb->mmap_addr + mb->mmap_length;) {
             const struct mb_mmap *e = (const struct mb_mmap *)at;
-            if (e->type == 1) {
-                stamp(e->addr, e->addr + e->len);
-                if (e->addr <= RESERVED_END && e->addr + e->len > low_end) low_end = e->addr + e->len;
-            }
+            if (e->type == 1 && e->addr <= RESERVED_END && e->addr + e->len > low_end) low_end = e->addr + e->len;
+            at += e->size + 4;
+        }
+    }
+    uint64_t low_free = low_end > RESERVED_END ? low_end - RESERVED_END : 0;
+
+    /* The pool, then the working set right after it. */
+    if (p.mem_entropy > 100) p.mem_entropy = 100;
+    if (p.disk_entropy > 100) p.disk_entropy = 100;
+    status.mem_entropy = p.mem_entropy;
+    status.disk_entropy = p.disk_entropy;
+    uint64_t pool_bytes = 0;
+    if (p.mem_entropy || p.disk_entropy) {
+        pool_bytes = p.have_pool_kib ? p.pool_kib * 1024 : low_free / POOL_RAM_SHARE;
+        if (!p.have_pool_kib && pool_bytes > POOL_MAX_BYTES) pool_bytes = POOL_MAX_BYTES;
+        if (pool_bytes > low_free / 2) pool_bytes = low_free / 2;
+        pool_bytes &= ~(POOL_ALIGN - 1);
+        if (!pool_bytes) {
+            puts("wanmig-testguest: no room for a pool: entropy 0\n");
+            status.mem_entropy = status.disk_entropy = 0;
+        }
+    }
+    int pool_kept = pool_setup(pool_bytes);
+    host_stamped = pool_kept && status.host_stamped == (PRESTAMP_MAGIC ^ status.mem_entropy ^ (pool_bytes << 8));
+    mem_words = MEM_WORDS(status.mem_entropy);
+    disk_words = DISK_WORDS(status.disk_entropy);
+    status.ws_start = RESERVED_END + pool_bytes;
+
+    if (have_mmap) {
+        for (uint64_t at = mb->mmap_addr; at < (uint64_t)mb->mmap_addr + mb->mmap_length;) {
+            const struct mb_mmap *e = (const struct mb_mmap *)at;
+            if (e->type == 1) stamp(e->addr, e->addr + e->len);
             at += e->size + 4;
         }
     } else {
         stamp(RESERVED_END, low_end);
     }
 
-    status.ws_start = RESERVED_END;
-    uint64_t ws_max = low_end > RESERVED_END ? (low_end - RESERVED_END) / PAGE_SIZE : 0;
+    uint64_t ws_max = low_end > status.ws_start ? (low_end - status.ws_start) / PAGE_SIZE : 0;
     status.ws_pages = p.ws_mib * 256 < ws_max ? p.ws_mib * 256 : ws_max;
 
     int have_disk = p.disk_kib && blk_probe(&p) && status.disk_blocks;
@@ -755,9 +896,13 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
     interrupts_init();
     status.phase = PHASE_RUNNING;
     puts("wanmig-testguest: running stamped="); putu(status.stamped_pages);
+    puts(" (written here "); putu(rewritten); puts(")");
     puts(" ws_pages="); putu(status.ws_pages);
     puts(" rate_mib="); if (p.flat_out) puts("max"); else putu(p.rate_mib);
     puts(" disk_kib="); putu(have_disk ? p.disk_kib : 0);
+    puts(" mem_entropy="); putu(status.mem_entropy);
+    puts(" disk_entropy="); putu(status.disk_entropy);
+    puts(" pool_kib="); putu(status.pool_bytes / 1024);
     puts("\n");
     __asm__ volatile("sti");
 
@@ -774,14 +919,10 @@ void guest_main(uint32_t magic, uint32_t info_addr) {
         }
         if (have_disk && blocks_per_sec) {
             uint64_t target = now * blocks_per_sec / TICK_HZ;
-            if (target > status.disk_done + blocks_per_sec) target = status.disk_done + blocks_per_sec;
-            while (status.disk_done < target) {
-                if (blk_write_seq(status.disk_done)) {
-                    puts("wanmig-testguest: disk write failed, disk writer stopped\n");
-                    have_disk = 0;
-                    break;
-                }
-                status.disk_done++;
+            if (target > status.disk_issued + blocks_per_sec) target = status.disk_issued + blocks_per_sec;
+            if (blk_pump(target)) {
+                puts("wanmig-testguest: disk write failed, disk writer stopped\n");
+                have_disk = 0;
             }
         }
         if (now >= last_report + TICK_HZ) {
