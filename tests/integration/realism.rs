@@ -66,7 +66,7 @@ fn guest_memory_compresses_as_its_entropy_says() {
         let p = src.wait_for("a pass", Duration::from_secs(60), |g| g.steps > p.steps + ws_pages + 100);
         let (a, b) = (vm.path("a"), vm.path("b"));
         src.snapshot(&a);
-        assert!(src.request(&wanmig_vmm::control::Request::Resume).ok);
+        assert!(src.request(&wanmig_control::Request::Resume).ok);
         src.wait_for("another pass", Duration::from_secs(60), |g| g.steps > p.steps + 2 * ws_pages + 200);
         src.snapshot(&b);
         assert!(src.shutdown().success());
