@@ -11,68 +11,13 @@ use std::time::Duration;
 
 use s2n_quic::client::Connect;
 use s2n_quic::provider::limits::Limits;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use wanmig_wire::{ALPN, DecodeError, Message, frame_len};
+use wanmig_wire::ALPN;
 
+use crate::error::{TransportError, lost};
+use crate::frames::{FrameReceiver, FrameSender};
 use crate::identity::{Fingerprint, Identity};
+use crate::mem;
 use crate::tls;
-
-/// Errors of the transport.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// Setting up TLS failed.
-    #[error("TLS setup failed: {0}")]
-    Tls(String),
-    /// Starting the endpoint failed.
-    #[error("cannot start a QUIC endpoint on {addr}: {reason}")]
-    Start {
-        /// Local address.
-        addr: String,
-        /// Why.
-        reason: String,
-    },
-    /// The peer's certificate is not pinned here.
-    #[error("refused the peer: its certificate {0} is not pinned")]
-    PeerNotPinned(Fingerprint),
-    /// The connection could not be established.
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect {
-        /// Peer address.
-        addr: SocketAddr,
-        /// Why (a refusal by the peer shows as a TLS alert).
-        reason: String,
-    },
-    /// The connection or a stream failed.
-    #[error("connection lost: {0}")]
-    Lost(String),
-    /// The peer sent a frame that does not decode.
-    #[error("bad frame from the peer")]
-    Decode(#[from] DecodeError),
-    /// No frame arrived in time.
-    #[error("the peer sent nothing for {0:?}")]
-    Timeout(Duration),
-}
-
-/// The application close code of a migration its source cancelled.
-pub const CLOSE_CANCELLED: u32 = 12;
-/// What a side whose peer closed the connection with [`CLOSE_CANCELLED`] hears.
-pub const PEER_CANCELLED: &str = "the peer cancelled the migration";
-
-/// A connection or stream error. With TLS 1.3 the client finishes its
-/// handshake before the server has checked the client's certificate, so a
-/// source that is not pinned at the destination learns it here, from the
-/// first stream operation, as a TLS alert: say so.
-fn lost(e: impl std::fmt::Display) -> TransportError {
-    let s = e.to_string();
-    if s.contains(&format!("application::Error({CLOSE_CANCELLED}) by remote")) {
-        return TransportError::Lost(PEER_CANCELLED.into());
-    }
-    if s.contains("HANDSHAKE_FAILURE") || s.contains("certificate") || s.contains("crypto") || s.contains("alert") {
-        TransportError::Lost(format!("{s} (the peer refused our certificate: is our fingerprint pinned there?)"))
-    } else {
-        TransportError::Lost(s)
-    }
-}
 
 /// Flow-control sizing from the link the migration runs over.
 #[derive(Debug, Clone, Copy)]
@@ -209,7 +154,7 @@ pub async fn connect(
 }
 
 /// An authenticated connection: QUIC between hosts, or an in-memory pair
-/// ([`crate::mem::pair`]) for tests that drive both ends in one process.
+/// ([`Conn::mem_pair`]) for tests that drive both ends in one process.
 pub struct Conn {
     inner: ConnInner,
 }
@@ -221,7 +166,7 @@ enum ConnInner {
         // The client endpoint must live as long as its connection.
         _client: Option<s2n_quic::Client>,
     },
-    Mem(crate::mem::MemConn),
+    Mem(mem::MemConn),
 }
 
 impl std::fmt::Debug for Conn {
@@ -236,8 +181,12 @@ impl Conn {
         Conn { inner: ConnInner::Quic { handle, acceptor, _client: None } }
     }
 
-    pub(crate) fn mem(m: crate::mem::MemConn) -> Self {
-        Conn { inner: ConnInner::Mem(m) }
+    /// Two connected in-memory ends (one to open streams, one to accept
+    /// them, though either may do both) and the handle that cuts them:
+    /// for tests that drive both ends of a migration in one process.
+    pub fn mem_pair() -> (Conn, Conn, mem::Link) {
+        let (a, b, link) = mem::pair();
+        (Conn { inner: ConnInner::Mem(a) }, Conn { inner: ConnInner::Mem(b) }, link)
     }
 
     /// The peer's address (none for an in-memory pair).
@@ -306,115 +255,5 @@ impl Conn {
             ConnInner::Quic { handle, .. } => handle.close(code.into()),
             ConnInner::Mem(m) => m.close(code),
         }
-    }
-}
-
-/// A stream's writing half, whatever carries it.
-type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
-/// A stream's reading half.
-type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
-
-/// Sends frames on a stream.
-pub struct FrameSender {
-    stream: WriteHalf,
-    /// A send was interrupted (its future dropped) part way through a
-    /// frame: the stream is no longer at a frame boundary.
-    torn: bool,
-}
-
-impl std::fmt::Debug for FrameSender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameSender").finish_non_exhaustive()
-    }
-}
-
-impl FrameSender {
-    pub(crate) fn new(stream: impl AsyncWrite + Send + Unpin + 'static) -> Self {
-        FrameSender { stream: Box::new(stream), torn: false }
-    }
-
-    /// Sends one message; returns the bytes put on the stream.
-    pub async fn send(&mut self, msg: &Message) -> Result<usize, TransportError> {
-        self.send_encoded(&msg.encode()).await
-    }
-
-    /// Sends an already encoded frame.
-    ///
-    /// Cancel-safe in the sense that matters: if the future is dropped part
-    /// way through a frame, every later send fails instead of writing after
-    /// half a frame.
-    pub async fn send_encoded(&mut self, frame: &[u8]) -> Result<usize, TransportError> {
-        if self.torn {
-            return Err(TransportError::Lost("an earlier send on this stream was interrupted mid-frame".into()));
-        }
-        self.torn = true;
-        self.stream.write_all(frame).await.map_err(lost)?;
-        self.torn = false;
-        Ok(frame.len())
-    }
-
-    /// Waits until everything sent was delivered, then ends the stream.
-    pub async fn finish(&mut self) -> Result<(), TransportError> {
-        self.stream.shutdown().await.map_err(lost)
-    }
-}
-
-/// Receives frames from a stream.
-///
-/// [`FrameReceiver::recv`] is cancel-safe: a partly read frame stays in the
-/// receiver, so it can race another stream in `tokio::select!` and lose
-/// without losing bytes.
-pub struct FrameReceiver {
-    stream: ReadHalf,
-    header: [u8; 4],
-    header_filled: usize,
-    buf: Vec<u8>,
-    body_filled: usize,
-}
-
-impl std::fmt::Debug for FrameReceiver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameReceiver").finish_non_exhaustive()
-    }
-}
-
-impl FrameReceiver {
-    pub(crate) fn new(stream: impl AsyncRead + Send + Unpin + 'static) -> Self {
-        FrameReceiver { stream: Box::new(stream), header: [0; 4], header_filled: 0, buf: Vec::new(), body_filled: 0 }
-    }
-
-    /// The next message, or `None` when the peer ended the stream cleanly
-    /// between frames. Only single `read` calls are awaited (each either
-    /// completes or reads nothing), and progress lives in `self`.
-    pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
-        while self.header_filled < 4 {
-            let n = self.stream.read(&mut self.header[self.header_filled..]).await.map_err(lost)?;
-            if n == 0 {
-                return match self.header_filled {
-                    0 => Ok(None),
-                    _ => Err(TransportError::Lost("the stream ended inside a frame header".into())),
-                };
-            }
-            self.header_filled += n;
-            if self.header_filled == 4 {
-                let len = frame_len(self.header)?;
-                self.buf.resize(len, 0);
-                self.body_filled = 0;
-            }
-        }
-        while self.body_filled < self.buf.len() {
-            let n = self.stream.read(&mut self.buf[self.body_filled..]).await.map_err(lost)?;
-            if n == 0 {
-                return Err(TransportError::Lost("the stream ended inside a frame".into()));
-            }
-            self.body_filled += n;
-        }
-        self.header_filled = 0;
-        Ok(Some(Message::decode(&self.buf)?))
-    }
-
-    /// Like [`FrameReceiver::recv`], failing after `timeout` of silence.
-    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, TransportError> {
-        tokio::time::timeout(timeout, self.recv()).await.map_err(|_| TransportError::Timeout(timeout))?
     }
 }

@@ -5,18 +5,21 @@
 //!
 //! - [`identity`]: host keys (`wanmig keygen`) and fingerprints.
 //! - [`tls`]: the pinned-peer verifiers.
-//! - [`endpoint`]: listener, connect, control and bulk streams.
+//! - [`endpoint`]: listener, connect, connections and their streams.
+//! - [`frames`]: framed streams of `wanmig-wire` messages; [`error`].
 //! - [`mem`]: an in-memory connection pair with a link that can be cut, for
 //!   tests that drive both ends of a migration in one process.
 
 pub mod endpoint;
+pub mod error;
+pub mod frames;
 pub mod identity;
 pub mod mem;
 pub mod tls;
 
-pub use endpoint::{
-    CLOSE_CANCELLED, Conn, FrameReceiver, FrameSender, LinkTuning, Listener, PEER_CANCELLED, TransportError, connect,
-};
+pub use endpoint::{Conn, LinkTuning, Listener, connect};
+pub use error::{CLOSE_CANCELLED, PEER_CANCELLED, TransportError};
+pub use frames::{FrameReceiver, FrameSender};
 pub use identity::{Fingerprint, Identity, IdentityError};
 
 #[cfg(test)]

@@ -220,14 +220,31 @@ fn next_extent(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, M
     Ok(Some((data, (hole as u64).min(end))))
 }
 
+/// Why a snapshot could not be loaded for inspection.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The state file was refused.
+    #[error("cannot read the VM state")]
+    State(#[from] crate::state::StateError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The memory file was refused.
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    /// The memory layout is not one this VMM builds.
+    #[error("memory layout {0:x?} is not one this VMM builds")]
+    Layout(Vec<(u64, u64)>),
+}
+
 /// Reads a snapshot's state and memory into plain guest memory (no KVM):
 /// for checking a snapshot with the test-guest oracle.
-pub fn load_for_inspection(dir: &Path) -> Result<(VmState, GuestRam), crate::vm::VmError> {
+pub fn load_for_inspection(dir: &Path) -> Result<(VmState, GuestRam), InspectError> {
     let state: VmState = crate::state::read_file(&dir.join(STATE_FILE))?;
     let bytes = state.memory.iter().map(|(_, l)| l).sum();
     let ram = GuestRam::new(bytes)?;
     if ram.regions() != state.memory.iter().map(|&(s, l)| (GuestAddress(s), l)).collect::<Vec<_>>() {
-        return Err(crate::vm::VmError::Shape(format!("memory layout {:x?} is not one this VMM builds", state.memory)));
+        return Err(InspectError::Layout(state.memory.clone()));
     }
     load_memory(&ram, &dir.join(MEMORY_FILE))?;
     Ok((state, ram))

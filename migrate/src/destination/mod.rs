@@ -169,6 +169,29 @@ async fn serve_connection<H: VmHost>(
     }
 }
 
+/// One session on a connection made elsewhere (an in-memory pair in
+/// tests): a migration, a sync or a settle query. `Some` with the VM and
+/// its configuration when a migration committed here.
+pub async fn receive_on<H: VmHost>(
+    conn: Conn,
+    opts: &ReceiveOptions,
+    host: &mut H,
+    log: &mut dyn FnMut(String),
+) -> Result<Option<(H::Vm, VmConfig)>, ReceiveError> {
+    let store = match &opts.shared_disks {
+        Some(_) => None,
+        None => Some(Arc::new(
+            ChunkStore::open(&opts.store)
+                .map_err(|e| ReceiveError::Disk(format!("chunk store: {}", error_chain(&e))))?,
+        )),
+    };
+    let journal = DestJournal::new(&opts.dir);
+    match serve_connection(conn, opts, host, store, &journal, log).await? {
+        Session::Received(arrived) => Ok(Some((arrived.0, arrived.1))),
+        Session::Synced | Session::Settled => Ok(None),
+    }
+}
+
 /// After a VM arrived: settle queries are answered; a new VM is refused.
 async fn serve_after(mut listener: Listener, journal: DestJournal, busy: String) {
     while let Some(mut conn) = listener.accept().await {
