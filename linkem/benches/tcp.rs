@@ -1,0 +1,174 @@
+//! How close the emulator gets to its configured rate: one TCP bulk flow
+//! (Linux's default congestion control, here Cubic) from side A to side B
+//! of a [`WanPair`] for each rate and RTT, and the idle round trip of a UDP
+//! ping-pong over the same link. Prints a table; asserts nothing. Needs
+//! root.
+//!
+//! `cargo bench -p wanmig-linkem --bench tcp` (`LINKEM_BENCH_SECS=N` to
+//! change the 10 s each flow runs; the first 2 s are left out of "steady").
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wanmig_linkem::{Direction, LinkConfig, LinkParams, WanPair};
+
+const WARMUP: Duration = Duration::from_secs(2);
+
+/// CPU time (user + system) of this whole process: sender, receiver,
+/// emulator and the kernel work done in their system calls.
+fn cpu_time() -> Duration {
+    // SAFETY: a zeroed rusage is a valid out-parameter, exclusively borrowed.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Median round trip of 200 UDP ping-pongs from A to B over the idle link.
+fn udp_rtt(pair: &WanPair) -> Duration {
+    let b = pair.addr_b();
+    let server = pair
+        .b()
+        .spawn(move || {
+            let s = UdpSocket::bind((b, 7100)).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            let mut buf = [0u8; 64];
+            for _ in 0..200 {
+                let Ok((n, from)) = s.recv_from(&mut buf) else { return };
+                let _ = s.send_to(&buf[..n], from);
+            }
+        })
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut rtts = pair
+        .a()
+        .run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+            s.connect((b, 7100)).expect("connect");
+            let mut rtts = Vec::new();
+            let mut buf = [0u8; 64];
+            for i in 0u64..200 {
+                let t = Instant::now();
+                s.send(&i.to_le_bytes()).expect("send");
+                if matches!(s.recv(&mut buf), Ok(8)) {
+                    rtts.push(t.elapsed());
+                }
+            }
+            rtts
+        })
+        .expect("client");
+    let _ = server.join();
+    rtts.sort();
+    rtts.get(rtts.len() / 2).copied().unwrap_or_default()
+}
+
+struct Row {
+    whole_bps: f64,
+    steady_bps: f64,
+    link_bps: f64,
+    overflowed: u64,
+    kernel_drops: u64,
+    cpu: f64,
+}
+
+/// One TCP flow A → B for `secs`.
+fn tcp_flow(pair: &WanPair, secs: Duration) -> Row {
+    let b = pair.addr_b();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = pair.b().run(move || TcpListener::bind((b, 7200)).expect("bind")).expect("listen");
+    let sink = {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().expect("accept");
+            let mut buf = vec![0u8; 256 << 10];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let source = {
+        let stop = stop.clone();
+        pair.a()
+            .spawn(move || {
+                let mut c = TcpStream::connect((b, 7200)).expect("connect");
+                let buf = vec![0x5au8; 256 << 10];
+                while !stop.load(Ordering::Relaxed) {
+                    if c.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            })
+            .expect("spawn")
+    };
+    let (t0, cpu0, c0) = (Instant::now(), cpu_time(), pair.counters(Direction::AtoB));
+    std::thread::sleep(WARMUP);
+    let (r1, t1) = (received.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(secs.saturating_sub(WARMUP));
+    let (r2, t2, cpu2, c2) =
+        (received.load(Ordering::Relaxed), Instant::now(), cpu_time(), pair.counters(Direction::AtoB));
+    stop.store(true, Ordering::Relaxed);
+    let _ = source.join();
+    let _ = sink.join();
+    let drops = pair.emulator().kernel_drops().map(|d| d[0]).unwrap_or(u64::MAX);
+    Row {
+        whole_bps: r2 as f64 * 8.0 / (t2 - t0).as_secs_f64(),
+        steady_bps: (r2 - r1) as f64 * 8.0 / (t2 - t1).as_secs_f64(),
+        link_bps: c2.rate_bps_since(&c0),
+        overflowed: c2.overflowed - c0.overflowed,
+        kernel_drops: drops,
+        cpu: (cpu2 - cpu0).as_secs_f64() / (t2 - t0).as_secs_f64(),
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for a list; nothing to list.
+    }
+    let secs = std::env::var("LINKEM_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10u64);
+    let secs = Duration::from_secs(secs.max(3));
+    println!(
+        "linkem TCP bench: one TCP flow A→B (Cubic) for {secs:?} per row; steady = after the first {WARMUP:?}; \
+         goodput as % of the configured rate (TCP's ceiling is 95.6%); link = frames the emulator delivered A→B; \
+         cpu = this process (sender, receiver, emulator, kernel work in their syscalls), of {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:>9} {:>6} {:>9} {:>8} | {:>9} {:>7} {:>9} {:>7} {:>7} | {:>9} {:>6} {:>5}",
+        "rate", "RTT", "queue", "idle RTT", "steady", "%", "whole", "%", "link %", "overflow", "kdrop", "cpu"
+    );
+    for rtt_ms in [0u64, 50] {
+        for rate in [100_000_000u64, 200_000_000, 1_000_000_000] {
+            let rtt = Duration::from_millis(rtt_ms);
+            let params = LinkParams::wan(rate, rtt);
+            let pair = WanPair::new("tb", LinkConfig::symmetric(params)).expect("topology");
+            let idle = udp_rtt(&pair);
+            let r = tcp_flow(&pair, secs);
+            let pct = |bps: f64| bps / rate as f64 * 100.0;
+            println!(
+                "{:>5} Mb/s {:>3} ms {:>6} KiB {:>5.2} ms | {:>4.0} Mb/s {:>6.1}% {:>4.0} Mb/s {:>6.1}% {:>6.1}% | {:>9} {:>6} {:>4.0}%",
+                rate / 1_000_000,
+                rtt_ms,
+                params.queue_bytes >> 10,
+                idle.as_secs_f64() * 1e3,
+                r.steady_bps / 1e6,
+                pct(r.steady_bps),
+                r.whole_bps / 1e6,
+                pct(r.whole_bps),
+                pct(r.link_bps),
+                r.overflowed,
+                r.kernel_drops,
+                r.cpu * 100.0,
+            );
+        }
+    }
+}
