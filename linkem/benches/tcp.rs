@@ -1,11 +1,13 @@
-//! How close the emulator gets to its configured rate: one TCP bulk flow
-//! (Linux's default congestion control, here Cubic) from side A to side B
-//! of a [`WanPair`] for each rate and RTT, and the idle round trip of a UDP
-//! ping-pong over the same link. Prints a table; asserts nothing. Needs
-//! root.
+//! How close the emulator gets to its configured rate, for each rate and
+//! RTT on a fresh [`WanPair`]: the idle round trip of a UDP ping-pong; a
+//! UDP flood offered at 120% of the rate (what arrives, and what the
+//! emulator delivered, in Ethernet-frame bits: pacing accuracy alone); one
+//! TCP bulk flow (Linux's default congestion control, here Cubic) from
+//! side A to side B. Prints a table; asserts nothing. Needs root.
 //!
 //! `cargo bench -p wanmig-linkem --bench tcp` (`LINKEM_BENCH_SECS=N` to
-//! change the 10 s each flow runs; the first 2 s are left out of "steady").
+//! change the 10 s each flow runs; the first 2 s are left out of "steady";
+//! `-- RATE_MBPS:RTT_MS[:QUEUE_KIB] …` for other rows, rate 0 for no limit).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -65,6 +67,69 @@ fn udp_rtt(pair: &WanPair) -> Duration {
     let _ = server.join();
     rtts.sort();
     rtts.get(rtts.len() / 2).copied().unwrap_or_default()
+}
+
+/// A UDP flood A → B of 1472-byte datagrams (1514-byte frames) offered at
+/// 120% of `rate` for 3 s: (what B received, what the emulator delivered),
+/// both in frame bits/s over the flood's steady second half.
+fn udp_flood(pair: &WanPair, rate: u64) -> (f64, f64) {
+    let b = pair.addr_b();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = pair.b().run(move || UdpSocket::bind((b, 7300)).expect("bind")).expect("sink");
+    let big: libc::c_int = 16 << 20;
+    // SAFETY: a valid socket and a c_int option value of its size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sink),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&big as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    sink.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let counter = {
+        let (received, stop) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(1472) = sink.recv(&mut buf) {
+                    received.fetch_add(1514, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let source = {
+        let stop = stop.clone();
+        pair.a()
+            .spawn(move || {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                s.connect((b, 7300)).expect("connect");
+                let buf = [0x5au8; 1472];
+                let per_ms = (rate as f64 * 1.2 / 8.0 / 1514.0 / 1000.0).max(1.0);
+                let t0 = Instant::now();
+                let mut sent = 0f64;
+                while !stop.load(Ordering::Relaxed) {
+                    let due = t0.elapsed().as_secs_f64() * 1000.0 * per_ms;
+                    while sent < due {
+                        let _ = s.send(&buf);
+                        sent += 1.0;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+            .expect("spawn")
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let (r0, c0) = (received.load(Ordering::Relaxed), pair.counters(Direction::AtoB));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (r1, c1) = (received.load(Ordering::Relaxed), pair.counters(Direction::AtoB));
+    stop.store(true, Ordering::Relaxed);
+    let _ = source.join();
+    let _ = counter.join();
+    let secs = c1.at.duration_since(c0.at).as_secs_f64();
+    ((r1 - r0) as f64 * 8.0 / secs, c1.rate_bps_since(&c0))
 }
 
 struct Row {
@@ -143,23 +208,57 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:>9} {:>6} {:>9} {:>8} | {:>9} {:>7} {:>9} {:>7} {:>7} | {:>9} {:>6} {:>5}",
-        "rate", "RTT", "queue", "idle RTT", "steady", "%", "whole", "%", "link %", "overflow", "kdrop", "cpu"
+        "{:>9} {:>6} {:>9} {:>8} | {:>7} {:>7} | {:>9} {:>7} {:>9} {:>7} {:>7} | {:>9} {:>6} {:>5}",
+        "rate",
+        "RTT",
+        "queue",
+        "idle RTT",
+        "UDP rx",
+        "UDP lnk",
+        "TCP stdy",
+        "%",
+        "whole",
+        "%",
+        "link %",
+        "overflow",
+        "kdrop",
+        "cpu"
     );
-    for rtt_ms in [0u64, 50] {
-        for rate in [100_000_000u64, 200_000_000, 1_000_000_000] {
+    // Rows: RATE_MBPS:RTT_MS[:QUEUE_KIB] arguments, or the standard table.
+    let mut rows: Vec<(u64, u64, Option<usize>)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let f: Vec<u64> = a.split(':').filter_map(|x| x.parse().ok()).collect();
+            (f.len() >= 2).then(|| (f[0] * 1_000_000, f[1], f.get(2).map(|&k| k as usize * 1024)))
+        })
+        .collect();
+    if rows.is_empty() {
+        for rtt_ms in [0u64, 50] {
+            for rate in [100_000_000u64, 200_000_000, 1_000_000_000] {
+                rows.push((rate, rtt_ms, None));
+            }
+        }
+    }
+    {
+        for (rate, rtt_ms, queue) in rows {
             let rtt = Duration::from_millis(rtt_ms);
-            let params = LinkParams::wan(rate, rtt);
+            let mut params = LinkParams::wan(rate, rtt);
+            if let Some(q) = queue {
+                params.queue_bytes = q;
+            }
             let pair = WanPair::new("tb", LinkConfig::symmetric(params)).expect("topology");
             let idle = udp_rtt(&pair);
+            let (udp_rx, udp_link) = if rate > 0 { udp_flood(&pair, rate) } else { (0.0, 0.0) };
             let r = tcp_flow(&pair, secs);
-            let pct = |bps: f64| bps / rate as f64 * 100.0;
+            let pct = |bps: f64| if rate == 0 { 0.0 } else { bps / rate as f64 * 100.0 };
             println!(
-                "{:>5} Mb/s {:>3} ms {:>6} KiB {:>5.2} ms | {:>4.0} Mb/s {:>6.1}% {:>4.0} Mb/s {:>6.1}% {:>6.1}% | {:>9} {:>6} {:>4.0}%",
+                "{:>5} Mb/s {:>3} ms {:>6} KiB {:>5.2} ms | {:>6.1}% {:>6.1}% | {:>4.0} Mb/s {:>6.1}% {:>4.0} Mb/s {:>6.1}% {:>6.1}% | {:>9} {:>6} {:>4.0}%",
                 rate / 1_000_000,
                 rtt_ms,
                 params.queue_bytes >> 10,
                 idle.as_secs_f64() * 1e3,
+                pct(udp_rx),
+                pct(udp_link),
                 r.steady_bps / 1e6,
                 pct(r.steady_bps),
                 r.whole_bps / 1e6,
