@@ -15,7 +15,8 @@ pub mod mem;
 pub mod tls;
 
 pub use endpoint::{
-    CLOSE_CANCELLED, Conn, FrameReceiver, FrameSender, LinkTuning, Listener, PEER_CANCELLED, TransportError, connect,
+    CLOSE_CANCELLED, CongestionControl, Conn, FrameReceiver, FrameSender, LinkTuning, Listener, PEER_CANCELLED,
+    TransportError, connect,
 };
 pub use identity::{Fingerprint, Identity, IdentityError};
 
