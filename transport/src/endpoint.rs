@@ -150,24 +150,44 @@ impl LinkTuning {
         ((2.0 * bdp) as u64).clamp(4 << 20, u64::from(u32::MAX))
     }
 
-    /// UDP socket buffer size asked for: the window, at most 64 MiB. A
-    /// burst at the link's rate must fit while the endpoint's task is not
-    /// running; the kernel's default (208 KiB) overflowed within 2 ms at
-    /// 1 Gbit/s and the congestion controller took the drops for
-    /// congestion. The kernel caps the size at `net.core.rmem_max` /
-    /// `wmem_max` (raise them on hosts with long fat pipes).
+    /// UDP socket buffer size (receive and send): the window, at most
+    /// 64 MiB. A burst at the link's rate must fit while the endpoint's
+    /// task is not running; with the kernel's default (208 KiB) the
+    /// destination's socket overflowed at 1 Gbit/s and the congestion
+    /// controller took the drops for congestion. Set with
+    /// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` where allowed (root, as wanmig
+    /// runs), else capped by the kernel at `net.core.rmem_max`/`wmem_max`.
     pub fn socket_buffer(&self) -> usize {
         self.window().min(64 << 20) as usize
     }
 
-    /// The endpoint's UDP I/O, bound to `addr`, with socket buffers of
-    /// [`LinkTuning::socket_buffer`].
+    /// The endpoint's UDP socket, bound to `addr`, with buffers of
+    /// [`LinkTuning::socket_buffer`] (s2n-quic then sets GRO, ECN and
+    /// path-MTU options on it as on its own).
     fn io(&self, addr: SocketAddr) -> std::io::Result<s2n_quic::provider::io::Default> {
-        s2n_quic::provider::io::Default::builder()
-            .with_receive_address(addr)?
-            .with_recv_buffer_size(self.socket_buffer())?
-            .with_send_buffer_size(self.socket_buffer())?
-            .build()
+        use std::os::fd::AsRawFd;
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let size = libc::c_int::try_from(self.socket_buffer()).unwrap_or(libc::c_int::MAX);
+        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+            let set = |opt| {
+                // SAFETY: a valid socket, and a c_int option value of its
+                // size, only read by the kernel during the call.
+                unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&size as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                }
+            };
+            // Without CAP_NET_ADMIN, the plain option (capped by the kernel).
+            if set(force) != 0 && set(plain) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        s2n_quic::provider::io::Default::builder().with_rx_socket(socket)?.build()
     }
 
     fn limits(&self) -> Result<Limits, TransportError> {

@@ -97,6 +97,9 @@ fn fingerprints_parse_and_identities_persist() {
     assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
     assert!(Identity::create(dir.path(), "host").is_err(), "an existing key is never overwritten");
     assert_eq!(LinkTuning::default().window(), 25_000_000);
+    assert_eq!(LinkTuning::default().socket_buffer(), 25_000_000);
+    let lan = LinkTuning { rtt: Duration::from_millis(1), ..LinkTuning::default() };
+    assert_eq!((lan.window(), lan.socket_buffer()), (4 << 20, 4 << 20));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
