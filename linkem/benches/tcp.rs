@@ -2,12 +2,14 @@
 //! RTT on a fresh [`WanPair`]: the idle round trip of a UDP ping-pong; a
 //! UDP flood offered at 120% of the rate (what arrives, and what the
 //! emulator delivered, in Ethernet-frame bits: pacing accuracy alone); one
-//! TCP bulk flow (Linux's default congestion control, here Cubic) from
-//! side A to side B. Prints a table; asserts nothing. Needs root.
+//! TCP bulk flow with Cubic (set on the socket: this machine's default is
+//! BBR; `LINKEM_BENCH_CC=bbr` for that) from side A to side B. Prints a
+//! table; asserts nothing. Needs root.
 //!
 //! `cargo bench -p wanmig-linkem --bench tcp` (`LINKEM_BENCH_SECS=N` to
 //! change the 10 s each flow runs; the first 2 s are left out of "steady";
-//! `-- RATE_MBPS:RTT_MS[:QUEUE_KIB] …` for other rows, rate 0 for no limit).
+//! `-- RATE_MBPS:RTT_MS[:QUEUE_KIB[:LOSS_PCT]] …` for other rows, rate 0
+//! for no limit, queue 0 for the default).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -141,8 +143,25 @@ struct Row {
     cpu: f64,
 }
 
-/// One TCP flow A → B for `secs`.
-fn tcp_flow(pair: &WanPair, secs: Duration) -> Row {
+/// Sets the TCP congestion control of `c` (before it sends anything).
+fn set_congestion(c: &TcpStream, cc: &str) {
+    // SAFETY: a valid socket, and a byte string of the given length, only
+    // read by the kernel during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(c),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "TCP congestion control {cc}: {}", std::io::Error::last_os_error());
+}
+
+/// One TCP flow A → B for `secs` with congestion control `cc`.
+fn tcp_flow(pair: &WanPair, secs: Duration, cc: &str) -> Row {
+    let cc = cc.to_string();
     let b = pair.addr_b();
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,6 +184,7 @@ fn tcp_flow(pair: &WanPair, secs: Duration) -> Row {
         pair.a()
             .spawn(move || {
                 let mut c = TcpStream::connect((b, 7200)).expect("connect");
+                set_congestion(&c, &cc);
                 let buf = vec![0x5au8; 256 << 10];
                 while !stop.load(Ordering::Relaxed) {
                     if c.write_all(&buf).is_err() {
@@ -201,8 +221,9 @@ fn main() {
     }
     let secs = std::env::var("LINKEM_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10u64);
     let secs = Duration::from_secs(secs.max(3));
+    let cc = std::env::var("LINKEM_BENCH_CC").unwrap_or_else(|_| "cubic".into());
     println!(
-        "linkem TCP bench: one TCP flow A→B (Cubic) for {secs:?} per row; steady = after the first {WARMUP:?}; \
+        "linkem TCP bench: one TCP flow A→B ({cc}) for {secs:?} per row; steady = after the first {WARMUP:?}; \
          goodput as % of the configured rate (TCP's ceiling is 95.6%); link = frames the emulator delivered A→B; \
          cpu = this process (sender, receiver, emulator, kernel work in their syscalls), of {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -224,38 +245,43 @@ fn main() {
         "kdrop",
         "cpu"
     );
-    // Rows: RATE_MBPS:RTT_MS[:QUEUE_KIB] arguments, or the standard table.
-    let mut rows: Vec<(u64, u64, Option<usize>)> = std::env::args()
+    // Rows: RATE_MBPS:RTT_MS[:QUEUE_KIB[:LOSS_PCT]] arguments (QUEUE_KIB 0:
+    // the default), or the standard table.
+    let mut rows: Vec<(u64, u64, Option<usize>, f64)> = std::env::args()
         .skip(1)
         .filter_map(|a| {
-            let f: Vec<u64> = a.split(':').filter_map(|x| x.parse().ok()).collect();
-            (f.len() >= 2).then(|| (f[0] * 1_000_000, f[1], f.get(2).map(|&k| k as usize * 1024)))
+            let f: Vec<f64> = a.split(':').filter_map(|x| x.parse().ok()).collect();
+            (f.len() >= 2).then(|| {
+                let queue = f.get(2).filter(|&&k| k > 0.0).map(|&k| k as usize * 1024);
+                ((f[0] * 1e6) as u64, f[1] as u64, queue, f.get(3).copied().unwrap_or(0.0) / 100.0)
+            })
         })
         .collect();
     if rows.is_empty() {
         for rtt_ms in [0u64, 50] {
             for rate in [100_000_000u64, 200_000_000, 1_000_000_000] {
-                rows.push((rate, rtt_ms, None));
+                rows.push((rate, rtt_ms, None, 0.0));
             }
         }
     }
     {
-        for (rate, rtt_ms, queue) in rows {
+        for (rate, rtt_ms, queue, loss) in rows {
             let rtt = Duration::from_millis(rtt_ms);
-            let mut params = LinkParams::wan(rate, rtt);
+            let mut params = LinkParams::wan(rate, rtt).with_loss(loss);
             if let Some(q) = queue {
                 params.queue_bytes = q;
             }
             let pair = WanPair::new("tb", LinkConfig::symmetric(params)).expect("topology");
             let idle = udp_rtt(&pair);
             let (udp_rx, udp_link) = if rate > 0 { udp_flood(&pair, rate) } else { (0.0, 0.0) };
-            let r = tcp_flow(&pair, secs);
+            let r = tcp_flow(&pair, secs, &cc);
             let pct = |bps: f64| if rate == 0 { 0.0 } else { bps / rate as f64 * 100.0 };
             println!(
-                "{:>5} Mb/s {:>3} ms {:>6} KiB {:>5.2} ms | {:>6.1}% {:>6.1}% | {:>4.0} Mb/s {:>6.1}% {:>4.0} Mb/s {:>6.1}% {:>6.1}% | {:>9} {:>6} {:>4.0}%",
+                "{:>5} Mb/s {:>3} ms {:>6} KiB {:>4.1}% {:>5.2} ms | {:>6.1}% {:>6.1}% | {:>4.0} Mb/s {:>6.1}% {:>4.0} Mb/s {:>6.1}% {:>6.1}% | {:>9} {:>6} {:>4.0}%",
                 rate / 1_000_000,
                 rtt_ms,
                 params.queue_bytes >> 10,
+                loss * 100.0,
                 idle.as_secs_f64() * 1e3,
                 pct(udp_rx),
                 pct(udp_link),
