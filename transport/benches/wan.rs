@@ -19,6 +19,34 @@
 //! `cargo bench -p wanmig-transport --bench wan` (`WAN_BENCH_SECS=N` to
 //! change the 15 s each row runs; `-- RATE_MBPS:LOSS_PCT …` for other rows,
 //! rate 0 for an unlimited link with no delay).
+//!
+//! QUIC's ceiling: a 1514-byte frame (s2n-quic's largest, a 1500 MTU)
+//! carries at most about 1420 bytes of stream data (Ethernet, IP and UDP
+//! 42; short header with a 16-byte connection id, packet number, AEAD tag
+//! and STREAM frame header about 50), 94% of the link. Measured on this project's
+//! development machine (2 vCPUs shared with other work, load average about
+//! 2–3, Linux 6.18), steady goodput as % of the link, Cubic / BBR; run C
+//! is the code as committed, runs A and B had the UDP socket buffers
+//! capped at 4 MiB (`rmem_max`) instead of the full window:
+//!
+//! | link | loss | run A | run B | run C |
+//! |---|---|---|---|---|
+//! | no limit, no delay | 0 | 2311 / 2157 Mbit/s | 2540 / 1750 Mbit/s | 2431 / 2237 Mbit/s |
+//! | 1 Gbit/s | 0 | 89.7 / 90.9 | 93.4 / 86.3 | 93.1 / 90.0 |
+//! | 1 Gbit/s | 0.1% | 1.0 / 73.0 | 0.9 / 62.1 | 1.0 / 77.4 |
+//! | 1 Gbit/s | 1% | 0.3 / 40.4 | 0.3 / 36.9 | 0.3 / 58.6 |
+//! | 200 Mbit/s | 0 | 93.7 / 91.6 | 92.7 / 87.4 | 93.7 / 90.6 |
+//! | 200 Mbit/s | 0.1% | 4.5 / 89.5 | 4.2 / 68.5 | 4.5 / 91.6 |
+//! | 200 Mbit/s | 1% | 1.4 / 70.6 | 1.4 / 77.6 | 1.4 / 83.9 |
+//!
+//! Cubic's figures under loss are the loss-based throughput formula's
+//! (about 1.2 × MSS / (RTT × √p): 9 Mbit/s at 0.1%, 3 Mbit/s at 1%), and
+//! Linux's own TCP Cubic gets the same through the same link (10 and
+//! 3 Mbit/s, `cargo bench -p wanmig-linkem --bench tcp -- 1000:50:0:0.1`).
+//! No run saw kernel drops at the emulator, nor `RcvbufErrors` but 38 in
+//! run A's unlimited Cubic row; before the
+//! socket buffers were sized (the kernel's 208 KiB), 1 Gbit/s without
+//! loss gave Cubic 14.5% and BBR 66.3%, with 270 and 9704 `RcvbufErrors`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
