@@ -126,7 +126,8 @@ impl Default for LinkTuning {
     ///
     /// BBR because of `transport/benches/wan.rs` (one connection, 50 ms
     /// RTT, three runs): on a clean 1 Gbit/s or 200 Mbit/s link both
-    /// controllers carry 86–94% of the link (Cubic 1–7 points more), but
+    /// controllers carry 86–94% of the link (Cubic up to 7 points more,
+    /// in one run 1 point less), but
     /// with 0.1% random loss Cubic carries 1% of 1 Gbit/s (4.5% of
     /// 200 Mbit/s) and BBR 62–77% (68–92%); with 1% loss, 0.3% against
     /// 37–59%. Long paths do lose packets at random, and a migration that
