@@ -1,7 +1,10 @@
 //! QUIC transport between migration hosts: s2n-quic on tokio, mutual TLS
 //! 1.3 between self-signed identities pinned by fingerprint, ALPN
-//! `wanmig/1`, flow-control windows sized from bandwidth × RTT, and framed
-//! streams carrying `wanmig-wire` messages.
+//! `wanmig/1`, framed streams carrying `wanmig-wire` messages, and tuning
+//! for long fat pipes ([`LinkTuning`]): flow-control windows and UDP socket
+//! buffers sized from bandwidth × RTT, BBR or Cubic congestion control
+//! (BBR by default, by measurement: `benches/wan.rs`), keep-alives, and a
+//! configurable idle timeout.
 //!
 //! - [`identity`]: host keys (`wanmig keygen`) and fingerprints.
 //! - [`tls`]: the pinned-peer verifiers.
@@ -17,7 +20,7 @@ pub mod identity;
 pub mod mem;
 pub mod tls;
 
-pub use endpoint::{Conn, LinkTuning, Listener, connect};
+pub use endpoint::{CongestionControl, Conn, LinkTuning, Listener, connect};
 pub use error::{CLOSE_CANCELLED, PEER_CANCELLED, TransportError};
 pub use frames::{FrameReceiver, FrameSender};
 pub use identity::{Fingerprint, Identity, IdentityError};
