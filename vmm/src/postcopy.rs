@@ -94,6 +94,7 @@ mod sys {
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
     pub const UFFD_API: u64 = 0xAA;
+    #[cfg(test)]
     pub const UFFD_USER_MODE_ONLY: i32 = 1;
     pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
     pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
