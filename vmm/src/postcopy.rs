@@ -68,8 +68,12 @@
 //! userfaultfd, after which the kernel would hand out zero-filled pages for
 //! the missing ones: a guest would run on from zeros. So `Drop` first makes
 //! every region that still has missing pages inaccessible (`PROT_NONE`):
-//! from then on a vCPU gets `EFAULT` from `KVM_RUN`, a syscall `EFAULT`, and
-//! a VMM thread touching that memory crashes the process. Loud, never wrong.
+//! from then on a syscall gets `EFAULT`, a VMM thread touching that memory
+//! crashes the process, and a vCPU gets `EFAULT` from `KVM_RUN` on KVM's
+//! page-fault path; in KVM's instruction emulator (all guest code on PVM)
+//! the access it cannot make comes out as an MMIO exit at the RAM address
+//! instead (`tests/postcopy_kvm.rs` shows it), which the VMM must treat as
+//! fatal. Drop the VM (or end the process) rather than rely on this.
 //!
 //! # Measured here
 //!
