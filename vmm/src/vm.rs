@@ -161,6 +161,8 @@ pub struct Vm {
     // Field order matters for drop: threads are stopped in `Drop`, then the
     // VM fd goes before the memory it maps.
     threads: Vec<JoinHandle<()>>,
+    /// Each vCPU thread's id (`gettid`), once it has started.
+    vcpu_tids: Arc<[std::sync::atomic::AtomicU32]>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     ctl: Arc<vcpu::RunControl>,
     devices: Arc<Devices>,
@@ -331,6 +333,7 @@ impl Vm {
         let mut vm = Vm {
             config: config.clone(),
             threads: Vec::new(),
+            vcpu_tids: (0..config.vcpus).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             vcpus,
             ctl: Arc::new(vcpu::RunControl::new()),
             devices,
@@ -430,9 +433,15 @@ impl Vm {
         vcpu::install_kick_handler();
         for (id, fd) in (0u8..).zip(&self.vcpus) {
             let (fd, ctl, devices, tx) = (fd.clone(), self.ctl.clone(), self.devices.clone(), self.stop_tx.clone());
+            let tids = self.vcpu_tids.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_thread(id, fd, ctl, devices, tx))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids[usize::from(id)].store(tid as u32, std::sync::atomic::Ordering::Release);
+                    vcpu::run_thread(id, fd, ctl, devices, tx)
+                })
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
@@ -499,6 +508,13 @@ impl Vm {
         for (l, p) in self.disk_locks.iter_mut().zip(paths) {
             l.renamed(p);
         }
+    }
+
+    /// The host thread id (`gettid`) of each vCPU's thread, in vCPU order
+    /// (0 for one that has not started yet): a userfaultfd fault names the
+    /// thread that took it ([`crate::postcopy::Fault::tid`]).
+    pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.vcpu_tids.iter().map(|t| t.load(std::sync::atomic::Ordering::Acquire)).collect()
     }
 
     /// Guest RAM.
