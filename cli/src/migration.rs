@@ -167,7 +167,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     let _listener = received.listener;
     let mut cfg = cfg;
     cfg.disks = received.vm.vm.config().disks.clone();
-    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener, received.tunnel)
+    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener.take(), received.tunnel)
 }
 
 /// Options of `wanmig send`.

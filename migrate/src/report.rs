@@ -140,6 +140,8 @@ pub struct RoundStat {
     pub disk_bytes: u64,
     /// Disk bytes the guest wrote while it ran.
     pub disk_dirty_bytes: u64,
+    /// Bytes it put on the wire (pages and disk data, after compression).
+    pub wire_bytes: u64,
     /// How long it took, ms.
     pub ms: f64,
 }

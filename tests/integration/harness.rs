@@ -147,9 +147,19 @@ impl VmProcess {
         Self::spawn_in(None, vm, args)
     }
 
+    /// `wanmig run` with `env` set (e.g. a failpoint).
+    pub fn run_with_env(vm: &VmDir, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(None, vm, &["run"], env)
+    }
+
     fn spawn_in(netns: Option<&str>, vm: &VmDir, args: &[&str]) -> Self {
+        Self::spawn_with(netns, vm, args, &[])
+    }
+
+    fn spawn_with(netns: Option<&str>, vm: &VmDir, args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = wanmig_in(netns)
             .args(args)
+            .envs(env.iter().copied())
             .arg(&vm.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -318,9 +318,11 @@ impl Attempt<'_> {
         Ok(Some((vm, adm.config, started)))
     }
 
+    /// Sends `CommitAck` and waits (briefly: the source may close the
+    /// connection as soon as it has it) for it to be delivered.
     async fn acknowledge(&mut self) {
         let _ = self.tx.send(&Message::CommitAck).await;
-        let _ = self.tx.finish().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
     }
 }
 

@@ -152,6 +152,7 @@ fn round_report(
     rates.page = rates.page.max(sent.pages as f64 / secs);
     rates.link = rates.link.max(sent.bytes as f64 / secs);
     let capacity = run.capacity();
+    let cap = run.steer.tunables().max_bandwidth;
     let disk_dirty = match &mut run.disks {
         Some(d) => {
             let written = d.harvest();
@@ -171,8 +172,9 @@ fn round_report(
         page_rate: rates.page,
         // Compressed rounds rarely fill the link, so what they achieved
         // says little about its capacity: take the expected bandwidth
-        // when it is higher (it only prices the small device state).
-        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0),
+        // when it is higher (it only prices the small device state); never
+        // more than the cap in force (an operator may have lowered it).
+        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0).min(cap.unwrap_or(f64::INFINITY)),
         // Disk extents still to write go out inside the downtime too.
         state_bytes: state_estimate + disk_dirty,
         rtt: run.opts.tuning.rtt.min(elapsed),
@@ -200,6 +202,7 @@ fn record_round(run: &mut Run<'_>, r: &RoundReport, sent: &Sent, first_round: u3
         dirty_pages: r.dirty_pages,
         disk_bytes: sent.disk_sent,
         disk_dirty_bytes: disk_dirty,
+        wire_bytes: sent.bytes + sent.disk_wire,
         ms: r.elapsed.as_secs_f64() * 1e3,
     });
 }
