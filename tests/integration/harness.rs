@@ -301,7 +301,9 @@ pub fn check_guest(vm: &VmProcess, dir: &Path, disk: &Path) -> testguest::Memory
 }
 
 /// A `migrate` request from `keys.src` to `dest` with the defaults of
-/// `wanmig send` (300 ms downtime budget, a 120 s timeout).
+/// `wanmig send` (300 ms downtime budget) but a 120 s timeout and no
+/// resume window (a test that kills the destination wants the failure at
+/// once; the resume tests set their own window).
 pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool) -> Request {
     Request::Migrate {
         migration: MigrateRequest {
@@ -317,6 +319,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             store: store.map(Path::to_path_buf),
             sync,
             tunnel: None,
+            resume_window_s: 0,
         },
     }
 }

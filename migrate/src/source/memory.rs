@@ -74,6 +74,7 @@ struct Sent {
 
 /// One round: the disks' written blocks, then the pages in `to_send`.
 async fn send_round(run: &mut Run<'_>, to_send: &DirtyPages) -> Result<Sent, SendError> {
+    run.start_round(to_send);
     let round = run.link.session.round();
     let on_wire = run.summary.bytes.disk;
     let disk_sent = match &mut run.disks {
@@ -96,16 +97,28 @@ struct Rates {
     link: f64,
 }
 
-/// Iterative memory pre-copy. Returns the pages still to send inside the
-/// stop-and-copy.
-pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
+/// Iterative memory pre-copy, from every page or (after a resume) from
+/// `resend`. Returns the pages still to send inside the stop-and-copy.
+pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<DirtyPages, SendError> {
     run.report.phase(Phase::Precopy);
-    // Track writes from before the first page is read.
-    run.vm.set_dirty_logging(true)?;
-    run.vm.harvest_dirty()?;
-    let mut policy = DowntimeBudget::new(run.steer.tunables().downtime);
-    let mut to_send = all_pages(&*run.vm);
-    let first_round = run.link.session.round();
+    let mut to_send = match resend {
+        Some(pages) => pages,
+        None => {
+            // Track writes from before the first page is read.
+            run.vm.set_dirty_logging(true)?;
+            run.vm.harvest_dirty()?;
+            all_pages(&*run.vm)
+        }
+    };
+    let mut policy = run.policy.take().unwrap_or_else(|| DowntimeBudget::new(run.steer.tunables().downtime));
+    let first_round = *run.first_round.get_or_insert(run.link.session.round());
+    let result = rounds(run, &mut policy, &mut to_send, first_round).await;
+    run.policy = Some(policy);
+    result.map(|()| to_send)
+}
+
+/// Rounds until the policy says stop (leaving in `to_send` what is left).
+async fn rounds(run: &mut Run<'_>, policy: &mut DowntimeBudget, to_send: &mut DirtyPages, first_round: u32) -> Result<(), SendError> {
     let mut rates = Rates::default();
     let mut dirty_rate = None;
     loop {
@@ -115,7 +128,7 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         let t = Instant::now();
         let left = run.link.deadline.saturating_duration_since(t);
         // A round, however large, is bounded by the migration's deadline.
-        let sent = tokio::time::timeout(left, send_round(run, &to_send))
+        let sent = tokio::time::timeout(left, send_round(run, to_send))
             .await
             .map_err(|_| SendError::Timeout(run.opts.timeout))??;
         let elapsed = t.elapsed();
@@ -124,9 +137,9 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         dirty_rate = Some(report.dirty_rate() * report.bytes_per_page);
         let decision = policy.decide(&report);
         record_round(run, &report, &sent, first_round);
-        to_send = dirty;
+        *to_send = dirty;
         match decision {
-            Decision::StopAndCopy => return Ok(to_send),
+            Decision::StopAndCopy => return Ok(()),
             Decision::Continue => {}
             Decision::Throttle(p) => {
                 run.vm.set_throttle(p);
