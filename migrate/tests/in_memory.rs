@@ -544,4 +544,3 @@ fn a_cancel_after_the_commit_is_refused_and_the_migration_completes() {
     assert_eq!(ends.0.0, Outcome::Migrated, "{:?}", ends.0.1.error);
     assert!(ends.1.expect("received").is_some());
 }
-

@@ -206,7 +206,7 @@ fn set_lowers_the_bandwidth_cap_from_the_next_round() {
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2 && g.steps > 100);
     let dst = Receiver::copying(&keys, &keys.src_fp, &vm.path("dst"), &[]);
-    let send = send_child(&vm.config, &dst.addr, &keys, &["--max-bandwidth", "400Mbit", "--downtime", "30ms"]);
+    let send = send_child(&vm.config, &dst.addr, &keys, &["--max-bandwidth", "400Mbit"]);
     // Once a round is over, cap the link far below what it ran at.
     let start = Instant::now();
     let changed_after = loop {

@@ -105,7 +105,14 @@ mod tests {
 
     #[test]
     fn features_are_distinct_bits() {
-        let all = [features::XBZRLE, features::ZSTD, features::DISK_COPY, features::SYNC_ONLY, features::TUNNEL, features::RESUME];
+        let all = [
+            features::XBZRLE,
+            features::ZSTD,
+            features::DISK_COPY,
+            features::SYNC_ONLY,
+            features::TUNNEL,
+            features::RESUME,
+        ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));
         assert_eq!(all.iter().map(|f| f.count_ones()).sum::<u32>(), features::ALL.count_ones());

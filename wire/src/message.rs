@@ -725,7 +725,7 @@ impl Message {
                 migration_id: MigrationId(r.id16("migration id")?),
                 secret: r.bytes("resume secret", 32)?.try_into().expect("32 bytes read"),
             },
-            24 => Message::Resumed(ResumePoint::read(&mut r)?),
+            24 => Message::Resumed(ResumePoint::read(&mut r, MAX_DISKS)?),
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;

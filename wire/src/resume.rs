@@ -14,7 +14,6 @@
 use wanmig_types::PageRange;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::message::MAX_DISKS;
 
 /// Most runs of pages a resume point lists (a 64 GiB guest whose every
 /// other page arrived is 8 Mi runs: far beyond any real cut, and at two
@@ -59,7 +58,8 @@ impl ResumePoint {
         }
     }
 
-    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    /// Reads a point of a VM with at most `max_disks` disks.
+    pub(crate) fn read(r: &mut Reader<'_>, max_disks: u32) -> Result<Self, DecodeError> {
         let round = r.u32("resume round")?;
         let n = r.count("received runs", MAX_RESUME_RUNS)?;
         // Each run takes at least two bytes: refuse a count the frame cannot hold.
@@ -76,7 +76,7 @@ impl ResumePoint {
             next = end.ok_or(bad("empty, or past any guest address"))?;
             received.push(PageRange { first, count });
         }
-        let n = r.count("disk points", MAX_DISKS)?;
+        let n = r.count("disk points", max_disks)?;
         let mut disks = Vec::with_capacity(n);
         for _ in 0..n {
             disks.push(DiskPoint { next_seq: r.u32("next manifest part")?, next_offset: r.u64("next offset")? });

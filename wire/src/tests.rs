@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use crate::message::{
     MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, MAX_TUNNEL_PACKET, MIN_TUNNEL_PACKET, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use crate::*;
 use crate::resume::{DiskPoint, ResumePoint};
+use crate::*;
 use wanmig_types::{ChunkId, MigrationId};
 
 pub(crate) fn shape() -> VmShape {
@@ -104,7 +104,10 @@ pub(crate) fn samples() -> Vec<Message> {
         Message::Resume { migration_id: MigrationId([4; 16]), secret: [9; 32] },
         Message::Resumed(ResumePoint {
             round: 7,
-            received: vec![wanmig_types::PageRange { first: 3, count: 2 }, wanmig_types::PageRange { first: 900, count: 1 }],
+            received: vec![
+                wanmig_types::PageRange { first: 3, count: 2 },
+                wanmig_types::PageRange { first: 900, count: 1 },
+            ],
             disks: vec![DiskPoint { next_seq: 2, next_offset: 16 << 20 }],
         }),
     ]

@@ -43,7 +43,9 @@ impl Connector {
             }
             Connector::Mem { to_destination, links } => {
                 let (src, dst, link) = Conn::mem_pair();
-                to_destination.send(dst).map_err(|_| TransportError::Lost("the in-memory destination is gone".into()))?;
+                to_destination
+                    .send(dst)
+                    .map_err(|_| TransportError::Lost("the in-memory destination is gone".into()))?;
                 links.lock().unwrap_or_else(PoisonError::into_inner).push(link);
                 Ok(src)
             }

@@ -201,7 +201,8 @@ impl DiskCopy {
             // that offset's block.
             let block_start = p.next_offset - p.next_offset % wanmig_block_sync::BLOCK;
             let mut prefix = vec![0u8; (p.next_offset - block_start) as usize];
-            wanmig_block_sync::io::read_exact_at(&d.file, &mut prefix, block_start).map_err(|e| disk_err(d.index, e))?;
+            wanmig_block_sync::io::read_exact_at(&d.file, &mut prefix, block_start)
+                .map_err(|e| disk_err(d.index, e))?;
             d.digest.refeed_at(p.next_offset, prefix);
         }
         Ok(again)

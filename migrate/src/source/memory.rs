@@ -118,7 +118,12 @@ pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<Di
 }
 
 /// Rounds until the policy says stop (leaving in `to_send` what is left).
-async fn rounds(run: &mut Run<'_>, policy: &mut DowntimeBudget, to_send: &mut DirtyPages, first_round: u32) -> Result<(), SendError> {
+async fn rounds(
+    run: &mut Run<'_>,
+    policy: &mut DowntimeBudget,
+    to_send: &mut DirtyPages,
+    first_round: u32,
+) -> Result<(), SendError> {
     let mut rates = Rates::default();
     let mut dirty_rate = None;
     loop {

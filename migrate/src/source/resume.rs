@@ -77,7 +77,11 @@ pub async fn after_outage(run: &mut Run<'_>, cause: SendError) -> Result<Stage, 
 
 /// Reconnects with backoff until the destination takes the migration up
 /// again, or the resume window ends.
-async fn reconnect(run: &mut Run<'_>, cause: &SendError, began: Instant) -> Result<(FrameSender, FrameReceiver, ResumePoint), SendError> {
+async fn reconnect(
+    run: &mut Run<'_>,
+    cause: &SendError,
+    began: Instant,
+) -> Result<(FrameSender, FrameReceiver, ResumePoint), SendError> {
     let window = run.opts.resume_window;
     let request = run.link.session.resume_request().ok_or_else(|| SendError::Refused("nothing to resume".into()))?;
     let mut backoff = FIRST_BACKOFF;
@@ -86,7 +90,9 @@ async fn reconnect(run: &mut Run<'_>, cause: &SendError, began: Instant) -> Resu
         let left = window.saturating_sub(began.elapsed());
         if left.is_zero() {
             let why = last.map_or_else(|| wanmig_types::error_chain(cause), |e| wanmig_types::error_chain(&e));
-            return Err(SendError::Peer(format!("the link stayed down longer than the resume window ({window:?}): {why}")));
+            return Err(SendError::Peer(format!(
+                "the link stayed down longer than the resume window ({window:?}): {why}"
+            )));
         }
         run.report.update(|p| {
             p.phase = Phase::Reconnecting;
@@ -96,7 +102,8 @@ async fn reconnect(run: &mut Run<'_>, cause: &SendError, began: Instant) -> Resu
             let mut conn = run.connector.connect().await?;
             let (mut tx, mut rx) = conn.open_control().await?;
             tx.send(&request).await?;
-            let answer = rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(TransportError::Lost("no answer to Resume".into()))?;
+            let answer =
+                rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(TransportError::Lost("no answer to Resume".into()))?;
             Ok::<_, TransportError>((conn, tx, rx, answer))
         };
         match tokio::time::timeout(left, tried).await {
@@ -155,7 +162,8 @@ fn resend(run: &mut Run<'_>, round: u32, received: &[PageRange]) -> Result<(Dirt
                 }
             }
         };
-        let of = |d: &DirtyPages| d.regions.iter().find(|r| r.start == start).map(|r| r.ranges.clone()).unwrap_or_default();
+        let of =
+            |d: &DirtyPages| d.regions.iter().find(|r| r.start == start).map(|r| r.ranges.clone()).unwrap_or_default();
         if let Some(cut) = &cut {
             mark(&mut bits, &of(cut), 0, true);
             // The destination's list is in page frame numbers.

@@ -83,7 +83,21 @@ impl<'a> Run<'a> {
         conn: &'a mut Conn,
         connector: &'a mut Connector,
     ) -> Self {
-        Run { vm, opts, link, summary, report, steer, disks, conn, connector, round_pages: None, policy: None, first_round: None, paused: false }
+        Run {
+            vm,
+            opts,
+            link,
+            summary,
+            report,
+            steer,
+            disks,
+            conn,
+            connector,
+            round_pages: None,
+            policy: None,
+            first_round: None,
+            paused: false,
+        }
     }
 }
 

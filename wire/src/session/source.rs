@@ -184,7 +184,8 @@ impl SourceSession {
     /// (not agreed, or past the commit, or ended).
     pub fn resume_request(&self) -> Option<Message> {
         let live = matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit);
-        (live && self.features & features::RESUME != 0).then_some(Message::Resume { migration_id: self.id, secret: self.secret })
+        (live && self.features & features::RESUME != 0)
+            .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
     }
 
     /// The destination's answer to a `Resume`: checked against what was
@@ -198,14 +199,20 @@ impl SourceSession {
         // (having applied it) in the next; never elsewhere.
         let oldest = self.unapplied.front().copied().unwrap_or(self.round);
         if point.round < oldest || point.round > self.round {
-            return Err(violation(format!("resumed at round {} while {oldest}..={} was possible", point.round, self.round)));
+            return Err(violation(format!(
+                "resumed at round {} while {oldest}..={} was possible",
+                point.round, self.round
+            )));
         }
         if point.disks.len() != self.disks.len() {
             return Err(violation(format!("resumed with {} disks of {}", point.disks.len(), self.disks.len())));
         }
         for (i, (p, d)) in point.disks.iter().zip(&self.disks).enumerate() {
             if p.next_seq > d.next_seq || p.next_offset > d.next_offset || (p.next_seq == 0) != (p.next_offset == 0) {
-                return Err(violation(format!("disk {i} resumed at part {} / {}, past what was sent", p.next_seq, p.next_offset)));
+                return Err(violation(format!(
+                    "disk {i} resumed at part {} / {}, past what was sent",
+                    p.next_seq, p.next_offset
+                )));
             }
         }
         let round_was_ended = point.round < self.round;

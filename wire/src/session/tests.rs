@@ -333,15 +333,26 @@ fn a_resume_point_is_checked_against_what_was_sent() {
     src.hello(MigrationId([1; 16]), shape(), features::DISK_COPY | features::RESUME, ChunkParams::DEFAULT, [7; 32])
         .expect("hello");
     assert!(src.resume_request().is_none(), "nothing to resume before the destination accepted");
-    src.on_message(Stream::Control, &Message::Accept { features: features::DISK_COPY | features::RESUME, chunking: ChunkParams::DEFAULT })
-        .expect("accept");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: features::DISK_COPY | features::RESUME, chunking: ChunkParams::DEFAULT },
+    )
+    .expect("accept");
     let id = ChunkId([1; 32]);
     src.manifest(0, 0, 0, &[(4096, Some(id))]).expect("manifest");
     src.on_message(Stream::Control, &Message::DiskNeed(Need { disk: 0, seq: 0, chunks: vec![0] })).expect("need");
     src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("manifest");
     src.round_done(0).expect("round 0 ended");
-    let point = |round, seq, offset| ResumePoint { round, received: Vec::new(), disks: vec![DiskPoint { next_seq: seq, next_offset: offset }] };
-    for (bad, why) in [(point(2, 1, 4096), "a round never sent"), (point(1, 3, 12288), "a part never sent"), (point(0, 1, 0), "a part without its offset")] {
+    let point = |round, seq, offset| ResumePoint {
+        round,
+        received: Vec::new(),
+        disks: vec![DiskPoint { next_seq: seq, next_offset: offset }],
+    };
+    for (bad, why) in [
+        (point(2, 1, 4096), "a round never sent"),
+        (point(1, 3, 12288), "a part never sent"),
+        (point(0, 1, 0), "a part without its offset"),
+    ] {
         assert!(src.clone().on_resumed(&bad).is_err(), "{why}");
     }
     assert_eq!(src.resume_request(), Some(Message::Resume { migration_id: MigrationId([1; 16]), secret: [7; 32] }));
@@ -353,7 +364,8 @@ fn a_resume_point_is_checked_against_what_was_sent() {
     // After the commit there is nothing to resume.
     let mut late = SourceSession::new();
     late.hello(MigrationId([1; 16]), shape(), features::RESUME, ChunkParams::DEFAULT, [7; 32]).expect("hello");
-    late.on_message(Stream::Control, &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT }).expect("accept");
+    late.on_message(Stream::Control, &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT })
+        .expect("accept");
     late.stop_and_copy().expect("pause");
     late.device_state(Vec::new()).expect("state");
     late.on_message(Stream::Control, &Message::Ready).expect("ready");
