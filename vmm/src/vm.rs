@@ -126,6 +126,31 @@ pub enum VmError {
     /// A disk image is in use (or could not be locked).
     #[error(transparent)]
     DiskLock(#[from] crate::disklock::LockError),
+    /// Pre-opened disk images do not match the configured disks.
+    #[error("{given} pre-opened disk image(s) for {configured} configured disk(s)")]
+    DiskFiles {
+        /// Files given.
+        given: usize,
+        /// Disks configured.
+        configured: usize,
+    },
+    /// The snapshot directory cannot take a new snapshot.
+    #[error("cannot save a snapshot in {path}: {reason}")]
+    SnapshotDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Writing a snapshot file failed.
+    #[error("cannot write snapshot file {path}")]
+    SnapshotWrite {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -167,6 +192,10 @@ pub struct Vm {
     disk_logs: Vec<Arc<DiskWriteLog>>,
     /// One lock per disk image while this process owns the images.
     disk_locks: Vec<crate::disklock::DiskLock>,
+    /// A descriptor of each disk image the devices use (sharing their open
+    /// file description): locks and flushes go to the very files the guest
+    /// writes, whatever their paths now name.
+    disk_files: Vec<File>,
     nics: Vec<Nic>,
     rx_threads: Vec<RxThread>,
     /// Set on a restored or received VM: its first resume announces its
@@ -219,7 +248,13 @@ fn lock_all(config: &VmConfig) -> Result<Vec<crate::disklock::DiskLock>, VmError
     Ok(locks.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
+fn open_disks(config: &VmConfig, given: Option<Vec<File>>) -> Result<Vec<File>, VmError> {
+    if let Some(files) = given {
+        if files.len() != config.disks.len() {
+            return Err(VmError::DiskFiles { given: files.len(), configured: config.disks.len() });
+        }
+        return Ok(files);
+    }
     config
         .disks
         .iter()
@@ -241,6 +276,7 @@ impl Vm {
         saved: Option<&VmState>,
         ram: Option<GuestRam>,
         own_disks: bool,
+        disk_files: Option<Vec<File>>,
     ) -> Result<Self, VmError> {
         // Before anything is built: a VM that cannot own its disks fails
         // here, naming who has them.
@@ -273,9 +309,11 @@ impl Vm {
         };
         let mut virtio = Vec::new();
         let mut disk_logs = Vec::new();
-        for (slot, (file, disk)) in open_disks(config)?.into_iter().zip(&config.disks).enumerate() {
+        let mut kept = Vec::new();
+        for (slot, (file, disk)) in open_disks(config, disk_files)?.into_iter().zip(&config.disks).enumerate() {
             let id = format!("{}-disk{slot}", config.name);
             let block_err = |source| VmError::Block { path: disk.path.clone(), source };
+            kept.push(file.try_clone().map_err(|source| VmError::Disk { path: disk.path.clone(), source })?);
             let irq = irqfd(layout::VIRTIO_IRQ_BASE + slot as u32)?;
             let transport = match saved.map(|s| &s.virtio[slot]) {
                 None => {
@@ -336,6 +374,7 @@ impl Vm {
             devices,
             disk_logs,
             disk_locks,
+            disk_files: kept,
             nics,
             rx_threads: Vec::new(),
             announce: saved.is_some(),
@@ -363,7 +402,7 @@ impl Vm {
     /// Creates a VM, writes its ACPI tables and loads its guest, ready to
     /// run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let mut vm = Self::build(config, None, None, true)?;
+        let mut vm = Self::build(config, None, None, true, None)?;
         // Every guest gets the tables: Linux finds its virtio-mmio devices
         // there, the test guest its power registers.
         let rsdp = acpi::write_tables(vm.ram.mem(), &vm.acpi_spec())?;
@@ -390,14 +429,24 @@ impl Vm {
     pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmError> {
         let state: VmState = crate::state::read_file(&dir.join(snapshot::STATE_FILE))?;
         check_shape(config, &state)?;
-        let vm = Self::build(config, Some(&state), None, true)?;
+        let vm = Self::build(config, Some(&state), None, true, None)?;
         snapshot::load_memory(&vm.ram, &dir.join(snapshot::MEMORY_FILE))?;
         vm.spawn_threads()
     }
 
     /// Creates a VM, paused, from RAM filled by a migration and the state
-    /// that ended it. The configuration supplies host resources.
-    pub fn from_incoming(config: &VmConfig, ram: GuestRam, state: &VmState) -> Result<Self, VmError> {
+    /// that ended it. The configuration supplies host resources. With
+    /// `disks`, the images are these already open files (one per configured
+    /// disk, in order, opened with the access the disk needs) and their
+    /// configured paths are only names: whoever checked the files when it
+    /// opened them need not trust the paths again. Its disks are not locked
+    /// until [`Vm::lock_disks`].
+    pub fn from_incoming(
+        config: &VmConfig,
+        ram: GuestRam,
+        state: &VmState,
+        disks: Option<Vec<File>>,
+    ) -> Result<Self, VmError> {
         check_shape(config, state)?;
         if ram.size() != config.memory_bytes() {
             return Err(VmError::Shape(format!(
@@ -406,7 +455,7 @@ impl Vm {
                 config.memory_bytes()
             )));
         }
-        Self::build(config, Some(state), Some(ram), false)?.spawn_threads()
+        Self::build(config, Some(state), Some(ram), false, disks)?.spawn_threads()
     }
 
     /// Takes this VM's disk images (an exclusive lock on each writable one,
@@ -415,7 +464,13 @@ impl Vm {
     /// that failed once it had let go.
     pub fn lock_disks(&mut self) -> Result<(), VmError> {
         if self.disk_locks.is_empty() {
-            self.disk_locks = lock_all(&self.config)?;
+            // The files the devices use, not whatever the paths name now.
+            let mut locks = Vec::new();
+            for (file, d) in self.disk_files.iter().zip(&self.config.disks) {
+                let dup = file.try_clone().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
+                locks.push(crate::disklock::DiskLock::on_file(dup, &d.path, !d.read_only)?);
+            }
+            self.disk_locks = locks;
         }
         Ok(())
     }
@@ -657,38 +712,40 @@ impl Vm {
     /// Flushes every writable disk image to stable storage (before a
     /// snapshot, and before a migration hands the disks over).
     pub fn sync_disks(&self) -> Result<(), VmError> {
-        for d in self.config.disks.iter().filter(|d| !d.read_only) {
-            let disk_err = |source| VmError::Disk { path: d.path.clone(), source };
-            File::open(&d.path).and_then(|f| f.sync_all()).map_err(disk_err)?;
+        for (file, d) in self.disk_files.iter().zip(&self.config.disks).filter(|(_, d)| !d.read_only) {
+            file.sync_all().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
         }
         Ok(())
     }
 
-    /// Saves the paused VM into `dir` (created if missing). RAM goes first,
-    /// to a temporary name, synced and renamed; the state file is written
-    /// last and marks the snapshot complete, so a failure part-way never
-    /// leaves a state file beside a partial memory file.
+    /// Saves the paused VM into `dir` (created if missing), which must be
+    /// a directory, not a symbolic link, and hold no snapshot (nor the
+    /// pieces of one) yet: a snapshot never replaces a file, and no file is
+    /// created through a link (see [`snapshot::SnapshotDir`]). RAM goes
+    /// first, to a temporary name, synced and renamed; the state file is
+    /// written last and marks the snapshot complete, so a failure part-way
+    /// never leaves a state file beside a partial memory file.
     pub fn save(&self, dir: &Path) -> Result<SaveReport, VmError> {
         let t0 = Instant::now();
         let state = self.save_state()?;
         lock(&self.devices.serial).flush();
         self.sync_disks()?;
-        let io = |e| VmError::State(crate::state::StateError::Io(e));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        // An older snapshot here stops being one from this moment.
-        match std::fs::remove_file(dir.join(snapshot::STATE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
+        let d = snapshot::SnapshotDir::open(dir)?;
         let t1 = Instant::now();
-        let partial = dir.join(format!("{}.partial", snapshot::MEMORY_FILE));
-        let memory_bytes = snapshot::save_memory(&self.ram, &partial)?;
+        let partial = format!("{}.partial", snapshot::MEMORY_FILE);
+        let file = d.create_file(&partial, true)?;
+        let memory_bytes = snapshot::save_memory_to(&self.ram, &file)?;
         let t2 = Instant::now();
-        snapshot::sync_file(&partial)?;
-        std::fs::rename(&partial, dir.join(snapshot::MEMORY_FILE)).map_err(io)?;
+        file.sync_all().map_err(|source| VmError::SnapshotWrite { path: dir.join(&partial), source })?;
+        d.rename(&partial, snapshot::MEMORY_FILE)?;
         let t3 = Instant::now();
-        crate::state::write_file(&dir.join(snapshot::STATE_FILE), &state)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let tmp = format!("{}.tmp", snapshot::STATE_FILE);
+        let mut file = d.create_file(&tmp, false)?;
+        let write =
+            |f: &mut File| std::io::Write::write_all(f, &crate::state::encode(&state)).and_then(|()| f.sync_all());
+        write(&mut file).map_err(|source| VmError::SnapshotWrite { path: dir.join(&tmp), source })?;
+        d.rename(&tmp, snapshot::STATE_FILE)?;
+        d.sync()?;
         Ok(SaveReport {
             state_ms: ((t1 - t0) + t3.elapsed()).as_secs_f64() * 1e3,
             memory_ms: (t2 - t1).as_secs_f64() * 1e3,

@@ -191,7 +191,7 @@ impl Attempt<'_> {
             false => state.to_vec(),
         };
         let ram = adm.incoming.ram.take().ok_or_else(|| ReceiveError::BadInput("no memory was received".into()))?;
-        host.build(&adm.config, ram, &state).map_err(ReceiveError::Host)
+        host.build(&adm.config, ram, &state, None).map_err(ReceiveError::Host)
     }
 
     /// Serves both streams until the device state has arrived and the bulk
