@@ -4,6 +4,7 @@
 mod bad_input;
 mod dirty_tracking;
 mod disk_migration;
+mod hardening;
 mod harness;
 mod layering;
 mod linux;

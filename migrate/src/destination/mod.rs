@@ -204,6 +204,17 @@ async fn accept_until_received<H: VmHost>(
     let mut vm_name = String::new();
     loop {
         tokio::select! {
+            // An attempt that has ended is seen before the next hello is
+            // heard: a source that retries at once is not told "busy".
+            biased;
+            (peer, outcome) = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                match outcome.map(|o| o.map_or(Outcome::Synced, |a| Outcome::Received(Box::new(a)))) {
+                    Ok(Outcome::Received(arrived)) => return Ok(*arrived),
+                    Ok(Outcome::Synced) => say(format!("disks synced from {peer}; waiting for the next session")),
+                    Err(e) => say(format!("migration from {peer} failed, discarded: {}", error_chain(&e))),
+                }
+            }
             conn = listener.accept() => {
                 let Some(conn) = conn else { return Err(ReceiveError::Listen(TransportError::Lost("listener closed".into()))) };
                 if heard.len() < MAX_TRIAGE {
@@ -226,14 +237,6 @@ async fn accept_until_received<H: VmHost>(
                         running = Some(Box::pin(async move { (peer, attempt.run(first, host, say).await) }));
                     }
                     _ => {}
-                }
-            }
-            (peer, outcome) = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
-                running = None;
-                match outcome.map(|o| o.map_or(Outcome::Synced, |a| Outcome::Received(Box::new(a)))) {
-                    Ok(Outcome::Received(arrived)) => return Ok(*arrived),
-                    Ok(Outcome::Synced) => say(format!("disks synced from {peer}; waiting for the next session")),
-                    Err(e) => say(format!("migration from {peer} failed, discarded: {}", error_chain(&e))),
                 }
             }
             Some(note) = notes.recv() => say(note),
