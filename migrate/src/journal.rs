@@ -415,4 +415,50 @@ mod tests {
         let rec = recs[0].as_ref().expect("readable");
         assert_eq!((rec.phase, rec.owner.as_ref(), rec.images.len()), (DestPhase::Ready, None, 0));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Bounded fuzzing of the journal's reader (a record is a file
+        /// anyone with access to the directory could have written): records
+        /// with a few edits read back, or are refused as corrupt; never a
+        /// panic, never "no migration".
+        #[test]
+        fn edited_records_read_or_are_refused(
+            edits in proptest::collection::vec((proptest::prelude::any::<u8>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let dir = tempfile::tempdir().expect("tmp");
+            let me = Owner::this_process();
+            let rec = DestRecord {
+                migration_id: MigrationId([7; 16]),
+                vm: "vm".into(),
+                source: "10.0.0.1:4750".into(),
+                phase: DestPhase::Ready,
+                updated_unix: 1_700_000_000,
+                sync: false,
+                owner: Some(me),
+                images: vec![ImageRecord {
+                    incoming: "/d/disk.img.0707.incoming".into(),
+                    path: "/d/disk.img".into(),
+                    reservation: Some(FileId { dev: 2049, ino: 1234 }),
+                    replica: true,
+                }],
+            };
+            let good = serde_json::to_vec_pretty(&rec).expect("json");
+            let path = dir.path().join("journal").join("07070707070707070707070707070707.json");
+            std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+            std::fs::write(&path, wanmig_types::fuzz::mutate(&good, &edits)).expect("write");
+            let j = DestJournal::new(dir.path());
+            match j.read(MigrationId([7; 16])) {
+                Ok(Some(r)) => { let _ = r.owner.map(|o| o.alive()); }
+                Ok(None) => proptest::prop_assert!(false, "an existing record read as none"),
+                Err(JournalError::Corrupt { .. }) => {}
+                Err(e) => proptest::prop_assert!(false, "{e}"),
+            }
+            let _ = j.records();
+            let src = SourceJournal::new(dir.path(), "vm");
+            std::fs::write(src.path(), wanmig_types::fuzz::mutate(br#"{"migration_id":"07070707070707070707070707070707","vm":"vm","dest":"b:4750","peer":"fp","identity":"/id","phase":"commit_sent","updated_unix":1}"#, &edits)).expect("write");
+            proptest::prop_assert!(!matches!(src.read(), Ok(None)));
+        }
+    }
 }

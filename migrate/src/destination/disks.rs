@@ -579,6 +579,19 @@ mod tests {
     }
 
     #[test]
+    fn the_final_check_reads_the_images_digest_not_a_flag() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(ChunkStore::open(&dir.path().join("chunks")).expect("store"));
+        let mut disks = complete(dir.path(), &store, "abab", binding("fp"), 1).expect("verified");
+        // Were anything to write the image after its digest matched (the
+        // session refuses such messages; this goes around it), the check
+        // before Ready would see it.
+        disks.on_writes(&DiskWrites { disk: 0, extents: vec![(4096, 4096)], data: vec![9; 4096] }).expect("write");
+        let e = disks.check_complete().expect_err("changed");
+        assert!(e.to_string().contains("changed after its digest was checked"), "{e}");
+    }
+
+    #[test]
     fn a_final_name_is_reserved_until_the_commit_and_replicas_are_bound_to_their_source() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Arc::new(ChunkStore::open(&dir.path().join("chunks")).expect("store"));

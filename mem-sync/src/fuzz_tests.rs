@@ -1,0 +1,56 @@
+//! Bounded fuzzing of what this crate decodes from a peer: XBZRLE page
+//! deltas, pieces of the zstd stream, and the compressed device state.
+//! Property tests with a fixed case count (stable, `cargo nextest run`);
+//! inputs are valid deltas and compressed pieces with a few edits.
+
+use proptest::prelude::*;
+use wanmig_types::PAGE_SIZE;
+use wanmig_types::fuzz::{Edit, mutate};
+
+use crate::compress::{StreamCompressor, StreamDecompressor, compress_blob, decompress_blob};
+use crate::xbzrle;
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    prop::collection::vec((any::<u8>(), any::<u32>(), any::<u8>()), 1..6)
+}
+
+/// A page and a delta from it to a page with a few runs changed.
+fn delta(seed: u8) -> ([u8; PAGE_SIZE], Vec<u8>) {
+    let old = [seed; PAGE_SIZE];
+    let mut new = old;
+    for i in (0..PAGE_SIZE).step_by(97 + seed as usize % 50) {
+        new[i] = new[i].wrapping_add(seed.wrapping_add(1) | 1);
+    }
+    let mut out = Vec::new();
+    assert!(xbzrle::encode(&old, &new, PAGE_SIZE, &mut out), "a small change encodes");
+    (old, out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn edited_deltas_apply_or_are_refused(seed in any::<u8>(), edits in edits()) {
+        let (old, d) = delta(seed);
+        let mut page = old;
+        let _ = xbzrle::decode(&mutate(&d, &edits), &mut page);
+    }
+
+    #[test]
+    fn edited_stream_pieces_decode_or_are_refused(seed in any::<u8>(), edits in edits(), raw_slack in 0usize..3) {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i / 7) as u8 ^ seed).collect();
+        let mut c = StreamCompressor::new(1).expect("compressor");
+        let piece = c.compress(&data).expect("compress");
+        let edited = mutate(&piece, &edits);
+        let mut d = StreamDecompressor::new().expect("decompressor");
+        // The length the peer announces may be wrong too.
+        let raw_len = data.len() + raw_slack - 1;
+        if let Ok(out) = d.decompress(&edited, raw_len) {
+            prop_assert_eq!(out.len(), raw_len);
+        }
+        let blob = compress_blob(&data).expect("compress");
+        if let Ok(out) = decompress_blob(&mutate(&blob, &edits), 30_000) {
+            prop_assert!(out.len() <= 30_000);
+        }
+    }
+}
