@@ -9,13 +9,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use fastcdc::v2020::FastCDC;
 use wanmig_dedup::ChunkId;
 use wanmig_wire::ChunkParams;
 
 use crate::digest::BlockDigest;
+use crate::io::read_exact_at;
 
 /// One chunk of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,19 +115,10 @@ pub fn is_zero(b: &[u8]) -> bool {
     head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
 }
 
-/// `pread` until `buf` is full; a short file is an error.
-pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(e.kind(), format!("image ends before offset {}", offset + buf.len() as u64))
-        } else {
-            e
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {

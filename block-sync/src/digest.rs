@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::chunker::read_exact_at;
+use crate::io::read_exact_at;
 
 /// Digest block size.
 pub const BLOCK: u64 = 64 * 1024;

@@ -13,8 +13,8 @@ use std::io;
 use wanmig_wire::DiskWrites;
 use wanmig_wire::disk::{EXTENT_GRANULE, MAX_EXTENT_BYTES, MAX_EXTENTS};
 
-use crate::chunker::read_exact_at;
 use crate::digest::{BLOCK, BlockDigest};
+use crate::io::read_exact_at;
 
 const PAGES_PER_BLOCK: u64 = BLOCK / EXTENT_GRANULE;
 

@@ -12,6 +12,7 @@
 //!   them into `DiskWrites` batches.
 //! - [`image`]: the destination's image, assembled sparse from chunks (its
 //!   own or from the chunk store) and extents.
+//! - [`io`]: reading images exactly.
 //! - [`throttle`]: when and how hard to cap the guest's disk writes so that
 //!   the copy converges.
 //!
@@ -23,6 +24,7 @@ pub mod chunker;
 pub mod digest;
 pub mod extents;
 pub mod image;
+pub mod io;
 pub mod throttle;
 
 pub use chunker::{Batch, CutChunk, ImageChunker};

@@ -6,11 +6,15 @@
 //! - [`compress`]: one zstd stream for all page batches, capped on decompression.
 //! - [`policy`]: the convergence policy (downtime budget, auto-converge,
 //!   giving up with numbers) and rate limiting.
+//! - [`postcopy`]: the post-copy send order (pre-paging with bubbling around
+//!   faults, requested pages first) and when a hybrid migration switches
+//!   from pre-copy to post-copy.
 
 pub mod bitmap;
 pub mod compress;
 pub mod encode;
 pub mod policy;
+pub mod postcopy;
 pub mod xbzrle;
 
 #[cfg(test)]

@@ -17,10 +17,33 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::source::{TunnelLifetime, TunnelRequest};
+use serde::{Deserialize, Serialize};
 use wanmig_transport::Conn;
 use wanmig_tunnel::{MacAddr, Role, Tunnel, TunnelConfig, TunnelControl, TunnelStatus, Until};
 use wanmig_vmm::config::NetConfig;
+
+/// The network tunnel a migration should leave behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelRequest {
+    /// This host's interface on the guest's segment (where it answers ARP
+    /// for the guest's address).
+    pub interface: String,
+    /// How long it lives.
+    pub lifetime: TunnelLifetime,
+}
+
+/// How long a tunnel lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelLifetime {
+    /// Until an operator says the routes converged (`wanmig routes-converged`).
+    UntilConverged,
+    /// Until the routes converged or this many seconds passed.
+    Seconds(u64),
+    /// For good (a disaster-recovery move): only a shutdown ends it.
+    Forever,
+}
 
 /// How long the destination waits for the source to open the tunnel's
 /// stream after the commit.

@@ -17,6 +17,8 @@
 //! The protocol and its commit rule are documented in `wanmig_wire::session`,
 //! whose machines both drivers follow.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod destination;
 pub mod handover;
 pub mod journal;

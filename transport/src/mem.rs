@@ -2,7 +2,7 @@
 //! for tests that drive both ends of a migration in one process without a
 //! network, and cut the link at a chosen point.
 //!
-//! [`pair`] returns two [`Conn`]s joined by tokio duplex pipes (each stream
+//! `Conn::mem_pair` returns two connections joined by tokio duplex pipes (each stream
 //! buffers up to its window, then back-pressures, as flow control would)
 //! and a [`Link`] handle that cuts the connection now or after a number of
 //! bytes have crossed it in either direction. A cut fails every pending
@@ -19,7 +19,8 @@ use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 
-use crate::endpoint::{CLOSE_CANCELLED, Conn, FrameReceiver, FrameSender, PEER_CANCELLED, TransportError};
+use crate::error::{CLOSE_CANCELLED, PEER_CANCELLED, TransportError};
+use crate::frames::{FrameReceiver, FrameSender};
 
 /// Bytes a stream buffers before its writer waits.
 const WINDOW: usize = 1 << 20;
@@ -256,9 +257,9 @@ impl Link {
     }
 }
 
-/// Two connected ends (a "source" that opens and a "destination" that
-/// accepts, though either may do both) and the handle that cuts them.
-pub fn pair() -> (Conn, Conn, Link) {
+/// Two connected ends and the handle that cuts them (wrapped into
+/// `Conn`s by `Conn::mem_pair`).
+pub(crate) fn pair() -> (MemConn, MemConn, Link) {
     let fate = Arc::new(Fate { budget: AtomicU64::new(u64::MAX), ..Fate::default() });
     let (a_tx, a_rx) = mpsc::unbounded_channel();
     let (b_tx, b_rx) = mpsc::unbounded_channel();
@@ -270,7 +271,7 @@ pub fn pair() -> (Conn, Conn, Link) {
         uni: VecDeque::new(),
     };
     let (a, b) = (end(b_tx, a_rx), end(a_tx, b_rx));
-    (Conn::mem(a), Conn::mem(b), Link { fate })
+    (a, b, Link { fate })
 }
 
 #[cfg(test)]
@@ -279,11 +280,11 @@ mod tests {
 
     use wanmig_wire::Message;
 
-    use super::*;
+    use crate::endpoint::Conn;
 
     #[tokio::test]
     async fn frames_cross_both_kinds_of_stream() {
-        let (mut a, mut b, link) = pair();
+        let (mut a, mut b, link) = Conn::mem_pair();
         let (mut tx, mut rx) = a.open_control().await.expect("open");
         let mut bulk = a.open_bulk().await.expect("open bulk");
         tx.send(&Message::Ready).await.expect("send");
@@ -302,7 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cut_fails_pending_and_later_operations_at_both_ends() {
-        let (mut a, mut b, link) = pair();
+        let (mut a, mut b, link) = Conn::mem_pair();
         let (mut tx, _rx) = a.open_control().await.expect("open");
         let (_b_tx, mut b_rx) = b.accept_control().await.expect("accept");
         let waiting = tokio::spawn(async move { b_rx.recv().await });
@@ -317,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_byte_budget_cuts_the_link_where_it_runs_out() {
-        let (mut a, mut b, link) = pair();
+        let (mut a, mut b, link) = Conn::mem_pair();
         link.cut_after(10);
         let (mut tx, _rx) = a.open_control().await.expect("open");
         let (_b_tx, mut b_rx) = b.accept_control().await.expect("accept");

@@ -1,6 +1,7 @@
 //! Loopback tests of the pinned mutual TLS and the framed streams.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use wanmig_wire::{Message, PageData, PageRef, PagesBuilder};
 
@@ -96,6 +97,47 @@ fn fingerprints_parse_and_identities_persist() {
     assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
     assert!(Identity::create(dir.path(), "host").is_err(), "an existing key is never overwritten");
     assert_eq!(LinkTuning::default().window(), 25_000_000);
+    assert_eq!(LinkTuning::default().socket_buffer(), 25_000_000);
+    let lan = LinkTuning { rtt: Duration::from_millis(1), ..LinkTuning::default() };
+    assert_eq!((lan.window(), lan.socket_buffer()), (4 << 20, 4 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_hold_an_idle_connection_past_its_idle_timeout() {
+    let (src, dst) = ids();
+    // 500 ms of silence would end the connection; it stays idle for 2.5 s.
+    let tuning = LinkTuning { idle_timeout: Duration::from_millis(500), ..LinkTuning::default() };
+    let mut listener = Listener::bind(local(), &dst, &[src.fingerprint()], tuning).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let mut conn = listener.accept().await.expect("a connection");
+        let (mut tx, mut rx) = conn.accept_control().await.expect("control");
+        // Echo until the stream ends.
+        while let Some(m) = rx.recv().await.expect("the idle connection survived at the destination") {
+            tx.send(&m).await.expect("send");
+        }
+    });
+    let mut conn = connect(addr, &src, &[dst.fingerprint()], tuning).await.expect("connect");
+    let (mut tx, mut rx) = conn.open_control().await.expect("control");
+    for round in 0..2 {
+        tx.send(&Message::Ready).await.expect("send");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(2)).await.expect("the idle connection survived"),
+            Some(Message::Ready),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    tx.finish().await.expect("finish");
+    server.await.expect("server task");
+}
+
+#[test]
+fn a_zero_idle_timeout_is_refused() {
+    let (_, dst) = ids();
+    let tuning = LinkTuning { idle_timeout: Duration::ZERO, ..LinkTuning::default() };
+    let err = Listener::bind(local(), &dst, &[], tuning).expect_err("zero idle timeout");
+    assert!(err.to_string().contains("idle timeout"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
-use wanmig_tunnel::linkem::LinkParams;
+use wanmig_linkem::LinkParams;
 use wanmig_tunnel::{Role, Tunnel, TunnelConfig, Until};
 
 const BULK: usize = 64 << 20;

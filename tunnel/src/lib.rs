@@ -70,13 +70,12 @@
 //! have converged ([`TunnelControl::routes_converged`]), which ends it
 //! cleanly on both sides; [`Until`] says whether it also ends after a time.
 //!
-//! [`linkem`] is test and benchmark infrastructure: a user-space WAN link
-//! (delay, rate, loss) between two TAP devices in two network namespaces.
+//! The tests and the benchmark run over `wanmig-linkem`, the workspace's
+//! user-space WAN link emulator.
 
 pub mod engine;
 pub mod guard;
 pub mod link;
-pub mod linkem;
 pub mod offload;
 pub mod packet;
 pub mod policy;

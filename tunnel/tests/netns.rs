@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use wanmig_linkem::LinkParams;
 use wanmig_transport::{FrameReceiver, FrameSender};
-use wanmig_tunnel::linkem::LinkParams;
 use wanmig_tunnel::packet::{PROTO_UDP, ipv4_fix_header};
 use wanmig_tunnel::{CloseReason, Role, Tunnel, TunnelConfig, TunnelState, TunnelStatus, Until};
 use wanmig_wire::Message;

@@ -206,11 +206,16 @@ fn default_disk_mib() -> u64 {
     1
 }
 fn default_mem_entropy() -> u8 {
-    crate::testguest::DEFAULT_MEM_ENTROPY
+    DEFAULT_MEM_ENTROPY
 }
 fn default_disk_entropy() -> u8 {
-    crate::testguest::DEFAULT_DISK_ENTROPY
+    DEFAULT_DISK_ENTROPY
 }
+
+/// Default `mem_entropy` of the test guest (see the module docs for why).
+pub const DEFAULT_MEM_ENTROPY: u8 = 35;
+/// Default `disk_entropy` of the test guest.
+pub const DEFAULT_DISK_ENTROPY: u8 = 60;
 
 /// One raw disk image.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

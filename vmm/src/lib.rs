@@ -6,6 +6,8 @@
 //!   dirty pages.
 //! - [`memory`]: guest RAM, KVM slots, dirty tracking (KVM's log OR the
 //!   VMM's own bitmap of device writes).
+//! - [`postcopy`]: guest RAM filled on demand (userfaultfd), for a VM
+//!   that runs before all of its memory has arrived.
 //! - [`vcpu`]: vCPU setup, run loop, register state.
 //! - [`devices`]: the 8250 console; over virtio-mmio, virtio-blk (whose
 //!   writes feed a per-disk write log) and virtio-net on a host TAP; and the
@@ -33,6 +35,7 @@ pub mod files;
 pub mod layout;
 pub mod linux;
 pub mod memory;
+pub mod postcopy;
 pub mod snapshot;
 pub mod state;
 pub mod testguest;

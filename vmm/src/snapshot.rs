@@ -152,6 +152,28 @@ fn create_direct(path: &Path) -> Result<File, MemoryFileError> {
     }
 }
 
+/// Why a snapshot could not be written into its directory.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDirError {
+    /// The directory cannot take a new snapshot.
+    #[error("cannot save a snapshot in {path}: {reason}")]
+    Refused {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Writing a snapshot file failed.
+    #[error("cannot write snapshot file {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A directory being filled with one new snapshot: not a symbolic link,
 /// holding no snapshot file yet; files are created in it exclusively and
 /// renamed without replacing anything.
@@ -168,8 +190,8 @@ impl SnapshotDir {
     /// Creates `path` if missing (its parents too) and opens it, refusing a
     /// symbolic link, a non-directory, and a directory that already holds a
     /// snapshot or part of one.
-    pub fn open(path: &Path) -> Result<SnapshotDir, crate::vm::VmError> {
-        let refuse = |reason: String| crate::vm::VmError::SnapshotDir { path: path.into(), reason };
+    pub fn open(path: &Path) -> Result<SnapshotDir, SnapshotDirError> {
+        let refuse = |reason: String| SnapshotDirError::Refused { path: path.into(), reason };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| refuse(format!("cannot create its parent: {e}")))?;
         }
@@ -199,8 +221,8 @@ impl SnapshotDir {
     /// writes where the filesystem supports them when `direct` (guest RAM
     /// is page-aligned and written in whole pages: no double buffering of
     /// gigabytes, nothing left to write back at sync).
-    pub fn create_file(&self, name: &str, direct: bool) -> Result<File, crate::vm::VmError> {
-        let err = |source| crate::vm::VmError::SnapshotWrite { path: self.path.join(name), source };
+    pub fn create_file(&self, name: &str, direct: bool) -> Result<File, SnapshotDirError> {
+        let err = |source| SnapshotDirError::Write { path: self.path.join(name), source };
         let file = crate::files::create_new_at(&self.dir, name, 0o600, 0).map_err(err)?;
         if direct {
             // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
@@ -214,15 +236,15 @@ impl SnapshotDir {
     }
 
     /// Renames `from` to `to` within the directory; `to` must not exist.
-    pub fn rename(&self, from: &str, to: &str) -> Result<(), crate::vm::VmError> {
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), SnapshotDirError> {
         let (d, f, t) = (Some(&self.dir), Path::new(from), Path::new(to));
         crate::files::rename_at(d, f, d, t, crate::files::Rename::NoReplace)
-            .map_err(|source| crate::vm::VmError::SnapshotWrite { path: self.path.join(to), source })
+            .map_err(|source| SnapshotDirError::Write { path: self.path.join(to), source })
     }
 
     /// Makes the directory's entries durable.
-    pub fn sync(&self) -> Result<(), crate::vm::VmError> {
-        self.dir.sync_all().map_err(|source| crate::vm::VmError::SnapshotWrite { path: self.path.clone(), source })
+    pub fn sync(&self) -> Result<(), SnapshotDirError> {
+        self.dir.sync_all().map_err(|source| SnapshotDirError::Write { path: self.path.clone(), source })
     }
 }
 
@@ -305,14 +327,31 @@ fn next_extent(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, M
     Ok(Some((data, (hole as u64).min(end))))
 }
 
+/// Why a snapshot could not be loaded for inspection.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The state file was refused.
+    #[error("cannot read the VM state")]
+    State(#[from] crate::state::StateError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The memory file was refused.
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    /// The memory layout is not one this VMM builds.
+    #[error("memory layout {0:x?} is not one this VMM builds")]
+    Layout(Vec<(u64, u64)>),
+}
+
 /// Reads a snapshot's state and memory into plain guest memory (no KVM):
 /// for checking a snapshot with the test-guest oracle.
-pub fn load_for_inspection(dir: &Path) -> Result<(VmState, GuestRam), crate::vm::VmError> {
+pub fn load_for_inspection(dir: &Path) -> Result<(VmState, GuestRam), InspectError> {
     let state: VmState = crate::state::read_file(&dir.join(STATE_FILE))?;
     let bytes = state.memory.iter().map(|(_, l)| l).sum();
     let ram = GuestRam::new(bytes)?;
     if ram.regions() != state.memory.iter().map(|&(s, l)| (GuestAddress(s), l)).collect::<Vec<_>>() {
-        return Err(crate::vm::VmError::Shape(format!("memory layout {:x?} is not one this VMM builds", state.memory)));
+        return Err(InspectError::Layout(state.memory.clone()));
     }
     load_memory(&ram, &dir.join(MEMORY_FILE))?;
     Ok((state, ram))

@@ -75,10 +75,7 @@ pub const PRESTAMP_MAGIC: u64 = 0x574d_4750_5245_5354;
 const HOST_STAMPED_WORD: u64 = 21;
 /// Most disk writes the guest has in flight.
 pub const DISK_QUEUE_DEPTH: u64 = 8;
-/// Default `mem_entropy` (see `config.rs` for why).
-pub const DEFAULT_MEM_ENTROPY: u8 = 35;
-/// Default `disk_entropy`.
-pub const DEFAULT_DISK_ENTROPY: u8 = 60;
+pub use crate::config::{DEFAULT_DISK_ENTROPY, DEFAULT_MEM_ENTROPY};
 /// Stride of scattered disk writes (`disk_scatter`).
 pub const DISK_SCATTER_STRIDE: u64 = 40503;
 /// Phase: stamping done, working set and disk writer running.

@@ -134,23 +134,9 @@ pub enum VmError {
         /// Disks configured.
         configured: usize,
     },
-    /// The snapshot directory cannot take a new snapshot.
-    #[error("cannot save a snapshot in {path}: {reason}")]
-    SnapshotDir {
-        /// The directory.
-        path: std::path::PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// Writing a snapshot file failed.
-    #[error("cannot write snapshot file {path}")]
-    SnapshotWrite {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The snapshot could not be written into its directory.
+    #[error(transparent)]
+    SnapshotDir(#[from] snapshot::SnapshotDirError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -186,6 +172,8 @@ pub struct Vm {
     // Field order matters for drop: threads are stopped in `Drop`, then the
     // VM fd goes before the memory it maps.
     threads: Vec<JoinHandle<()>>,
+    /// Each vCPU thread's id (`gettid`), once it has started.
+    vcpu_tids: Arc<[std::sync::atomic::AtomicU32]>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     ctl: Arc<vcpu::RunControl>,
     devices: Arc<Devices>,
@@ -369,6 +357,7 @@ impl Vm {
         let mut vm = Vm {
             config: config.clone(),
             threads: Vec::new(),
+            vcpu_tids: (0..config.vcpus).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             vcpus,
             ctl: Arc::new(vcpu::RunControl::new()),
             devices,
@@ -485,9 +474,15 @@ impl Vm {
         vcpu::install_kick_handler();
         for (id, fd) in (0u8..).zip(&self.vcpus) {
             let (fd, ctl, devices, tx) = (fd.clone(), self.ctl.clone(), self.devices.clone(), self.stop_tx.clone());
+            let tids = self.vcpu_tids.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_thread(id, fd, ctl, devices, tx))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids[usize::from(id)].store(tid as u32, std::sync::atomic::Ordering::Release);
+                    vcpu::run_thread(id, fd, ctl, devices, tx)
+                })
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
@@ -554,6 +549,13 @@ impl Vm {
         for (l, p) in self.disk_locks.iter_mut().zip(paths) {
             l.renamed(p);
         }
+    }
+
+    /// The host thread id (`gettid`) of each vCPU's thread, in vCPU order
+    /// (0 for one that has not started yet): a userfaultfd fault names the
+    /// thread that took it ([`crate::postcopy::Fault::tid`]).
+    pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.vcpu_tids.iter().map(|t| t.load(std::sync::atomic::Ordering::Acquire)).collect()
     }
 
     /// Guest RAM.
@@ -736,14 +738,14 @@ impl Vm {
         let file = d.create_file(&partial, true)?;
         let memory_bytes = snapshot::save_memory_to(&self.ram, &file)?;
         let t2 = Instant::now();
-        file.sync_all().map_err(|source| VmError::SnapshotWrite { path: dir.join(&partial), source })?;
+        file.sync_all().map_err(|source| snapshot::SnapshotDirError::Write { path: dir.join(&partial), source })?;
         d.rename(&partial, snapshot::MEMORY_FILE)?;
         let t3 = Instant::now();
         let tmp = format!("{}.tmp", snapshot::STATE_FILE);
         let mut file = d.create_file(&tmp, false)?;
         let write =
             |f: &mut File| std::io::Write::write_all(f, &crate::state::encode(&state)).and_then(|()| f.sync_all());
-        write(&mut file).map_err(|source| VmError::SnapshotWrite { path: dir.join(&tmp), source })?;
+        write(&mut file).map_err(|source| snapshot::SnapshotDirError::Write { path: dir.join(&tmp), source })?;
         d.rename(&tmp, snapshot::STATE_FILE)?;
         d.sync()?;
         Ok(SaveReport {

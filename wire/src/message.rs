@@ -63,8 +63,6 @@ pub const MAX_TUNNEL_PACKET: u32 = 9216;
 pub const MIN_TUNNEL_PACKET: u32 = 20;
 
 use wanmig_types::MigrationId;
-
-use crate::session::Settlement;
 /// The guest page size this protocol version moves; feature bits negotiated
 /// in the hello.
 pub use wanmig_types::{PAGE_SIZE, features};
@@ -296,6 +294,19 @@ fn decode_pages(rest: &[u8]) -> Result<Pages, DecodeError> {
     h.finish()?;
     p.finish()?;
     Ok(Pages { round, count: count as u32, headers: headers.to_vec(), payload: payload.to_vec() })
+}
+
+/// What a destination knows of a migration a `SettleQuery` asks about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Settlement {
+    /// It committed: the destination owns (and ran) the VM.
+    Committed,
+    /// It never committed and never will (it ended before `Commit`
+    /// arrived): the source owns the VM.
+    NotCommitted,
+    /// The destination has no record of it.
+    Unknown,
 }
 
 /// A protocol message.

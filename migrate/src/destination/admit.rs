@@ -73,7 +73,7 @@ fn free_space(path: &Path) -> Result<(u64, u64), String> {
         return Err(format!("{}: {}", path.display(), std::io::Error::last_os_error()));
     }
     let dev = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.dev();
-    Ok((u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)), dev))
+    Ok((st.f_bavail.saturating_mul(st.f_frsize), dev))
 }
 
 impl HostFacts {

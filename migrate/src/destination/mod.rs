@@ -146,15 +146,21 @@ struct Heard {
 }
 
 /// Waits (bounded) for a new connection's control stream and first message.
-async fn hear(mut conn: Conn) -> Option<Heard> {
+async fn hear(conn: Conn) -> Option<Heard> {
+    hear_or_fail(conn).await.ok()
+}
+
+/// [`hear`], saying why not.
+async fn hear_or_fail(mut conn: Conn) -> Result<Heard, ReceiveError> {
     let peer = conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
     let heard = async {
-        let (tx, mut rx) = conn.accept_control().await.ok()?;
-        let first = rx.recv().await.ok()??;
-        Some((tx, rx, first))
+        let (tx, mut rx) = conn.accept_control().await?;
+        let first = rx.recv().await?.ok_or(TransportError::Lost("closed before Hello".into()))?;
+        Ok::<_, TransportError>((tx, rx, first))
     };
-    let (tx, rx, first) = tokio::time::timeout(HELLO_TIMEOUT, heard).await.ok()??;
-    Some(Heard { conn, tx, rx, first, peer })
+    let (tx, rx, first) =
+        tokio::time::timeout(HELLO_TIMEOUT, heard).await.map_err(|_| TransportError::Timeout(HELLO_TIMEOUT))??;
+    Ok(Heard { conn, tx, rx, first, peer })
 }
 
 /// Answers a settle query on its own task; `notes` hears the outcome.
@@ -247,6 +253,36 @@ async fn accept_until_received<H: VmHost>(
             }
         }
     }
+}
+
+/// One session on a connection made elsewhere (an in-memory pair in
+/// tests): a migration, a sync or a settle query. `Some` with the VM and
+/// its configuration when a migration committed here.
+pub async fn receive_on<H: VmHost>(
+    conn: Conn,
+    opts: &ReceiveOptions,
+    host: &mut H,
+    log: &mut dyn FnMut(String),
+) -> Result<Option<(H::Vm, VmConfig)>, ReceiveError> {
+    let store = match &opts.shared_disks {
+        Some(_) => None,
+        None => Some(Arc::new(
+            ChunkStore::open(&opts.store)
+                .map_err(|e| ReceiveError::Disk(format!("chunk store: {}", error_chain(&e))))?,
+        )),
+    };
+    let journal = DestJournal::new(&opts.dir);
+    let Heard { conn, mut tx, mut rx, first, .. } = hear_or_fail(conn).await?;
+    if let Message::SettleQuery { migration_id } = first {
+        let outcome = crate::settle::answer(&mut tx, &mut rx, migration_id, &journal).await?;
+        log(format!("settle query for migration {migration_id}: {outcome:?}"));
+        return Ok(None);
+    }
+    let log = RefCell::new(log);
+    let say = |s: String| (log.borrow_mut())(s);
+    let attempt = session::Attempt { conn, tx, rx, opts, store, journal: &journal };
+    let arrived = attempt.run(first, &RefCell::new(host), &say).await?;
+    Ok(arrived.map(|(vm, config, _)| (vm, config)))
 }
 
 /// After a VM arrived: settle queries are answered; a new VM is refused.

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
-use wanmig_types::{error_chain, features};
+use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::memory::GuestRam;
 use wanmig_wire::{ChunkParams, DestAction, DestSession, Message, Stream, VmShape};
 
-use super::admit::{HostFacts, check_resources, host_config};
+use super::admit::{Admission, HostFacts, check_resources, host_config};
 use super::disks::{Binding, DestDisks};
 use super::error::ReceiveError;
 use super::host::VmHost;
@@ -165,58 +165,10 @@ impl Attempt<'_> {
         };
         // Journalled before any file is created, so that a crash from here
         // on leaves a record naming what to remove.
-        let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
-        let planned = admission
-            .finals
-            .iter()
-            .zip(&admission.config.disks)
-            .map(|(f, d)| ImageRecord { incoming: d.path.clone(), path: f.clone(), reservation: None, replica: false })
-            .collect();
-        let mut record = DestRecord {
-            migration_id: id,
-            vm: shape.name.clone(),
-            source,
-            phase: DestPhase::Receiving,
-            updated_unix: 0,
-            sync,
-            owner: Some(Owner::this_process()),
-            images: planned,
-        };
-        let journal_err =
-            |e: crate::journal::JournalError| format!("cannot journal the migration: {}", error_chain(&e));
-        self.journal.record(&mut record, DestPhase::Receiving).map_err(journal_err)?;
-        let disks = match (&self.store, shape.disks.is_empty()) {
-            (Some(st), false) => {
-                let fingerprint = self.conn.peer_fingerprint().map_or_else(|| "unknown".into(), |f| f.to_string());
-                let binding = Binding { vm: shape.name.clone(), source: fingerprint };
-                match DestDisks::create(&shape.disks, &admission.finals, st.clone(), &attempt, binding, record_chunking)
-                {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        record.images.clear();
-                        let _ = self.journal.record(&mut record, DestPhase::Aborted);
-                        return Err(e);
-                    }
-                }
-            }
-            _ => None,
-        };
-        let mut rest = || {
-            if let Some(d) = &disks {
-                record.images = d.records();
-                self.journal.record(&mut record, DestPhase::Receiving).map_err(journal_err)?;
-            }
-            let ram = match sync {
-                true => None,
-                false => Some(GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?),
-            };
-            Ok::<_, String>(ram)
-        };
-        let ram = match rest() {
-            Ok(ram) => ram,
+        let mut record = self.plan(id, shape, sync, &admission)?;
+        let (disks, ram) = match self.set_up(&mut record, shape, &admission, sync, record_chunking) {
+            Ok(made) => made,
             Err(e) => {
-                // The images go with `disks`.
-                drop(disks);
                 record.images.clear();
                 let _ = self.journal.record(&mut record, DestPhase::Aborted);
                 return Err(e);
@@ -238,6 +190,58 @@ impl Attempt<'_> {
             shared: admission.shared,
         };
         Ok((adm, local, params))
+    }
+
+    /// The attempt's journal record, written: who receives, and the files
+    /// it will create.
+    fn plan(&self, id: MigrationId, shape: &VmShape, sync: bool, admission: &Admission) -> Result<DestRecord, String> {
+        let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+        let images = (admission.finals.iter().zip(&admission.config.disks))
+            .map(|(f, d)| ImageRecord { incoming: d.path.clone(), path: f.clone(), reservation: None, replica: false })
+            .collect();
+        let mut record = DestRecord {
+            migration_id: id,
+            vm: shape.name.clone(),
+            source,
+            phase: DestPhase::Receiving,
+            updated_unix: 0,
+            sync,
+            owner: Some(Owner::this_process()),
+            images,
+        };
+        self.journal.record(&mut record, DestPhase::Receiving).map_err(journal_err)?;
+        Ok(record)
+    }
+
+    /// Reserves the images' names and creates them (copied disks), records
+    /// them in the journal, and maps guest RAM (a migration). What it made
+    /// goes again if it fails.
+    fn set_up(
+        &self,
+        record: &mut DestRecord,
+        shape: &VmShape,
+        admission: &Admission,
+        sync: bool,
+        record_chunking: Option<ChunkParams>,
+    ) -> Result<(Option<DestDisks>, Option<GuestRam>), String> {
+        let disks = match (&self.store, shape.disks.is_empty()) {
+            (Some(st), false) => {
+                let fingerprint = self.conn.peer_fingerprint().map_or_else(|| "unknown".into(), |f| f.to_string());
+                let binding = Binding { vm: shape.name.clone(), source: fingerprint };
+                let attempt = record.migration_id.short();
+                let d =
+                    DestDisks::create(&shape.disks, &admission.finals, st.clone(), &attempt, binding, record_chunking)?;
+                record.images = d.records();
+                self.journal.record(record, DestPhase::Receiving).map_err(journal_err)?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let ram = match sync {
+            true => None,
+            false => Some(GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?),
+        };
+        Ok((disks, ram))
     }
 
     /// From `Accept` to `Ready`: receives everything, has the host build
@@ -428,6 +432,10 @@ impl Attempt<'_> {
         let _ = self.tx.send(&Message::CommitAck).await;
         let _ = self.tx.finish().await;
     }
+}
+
+fn journal_err(e: crate::journal::JournalError) -> String {
+    format!("cannot journal the migration: {}", error_chain(&e))
 }
 
 /// The chunking this host's store was filled with, or (for a new store)

@@ -30,9 +30,10 @@ use wanmig_transport::Conn;
 use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_wire::{FailureOutcome, SourceEvent, SourceSession, Stream};
 
+pub use crate::handover::{TunnelLifetime, TunnelRequest};
 pub use error::SendError;
 pub use link::BATCH_BYTES;
-pub use options::{SendOptions, TunnelLifetime, TunnelRequest};
+pub use options::SendOptions;
 pub use vm::{SourceVm, shape_of};
 
 use self::disk::DiskCopy;

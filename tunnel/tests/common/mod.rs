@@ -17,17 +17,16 @@
 
 #![allow(dead_code)] // each user takes what it needs
 
-use std::future::Future;
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use wanmig_linkem::NsRuntime as HostRuntime;
+use wanmig_linkem::{LinkConfig, LinkEmulator, LinkParams, enter_netns};
 use wanmig_transport::{FrameReceiver, FrameSender, Identity, LinkTuning, Listener, connect};
 use wanmig_tunnel::MacAddr;
-use wanmig_tunnel::linkem::{LinkEmulator, LinkParams, enter_netns};
 
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 pub const GUEST_MAC: &str = "52:54:00:12:34:56";
@@ -39,43 +38,33 @@ pub fn guest_mac() -> MacAddr {
     GUEST_MAC.parse().expect("MAC")
 }
 
-/// Runs `ip` (or any command) and fails loudly.
-pub fn run(cmd: &str) {
-    let args: Vec<&str> = cmd.split_whitespace().collect();
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A network namespace, deleted on drop.
+/// A network namespace (`wanmig_linkem::Netns`), deleted on drop; its
+/// helpers fail loudly.
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    inner: wanmig_linkem::Netns,
 }
 
 impl Netns {
     pub fn new(name: String) -> Netns {
-        // A leftover from a killed run of the same pid and tag.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(&format!("ip netns add {name}"));
-        let ns = Netns { name };
-        ns.ip("link set lo up");
-        ns
+        let inner = wanmig_linkem::Netns::new(&name).unwrap_or_else(|e| panic!("namespace {name}: {e}"));
+        Netns { name, inner }
     }
 
     /// `ip -n NAME args`.
     pub fn ip(&self, args: &str) {
-        run(&format!("ip -n {} {args}", self.name));
+        self.inner.ip(args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
-        run(&format!("ip netns exec {} sysctl -qw {key}={value}", self.name));
+        self.inner.sysctl(key, value).unwrap_or_else(|e| panic!("{e}"));
     }
-}
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    /// A one-worker tokio runtime whose threads live in the namespace.
+    pub fn runtime(&self) -> HostRuntime {
+        self.inner.runtime(1).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -86,45 +75,6 @@ pub fn spawn_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         enter_netns(&ns).expect("enter the namespace");
         f()
     })
-}
-
-/// A tokio runtime whose threads live in one namespace.
-pub struct HostRuntime {
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl HostRuntime {
-    pub fn new(ns: &str) -> HostRuntime {
-        let rt = wanmig_tunnel::linkem::in_netns(ns, || {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()
-        })
-        .expect("namespace thread")
-        .expect("runtime");
-        HostRuntime { rt: Some(rt) }
-    }
-
-    /// Runs `f` on the runtime's own threads (in its namespace) and waits.
-    pub fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
-        let rt = self.rt.as_ref().expect("runtime");
-        rt.block_on(rt.spawn(f)).expect("task")
-    }
-
-    /// Spawns `f` on the runtime.
-    pub fn spawn<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> tokio::task::JoinHandle<T> {
-        self.rt.as_ref().expect("runtime").spawn(f)
-    }
-
-    pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
-        self.rt.as_ref().expect("runtime").block_on(f)
-    }
-}
-
-impl Drop for HostRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
-        }
-    }
 }
 
 /// The namespaces, the link between the hosts, and a runtime per host.
@@ -185,7 +135,8 @@ impl Topology {
             host_b.ip("link set pg2 master brB up");
         }
 
-        let emu = LinkEmulator::start(&host_a.name, "wan", &host_b.name, "wan", link).expect("link emulator");
+        let emu = LinkEmulator::start(&host_a.name, "wan", &host_b.name, "wan", LinkConfig::symmetric(link))
+            .expect("link emulator");
         host_a.ip("addr add 10.1.9.1/30 dev wan");
         host_a.ip("link set wan up");
         host_b.ip("addr add 10.1.9.2/30 dev wan");
@@ -195,8 +146,8 @@ impl Topology {
         host_a.ip("route add 10.1.2.0/24 via 10.1.9.2");
         host_b.ip("route add 10.1.1.10/32 via 10.1.9.1");
 
-        let a = HostRuntime::new(&host_a.name);
-        let b = HostRuntime::new(&host_b.name);
+        let a = host_a.runtime();
+        let b = host_b.runtime();
         Topology { client, guest, guest2, host_a, host_b, a, b, link: Some(emu) }
     }
 

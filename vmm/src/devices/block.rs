@@ -8,12 +8,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::virtio_mmio::{DeviceSnapshot, VIRTIO_F_VERSION_1, VirtioDevice};
+pub use super::persist::BlockSnapshot;
+use super::persist::DeviceSnapshot;
+use super::virtio_mmio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::memory::GuestMem;
 
 const SECTOR: u64 = 512;
@@ -113,15 +114,6 @@ impl DiskWriteLog {
             std::thread::sleep(wait);
         }
     }
-}
-
-/// Saved state of a block device: what it must find again on restore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockSnapshot {
-    /// Image size in bytes.
-    pub size: u64,
-    /// Attached read-only.
-    pub read_only: bool,
 }
 
 /// Errors of the block device.

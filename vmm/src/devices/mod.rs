@@ -1,9 +1,11 @@
 //! Emulated devices and the dispatch of port and MMIO exits to them: the
 //! serial console, and behind virtio-mmio transports virtio-blk disks
-//! ([`block`]) and virtio-net NICs ([`net`]) on host TAPs ([`tap`]).
+//! ([`block`]) and virtio-net NICs ([`net`]) on host TAPs ([`tap`]); what
+//! each saves ([`persist`]).
 
 pub mod block;
 pub mod net;
+pub mod persist;
 pub mod power;
 pub mod serial;
 pub mod tap;

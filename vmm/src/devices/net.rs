@@ -36,13 +36,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::persist::DeviceSnapshot;
+pub use super::persist::{NetCounters, NetSnapshot};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::virtio_mmio::{DeviceSnapshot, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::virtio_mmio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::memory::GuestMem;
 use wanmig_types::MacAddr;
 
@@ -75,38 +76,6 @@ pub const RX_STALE: Duration = Duration::from_millis(500);
 /// The RX thread's longest sleep when there is nothing to do (how soon it
 /// sees that it must stop, should its wake-up be lost).
 const RX_IDLE: Duration = Duration::from_millis(200);
-
-/// What a NIC has done, counted since it was created (and carried across
-/// save/restore).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetCounters {
-    /// Frames delivered to the guest.
-    pub rx_frames: u64,
-    /// Bytes delivered to the guest (frames, without virtio headers).
-    pub rx_bytes: u64,
-    /// Frames from the TAP not delivered: too long for the guest's buffer,
-    /// malformed, or held past [`RX_STALE`].
-    pub rx_dropped: u64,
-    /// Frames sent to the TAP.
-    pub tx_frames: u64,
-    /// Bytes sent to the TAP (frames, without virtio headers).
-    pub tx_bytes: u64,
-    /// Guest chains not sent: malformed, too long, or refused by the TAP.
-    pub tx_dropped: u64,
-}
-
-/// Saved state of a NIC (its queues are the transport's).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetSnapshot {
-    /// The MAC the guest saw.
-    #[serde(with = "wanmig_types::mac_as_bytes")]
-    pub mac: MacAddr,
-    /// Its counters.
-    pub counters: NetCounters,
-    /// The frame (with its virtio header) taken from the TAP and held for
-    /// want of a guest buffer, if any.
-    pub held: Option<Vec<u8>>,
-}
 
 /// Errors of the network device.
 #[derive(Debug, thiserror::Error)]

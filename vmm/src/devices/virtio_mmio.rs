@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::block::BlockSnapshot;
-use super::net::NetSnapshot;
+pub use super::persist::DeviceSnapshot;
 use crate::memory::GuestMem;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -46,15 +45,6 @@ pub trait VirtioDevice: Send {
     /// The device's state. Deliberately without a default: a device that does
     /// not say how to save itself must not compile.
     fn save(&self) -> DeviceSnapshot;
-}
-
-/// Saved state of any device behind the transport.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceSnapshot {
-    /// A virtio-blk device.
-    Block(BlockSnapshot),
-    /// A virtio-net device.
-    Net(NetSnapshot),
 }
 
 /// Saved state of one queue (mirrors `virtio_queue::QueueState`).

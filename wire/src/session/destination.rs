@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
 
-use super::{ProtocolError, Stream, check_stream, violation};
+use super::rules::{ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, Manifest, Need};
 use crate::message::{Message, PROTOCOL_VERSION, VmShape};
 

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
 
-use super::{FailureOutcome, ProtocolError, Stream, check_stream, violation};
+use super::rules::{FailureOutcome, ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, DiskDone, Manifest};
 use crate::message::{Message, PROTOCOL_VERSION, VmShape};
 

@@ -1,0 +1,533 @@
+//! A whole migration driven in memory: the real source and destination
+//! drivers and session machines, over an in-memory connection pair, with a
+//! fake VM (guest RAM, a disk image and a writer that dirties both) and a
+//! fake host at the destination. No KVM, no network. The link is cut at
+//! points spread over the whole exchange, the destination refuses, the
+//! operator cancels; each time exactly one side may run the VM, the source
+//! runs on with nothing lost whenever the commit did not go out, and what
+//! the destination holds after a commit is byte for byte what the source
+//! had at the pause.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use wanmig_migrate::destination::{ReceiveOptions, VmHost, receive_on};
+use wanmig_migrate::journal::{DestJournal, DestPhase, SourceJournal, SourcePhase};
+use wanmig_migrate::report::Outcome;
+use wanmig_migrate::source::{SendOptions, SourceVm, send_on};
+use wanmig_migrate::steer::{Steering, Tunables};
+use wanmig_transport::{Conn, Identity, LinkTuning};
+use wanmig_types::{MigrationId, PAGE_SIZE, PageRange};
+use wanmig_vmm::VmError;
+use wanmig_vmm::config::VmConfig;
+use wanmig_vmm::devices::block::DiskWriteLog;
+use wanmig_vmm::memory::{DirtyPages, GuestRam, RegionDirty};
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 4 * MIB;
+
+/// What the guest did, shared with its writer thread.
+struct Guest {
+    ram: GuestRam,
+    disk: File,
+    log: Arc<DiskWriteLog>,
+    dirty: Mutex<Vec<u64>>,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    writes: AtomicU64,
+    /// Steps taken at each harvest instead of by a thread (a guest whose
+    /// writes, and so the whole exchange, are the same on every run).
+    per_harvest: Option<u64>,
+}
+
+impl Guest {
+    /// One step: a page of RAM and a block of the disk rewritten.
+    fn step(&self, n: u64) {
+        let pages = self.ram.size() / PAGE_SIZE as u64;
+        // A working set in the upper half, the lower half written once.
+        let page = pages / 2 + (n * 7919) % (pages / 2);
+        let data = [(n % 251) as u8 + 1; PAGE_SIZE];
+        self.ram.mem().write_slice(&data, GuestAddress(page * PAGE_SIZE as u64)).expect("in RAM");
+        self.dirty.lock().expect("lock")[(page / 64) as usize] |= 1 << (page % 64);
+        let block = (n * 104_729) % (DISK / 4096);
+        let bytes = [(n % 253) as u8 + 2; 4096];
+        self.disk.write_all_at(&bytes, block * 4096).expect("disk");
+        self.log.record(block * 4096, 4096);
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A VM without KVM: RAM, a disk, and a thread that writes both while it runs.
+struct FakeVm {
+    config: VmConfig,
+    guest: Arc<Guest>,
+    logs: Vec<Arc<DiskWriteLog>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    logging: bool,
+    throttle: u8,
+    disks_owned: bool,
+    /// RAM and disk as they were at the last pause.
+    at_pause: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl FakeVm {
+    /// A guest that writes on its own, in a thread, while it runs.
+    fn new(dir: &Path) -> Self {
+        Self::with_writer(dir, None)
+    }
+
+    /// A guest that writes `steps` at every dirty-log harvest while it runs.
+    fn deterministic(dir: &Path, steps: u64) -> Self {
+        Self::with_writer(dir, Some(steps))
+    }
+
+    fn with_writer(dir: &Path, per_harvest: Option<u64>) -> Self {
+        let disk_path = dir.join("disk.img");
+        let disk =
+            OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&disk_path).expect("disk");
+        disk.set_len(DISK).expect("size");
+        let toml = format!("name = \"fake\"\nmemory_mib = 16\n[[disk]]\npath = \"{}\"\n", disk_path.display());
+        let config = VmConfig::parse(&toml, &dir.join("vm.toml")).expect("config");
+        let ram = GuestRam::new(16 * MIB).expect("ram");
+        let pages = 16 * MIB / PAGE_SIZE as u64;
+        // The lower half holds data that never changes (and some zeros).
+        for p in 0..pages / 2 {
+            if p % 3 != 0 {
+                let data = [(p % 199) as u8 + 1; PAGE_SIZE];
+                ram.mem().write_slice(&data, GuestAddress(p * PAGE_SIZE as u64)).expect("in RAM");
+            }
+        }
+        let log = Arc::new(DiskWriteLog::new(DISK));
+        let guest = Arc::new(Guest {
+            ram,
+            disk,
+            log: log.clone(),
+            dirty: Mutex::new(vec![0; (pages / 64) as usize]),
+            paused: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            per_harvest,
+        });
+        let mut vm = FakeVm {
+            config,
+            guest,
+            logs: vec![log],
+            thread: None,
+            logging: false,
+            throttle: 0,
+            disks_owned: true,
+            at_pause: None,
+        };
+        vm.resume();
+        vm
+    }
+
+    fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut ram = vec![0u8; self.guest.ram.size() as usize];
+        self.guest.ram.mem().read_slice(&mut ram, GuestAddress(0)).expect("read");
+        let mut disk = vec![0u8; DISK as usize];
+        self.guest.disk.read_exact_at(&mut disk, 0).expect("read");
+        (ram, disk)
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        let _ = self.pause();
+    }
+}
+
+impl SourceVm for FakeVm {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+    fn ram(&self) -> &GuestRam {
+        &self.guest.ram
+    }
+    fn disk_write_logs(&self) -> &[Arc<DiskWriteLog>] {
+        &self.logs
+    }
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        self.logging = on;
+        Ok(())
+    }
+    fn harvest_dirty(&self) -> Result<DirtyPages, VmError> {
+        if let Some(steps) = self.guest.per_harvest.filter(|_| !self.guest.paused.load(Ordering::SeqCst)) {
+            let n = self.guest.writes.load(Ordering::SeqCst);
+            for i in 0..steps {
+                self.guest.step(n + i);
+            }
+        }
+        let words = std::mem::replace(
+            &mut *self.guest.dirty.lock().expect("lock"),
+            vec![0; 16 * MIB as usize / PAGE_SIZE / 64],
+        );
+        let ranges: Vec<PageRange> = wanmig_mem_sync::to_ranges(&words, words.len() as u64 * 64);
+        Ok(DirtyPages { regions: vec![RegionDirty { start: GuestAddress(0), ranges }] })
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.guest.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !self.guest.paused.swap(true, Ordering::SeqCst) {
+            self.at_pause = Some(self.snapshot());
+        }
+        Ok(())
+    }
+    fn resume(&mut self) {
+        self.guest.paused.store(false, Ordering::SeqCst);
+        self.guest.stop.store(false, Ordering::SeqCst);
+        if self.guest.per_harvest.is_some() {
+            return;
+        }
+        let g = self.guest.clone();
+        self.thread = Some(std::thread::spawn(move || {
+            let mut n = g.writes.load(Ordering::SeqCst);
+            while !g.stop.load(Ordering::SeqCst) {
+                g.step(n);
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }));
+    }
+    fn sync_disks(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn device_state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(format!("fake device state after {} writes", self.guest.writes.load(Ordering::SeqCst)).into_bytes())
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.throttle = percent;
+    }
+    fn throttle_percent(&self) -> u8 {
+        self.throttle
+    }
+    fn release_disks(&mut self) {
+        self.disks_owned = false;
+    }
+    fn reclaim_disks(&mut self) -> Result<(), VmError> {
+        self.disks_owned = true;
+        Ok(())
+    }
+}
+
+/// What the fake destination host got.
+#[derive(Debug)]
+struct Built {
+    ram: Vec<u8>,
+    state: Vec<u8>,
+    disks: Vec<PathBuf>,
+    running: bool,
+}
+
+/// Builds nothing real: keeps the RAM's bytes and the state.
+struct FakeHost {
+    refuse: bool,
+}
+
+impl VmHost for FakeHost {
+    type Vm = Built;
+
+    fn build(
+        &mut self,
+        _config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        _disks: Option<Vec<std::fs::File>>,
+    ) -> Result<Built, String> {
+        if self.refuse {
+            return Err("this fake host refuses to build the VM".into());
+        }
+        let mut bytes = vec![0u8; ram.size() as usize];
+        ram.mem().read_slice(&mut bytes, GuestAddress(0)).expect("read");
+        Ok(Built { ram: bytes, state: state.to_vec(), disks: Vec::new(), running: false })
+    }
+
+    fn start(&mut self, vm: &mut Built, disks: &[PathBuf], paused: bool) -> Result<(), String> {
+        vm.disks = disks.to_vec();
+        vm.running = !paused;
+        Ok(())
+    }
+}
+
+/// Both ends' directories and options.
+struct Setup {
+    _dir: tempfile::TempDir,
+    src_dir: PathBuf,
+    dst_dir: PathBuf,
+    send: SendOptions,
+    receive: ReceiveOptions,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).expect("src");
+    std::fs::create_dir_all(&dst_dir).expect("dst");
+    let src_id = Identity::create(&dir.path().join("src-id"), "source").expect("identity");
+    let dst_id = Identity::create(&dir.path().join("dst-id"), "destination").expect("identity");
+    let addr = "127.0.0.1:9".parse().expect("addr");
+    let mut send = SendOptions::new(addr, src_id, dir.path().join("src-id"), dst_id.fingerprint(), src_dir.clone());
+    send.downtime = Duration::from_millis(200);
+    send.timeout = Duration::from_secs(60);
+    let receive = ReceiveOptions {
+        listen: addr,
+        identity: dst_id,
+        peers: Vec::new(),
+        dir: dst_dir.clone(),
+        shared_disks: None,
+        disk_dir: dst_dir.clone(),
+        store: dst_dir.join("chunks"),
+        paused: false,
+        taps: Vec::new(),
+        tuning: LinkTuning::default(),
+        idle_timeout: wanmig_migrate::destination::DEFAULT_IDLE_TIMEOUT,
+    };
+    Setup { _dir: dir, src_dir, dst_dir, send, receive }
+}
+
+/// How a run ended at both ends.
+struct Ends {
+    outcome: Outcome,
+    error: Option<String>,
+    received: Option<Built>,
+    dest_error: Option<String>,
+}
+
+/// Runs one migration of `vm`; `before` may cut the link or cancel.
+async fn migrate(s: &Setup, vm: &mut FakeVm, host: &mut FakeHost, steer: &Steering, cut_after: Option<u64>) -> Ends {
+    let (src, dst, link) = Conn::mem_pair();
+    if let Some(n) = cut_after {
+        link.cut_after(n);
+    }
+    let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+    let sending = send_on(src, vm, &s.send, steer, &mut quiet_src);
+    let receiving = receive_on(dst, &s.receive, host, &mut quiet_dst);
+    let ((outcome, summary, _), received) = tokio::join!(sending, receiving);
+    let (received, dest_error) = match received {
+        Ok(r) => (r.map(|(vm, _)| vm), None),
+        Err(e) => (None, Some(wanmig_types::error_chain(&e))),
+    };
+    Ends { outcome, error: summary.error, received, dest_error }
+}
+
+fn tunables() -> Steering {
+    Steering::new(Tunables { downtime: Duration::from_millis(200), max_bandwidth: None })
+}
+
+fn incoming_images(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".incoming"))
+        .collect()
+}
+
+/// The source must run on with nothing lost (the writer moves on), and
+/// the destination must hold nothing.
+fn assert_source_runs_on(s: &Setup, vm: &FakeVm, ends: &Ends, why: &str) {
+    assert_eq!(ends.outcome, Outcome::FailedSourceRunning, "{why}: {:?} / {:?}", ends.error, ends.dest_error);
+    assert!(ends.received.is_none(), "{why}: both ends own the VM");
+    assert!(!vm.guest.paused.load(Ordering::SeqCst) && vm.disks_owned && vm.throttle == 0, "{why}: the source runs on");
+    let before = vm.guest.writes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    vm.harvest_dirty().expect("harvest");
+    assert!(vm.guest.writes.load(Ordering::SeqCst) > before, "{why}: the guest writes again");
+    assert!(incoming_images(&s.dst_dir).is_empty(), "{why}: incoming images left: {:?}", incoming_images(&s.dst_dir));
+    assert_eq!(SourceJournal::new(&s.src_dir, "fake").read().expect("journal"), None, "{why}: the journal is cleared");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+#[test]
+fn a_whole_migration_arrives_byte_for_byte() {
+    let s = setup();
+    let mut vm = FakeVm::new(&s.src_dir);
+    std::thread::sleep(Duration::from_millis(100));
+    let ends = runtime().block_on(migrate(&s, &mut vm, &mut FakeHost { refuse: false }, &tunables(), None));
+    assert_eq!(ends.outcome, Outcome::Migrated, "{:?} / {:?}", ends.error, ends.dest_error);
+    let got = ends.received.expect("the destination owns the VM");
+    let (ram, disk) = vm.at_pause.clone().expect("paused once");
+    assert!(got.ram == ram, "the destination's RAM is the source's at the pause");
+    assert_eq!(got.disks.len(), 1);
+    assert!(std::fs::read(&got.disks[0]).expect("image") == disk, "the disk image is the source's at the pause");
+    assert!(got.running && got.state.starts_with(b"fake device state"));
+    assert!(vm.guest.paused.load(Ordering::SeqCst) && !vm.disks_owned, "the source never runs it again");
+    let rec = SourceJournal::new(&s.src_dir, "fake").read().expect("journal").expect("a record");
+    assert_eq!(rec.phase, SourcePhase::Migrated);
+    let dest = DestJournal::new(&s.dst_dir).read(rec.migration_id).expect("journal").expect("a record");
+    assert_eq!(dest.phase, DestPhase::Committed);
+    assert!(DestJournal::new(&s.dst_dir).read(MigrationId::new()).expect("journal").is_none());
+}
+
+/// One run whose link is cut after `cut` bytes: checks that exactly one
+/// side may own the VM and the source's state matches its outcome.
+fn one_cut(cut: u64) -> Outcome {
+    let s = setup();
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    let ends = runtime().block_on(migrate(&s, &mut vm, &mut FakeHost { refuse: false }, &tunables(), Some(cut)));
+    match ends.outcome {
+        Outcome::FailedSourceRunning => assert_source_runs_on(&s, &vm, &ends, &format!("cut at {cut}")),
+        Outcome::InDoubt => {
+            // The commit went out; the source stays paused, owning nothing.
+            assert!(vm.guest.paused.load(Ordering::SeqCst) && !vm.disks_owned, "cut at {cut}: in doubt yet running");
+            let rec = SourceJournal::new(&s.src_dir, "fake").read().expect("journal").expect("record");
+            assert_eq!(rec.phase, SourcePhase::CommitSent);
+            // Whatever the destination did, its journal says it.
+            let dest = DestJournal::new(&s.dst_dir).read(rec.migration_id).expect("journal").expect("record");
+            assert_eq!(dest.phase == DestPhase::Committed, ends.received.is_some(), "cut at {cut}");
+        }
+        Outcome::Migrated => assert!(ends.received.is_some(), "cut at {cut}: migrated, yet nobody runs it"),
+        Outcome::Synced => panic!("not a sync"),
+    }
+    ends.outcome
+}
+
+#[test]
+fn a_cut_anywhere_leaves_exactly_one_owner() {
+    // Bytes of a whole run, to spread the cuts over it.
+    let total = {
+        let s = setup();
+        let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+        let (src, dst, link) = Conn::mem_pair();
+        let rt = runtime();
+        let ends = rt.block_on(async {
+            let steer = tunables();
+            let mut host = FakeHost { refuse: false };
+            let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+            let sending = send_on(src, &mut vm, &s.send, &steer, &mut quiet_src);
+            let receiving = receive_on(dst, &s.receive, &mut host, &mut quiet_dst);
+            tokio::join!(sending, receiving)
+        });
+        assert_eq!(ends.0.0, Outcome::Migrated);
+        link.crossed()
+    };
+    // Cuts spread over the whole exchange, and at every byte of its last
+    // frames (Ready, Commit, CommitAck and what surrounds them). Eight at a
+    // time: a failed run spends most of its time waiting for a reason from
+    // the destination that a cut link never brings.
+    let mut cuts: Vec<u64> = (0..16).map(|i| total * i / 16).collect();
+    cuts.extend(total.saturating_sub(120)..=total);
+    let outcomes: Vec<Outcome> = cuts
+        .chunks(cuts.len().div_ceil(8))
+        .map(|part| {
+            std::thread::spawn({
+                let part = part.to_vec();
+                move || part.into_iter().map(one_cut).collect::<Vec<_>>()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|t| t.join().expect("a cut run"))
+        .collect();
+    eprintln!("{total} bytes in a whole run; outcomes of the cuts: {outcomes:?}");
+    assert!(outcomes.contains(&Outcome::FailedSourceRunning), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::InDoubt), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Migrated), "{outcomes:?}");
+}
+
+#[test]
+fn a_destination_that_cannot_build_the_vm_resumes_the_source() {
+    let s = setup();
+    let mut vm = FakeVm::new(&s.src_dir);
+    let ends = runtime().block_on(migrate(&s, &mut vm, &mut FakeHost { refuse: true }, &tunables(), None));
+    assert_source_runs_on(&s, &vm, &ends, "host refused");
+    let error = ends.error.unwrap_or_default();
+    assert!(error.contains("this fake host refuses to build the VM"), "the source says why: {error}");
+}
+
+#[test]
+fn a_cancel_before_the_commit_resumes_the_source_at_any_point() {
+    for delay_ms in [0u64, 5, 20, 60, 150] {
+        let s = setup();
+        let mut vm = FakeVm::new(&s.src_dir);
+        let steer = tunables();
+        let rt = runtime();
+        let ends = rt.block_on(async {
+            let canceller = steer.clone();
+            let cancel = async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                canceller.cancel("cancelled by the test")
+            };
+            let mut host = FakeHost { refuse: false };
+            let (ends, cancelled) = tokio::join!(migrate(&s, &mut vm, &mut host, &steer, None), cancel);
+            (ends, cancelled)
+        });
+        let (ends, cancelled) = ends;
+        eprintln!("cancel after {delay_ms} ms: {:?}, outcome {:?}", cancelled, ends.outcome);
+        match cancelled {
+            // Accepted: the migration must not commit.
+            Ok(()) => {
+                assert_source_runs_on(&s, &vm, &ends, &format!("cancel after {delay_ms} ms"));
+                assert!(ends.error.as_deref().unwrap_or("").contains("cancelled by the test"), "{:?}", ends.error);
+            }
+            // Too late: the commit had gone out; it completes.
+            Err(_) => assert_eq!(ends.outcome, Outcome::Migrated, "cancel refused after {delay_ms} ms"),
+        }
+    }
+}
+
+#[test]
+fn a_lowered_bandwidth_cap_applies_from_the_next_round() {
+    let s = setup();
+    let mut vm = FakeVm::new(&s.src_dir);
+    let steer = tunables();
+    let rt = runtime();
+    let mut rates = Vec::new();
+    let ends = rt.block_on(async {
+        let (src, dst, _link) = Conn::mem_pair();
+        let mut host = FakeHost { refuse: false };
+        let setter = steer.clone();
+        let mut seen = 0;
+        let mut progress = |p: &wanmig_migrate::report::Progress| {
+            if p.phase == wanmig_migrate::report::Phase::Precopy {
+                rates.push((p.round, p.max_bandwidth_bps));
+                seen += 1;
+                if seen == 1 {
+                    setter.set(None, Some(Some(2e6)));
+                }
+            }
+        };
+        let sending = send_on(src, &mut vm, &s.send, &steer, &mut progress);
+        let mut quiet = |_: String| {};
+        let receiving = receive_on(dst, &s.receive, &mut host, &mut quiet);
+        tokio::join!(sending, receiving)
+    });
+    assert_eq!(ends.0.0, Outcome::Migrated, "{:?}", ends.0.1.error);
+    // The cap shows in the progress from the round after the change on.
+    assert!(rates.iter().skip(1).all(|(_, cap)| *cap == Some(16_000_000)), "{rates:?}");
+}
+
+#[test]
+fn a_cancel_after_the_commit_is_refused_and_the_migration_completes() {
+    let s = setup();
+    let mut vm = FakeVm::new(&s.src_dir);
+    let steer = tunables();
+    let mut refused = None;
+    let ends = runtime().block_on(async {
+        let (src, dst, _link) = Conn::mem_pair();
+        let mut host = FakeHost { refuse: false };
+        let canceller = steer.clone();
+        let mut progress = |p: &wanmig_migrate::report::Progress| {
+            if p.phase == wanmig_migrate::report::Phase::Committed && refused.is_none() {
+                refused = Some(canceller.cancel("too late"));
+            }
+        };
+        let mut quiet = |_: String| {};
+        let sending = send_on(src, &mut vm, &s.send, &steer, &mut progress);
+        let receiving = receive_on(dst, &s.receive, &mut host, &mut quiet);
+        tokio::join!(sending, receiving)
+    });
+    assert_eq!(refused, Some(Err(wanmig_migrate::steer::TooLate)), "a cancel after the commit is refused");
+    assert_eq!(ends.0.0, Outcome::Migrated, "{:?}", ends.0.1.error);
+    assert!(ends.1.expect("received").is_some());
+}
