@@ -2,7 +2,7 @@
 //! the next one starts in the same `--dir`.
 //!
 //! An attempt journals, before it creates any file, a record naming its
-//! process ([`Owner`]: pid, start time, boot) and the files it will create
+//! process ([`Owner`](crate::journal::Owner): pid, start time, boot) and the files it will create
 //! (incoming images, final names reserved). At start, every record whose
 //! process is gone (another boot, no such pid, or a pid now used by a
 //! process that started at another time) is stale:
