@@ -145,12 +145,16 @@ struct Heard {
     peer: String,
 }
 
-/// Waits (bounded) for a new connection's control stream and first message.
-async fn hear(conn: Conn) -> Option<Heard> {
-    hear_or_fail(conn).await.ok()
+/// Waits (bounded) for a new connection's control stream and first
+/// message; or says what went wrong, and with whom.
+async fn hear(conn: Conn) -> Result<Heard, String> {
+    let peer = conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+    hear_or_fail(conn)
+        .await
+        .map_err(|e| format!("connection from {peer} dropped before its hello: {}", error_chain(&e)))
 }
 
-/// [`hear`], saying why not.
+/// Waits (bounded) for a new connection's control stream and first message.
 async fn hear_or_fail(mut conn: Conn) -> Result<Heard, ReceiveError> {
     let peer = conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
     let heard = async {
@@ -204,7 +208,7 @@ async fn accept_until_received<H: VmHost>(
     let say = |s: String| (log.borrow_mut())(s);
     let host = RefCell::new(host);
     let mut refusals = tokio::time::interval(Duration::from_millis(200));
-    let mut heard: JoinSet<Option<Heard>> = JoinSet::new();
+    let mut heard: JoinSet<Result<Heard, String>> = JoinSet::new();
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut running: Option<Running<'_, H::Vm>> = None;
     let mut vm_name = String::new();
@@ -228,7 +232,14 @@ async fn accept_until_received<H: VmHost>(
                 }
             }
             Some(h) = heard.join_next(), if !heard.is_empty() => {
-                let Ok(Some(h)) = h else { continue };
+                let h = match h {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(why)) => {
+                        say(why);
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
                 match (&h.first, &running) {
                     (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),
                     (Message::Hello { shape, .. }, Some(_)) => {
@@ -287,7 +298,7 @@ pub async fn receive_on<H: VmHost>(
 
 /// After a VM arrived: settle queries are answered; a new VM is refused.
 async fn serve_after(mut listener: Listener, journal: DestJournal, busy: String) {
-    let mut heard: JoinSet<Option<Heard>> = JoinSet::new();
+    let mut heard: JoinSet<Result<Heard, String>> = JoinSet::new();
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<String>();
     loop {
         tokio::select! {
@@ -298,7 +309,14 @@ async fn serve_after(mut listener: Listener, journal: DestJournal, busy: String)
                 }
             }
             Some(h) = heard.join_next(), if !heard.is_empty() => {
-                let Ok(Some(h)) = h else { continue };
+                let h = match h {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(why)) => {
+                        eprintln!("wanmig receive: {why}");
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
                 match &h.first {
                     Message::SettleQuery { .. } => answer_settle(h, journal.clone(), notes_tx.clone()),
                     Message::Hello { .. } => refuse(h, busy.clone()),
