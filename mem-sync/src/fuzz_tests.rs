@@ -26,9 +26,12 @@ fn delta(seed: u8) -> ([u8; PAGE_SIZE], Vec<u8>) {
     (old, out)
 }
 
-/// Data, its first piece of a zstd stream, and it as a blob: made once.
-fn pieces() -> &'static [(Vec<u8>, Vec<u8>, Vec<u8>); 4] {
-    static PIECES: std::sync::OnceLock<[(Vec<u8>, Vec<u8>, Vec<u8>); 4]> = std::sync::OnceLock::new();
+/// Data, its first piece of a zstd stream, and it as a blob.
+type Pieces = [(Vec<u8>, Vec<u8>, Vec<u8>); 4];
+
+/// [`Pieces`] of four kinds of data, made once.
+fn pieces() -> &'static Pieces {
+    static PIECES: std::sync::OnceLock<Pieces> = std::sync::OnceLock::new();
     PIECES.get_or_init(|| {
         std::array::from_fn(|seed| {
             let data: Vec<u8> = (0..20_000u32).map(|i| (i / 7) as u8 ^ (seed as u8 * 61)).collect();
