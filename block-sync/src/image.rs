@@ -25,7 +25,8 @@ impl ImageWriter {
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         file.set_len(size)?;
-        Ok(ImageWriter { path: path.to_owned(), file, size, digest: BlockDigest::new(size) })
+        // Just created: all holes, so every block is known to be zero.
+        Ok(ImageWriter { path: path.to_owned(), file, size, digest: BlockDigest::zeroed(size) })
     }
 
     /// Where it is.

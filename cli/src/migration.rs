@@ -119,6 +119,11 @@ pub struct ReceiveArgs {
     /// Expected round-trip time, for flow-control windows (e.g. 100ms).
     #[arg(long, value_parser = parse_duration)]
     rtt: Option<Duration>,
+    /// Drop a source that sends nothing for this long while it transfers
+    /// (default 120s: 4 times the longest a working source waits for an
+    /// answer), freeing this host for the next one.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
 }
 
 /// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
@@ -152,6 +157,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         paused: a.paused,
         taps: a.taps,
         tuning,
+        idle_timeout: a.idle_timeout.unwrap_or(destination::DEFAULT_IDLE_TIMEOUT),
     };
     let mut host = ServeHost { dir: opts.dir.clone() };
     let received = destination::receive(&opts, &mut host, &mut |line| eprintln!("wanmig receive: {line}"))

@@ -68,7 +68,8 @@ pub fn run(dir: &Path, action: StoreAction) -> Result<ExitCode> {
                 s.packs
             );
             for r in store.roots()? {
-                println!("  root {}: {} chunks, set at unix time {}", r.name, r.chunks, r.set_unix_secs);
+                let expiry = r.expires_unix_secs.map_or_else(String::new, |t| format!(", expires at unix time {t}"));
+                println!("  root {}: {} chunks, set at unix time {}{expiry}", r.name, r.chunks, r.set_unix_secs);
             }
             Ok(ExitCode::SUCCESS)
         }

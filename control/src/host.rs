@@ -34,10 +34,16 @@ pub struct ServeHost {
 impl VmHost for ServeHost {
     type Vm = HostedVm;
 
-    fn build(&mut self, config: &VmConfig, ram: GuestRam, state: &[u8]) -> Result<HostedVm, String> {
+    fn build(
+        &mut self,
+        config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        disks: Option<Vec<std::fs::File>>,
+    ) -> Result<HostedVm, String> {
         let state: VmState =
             wanmig_vmm::state::decode(state).map_err(|e| format!("device state: {}", error_chain(&e)))?;
-        let vm = Vm::from_incoming(config, ram, &state).map_err(|e| error_chain(&e))?;
+        let vm = Vm::from_incoming(config, ram, &state, disks).map_err(|e| error_chain(&e))?;
         let listener = socket::Bound::new(&config.control_socket)
             .map_err(|e| format!("cannot serve the VM: {}", error_chain(&e)))?;
         Ok(HostedVm { vm, listener, config_file: None })

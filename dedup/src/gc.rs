@@ -64,7 +64,8 @@ fn age(now: u64, then: u64) -> Duration {
 }
 
 impl ChunkStore {
-    /// Applies `rule`: drops roots at least `max_root_age` old; deletes the
+    /// Applies `rule`: drops roots at least `max_root_age` old and roots
+    /// past their expiry ([`ChunkStore::extend_root`]); deletes the
     /// index entries of chunks referenced by no remaining root and stored at
     /// least `grace` ago; then compacts packs whose live bytes fall under
     /// `compact_below` of their size, by copying their live chunks into the
@@ -90,7 +91,8 @@ impl ChunkStore {
             let h = RootHeader::decode(&value).map_err(|why| {
                 corrupt(format!("index {}: root {:?}: {why}", s.index_dir.display(), String::from_utf8_lossy(name)))
             })?;
-            if age(now, h.set_secs) >= rule.max_root_age {
+            let expired = h.expires_secs != 0 && now >= h.expires_secs;
+            if expired || age(now, h.set_secs) >= rule.max_root_age {
                 let prefix = format::root_seg_prefix(name);
                 let mut end = prefix.clone();
                 end.extend_from_slice(&[0xff; 5]);

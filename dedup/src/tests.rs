@@ -691,3 +691,41 @@ proptest! {
         prop_assert!(store.verify().unwrap().bad.is_empty());
     }
 }
+
+#[test]
+fn an_attempts_root_grows_expires_and_gives_way_to_the_images_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let data: Vec<Vec<u8>> = (0..4).map(|i| text(100 + i, 5000)).collect();
+    let ids: Vec<ChunkId> = data.iter().map(|d| put_new(&store, d)).collect();
+    let day = Duration::from_secs(24 * 3600);
+    // Grown a manifest part at a time; more ids than a segment holds.
+    let many: Vec<ChunkId> = (0..70_000u64).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+    store.extend_root("attempt/aa", &ids[..2], day).unwrap();
+    store.extend_root("attempt/aa", &many, day).unwrap();
+    store.extend_root("attempt/aa", &ids[2..3], day).unwrap();
+    let mut want = ids[..2].to_vec();
+    want.extend(&many);
+    want.push(ids[2]);
+    assert_eq!(store.root("attempt/aa").unwrap().unwrap(), want);
+    let info = &store.roots().unwrap()[0];
+    let expires = info.expires_unix_secs.expect("it expires");
+    assert!(expires >= info.set_unix_secs + day.as_secs() - 1, "{info:?}");
+    // Alive until it expires: gc keeps its chunks, not the unrooted one.
+    let r = store.gc(&no_grace()).unwrap();
+    assert_eq!((r.roots_dropped, r.chunks_deleted), (0, 1));
+    assert!(store.contains(&ids[2]).unwrap() && !store.contains(&ids[3]).unwrap());
+    // An attempt whose root has expired: the next gc drops it and its chunks.
+    store.extend_root("attempt/bb", &ids[2..3], Duration::ZERO).unwrap();
+    store.replace_roots(&[("vm/disk0", &ids[..2])], &["attempt/aa"]).unwrap();
+    let names: Vec<_> = store.roots().unwrap().into_iter().map(|r| (r.name, r.expires_unix_secs.is_some())).collect();
+    assert_eq!(names, [("attempt/bb".to_string(), true), ("vm/disk0".to_string(), false)]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = store.gc(&no_grace()).unwrap();
+    assert_eq!((r.roots_dropped, r.chunks_deleted), (1, 1));
+    assert!(store.contains(&ids[0]).unwrap() && store.contains(&ids[1]).unwrap() && !store.contains(&ids[2]).unwrap());
+    // Durable across a reopen.
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(store.root("vm/disk0").unwrap().unwrap(), &ids[..2]);
+}

@@ -234,7 +234,13 @@ struct FakeHost {
 impl VmHost for FakeHost {
     type Vm = Built;
 
-    fn build(&mut self, _config: &VmConfig, ram: GuestRam, state: &[u8]) -> Result<Built, String> {
+    fn build(
+        &mut self,
+        _config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        _disks: Option<Vec<std::fs::File>>,
+    ) -> Result<Built, String> {
         if self.refuse {
             return Err("this fake host refuses to build the VM".into());
         }
@@ -283,6 +289,7 @@ fn setup() -> Setup {
         paused: false,
         taps: Vec::new(),
         tuning: LinkTuning::default(),
+        idle_timeout: wanmig_migrate::destination::DEFAULT_IDLE_TIMEOUT,
     };
     Setup { _dir: dir, src_dir, dst_dir, send, receive }
 }

@@ -1,10 +1,12 @@
 //! The small types every wanmig crate speaks, defined once: the guest page
 //! size and runs of pages, MAC addresses, chunk and migration ids, the
-//! protocol's feature bits, and how an error and its causes are printed.
+//! protocol's feature bits, and how an error and its causes are printed;
+//! and [`fuzz`], the input mutations of the bounded fuzz tests.
 //!
 //! This crate is the bottom of the workspace: it depends on no other
 //! wanmig crate, and every other may depend on it.
 
+pub mod fuzz;
 mod ids;
 pub mod mac;
 

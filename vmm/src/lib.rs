@@ -17,7 +17,8 @@
 //!   loader; [`testguest`]: the built-in guest and its oracle.
 //! - [`cpuid`]: the CPU features a guest sees (and hiding some).
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
-//! - [`disklock`]: one owner per disk image (OFD locks).
+//! - [`disklock`]: one owner per disk image (OFD locks); [`files`]: opening,
+//!   creating and renaming files without following planted links.
 //! - [`layout`]: the guest's physical and port map.
 //!
 //! It knows nothing about migration: it exposes a VM to drive (memory,
@@ -30,6 +31,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod disklock;
+pub mod files;
 pub mod layout;
 pub mod linux;
 pub mod memory;

@@ -26,4 +26,6 @@ pub use session::{
 pub const ALPN: &[u8] = b"wanmig/1";
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

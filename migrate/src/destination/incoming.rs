@@ -23,12 +23,16 @@ pub struct Incoming {
 }
 
 /// What a bulk-stream message amounted to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bulk {
     /// Data applied.
     Applied,
-    /// A round is complete and applied: tell the source.
+    /// A round is complete and applied: hash what it wrote, then tell the
+    /// source.
     RoundDone(u32),
+    /// A disk's last word: compare the image with its digest (the disk
+    /// takes no more data).
+    CheckDisk(wanmig_wire::DiskDone),
     /// The source ended the stream.
     End,
 }
@@ -75,15 +79,12 @@ impl Incoming {
             }
             (DestAction::StoreChunk, Message::DiskChunk(c)) => self.disks()?.on_chunk(&c)?,
             (DestAction::WriteExtents, Message::DiskWrites(w)) => self.disks()?.on_writes(&w)?,
-            (DestAction::CheckDisk, Message::DiskDone(d)) => self.disks()?.on_done(&d)?,
-            (DestAction::RoundComplete(round), Message::RoundDone { .. }) => {
-                // Hash what the round wrote now, so the check before Ready
-                // reads only what the stop-and-copy writes.
-                if let Some(d) = &mut self.disks {
-                    d.refresh()?;
-                }
-                return Ok(Bulk::RoundDone(round));
+            // Hashing is the driver's, off the connection's task.
+            (DestAction::CheckDisk, Message::DiskDone(d)) => {
+                self.disks()?;
+                return Ok(Bulk::CheckDisk(d));
             }
+            (DestAction::RoundComplete(round), Message::RoundDone { .. }) => return Ok(Bulk::RoundDone(round)),
             (a, m) => return Err(bad(format!("{} on the bulk stream ({a:?})", m.name()))),
         }
         Ok(Bulk::Applied)

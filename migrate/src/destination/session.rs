@@ -3,6 +3,8 @@
 //! commit, a failure removes what the attempt created and tells the source
 //! why; after it, the VM is this host's whatever happens.
 
+use std::cell::RefCell;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,19 +12,19 @@ use std::time::{Duration, Instant};
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
-use wanmig_types::{error_chain, features};
+use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::memory::GuestRam;
-use wanmig_wire::{ChunkParams, DestAction, DestSession, Message, Stream};
+use wanmig_wire::{ChunkParams, DestAction, DestSession, Message, Stream, VmShape};
 
-use super::admit::host_config;
-use super::disks::DestDisks;
+use super::admit::{Admission, HostFacts, check_resources, host_config};
+use super::disks::{Binding, DestDisks};
 use super::error::ReceiveError;
 use super::host::VmHost;
 use super::incoming::{Bulk, Incoming};
 use super::options::ReceiveOptions;
 use crate::handover;
-use crate::journal::{DestJournal, DestPhase, DestRecord};
+use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
 
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,11 +52,31 @@ struct Admitted {
     incoming: Incoming,
     sync: bool,
     tunnel: bool,
-    record: Option<DestRecord>,
+    record: DestRecord,
+    /// Shared disks, opened and checked at admission, for the VM.
+    shared: Option<Vec<File>>,
 }
 
 /// A received VM, its configuration and the tunnel's end.
 type Arrived<V> = (V, VmConfig, Option<handover::Started>);
+
+/// Runs `f` on the disks on a blocking thread, off the connection's task:
+/// hashing and copying scale with what was received and may take seconds.
+async fn off_task<T: Send + 'static>(
+    slot: &mut Option<DestDisks>,
+    f: impl FnOnce(&mut DestDisks) -> Result<T, ReceiveError> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    let mut disks =
+        slot.take().ok_or_else(|| ReceiveError::BadInput("disk data, but no disk is being copied".into()))?;
+    let (disks, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut disks);
+        (disks, r)
+    })
+    .await
+    .map_err(|e| ReceiveError::Disk(format!("the disk task failed: {e}")))?;
+    *slot = Some(disks);
+    r
+}
 
 impl Attempt<'_> {
     /// Runs the attempt whose first message is `hello`. `Some` with the VM
@@ -62,8 +84,8 @@ impl Attempt<'_> {
     pub async fn run<H: VmHost>(
         mut self,
         hello: Message,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<Arrived<H::Vm>>, ReceiveError> {
         let mut adm = self.admit(&hello).await?;
         let result = self.transfer(&mut adm, host, log).await;
@@ -82,68 +104,144 @@ impl Attempt<'_> {
         Ok(())
     }
 
-    /// The hello: checks it, admits or refuses the VM, sets up where it goes.
+    /// The hello: checks it, admits or refuses the VM, sets up where it
+    /// goes. Whatever fails before `Accept` is a refusal the source hears.
     async fn admit(&mut self, hello: &Message) -> Result<Admitted, ReceiveError> {
         let mut session = DestSession::new();
         if let Err(e) = session.on_message(Stream::Control, hello) {
             let _ = self.send(&Message::Refuse { reason: e.to_string() }).await;
             return Err(ReceiveError::Refused(e.to_string()));
         }
-        let Message::Hello { shape, features: offered, chunking: proposed, migration_id, .. } = hello else {
+        let Message::Hello { shape, features: offered, chunking: proposed, .. } = hello else {
             return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
         };
-        // Names this attempt's incoming images: never another attempt's.
-        let attempt = migration_id.short();
-        let sync = offered & features::SYNC_ONLY != 0;
-        let setup = match host_config(shape, self.opts, &attempt) {
-            Ok(_) if sync && self.store.is_none() => {
-                Err("this host keeps no disk copies (it runs with --shared-disks)".into())
+        match self.prepare(&mut session, shape, *offered, *proposed) {
+            Ok(adm) => {
+                let accept = session.accept(adm.1, adm.2)?;
+                let mut adm = adm.0;
+                adm.tunnel = session.features() & features::TUNNEL != 0;
+                adm.session = session;
+                if let Err(e) = self.send(&accept).await {
+                    self.fail(&mut adm, &e).await;
+                    return Err(e);
+                }
+                Ok(adm)
             }
-            other => other,
-        };
-        let (config, finals) = match setup {
-            Ok(c) => c,
             Err(reason) => {
                 let refuse = session.refuse(&reason)?;
                 let _ = self.send(&refuse).await;
-                return Err(ReceiveError::Refused(reason));
+                Err(ReceiveError::Refused(reason))
+            }
+        }
+    }
+
+    /// Everything admission decides, before anything moves: the VM's
+    /// configuration here, the host's resources, the disks' reserved names
+    /// and incoming images, the journal record; with the features this
+    /// host speaks and the chunking to use. The error is the refusal.
+    fn prepare(
+        &mut self,
+        session: &mut DestSession,
+        shape: &VmShape,
+        offered: u64,
+        proposed: ChunkParams,
+    ) -> Result<(Admitted, u64, ChunkParams), String> {
+        let id = session.id();
+        // Names this attempt's incoming images: never another attempt's.
+        let attempt = id.short();
+        let sync = offered & features::SYNC_ONLY != 0;
+        if sync && self.store.is_none() {
+            return Err("this host keeps no disk copies (it runs with --shared-disks)".into());
+        }
+        let facts = HostFacts::probe(self.opts)?;
+        check_resources(shape, self.store.is_some(), &facts, self.opts)?;
+        let admission = host_config(shape, self.opts, &attempt)?;
+        let (mut local, params, record_chunking) = match &self.store {
+            Some(st) => {
+                let (params, new) = chunking(st, proposed).map_err(|e| error_chain(&e))?;
+                (features::ALL, params, new.then_some(params))
+            }
+            None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, proposed, None),
+        };
+        // Journalled before any file is created, so that a crash from here
+        // on leaves a record naming what to remove.
+        let mut record = self.plan(id, shape, sync, &admission)?;
+        let (disks, ram) = match self.set_up(&mut record, shape, &admission, sync, record_chunking) {
+            Ok(made) => made,
+            Err(e) => {
+                record.images.clear();
+                let _ = self.journal.record(&mut record, DestPhase::Aborted);
+                return Err(e);
             }
         };
-        let (mut local, params) = match &self.store {
-            Some(st) => (features::ALL, chunking(st, *proposed)?),
-            None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, *proposed),
-        };
-        let disks = match (&self.store, shape.disks.is_empty()) {
-            (Some(st), false) => Some(DestDisks::create(&shape.name, &shape.disks, &finals, st.clone(), &attempt)?),
-            _ => None,
-        };
-        let ram =
-            if sync { None } else { Some(GuestRam::new(config.memory_bytes()).map_err(wanmig_vmm::VmError::from)?) };
         // This host runs the tunnel's end if the guest's first NIC has an
         // address and a TAP here.
-        if handover::destination_config(&config.nets).is_err() {
+        if handover::destination_config(&admission.config.nets).is_err() {
             local &= !features::TUNNEL;
         }
-        let accept = session.accept(local, params)?;
-        let tunnel = session.features() & features::TUNNEL != 0;
-        let record = match sync {
-            true => None,
-            false => {
-                let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
-                let mut rec = DestRecord {
-                    migration_id: *migration_id,
-                    vm: shape.name.clone(),
-                    source,
-                    phase: DestPhase::Receiving,
-                    updated_unix: 0,
-                };
-                self.journal.record(&mut rec, DestPhase::Receiving)?;
-                Some(rec)
-            }
+        let incoming = Incoming::new(ram, disks).map_err(|e| error_chain(&e))?;
+        let adm = Admitted {
+            session: DestSession::new(),
+            config: admission.config,
+            incoming,
+            sync,
+            tunnel: false,
+            record,
+            shared: admission.shared,
         };
-        let incoming = Incoming::new(ram, disks)?;
-        self.send(&accept).await?;
-        Ok(Admitted { session, config, incoming, sync, tunnel, record })
+        Ok((adm, local, params))
+    }
+
+    /// The attempt's journal record, written: who receives, and the files
+    /// it will create.
+    fn plan(&self, id: MigrationId, shape: &VmShape, sync: bool, admission: &Admission) -> Result<DestRecord, String> {
+        let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+        let images = (admission.finals.iter().zip(&admission.config.disks))
+            .map(|(f, d)| ImageRecord { incoming: d.path.clone(), path: f.clone(), reservation: None, replica: false })
+            .collect();
+        let mut record = DestRecord {
+            migration_id: id,
+            vm: shape.name.clone(),
+            source,
+            phase: DestPhase::Receiving,
+            updated_unix: 0,
+            sync,
+            owner: Some(Owner::this_process()),
+            images,
+        };
+        self.journal.record(&mut record, DestPhase::Receiving).map_err(journal_err)?;
+        Ok(record)
+    }
+
+    /// Reserves the images' names and creates them (copied disks), records
+    /// them in the journal, and maps guest RAM (a migration). What it made
+    /// goes again if it fails.
+    fn set_up(
+        &self,
+        record: &mut DestRecord,
+        shape: &VmShape,
+        admission: &Admission,
+        sync: bool,
+        record_chunking: Option<ChunkParams>,
+    ) -> Result<(Option<DestDisks>, Option<GuestRam>), String> {
+        let disks = match (&self.store, shape.disks.is_empty()) {
+            (Some(st), false) => {
+                let fingerprint = self.conn.peer_fingerprint().map_or_else(|| "unknown".into(), |f| f.to_string());
+                let binding = Binding { vm: shape.name.clone(), source: fingerprint };
+                let attempt = record.migration_id.short();
+                let d =
+                    DestDisks::create(&shape.disks, &admission.finals, st.clone(), &attempt, binding, record_chunking)?;
+                record.images = d.records();
+                self.journal.record(record, DestPhase::Receiving).map_err(journal_err)?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let ram = match sync {
+            true => None,
+            false => Some(GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?),
+        };
+        Ok((disks, ram))
     }
 
     /// From `Accept` to `Ready`: receives everything, has the host build
@@ -151,14 +249,14 @@ impl Attempt<'_> {
     async fn transfer<H: VmHost>(
         &mut self,
         adm: &mut Admitted,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<H::Vm>, ReceiveError> {
         let state = self.receive_all(adm).await?;
         let t_state = Instant::now();
-        if let Some(d) = &adm.incoming.disks {
-            d.check_complete()?;
-            let s = d.stats;
+        if adm.incoming.disks.is_some() {
+            off_task(&mut adm.incoming.disks, |d| d.check_complete()).await?;
+            let s = adm.incoming.disks.as_ref().map(|d| d.stats).unwrap_or_default();
             log(format!(
                 "disks verified: {} chunks copied from the local store, {} received, {} found corrupt in the store and fetched again",
                 s.from_store, s.received, s.corrupt
@@ -174,14 +272,17 @@ impl Attempt<'_> {
             t_state.elapsed().as_secs_f64() * 1e3
         ));
         let ready = adm.session.ready()?;
-        if let Some(rec) = &mut adm.record {
-            self.journal.record(rec, DestPhase::Ready)?;
-        }
+        self.journal.record(&mut adm.record, DestPhase::Ready)?;
         self.send(&ready).await?;
         Ok(vm)
     }
 
-    fn build<H: VmHost>(&self, adm: &mut Admitted, host: &mut H, state: &[u8]) -> Result<H::Vm, ReceiveError> {
+    fn build<H: VmHost>(
+        &self,
+        adm: &mut Admitted,
+        host: &RefCell<&mut H>,
+        state: &[u8],
+    ) -> Result<H::Vm, ReceiveError> {
         let state = match adm.session.features() & features::ZSTD != 0 {
             true => {
                 let max = (wanmig_vmm::state::MAX_STATE_BYTES + 64) as usize;
@@ -191,33 +292,47 @@ impl Attempt<'_> {
             false => state.to_vec(),
         };
         let ram = adm.incoming.ram.take().ok_or_else(|| ReceiveError::BadInput("no memory was received".into()))?;
-        host.build(&adm.config, ram, &state).map_err(ReceiveError::Host)
+        host.borrow_mut().build(&adm.config, ram, &state, adm.shared.take()).map_err(ReceiveError::Host)
     }
 
     /// Serves both streams until the device state has arrived and the bulk
-    /// stream has ended; returns the state.
+    /// stream has ended; returns the state. A source that sends no whole
+    /// message on either stream for the idle timeout is dropped.
     async fn receive_all(&mut self, adm: &mut Admitted) -> Result<Vec<u8>, ReceiveError> {
         // The bulk stream shows up with its first byte, which may come after
         // manifests on the control stream have been answered: accept it while
         // serving those.
         let mut bulk: Option<FrameReceiver> = None;
         let (mut bulk_open, mut state) = (true, None);
+        let idle = self.opts.idle_timeout;
+        let mut deadline = tokio::time::Instant::now() + idle;
         while bulk_open || state.is_none() {
             tokio::select! {
                 b = self.conn.accept_bulk(), if bulk.is_none() => bulk = Some(b?),
                 m = async { bulk.as_mut().expect("guarded").recv().await }, if bulk_open && bulk.is_some() => {
-                    match adm.incoming.on_bulk(&mut adm.session, m?)? {
+                    let m = m?;
+                    match adm.incoming.on_bulk(&mut adm.session, m)? {
                         Bulk::Applied => {}
-                        // Rounds are acknowledged once applied, so the source
-                        // measures the rate at which data really land.
-                        Bulk::RoundDone(round) => self.send(&Message::RoundApplied { round }).await?,
+                        // Rounds are acknowledged once applied (and hashed),
+                        // so the source measures the rate at which data
+                        // really land.
+                        Bulk::RoundDone(round) => {
+                            if adm.incoming.disks.is_some() {
+                                off_task(&mut adm.incoming.disks, |d| d.refresh()).await?;
+                            }
+                            self.send(&Message::RoundApplied { round }).await?;
+                        }
+                        Bulk::CheckDisk(done) => off_task(&mut adm.incoming.disks, move |d| d.on_done(&done)).await?,
                         Bulk::End => bulk_open = false,
                     }
+                    deadline = tokio::time::Instant::now() + idle;
                 }
                 m = self.rx.recv(), if state.is_none() => {
                     let m = m?.ok_or(TransportError::Lost("the source closed the control stream".into()))?;
                     state = self.on_control(adm, m).await?;
+                    deadline = tokio::time::Instant::now() + idle;
                 }
+                _ = tokio::time::sleep_until(deadline) => return Err(TransportError::Timeout(idle).into()),
             }
         }
         Ok(state.unwrap_or_default())
@@ -227,13 +342,9 @@ impl Attempt<'_> {
     async fn on_control(&mut self, adm: &mut Admitted, m: Message) -> Result<Option<Vec<u8>>, ReceiveError> {
         match (adm.session.on_message(Stream::Control, &m)?, m) {
             (DestAction::AnswerManifest, Message::DiskManifest(manifest)) => {
-                let disks = adm
-                    .incoming
-                    .disks
-                    .as_mut()
-                    .ok_or_else(|| ReceiveError::BadInput("a manifest, but no disk is being copied".into()))?;
-                let needed = disks.on_manifest(&manifest)?;
-                let need = adm.session.need(manifest.disk, needed)?;
+                let disk = manifest.disk;
+                let needed = off_task(&mut adm.incoming.disks, move |d| d.on_manifest(&manifest)).await?;
+                let need = adm.session.need(disk, needed)?;
                 self.send(&need).await?;
                 Ok(None)
             }
@@ -249,9 +360,7 @@ impl Attempt<'_> {
     /// source that is gone must not hold us up) and journals the end; the
     /// incoming images go when `adm` is dropped.
     async fn fail(&mut self, adm: &mut Admitted, e: &ReceiveError) {
-        if let Some(rec) = &mut adm.record {
-            let _ = self.journal.record(rec, DestPhase::Aborted);
-        }
+        let _ = self.journal.record(&mut adm.record, DestPhase::Aborted);
         let reason = error_chain(e);
         let tell = async {
             let _ = self.tx.send(&Message::Abort { reason }).await;
@@ -265,8 +374,8 @@ impl Attempt<'_> {
         mut self,
         mut adm: Admitted,
         vm: Option<H::Vm>,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<Arrived<H::Vm>>, ReceiveError> {
         let commit = self
             .rx
@@ -277,10 +386,7 @@ impl Attempt<'_> {
             Err(e) => Err(ReceiveError::from(e)),
             Ok(m) => match adm.session.on_message(Stream::Control, &m) {
                 Err(e) => Err(e.into()),
-                Ok(DestAction::Commit) => match &mut adm.record {
-                    Some(rec) => self.journal.commit(rec).map_err(ReceiveError::from),
-                    None => Ok(()),
-                },
+                Ok(DestAction::Commit) => self.journal.commit(&mut adm.record).map_err(ReceiveError::from),
                 Ok(_) => Err(ReceiveError::Aborted(format!("{} instead of Commit", m.name()))),
             },
         };
@@ -294,6 +400,10 @@ impl Attempt<'_> {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
         };
+        if installed.is_ok() {
+            adm.record.images.clear();
+            let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
+        }
         let Some(mut vm) = vm else {
             installed?;
             self.acknowledge().await;
@@ -306,7 +416,7 @@ impl Attempt<'_> {
         for (d, p) in adm.config.disks.iter_mut().zip(&paths) {
             d.path = p.clone();
         }
-        if let Err(e) = host.start(&mut vm, &paths, self.opts.paused) {
+        if let Err(e) = host.borrow_mut().start(&mut vm, &paths, self.opts.paused) {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
@@ -326,28 +436,32 @@ impl Attempt<'_> {
     }
 }
 
+fn journal_err(e: crate::journal::JournalError) -> String {
+    format!("cannot journal the migration: {}", error_chain(&e))
+}
+
 /// The chunking this host's store was filled with, or (for a new store)
-/// the source's proposal, which it keeps from now on.
-fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<ChunkParams, ReceiveError> {
+/// the source's proposal, with `true`: it is recorded with the first
+/// chunk kept, so a refused or empty attempt leaves the store unbound.
+fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<(ChunkParams, bool), ReceiveError> {
     let err = |e: wanmig_dedup::StoreError| ReceiveError::Disk(format!("chunk store: {e}"));
     if let Some(v) = store.meta("chunking").map_err(err)? {
         let n: Vec<u32> = v.split('/').filter_map(|x| x.parse().ok()).collect();
         if let [min, avg, max] = n[..] {
             let p = ChunkParams { min, avg, max };
             if p.check().is_ok() {
-                return Ok(p);
+                return Ok((p, false));
             }
         }
         return Err(ReceiveError::Disk(format!("chunk store: unreadable chunking parameters {v:?}")));
     }
-    store.set_meta("chunking", &format!("{}/{}/{}", proposed.min, proposed.avg, proposed.max)).map_err(err)?;
-    Ok(proposed)
+    Ok((proposed, true))
 }
 
 /// Starts this host's end of the network tunnel on the stream the source
 /// opens after the commit. The VM runs here whatever happens: a failure is
 /// logged, not returned.
-async fn start_tunnel(mut conn: Conn, config: &VmConfig, log: &mut dyn FnMut(String)) -> Option<handover::Started> {
+async fn start_tunnel(mut conn: Conn, config: &VmConfig, log: &dyn Fn(String)) -> Option<handover::Started> {
     let started = async {
         let cfg = handover::destination_config(&config.nets)?;
         let (tx, rx) = tokio::time::timeout(handover::OPEN_TIMEOUT, conn.accept_control())

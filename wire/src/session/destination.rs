@@ -98,6 +98,8 @@ pub struct DestSession {
     round_pages: u64,
     /// Chunks asked for and not yet received: (disk, offset) → (id, length).
     requested: BTreeMap<(u8, u64), (ChunkId, u32)>,
+    /// Chunk bytes received, against [`DestSession::chunk_quota`].
+    chunk_bytes: u64,
     bulk_ended: bool,
 }
 
@@ -119,6 +121,7 @@ impl DestSession {
             round: 0,
             round_pages: 0,
             requested: BTreeMap::new(),
+            chunk_bytes: 0,
             bulk_ended: false,
         }
     }
@@ -255,11 +258,33 @@ impl DestSession {
         self.open_disk(disk)?;
         match self.requested.get(&(disk, offset)) {
             Some(&(want, l)) if want == id && l as usize == len => {
+                let total = self.chunk_bytes + len as u64;
+                if total > self.chunk_quota() {
+                    return Err(violation(format!(
+                        "{total} bytes of chunks exceed this migration's quota of {} (its disks' declared sizes)",
+                        self.chunk_quota()
+                    )));
+                }
+                self.chunk_bytes = total;
                 self.requested.remove(&(disk, offset));
                 Ok(DestAction::StoreChunk)
             }
             _ => Err(violation(format!("chunk {id:?} at {offset} of disk {disk} was not asked for"))),
         }
+    }
+
+    /// Most chunk bytes this migration may deliver: the sum of its disks'
+    /// declared sizes. Each byte of an image is described once, by one
+    /// manifest, and only chunks asked for from those manifests are taken,
+    /// so an honest source never comes near it; the bound holds whatever
+    /// the bookkeeping above ever allows (a re-request, say).
+    pub fn chunk_quota(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).fold(0, u64::saturating_add)
+    }
+
+    /// Chunk bytes received so far.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes
     }
 
     fn on_manifest(&mut self, m: &Manifest) -> Result<DestAction, ProtocolError> {
@@ -274,6 +299,16 @@ impl DestSession {
                 m.seq, m.disk, m.offset, d.next_seq, d.next_offset
             )));
         }
+        // A chunk with data is cut with the agreed parameters (a hole may be
+        // any length: it costs nothing).
+        let max = self.chunking.max;
+        if let Some(c) = m.chunks.iter().find(|c| c.len == 0 || (c.id.is_some() && c.len > max)) {
+            return Err(violation(format!(
+                "manifest {} of disk {} has a chunk of {} bytes (agreed: at most {max})",
+                m.seq, m.disk, c.len
+            )));
+        }
+        let d = &mut self.disks[m.disk as usize];
         let end = m.offset.checked_add(m.len()).filter(|&e| e <= d.size);
         let end =
             end.ok_or_else(|| violation(format!("manifest {} of disk {} goes past the image's end", m.seq, m.disk)))?;

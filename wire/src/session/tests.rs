@@ -68,11 +68,12 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
             }
         };
     }
-    let hello = src
-        .hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, ChunkParams::DEFAULT, [7; 32])
-        .expect("hello");
+    // Chunks of up to half the test disk.
+    let params = ChunkParams { max: (DISK / 2) as u32, ..ChunkParams::DEFAULT };
+    let hello =
+        src.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params, [7; 32]).expect("hello");
     cross!(Step::ToDst(hello));
-    let accept = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    let accept = dst.accept(features::ALL, params).expect("accept");
     cross!(Step::ToSrc(accept));
     // The first copy: two chunks cover the disk; the destination has the first.
     let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
@@ -371,4 +372,34 @@ fn a_resume_point_is_checked_against_what_was_sent() {
     late.on_message(Stream::Control, &Message::Ready).expect("ready");
     late.commit().expect("commit");
     assert!(late.resume_request().is_none());
+}
+
+#[test]
+fn chunks_are_held_to_the_agreed_size_and_the_migrations_quota() {
+    let mut d = receiving();
+    assert_eq!(d.chunk_quota(), DISK, "the quota is the declared disk sizes");
+    d.on_message(
+        Stream::Bulk,
+        &Message::DiskChunk(Chunk { disk: 0, offset: 0, id: ChunkId([5; 32]), data: vec![0; 65536] }),
+    )
+    .expect("chunk");
+    assert_eq!(d.chunk_bytes(), 65536);
+    // A chunk with data longer than the agreed maximum (256 KiB), or of no
+    // length at all, is refused with its manifest.
+    for len in [ChunkParams::DEFAULT.max + 1, 0] {
+        let mut d = receiving();
+        d.on_message(
+            Stream::Bulk,
+            &Message::DiskChunk(Chunk { disk: 0, offset: 0, id: ChunkId([5; 32]), data: vec![0; 65536] }),
+        )
+        .expect("chunk");
+        let big = crate::disk::Manifest {
+            disk: 0,
+            seq: 1,
+            offset: 65536,
+            chunks: vec![crate::disk::ManifestChunk { len, id: Some(ChunkId([6; 32])) }],
+        };
+        let e = d.on_message(Stream::Control, &Message::DiskManifest(big)).expect_err("too long");
+        assert!(e.to_string().contains("agreed: at most"), "{e}");
+    }
 }
