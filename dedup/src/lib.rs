@@ -38,6 +38,15 @@
 //! have it" for an old unreferenced chunk relies on it staying; the safe way
 //! is to set a root for the incoming image (e.g. `"vm/disk0.incoming"`) from
 //! its manifest before answering, and replace it when the image is complete.
+//! Roots under a [`Retention::keep_prefixes`] prefix never age out: their
+//! owner removes them ([`ChunkStore::remove_roots`]), as `wanmig-dr` does
+//! with the points in time it keeps by rules of its own.
+//!
+//! # Reading a store another process holds
+//!
+//! [`StoreView`] opens the index read-only (no lock) and reads what was
+//! committed when it opened; [`ChunkSource`] is what both offer to code
+//! that reads images back out.
 //!
 //! # Tunables
 //!
@@ -51,13 +60,16 @@
 
 mod format;
 mod gc;
+mod manage;
 mod pack;
 mod store;
 #[cfg(test)]
 mod tests;
+mod view;
 
 pub use gc::{GcReport, Retention};
 pub use store::{ChunkStore, RootInfo, Stats, StoreOptions, VerifyReport};
+pub use view::{ChunkSource, StoreView};
 
 /// The largest chunk the store accepts (4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;
