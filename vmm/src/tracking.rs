@@ -568,6 +568,31 @@ fn write_file(image: &Path, maps: &NamedMaps, in_use: bool) -> Result<(), Tracki
     write_atomic(&file_for(image), &encode(&saved))
 }
 
+/// What the file beside an image says, for tools and tests: whether it is
+/// marked in use, and each map's name, validity and blocks (bit i = bytes
+/// `[4096 i, 4096 (i + 1))`). `None` when there is no file.
+#[allow(clippy::type_complexity)] // (name, valid, bits): read once, printed.
+pub fn inspect(image: &Path) -> Result<Option<(bool, Vec<(String, bool, Vec<u64>)>)>, TrackingError> {
+    let size = std::fs::metadata(image)
+        .map_err(|source| TrackingError::Io { what: "cannot stat", path: image.into(), source })?
+        .len();
+    let words = usize::try_from(size.div_ceil(GRANULE).div_ceil(64)).expect("fits");
+    Ok(read(&file_for(image), size)?.map(|saved| {
+        let maps = saved
+            .maps
+            .into_iter()
+            .map(|m| {
+                let mut bits = vec![0u64; words];
+                for (start, run) in &m.runs {
+                    bits[*start as usize..*start as usize + run.len()].copy_from_slice(run);
+                }
+                (m.name, m.valid, bits)
+            })
+            .collect();
+        (saved.in_use, maps)
+    }))
+}
+
 fn read(path: &Path, image_size: u64) -> Result<Option<SavedMaps>, TrackingError> {
     let io = |source| TrackingError::Io { what: "cannot read", path: path.into(), source };
     let file = match File::open(path) {
