@@ -28,6 +28,8 @@ use crate::store::parse_age;
 /// The systemd units `install-timer` installs (shipped in `deploy/systemd/`).
 const SERVICE: &str = include_str!("../../deploy/systemd/wanmig-sync@.service");
 const TIMER: &str = include_str!("../../deploy/systemd/wanmig-sync@.timer");
+const RPO_SERVICE: &str = include_str!("../../deploy/systemd/wanmig-rpo@.service");
+const RPO_TIMER: &str = include_str!("../../deploy/systemd/wanmig-rpo@.timer");
 /// Where the shipped units expect the binary and the per-VM settings.
 const SHIPPED_BINARY: &str = "/usr/local/bin/wanmig";
 const SHIPPED_ENV_DIR: &str = "/etc/wanmig/sync";
@@ -109,6 +111,11 @@ pub struct InstallArgs {
     /// More options for `wanmig sync` (e.g. "--store /var/lib/wanmig/chunks --max-bandwidth 200Mbit").
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     sync_args: String,
+    /// Also check every 5 minutes that the last good sync is younger than
+    /// this (`wanmig-rpo@VM.timer`; a failed check shows in `systemctl
+    /// --failed`).
+    #[arg(long)]
+    rpo: Option<String>,
     /// Where the units go.
     #[arg(long, default_value = "/etc/systemd/system")]
     unit_dir: PathBuf,
@@ -132,7 +139,8 @@ pub struct TestArgs {
     /// Which epoch: an id, or `latest`.
     #[arg(long, default_value = "latest")]
     epoch: Which,
-    /// Where the copy goes (a new directory under it, removed afterwards).
+    /// Where the copy goes (a new directory under it, removed afterwards;
+    /// default: beside the configuration, where the replicas have room).
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Give up on the guest after this long.
@@ -264,14 +272,15 @@ fn env_file(a: &InstallArgs, config: &Path, identity: &Path) -> String {
     format!(
         "# wanmig dr install-timer: settings of wanmig-sync@.service for this VM.\n\
          WANMIG_CONFIG={}\nWANMIG_DEST={}\nWANMIG_IDENTITY={}\nWANMIG_PEER={}\n\
-         WANMIG_RETRIES={}\nWANMIG_BACKOFF={}\nWANMIG_SYNC_ARGS={}\n",
+         WANMIG_RETRIES={}\nWANMIG_BACKOFF={}\nWANMIG_SYNC_ARGS={}\nWANMIG_RPO={}\n",
         config.display(),
         a.dest,
         identity.display(),
         a.peer,
         a.retries,
         a.backoff,
-        a.sync_args
+        a.sync_args,
+        a.rpo.as_deref().unwrap_or("")
     )
 }
 
@@ -288,6 +297,9 @@ fn install_timer(a: &InstallArgs) -> Result<ExitCode> {
     let identity = std::path::absolute(&a.identity)?;
     a.peer.parse::<wanmig_transport::Fingerprint>()?;
     parse_age(&a.backoff).map_err(anyhow::Error::msg)?;
+    if let Some(rpo) = &a.rpo {
+        parse_age(rpo).map_err(anyhow::Error::msg)?;
+    }
     // systemd-analyze knows calendar expressions exactly.
     if let Ok(out) = std::process::Command::new("systemd-analyze").args(["calendar", &a.on_calendar]).output()
         && !out.status.success()
@@ -296,22 +308,31 @@ fn install_timer(a: &InstallArgs) -> Result<ExitCode> {
     }
     let exe = std::env::current_exe()?;
     let env_dir = std::path::absolute(&a.env_dir)?;
-    let service =
-        SERVICE.replace(SHIPPED_BINARY, &exe.to_string_lossy()).replace(SHIPPED_ENV_DIR, &env_dir.to_string_lossy());
+    let local = |unit: &str| {
+        unit.replace(SHIPPED_BINARY, &exe.to_string_lossy()).replace(SHIPPED_ENV_DIR, &env_dir.to_string_lossy())
+    };
     let vm = &cfg.name;
-    write_file(&a.unit_dir.join("wanmig-sync@.service"), &service)?;
+    write_file(&a.unit_dir.join("wanmig-sync@.service"), &local(SERVICE))?;
     write_file(&a.unit_dir.join("wanmig-sync@.timer"), TIMER)?;
+    let mut timers = vec![format!("wanmig-sync@{vm}.timer")];
+    if a.rpo.is_some() {
+        write_file(&a.unit_dir.join("wanmig-rpo@.service"), &local(RPO_SERVICE))?;
+        write_file(&a.unit_dir.join("wanmig-rpo@.timer"), RPO_TIMER)?;
+        timers.push(format!("wanmig-rpo@{vm}.timer"));
+    }
     let schedule = format!(
         "# wanmig dr install-timer: when VM {vm} is synced.\n[Timer]\nOnCalendar=\nOnCalendar={}\n",
         a.on_calendar
     );
     write_file(&a.unit_dir.join(format!("wanmig-sync@{vm}.timer.d")).join("schedule.conf"), &schedule)?;
     write_file(&env_dir.join(format!("{vm}.env")), &env_file(a, &config, &identity))?;
-    println!("installed wanmig-sync@{vm}.timer ({}) in {}", a.on_calendar, a.unit_dir.display());
+    println!("installed {} ({}) in {}", timers.join(" and "), a.on_calendar, a.unit_dir.display());
     if a.no_enable {
         return Ok(ExitCode::SUCCESS);
     }
-    for args in [vec!["daemon-reload"], vec!["enable", "--now", &format!("wanmig-sync@{vm}.timer")]] {
+    let mut enable = vec!["enable", "--now"];
+    enable.extend(timers.iter().map(String::as_str));
+    for args in [vec!["daemon-reload"], enable] {
         let st = std::process::Command::new("systemctl").args(&args).status().context("cannot run systemctl")?;
         if !st.success() {
             bail!("systemctl {} failed ({st})", args.join(" "));
@@ -392,7 +413,10 @@ fn drill(a: &TestArgs) -> Result<ExitCode> {
     }
     let (view, rec) = open_epoch(&a.store, &cfg.name, a.epoch)?;
     check_disks(&cfg, &rec)?;
-    let parent = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let parent = match &a.work_dir {
+        Some(d) => d.clone(),
+        None => std::path::absolute(&a.config)?.parent().map_or_else(std::env::temp_dir, Path::to_path_buf),
+    };
     let work = tempfile::Builder::new().prefix(&format!("wanmig-drill-{}-", cfg.name)).tempdir_in(&parent)?;
     // Isolated: no NIC, and everything the VM writes in the work directory.
     let mut data_bytes = 0;
@@ -643,6 +667,7 @@ mod tests {
     #[test]
     fn the_shipped_units_name_what_the_installer_replaces() {
         assert!(SERVICE.contains(SHIPPED_BINARY) && SERVICE.contains(SHIPPED_ENV_DIR));
+        assert!(RPO_SERVICE.contains(SHIPPED_BINARY) && RPO_SERVICE.contains(SHIPPED_ENV_DIR));
         assert!(SERVICE.contains("Type=oneshot") && TIMER.contains("Persistent=true"));
     }
 }

@@ -64,5 +64,4 @@ mod tests {
         let k = KeepArgs { keep_last: Some(2), keep_daily: Some(7), ..KeepArgs::default() };
         assert_eq!(k.rules().map(|r| r.to_string()).as_deref(), Some("last=2,daily=7"));
     }
-
 }

@@ -26,7 +26,9 @@ impl SyncTarget {
     /// first time). The blocks handed over are what a block-level sync
     /// would send; today's sync compares digests and does not need them.
     pub fn begin(vm: &Vm, req: &MigrateRequest) -> SyncTarget {
-        let map = sync_map_name(&req.peer);
+        // One map per destination key, however its fingerprint was spelt.
+        let peer = req.peer.parse::<wanmig_transport::Fingerprint>().map_or_else(|_| req.peer.clone(), |f| f.to_string());
+        let map = sync_map_name(&peer);
         for disk in 0..vm.config().disks.len() {
             if let Some(maps) = vm.disk_tracking(disk)
                 && let Err(e) = maps.take(&map)

@@ -97,11 +97,7 @@ pub enum Request {
     },
 }
 
-/// The name of the write-tracking map a sync to the destination with
-/// fingerprint `peer` keeps (one per destination).
-pub fn sync_map_name(peer: &str) -> String {
-    format!("sync:{peer}")
-}
+pub use wanmig_dr::sync_map_name;
 
 /// One disk's write-tracking maps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

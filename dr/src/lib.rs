@@ -50,6 +50,13 @@ pub enum DrError {
     NotFound(String),
 }
 
+/// The write-tracking map (`wanmig_vmm::tracking`) that syncs to the
+/// destination with fingerprint `peer` keep on each disk: one per
+/// destination, so that each knows what changed since its own last sync.
+pub fn sync_map_name(peer: &str) -> String {
+    format!("sync:{peer}")
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use wanmig_control::protocol::{DiskTracking, TestGuestProgress};
 use wanmig_control::Request;
+use wanmig_control::protocol::{DiskTracking, TestGuestProgress};
 use wanmig_migrate::report::Outcome as MigrateOutcome;
 use wanmig_vmm::testguest;
 
@@ -85,8 +85,10 @@ fn write_tracking_survives_a_clean_restart_and_is_not_trusted_after_a_crash_or_a
     let (_, saved_valid, bits) = maps.iter().find(|m| m.0 == "t").expect("map t saved");
     assert!(*saved_valid);
     let marked = blocks(bits);
-    let changed: Vec<u64> =
-        (0..after.len() / 4096).filter(|&b| base[b * 4096..][..4096] != after[b * 4096..][..4096]).map(|b| b as u64).collect();
+    let changed: Vec<u64> = (0..after.len() / 4096)
+        .filter(|&b| base[b * 4096..][..4096] != after[b * 4096..][..4096])
+        .map(|b| b as u64)
+        .collect();
     assert!(!changed.is_empty() && changed.iter().all(|b| marked.contains(b)), "a changed block is not marked");
     assert!(marked.iter().all(|&b| b < 256), "only the guest's 1 MiB region was written");
     eprintln!("tracking: {} blocks marked, {} changed since the baseline", marked.len(), changed.len());
@@ -120,18 +122,28 @@ fn write_tracking_survives_a_clean_restart_and_is_not_trusted_after_a_crash_or_a
     let synced = move_vm(&p, &migrate_request(&dst.addr, &keys, None, true), MigrateOutcome::Synced);
     let sync_map = wanmig_control::protocol::sync_map_name(&keys.dst_fp);
     assert_eq!(map(&p, &sync_map).0.map(|m| m.0), Some(true), "valid once the sync succeeded");
-    let held = testguest::check_disk_prefix(&region(&dr_dir.join("disk.img")), &params).expect("the replica is a prefix");
+    let held =
+        testguest::check_disk_prefix(&region(&dr_dir.join("disk.img")), &params).expect("the replica is a prefix");
     assert!(held >= g.disk_done, "the replica holds {held} writes, the guest had done {} before the sync", g.disk_done);
-    eprintln!("sync after a crash: {} disk bytes on the wire; the replica holds the first {held} writes", disk_wire_bytes(&synced));
+    eprintln!(
+        "sync after a crash: {} disk bytes on the wire; the replica holds the first {held} writes",
+        disk_wire_bytes(&synced)
+    );
     // The source records it for `dr status`.
-    let out = wanmig().args(["dr", "status"]).arg(&vm.config).args(["--json", "--rpo", "1h"]).output().expect("dr status");
+    let out =
+        wanmig().args(["dr", "status"]).arg(&vm.config).args(["--json", "--rpo", "1h"]).output().expect("dr status");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let report: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(report["last_sync"]["migration_id"], synced["migration_id"], "{report}");
     assert_eq!(report["rpo_met"], true);
     std::thread::sleep(Duration::from_millis(2100));
     let late = wanmig().args(["dr", "status"]).arg(&vm.config).args(["--rpo", "1s"]).output().expect("dr status");
-    assert_eq!(late.status.code(), Some(1), "an RPO exceeded fails the check: {}", String::from_utf8_lossy(&late.stdout));
+    assert_eq!(
+        late.status.code(),
+        Some(1),
+        "an RPO exceeded fails the check: {}",
+        String::from_utf8_lossy(&late.stdout)
+    );
     assert!(String::from_utf8_lossy(&late.stdout).contains("EXCEEDED"));
 
     // Valid again after a reset and a clean stop; then the image is written
@@ -257,7 +269,14 @@ fn each_sync_leaves_an_epoch_kept_by_the_rules_and_a_drill_boots_a_copy_without_
     assert_eq!(tree(&store), files, "the store is untouched");
     assert!(!dr_dir.join("wanmig-it.sock").exists() && !dr_dir.join("dr-serial.log").exists(), "isolated");
     // An epoch that does not exist is an error, not a boot.
-    let bad = wanmig().args(["dr", "test"]).arg(&cfg).arg("--store").arg(&store).args(["--epoch", "7"]).output().expect("run");
+    let bad = wanmig()
+        .args(["dr", "test"])
+        .arg(&cfg)
+        .arg("--store")
+        .arg(&store)
+        .args(["--epoch", "7"])
+        .output()
+        .expect("run");
     assert_eq!(bad.status.code(), Some(1));
     assert!(src.shutdown().success());
 }
@@ -275,7 +294,14 @@ fn failover_is_refused_while_the_source_answers_then_starts_the_epoch_and_reprot
     let dr_dir = vm.path("dr");
     let store_b = dr_dir.join("chunks");
     let store_a = vm.path("store-a");
-    let dst = Receiver::start_at(&ns.name, "127.0.0.1:0", &keys, &keys.src_fp, &dr_dir, &[OsStr::new("--tap"), OsStr::new("tapB")]);
+    let dst = Receiver::start_at(
+        &ns.name,
+        "127.0.0.1:0",
+        &keys,
+        &keys.src_fp,
+        &dr_dir,
+        &[OsStr::new("--tap"), OsStr::new("tapB")],
+    );
     let first = move_vm(&src, &migrate_request(&dst.addr, &keys, Some(&store_a), true), MigrateOutcome::Synced);
     dst.wait_log("recorded", Duration::from_secs(30));
     let epoch = epochs(&store_b).last().expect("an epoch")["id"].as_u64().expect("id");
@@ -328,9 +354,17 @@ fn failover_is_refused_while_the_source_answers_then_starts_the_epoch_and_reprot
 
     // Reprotect: A comes back as the DR site of B, with its own store; the
     // first sync back sends only what changed since the failover epoch.
-    let rev = Keys { src: keys.dst.clone(), dst: keys.src.clone(), src_fp: keys.dst_fp.clone(), dst_fp: keys.src_fp.clone() };
+    let rev =
+        Keys { src: keys.dst.clone(), dst: keys.src.clone(), src_fp: keys.dst_fp.clone(), dst_fp: keys.src_fp.clone() };
     let a_dir = vm.path("a-reprotect");
-    let a = Receiver::start_at(&ns.name, "127.0.0.1:0", &rev, &rev.src_fp, &a_dir, &[OsStr::new("--store"), store_a.as_os_str()]);
+    let a = Receiver::start_at(
+        &ns.name,
+        "127.0.0.1:0",
+        &rev,
+        &rev.src_fp,
+        &a_dir,
+        &[OsStr::new("--store"), store_a.as_os_str()],
+    );
     let back = move_vm(&b, &migrate_request(&a.addr, &rev, None, true), MigrateOutcome::Synced);
     a.wait_log("recorded", Duration::from_secs(30));
     let (d1, d2) = (disk_wire_bytes(&first), disk_wire_bytes(&back));
@@ -361,6 +395,7 @@ fn the_timer_units_install_and_pass_systemd_analyze_verify() {
         .arg("--identity")
         .arg(&keys.src)
         .args(["--peer", &keys.dst_fp, "--on-calendar", "*:0/15", "--sync-args", "--store /var/lib/wanmig/chunks"])
+        .args(["--rpo", "1h"])
         .arg("--unit-dir")
         .arg(&units)
         .arg("--env-dir")
@@ -370,12 +405,19 @@ fn the_timer_units_install_and_pass_systemd_analyze_verify() {
         .expect("install-timer");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let env = std::fs::read_to_string(dir.path().join("env/web1.env")).expect("env file");
-    assert!(env.contains("WANMIG_DEST=dr.example:4750") && env.contains("WANMIG_SYNC_ARGS=--store /var/lib/wanmig/chunks"));
+    assert!(
+        env.contains("WANMIG_DEST=dr.example:4750") && env.contains("WANMIG_SYNC_ARGS=--store /var/lib/wanmig/chunks")
+    );
     let schedule = std::fs::read_to_string(units.join("wanmig-sync@web1.timer.d/schedule.conf")).expect("drop-in");
     assert!(schedule.contains("OnCalendar=\nOnCalendar=*:0/15"), "{schedule}");
     let verify = Command::new("systemd-analyze")
         .arg("verify")
-        .args(["wanmig-sync@web1.timer", "wanmig-sync@web1.service"])
+        .args([
+            "wanmig-sync@web1.timer",
+            "wanmig-sync@web1.service",
+            "wanmig-rpo@web1.timer",
+            "wanmig-rpo@web1.service",
+        ])
         .env("SYSTEMD_UNIT_PATH", format!("{}:", units.display()))
         .output()
         .expect("systemd-analyze (scripts/setup.sh installs it)");

@@ -270,6 +270,13 @@ impl NamedMaps {
             .flatten())
     }
 
+    /// The blocks the take in progress on map `name` handed over (what a
+    /// sync started then must send besides what is written during it);
+    /// `None` when none is in progress or the map was invalid.
+    pub fn taken(&self, name: &str) -> Option<Vec<u64>> {
+        self.with(name, |m| m.pending.as_ref().filter(|p| p.was_valid).map(|p| p.bits.clone())).flatten()
+    }
+
     /// Ends the sync that [`NamedMaps::take`] started: after a success the
     /// map is valid from the take on; after a failure the blocks handed
     /// over are merged back. Whether a take was pending.
@@ -653,6 +660,7 @@ mod tests {
         // A failed sync merges back what it was handed.
         maps.record(5 * 4096, 8192);
         assert_eq!(maps.take("dr").expect("take").map(|b| blocks(&b)), Some(vec![3, 5, 6]));
+        assert_eq!(maps.taken("dr").map(|b| blocks(&b)), Some(vec![3, 5, 6]));
         maps.record(9 * 4096, 1);
         assert_eq!(maps.tracked_writes("dr").map(|b| blocks(&b)), Some(vec![3, 5, 6, 9]), "peek during a sync");
         assert!(maps.finish("dr", false));
