@@ -27,7 +27,8 @@ impl SyncTarget {
     /// would send; today's sync compares digests and does not need them.
     pub fn begin(vm: &Vm, req: &MigrateRequest) -> SyncTarget {
         // One map per destination key, however its fingerprint was spelt.
-        let peer = req.peer.parse::<wanmig_transport::Fingerprint>().map_or_else(|_| req.peer.clone(), |f| f.to_string());
+        let peer =
+            req.peer.parse::<wanmig_transport::Fingerprint>().map_or_else(|_| req.peer.clone(), |f| f.to_string());
         let map = sync_map_name(&peer);
         for disk in 0..vm.config().disks.len() {
             if let Some(maps) = vm.disk_tracking(disk)
