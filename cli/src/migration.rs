@@ -129,6 +129,10 @@ pub struct ReceiveArgs {
     /// own `--resume-window`; 0 discards it at once).
     #[arg(long, value_parser = parse_duration)]
     resume_window: Option<Duration>,
+    /// Retention of the epochs each sync leaves (given: stored in the chunk
+    /// store as its default for every VM; see `wanmig store DIR retention`).
+    #[command(flatten)]
+    keep: crate::keep::KeepArgs,
 }
 
 /// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
@@ -144,6 +148,9 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     let disk_dir = std::path::absolute(a.disk_dir.as_deref().unwrap_or(&dir))?;
     std::fs::create_dir_all(&disk_dir).with_context(|| format!("cannot create {}", disk_dir.display()))?;
     let store = std::path::absolute(a.store.unwrap_or_else(|| dir.join("chunks")))?;
+    if let Some(rules) = a.keep.rules() {
+        crate::keep::set_store_rules(&store, None, &rules)?;
+    }
     let mut tuning = LinkTuning::default();
     if let Some(b) = a.link_bandwidth {
         tuning.bandwidth_bps = b;
@@ -186,15 +193,15 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
 #[derive(clap::Args)]
 pub struct SendArgs {
     /// The VM's configuration (names its control socket).
-    config: PathBuf,
+    pub config: PathBuf,
     /// Destination host:port.
-    dest: String,
+    pub dest: String,
     /// This host's identity directory.
     #[arg(long)]
-    identity: PathBuf,
+    pub identity: PathBuf,
     /// The destination's fingerprint.
     #[arg(long)]
-    peer: String,
+    pub peer: String,
     /// Downtime budget.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     downtime: Duration,
@@ -249,7 +256,24 @@ fn mib(b: f64) -> String {
 /// SIGTERM before the commit cancels it; after the commit they are too late,
 /// and it waits for the outcome.
 pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
+    check_send_args(&a, sync)?;
     let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
+    crate::signals::cancel_on_interrupt(cfg.control_socket.clone());
+    Ok(exit_code(send_once(&a, sync)?))
+}
+
+/// The exit status for a migration's outcome.
+pub fn exit_code(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
+        Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
+        Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
+    }
+}
+
+/// What `send` (or `sync`) checks before it asks the VM's process.
+pub fn check_send_args(a: &SendArgs, sync: bool) -> Result<()> {
+    let _ = wanmig_vmm::VmConfig::load(&a.config)?;
     // Fail fast, here, on what the VM process would refuse anyway.
     a.peer.parse::<Fingerprint>()?;
     if a.min_bandwidth.is_some() && a.max_bandwidth.is_none() {
@@ -259,8 +283,14 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     if sync && a.tunnel_via.is_some() {
         bail!("a sync hands no VM over: it has no tunnel to leave behind");
     }
-    let req = Request::Migrate { migration: migrate_request(&a, sync)? };
-    crate::signals::cancel_on_interrupt(cfg.control_socket.clone());
+    Ok(())
+}
+
+/// One migration (or sync) through the VM's process: its outcome, after
+/// printing progress and the summary (or the JSON).
+pub fn send_once(a: &SendArgs, sync: bool) -> Result<Outcome> {
+    let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
+    let req = Request::Migrate { migration: migrate_request(a, sync)? };
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
@@ -274,11 +304,7 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     } else {
         print_summary(outcome, &summary);
     }
-    Ok(match outcome {
-        Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
-        Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
-        Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
-    })
+    Ok(outcome)
 }
 
 fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {

@@ -31,6 +31,11 @@ pub struct Retention {
     /// A pack is compacted when its live bytes fall under this fraction of
     /// its size (default 0.5). Packs with nothing live are always removed.
     pub compact_below: f64,
+    /// Roots whose names start with one of these are never dropped for
+    /// their age: whoever set them removes them ([`ChunkStore::remove_roots`]),
+    /// e.g. points in time kept by retention rules of their own (default:
+    /// none).
+    pub keep_prefixes: Vec<String>,
 }
 
 impl Default for Retention {
@@ -39,6 +44,7 @@ impl Default for Retention {
             max_root_age: Duration::from_secs(30 * 24 * 3600),
             grace: Duration::from_secs(3600),
             compact_below: 0.5,
+            keep_prefixes: Vec::new(),
         }
     }
 }
@@ -92,7 +98,8 @@ impl ChunkStore {
                 corrupt(format!("index {}: root {:?}: {why}", s.index_dir.display(), String::from_utf8_lossy(name)))
             })?;
             let expired = h.expires_secs != 0 && now >= h.expires_secs;
-            if expired || age(now, h.set_secs) >= rule.max_root_age {
+            let kept = rule.keep_prefixes.iter().any(|p| name.starts_with(p.as_bytes()));
+            if !kept && (expired || age(now, h.set_secs) >= rule.max_root_age) {
                 let prefix = format::root_seg_prefix(name);
                 let mut end = prefix.clone();
                 end.extend_from_slice(&[0xff; 5]);

@@ -42,6 +42,15 @@
 //! own when the image is complete ([`ChunkStore::replace_roots`]). An
 //! attempt that fails leaves its chunks under its expiring root only: a
 //! retry within the expiry reuses them, the first gc after it drops them.
+//! Roots under a [`Retention::keep_prefixes`] prefix never age out: their
+//! owner removes them ([`ChunkStore::remove_roots`]), as `wanmig-dr` does
+//! with the points in time it keeps by rules of its own.
+//!
+//! # Reading a store another process holds
+//!
+//! [`StoreView`] opens the index read-only (no lock) and reads what was
+//! committed when it opened; [`ChunkSource`] is what both offer to code
+//! that reads images back out.
 //!
 //! # Tunables
 //!
@@ -55,13 +64,16 @@
 
 mod format;
 mod gc;
+mod manage;
 mod pack;
 mod store;
 #[cfg(test)]
 mod tests;
+mod view;
 
 pub use gc::{GcReport, Retention};
 pub use store::{ChunkStore, RootInfo, Stats, StoreOptions, VerifyReport};
+pub use view::{ChunkSource, StoreView};
 
 /// The largest chunk the store accepts (4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;

@@ -5,6 +5,7 @@ mod bad_input;
 mod control;
 mod dirty_tracking;
 mod disk_migration;
+mod dr;
 mod hardening;
 mod harness;
 mod layering;

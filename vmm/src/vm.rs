@@ -137,6 +137,9 @@ pub enum VmError {
     /// The snapshot could not be written into its directory.
     #[error(transparent)]
     SnapshotDir(#[from] snapshot::SnapshotDirError),
+    /// A disk's write-tracking maps could not be used or saved.
+    #[error(transparent)]
+    Tracking(#[from] crate::tracking::TrackingError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -184,6 +187,9 @@ pub struct Vm {
     /// file description): locks and flushes go to the very files the guest
     /// writes, whatever their paths now name.
     disk_files: Vec<File>,
+    /// Whether the disks' write-tracking maps are loaded from and saved to
+    /// the files beside the images (while this process owns them).
+    tracking_attached: bool,
     nics: Vec<Nic>,
     rx_threads: Vec<RxThread>,
     /// Set on a restored or received VM: its first resume announces its
@@ -364,6 +370,7 @@ impl Vm {
             disk_logs,
             disk_locks,
             disk_files: kept,
+            tracking_attached: false,
             nics,
             rx_threads: Vec::new(),
             announce: saved.is_some(),
@@ -385,6 +392,9 @@ impl Vm {
         }
         // The CPUID decides which MSRs exist: probe after it is set.
         vm.msr_indices = vcpu::readable_msrs(&vm.kvm, &lock(&vm.vcpus[0]))?;
+        if own_disks {
+            vm.attach_tracking();
+        }
         Ok(vm)
     }
 
@@ -461,12 +471,17 @@ impl Vm {
             }
             self.disk_locks = locks;
         }
+        self.attach_tracking();
         Ok(())
     }
 
     /// Lets go of the disk images (just before a migration's commit: the
-    /// destination may open the same images on shared storage).
+    /// destination may open the same images on shared storage), saving
+    /// their write-tracking maps first, while they are still ours.
     pub fn unlock_disks(&mut self) {
+        if let Err(e) = self.save_tracking() {
+            eprintln!("wanmig: {}", wanmig_types::error_chain(&e));
+        }
         self.disk_locks.clear();
     }
 
@@ -891,6 +906,11 @@ impl Drop for Vm {
             let _ = t.join();
         }
         lock(&self.devices.serial).flush();
+        // No vCPU runs: the maps hold every write. A crash never gets here,
+        // and leaves them marked in use.
+        if let Err(e) = self.save_tracking() {
+            eprintln!("wanmig: {}", wanmig_types::error_chain(&e));
+        }
     }
 }
 
@@ -906,6 +926,75 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
+    }
+}
+
+/// Write tracking: named maps of the blocks each disk's guest wrote
+/// ([`crate::tracking`]), kept beside the images while this process owns
+/// them.
+impl Vm {
+    /// Loads each writable disk's maps from beside its image and marks the
+    /// file in use. A file that cannot be written leaves the maps loaded
+    /// (as the file vouched for them) and a note on the disk.
+    fn attach_tracking(&mut self) {
+        if self.tracking_attached {
+            return;
+        }
+        for ((d, log), file) in self.config.disks.iter().zip(&self.disk_logs).zip(&self.disk_files) {
+            if d.read_only {
+                continue;
+            }
+            if let Err(e) = crate::tracking::attach(&d.path, file, log.tracking()) {
+                log.tracking()
+                    .add_note(format!("cannot keep the maps beside the image: {}", wanmig_types::error_chain(&e)));
+            }
+        }
+        self.tracking_attached = true;
+    }
+
+    /// Saves each writable disk's maps beside its image, "in use" clear
+    /// (the VM must not be writing: paused, or stopped). Done when the
+    /// process lets go of its disks (a migration's commit) and when the
+    /// VM is dropped; afterwards nothing is saved again until the disks
+    /// are taken back.
+    pub fn save_tracking(&mut self) -> Result<(), VmError> {
+        if !std::mem::take(&mut self.tracking_attached) {
+            return Ok(());
+        }
+        let mut first = Ok(());
+        for ((d, log), file) in self.config.disks.iter().zip(&self.disk_logs).zip(&self.disk_files) {
+            if !d.read_only
+                && let Err(e) = crate::tracking::save(&d.path, file, log.tracking())
+                && first.is_ok()
+            {
+                first = Err(e.into());
+            }
+        }
+        first
+    }
+
+    /// The named write-tracking maps of disk `disk` (in configuration order).
+    pub fn disk_tracking(&self, disk: usize) -> Option<&crate::tracking::NamedMaps> {
+        self.disk_logs.get(disk).map(|l| l.tracking())
+    }
+
+    /// The blocks of disk `disk` written since map `name` was last reset
+    /// or synced (bit i = bytes `[4096 i, 4096 (i + 1))`); `None` when
+    /// unknown or invalid: compare digests instead.
+    pub fn tracked_writes(&self, disk: usize, name: &str) -> Option<Vec<u64>> {
+        self.disk_tracking(disk)?.tracked_writes(name)
+    }
+
+    /// Adds map `name` to disk `disk` (invalid until reset or synced).
+    pub fn add_tracking(&self, disk: usize, name: &str) -> Result<(), VmError> {
+        let maps = self.disk_tracking(disk).ok_or(VmError::WrongState("without that disk"))?;
+        Ok(maps.add(name)?)
+    }
+
+    /// Clears map `name` of disk `disk` and declares it valid (the other
+    /// side holds the image as it is now); whether it exists.
+    pub fn reset_tracking(&self, disk: usize, name: &str) -> bool {
+        self.disk_tracking(disk).is_some_and(|m| m.reset(name))
     }
 }
 

@@ -514,8 +514,13 @@ impl Attempt<'_> {
             let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
         }
         let Some(mut vm) = vm else {
-            installed?;
+            let images = installed?;
             self.acknowledge().await;
+            // Disaster recovery (wanmig-dr): the replica becomes an epoch.
+            if let Some(store) = self.store.clone() {
+                let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+                crate::epochs::after_sync(store, &adm.config, images, adm.session.id(), source, log).await;
+            }
             return Ok(None);
         };
         let paths = installed.unwrap_or_else(|e| {
