@@ -90,6 +90,22 @@ pub fn apply(
                 format!("not committed: {} discarded it and never will run it; the VM is this host's", rec.dest),
             )
         }
+        Settlement::PostcopyRunning => (
+            Verdict::Undecided,
+            format!(
+                "committed in post-copy: the VM runs at {} and still needs pages this host holds; \
+                 the VM stays paused here and keeps them (a source that reconnects serves them)",
+                rec.dest
+            ),
+        ),
+        Settlement::PostcopyLost => (
+            Verdict::Undecided,
+            format!(
+                "post-copy lost: the guest ran at {} and its state there is gone; this side holds the guest \
+                 as it was at the switch, NOT resumed (running it would go back in time for its disks and peers)",
+                rec.dest
+            ),
+        ),
         Settlement::Unknown if force_resume => {
             journal.clear()?;
             (Verdict::Reclaim, format!("{} has no record of the migration; taken back here as forced", rec.dest))

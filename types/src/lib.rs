@@ -55,8 +55,12 @@ pub mod features {
     /// A migration whose link fails before its commit may go on over a new
     /// connection (`Resume`), from what the destination holds.
     pub const RESUME: u64 = 1 << 5;
+    /// The guest may resume at the destination before all its pages are
+    /// there (post-copy): missing pages are requested on a stream of their
+    /// own while the rest are pushed.
+    pub const POSTCOPY: u64 = 1 << 6;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -114,6 +118,7 @@ mod tests {
             features::SYNC_ONLY,
             features::TUNNEL,
             features::RESUME,
+            features::POSTCOPY,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));

@@ -30,9 +30,16 @@
 //! | 22 | `SettleAnswer`: committed, not committed, or unknown | destination → source |
 //! | 23 | `Resume`: take migration X up again on this connection | source → destination |
 //! | 24 | `Resumed`: what the destination holds ([`crate::resume`]) | destination → source |
+//! | 25 | `PostcopyDiscard`: pages the destination must treat as missing ([`crate::postcopy`]) | source → destination |
+//! | 26 | `PostcopyStart`: the guest moves now; pages follow on demand | source → destination |
+//! | 27 | `PageRequest`: pages vCPUs wait for | destination → source |
+//! | 28 | `PostcopyComplete`: every page is placed, with the destination's figures | destination → source |
 //!
-//! Control-stream messages: 1–3 and 7–14. Bulk-stream messages: 4–6 and 15–17;
-//! a `Compressed` decodes to the body (type byte included) of 4, 15 or 16.
+//! Control-stream messages: 1–3, 7–14 and 28. Bulk-stream messages: 4–6,
+//! 15–17, 25 and 26; a `Compressed` decodes to the body (type byte
+//! included) of 4, 15 or 16. In post-copy two one-way streams join them:
+//! the urgent stream (source → destination) carries requested pages (4,
+//! 5), the request stream (destination → source) page requests (27).
 //! Tunnel messages (18–20) travel after the commit, on the stream the
 //! network tunnel (`wanmig-tunnel`) runs over, and nowhere else. A settle
 //! query (21, 22) is a connection's only exchange, on its control stream.
@@ -41,7 +48,9 @@
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
+use crate::postcopy::{MAX_DISCARD_RUNS, PostcopyReport, read_request, read_runs, write_request, write_runs};
 use crate::resume::ResumePoint;
+use wanmig_types::PageRange;
 
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 3;
@@ -310,6 +319,13 @@ pub enum Settlement {
     NotCommitted,
     /// The destination has no record of it.
     Unknown,
+    /// It committed in post-copy and the guest runs there, but pages it
+    /// lacks are still at the source: the destination waits for them.
+    PostcopyRunning,
+    /// It committed in post-copy and the destination lost the guest before
+    /// every page arrived (its process ended): the guest's state there is
+    /// gone; the source holds the guest as it was at the switch.
+    PostcopyLost,
 }
 
 /// A protocol message.
@@ -434,6 +450,28 @@ pub enum Message {
     },
     /// The destination takes the migration up again from this point.
     Resumed(ResumePoint),
+    /// Pages (runs of page frame numbers) the destination must treat as
+    /// missing when the guest moves: dirtied since they were sent, or
+    /// never sent.
+    PostcopyDiscard {
+        /// Ascending, disjoint runs.
+        pages: Vec<PageRange>,
+    },
+    /// The end of pre-copy: the guest moves with `missing` pages (every
+    /// page the discards named) still at the source. From here the bulk
+    /// stream pushes them and the urgent stream answers requests.
+    PostcopyStart {
+        /// Pages the discards named, to check against.
+        missing: u64,
+    },
+    /// Pages (page frame numbers) vCPUs or devices wait for, in the order
+    /// they faulted.
+    PageRequest {
+        /// The pages.
+        pages: Vec<u64>,
+    },
+    /// Every page is placed at the destination: the source may let go.
+    PostcopyComplete(PostcopyReport),
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -566,6 +604,8 @@ impl Message {
                     Settlement::Committed => 1,
                     Settlement::NotCommitted => 2,
                     Settlement::Unknown => 3,
+                    Settlement::PostcopyRunning => 4,
+                    Settlement::PostcopyLost => 5,
                 });
             }
             Message::Resume { migration_id, secret } => {
@@ -576,6 +616,22 @@ impl Message {
             Message::Resumed(point) => {
                 w.u8(24);
                 point.write(&mut w);
+            }
+            Message::PostcopyDiscard { pages } => {
+                w.u8(25);
+                write_runs(&mut w, pages);
+            }
+            Message::PostcopyStart { missing } => {
+                w.u8(26);
+                w.u64(*missing);
+            }
+            Message::PageRequest { pages } => {
+                w.u8(27);
+                write_request(&mut w, pages);
+            }
+            Message::PostcopyComplete(report) => {
+                w.u8(28);
+                report.write(&mut w);
             }
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
@@ -718,6 +774,8 @@ impl Message {
                     1 => Settlement::Committed,
                     2 => Settlement::NotCommitted,
                     3 => Settlement::Unknown,
+                    4 => Settlement::PostcopyRunning,
+                    5 => Settlement::PostcopyLost,
                     tag => return Err(DecodeError::UnknownTag { what: "settlement", tag: tag.into() }),
                 },
             },
@@ -726,6 +784,10 @@ impl Message {
                 secret: r.bytes("resume secret", 32)?.try_into().expect("32 bytes read"),
             },
             24 => Message::Resumed(ResumePoint::read(&mut r, MAX_DISKS)?),
+            25 => Message::PostcopyDiscard { pages: read_runs(&mut r, "discarded runs", MAX_DISCARD_RUNS)? },
+            26 => Message::PostcopyStart { missing: r.u64("missing pages")? },
+            27 => Message::PageRequest { pages: read_request(&mut r)? },
+            28 => Message::PostcopyComplete(PostcopyReport::read(&mut r)?),
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
@@ -769,6 +831,10 @@ impl Message {
             Message::SettleAnswer { .. } => "SettleAnswer",
             Message::Resume { .. } => "Resume",
             Message::Resumed(_) => "Resumed",
+            Message::PostcopyDiscard { .. } => "PostcopyDiscard",
+            Message::PostcopyStart { .. } => "PostcopyStart",
+            Message::PageRequest { .. } => "PageRequest",
+            Message::PostcopyComplete(_) => "PostcopyComplete",
         }
     }
 }

@@ -110,6 +110,26 @@ pub(crate) fn samples() -> Vec<Message> {
             ],
             disks: vec![DiskPoint { next_seq: 2, next_offset: 16 << 20 }],
         }),
+        Message::PostcopyDiscard {
+            pages: vec![
+                wanmig_types::PageRange { first: 16, count: 300 },
+                wanmig_types::PageRange { first: 1 << 20, count: 1 },
+            ],
+        },
+        Message::PostcopyStart { missing: 301 },
+        Message::PageRequest { pages: vec![77, 3, 1 << 20] },
+        Message::PostcopyComplete(crate::postcopy::PostcopyReport {
+            faults: 12,
+            requested: 96,
+            pushed: 4000,
+            duplicates: 2,
+            service_p50_us: 1100,
+            service_p99_us: 52_000,
+            service_max_us: 61_000,
+            vcpu_blocked_us: vec![30_000, 0],
+            placing_us: 9_000_000,
+        }),
+        Message::SettleAnswer { migration_id: MigrationId([4; 16]), outcome: Settlement::PostcopyLost },
     ]
 }
 

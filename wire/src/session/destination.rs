@@ -6,9 +6,11 @@ use std::collections::VecDeque;
 
 use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, PageRange, features};
 
+use super::postcopy::{PageSpace, PostcopyPages};
 use super::rules::{ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, Manifest, Need};
 use crate::message::{Message, PROTOCOL_VERSION, VmShape};
+use crate::postcopy::PostcopyReport;
 use crate::resume::{DiskPoint, ResumePoint};
 
 /// Most chunks asked for and not yet received at once: far above what the
@@ -27,6 +29,8 @@ enum Phase {
     /// Device state received; bulk data may still be draining.
     HaveState,
     ReadySent,
+    /// Committed in post-copy: the guest runs here; pages still arrive.
+    Postcopy,
     Committed,
     Aborted(String),
 }
@@ -39,6 +43,7 @@ impl Phase {
             Phase::Receiving => "receiving",
             Phase::HaveState => "verifying",
             Phase::ReadySent => "waiting for Commit",
+            Phase::Postcopy => "in post-copy",
             Phase::Committed => "committed",
             Phase::Aborted(_) => "aborted",
         }
@@ -86,6 +91,12 @@ pub enum DestAction {
     Decompress,
     /// Check the chunk against its id, keep it, write it (it was asked for).
     StoreChunk,
+    /// The discards go on: nothing to do until `PostcopyStart`.
+    Discarded,
+    /// Post-copy starts: take the page flow ([`DestSession::take_postcopy`]),
+    /// register the missing pages, serve faults; the bulk stream is the
+    /// page pump's from here.
+    StartPostcopy,
     /// Write the extents (within the disk, which is still open).
     WriteExtents,
     /// Compare the disk with the digest; the disk takes no more data.
@@ -120,6 +131,12 @@ pub struct DestSession {
     /// Chunk bytes received, against [`DestSession::chunk_quota`].
     chunk_bytes: u64,
     bulk_ended: bool,
+    /// The VM's RAM as the hello laid it out.
+    space: PageSpace,
+    /// Post-copy's page flow: being discarded into, then started (and
+    /// taken by the driver).
+    postcopy: Option<PostcopyPages>,
+    postcopy_started: bool,
 }
 
 impl Default for DestSession {
@@ -143,6 +160,9 @@ impl DestSession {
             chunk_bytes: 0,
             secret: [0; 32],
             bulk_ended: false,
+            space: PageSpace::of(&[]),
+            postcopy: None,
+            postcopy_started: false,
         }
     }
 
@@ -170,6 +190,7 @@ impl DestSession {
                 self.id = *migration_id;
                 self.secret = *resume_secret;
                 self.disks = disks_of(shape);
+                self.space = PageSpace::of(&shape.memory);
                 self.phase = Phase::Deciding { offered: *f };
                 Ok(DestAction::Decide)
             }
@@ -221,6 +242,16 @@ impl DestSession {
                 self.round_pages = 0;
                 Ok(DestAction::RoundComplete(*round))
             }
+            (Phase::Receiving | Phase::HaveState, Message::PostcopyDiscard { pages }) if !self.bulk_ended => {
+                self.postcopy_pages()?.discard(pages)?;
+                Ok(DestAction::Discarded)
+            }
+            (Phase::Receiving | Phase::HaveState, Message::PostcopyStart { missing }) if !self.bulk_ended => {
+                let round = self.round;
+                self.postcopy_pages()?.start(*missing, round)?;
+                (self.bulk_ended, self.postcopy_started) = (true, true);
+                Ok(DestAction::StartPostcopy)
+            }
             (Phase::Receiving, Message::DiskManifest(m)) => self.on_manifest(m),
             (Phase::Receiving, Message::DeviceState { state }) => {
                 if self.agreed(features::SYNC_ONLY) != state.is_empty() {
@@ -230,7 +261,7 @@ impl DestSession {
                 Ok(DestAction::LoadState)
             }
             (Phase::ReadySent, Message::Commit) => {
-                self.phase = Phase::Committed;
+                self.phase = if self.postcopy_started { Phase::Postcopy } else { Phase::Committed };
                 Ok(DestAction::Commit)
             }
             (
@@ -242,6 +273,47 @@ impl DestSession {
             }
             (_, m) => Err(self.unexpected(m.name())),
         }
+    }
+
+    /// The post-copy page flow being discarded into: post-copy agreed, a
+    /// migration (not a sync), between rounds, and not started yet.
+    fn postcopy_pages(&mut self) -> Result<&mut PostcopyPages, ProtocolError> {
+        if !self.agreed(features::POSTCOPY) || self.agreed(features::SYNC_ONLY) {
+            return Err(violation("post-copy, but it was not agreed".into()));
+        }
+        if self.round_pages != 0 || self.postcopy_started {
+            return Err(violation(format!("post-copy discards inside round {}, or after its start", self.round)));
+        }
+        let (space, agreed) = (&self.space, self.features);
+        Ok(self.postcopy.get_or_insert_with(|| PostcopyPages::new(space.clone(), agreed)))
+    }
+
+    /// After [`DestAction::StartPostcopy`]: the page flow, for the driver's
+    /// page pump (once).
+    pub fn take_postcopy(&mut self) -> Option<PostcopyPages> {
+        if self.postcopy_started { self.postcopy.take() } else { None }
+    }
+
+    /// Whether the guest moved in post-copy.
+    pub fn is_postcopy(&self) -> bool {
+        self.postcopy_started
+    }
+
+    /// Every page is here (`pages`, the flow the pump drove, says so): the
+    /// `PostcopyComplete` to send, with `report`. The migration is over.
+    pub fn postcopy_complete(
+        &mut self,
+        pages: &PostcopyPages,
+        report: PostcopyReport,
+    ) -> Result<Message, ProtocolError> {
+        if self.phase != Phase::Postcopy {
+            return Err(self.unexpected("PostcopyComplete"));
+        }
+        if !pages.is_complete() {
+            return Err(violation(format!("post-copy complete with {} pages missing", pages.still_missing())));
+        }
+        self.phase = Phase::Committed;
+        Ok(Message::PostcopyComplete(report))
     }
 
     /// The body of a `Compressed` frame, decoded: only data may hide there.
@@ -386,9 +458,12 @@ impl DestSession {
     }
 
     /// Whether the session can go on over a new connection: resuming was
-    /// agreed, and the device state has not been taken up (before `Ready`).
+    /// agreed, and the device state has not been taken up (before `Ready`),
+    /// or the guest runs here in post-copy. (Between a post-copy's start and
+    /// its commit a failure ends the attempt: the source's memory is whole.)
     pub fn can_resume(&self) -> bool {
-        self.agreed(features::RESUME) && matches!(self.phase, Phase::Receiving | Phase::HaveState)
+        let pre = matches!(self.phase, Phase::Receiving | Phase::HaveState) && !self.postcopy_started;
+        self.agreed(features::RESUME) && (pre || self.phase == Phase::Postcopy)
     }
 
     /// Takes the session up again after the link failed: what this side
@@ -400,6 +475,12 @@ impl DestSession {
     pub fn resume(&mut self, received: Vec<PageRange>) -> Result<ResumePoint, ProtocolError> {
         if !self.can_resume() {
             return Err(self.unexpected("Resume"));
+        }
+        if self.phase == Phase::Postcopy {
+            // Every disk was complete before the commit; the round is
+            // post-copy's, `received` the pages of it that arrived.
+            let disks = self.disks.iter().map(|d| DiskPoint { next_seq: d.next_seq, next_offset: d.next_offset });
+            return Ok(ResumePoint { round: self.round, received, disks: disks.collect() });
         }
         let disks = self.disks.iter().map(Disk::frontier).collect();
         for d in &mut self.disks {
@@ -453,7 +534,7 @@ impl DestSession {
 
     /// Gives up (before commit).
     pub fn abort(&mut self, reason: &str) -> Result<Message, ProtocolError> {
-        if self.phase == Phase::Committed {
+        if matches!(self.phase, Phase::Committed | Phase::Postcopy) {
             return Err(self.unexpected("Abort"));
         }
         self.phase = Phase::Aborted(reason.into());
@@ -488,9 +569,10 @@ impl DestSession {
         }
     }
 
-    /// Whether the VM is this side's to run.
+    /// Whether the VM is this side's to run (in post-copy: with pages
+    /// still at the source).
     pub fn owns_vm(&self) -> bool {
-        self.phase == Phase::Committed
+        matches!(self.phase, Phase::Committed | Phase::Postcopy)
     }
 
     /// A name for the current state, for messages.

@@ -40,16 +40,26 @@
 //! outcome is `InDoubt` and the source stays paused until `wanmig settle`
 //! asks the destination (`SettleQuery` → `SettleAnswer` on a connection of
 //! its own) whether that migration committed.
+//!
+//! Post-copy (`features::POSTCOPY`) moves the guest before all its pages
+//! did: the switch replaces the stop-and-copy's last pages with the list of
+//! pages the destination lacks, and after the commit the source keeps
+//! serving them until the destination has every one. Its page flow and
+//! failure rules are in [`PostcopyPages`]' module.
 
 mod destination;
+pub mod postcopy;
 mod rules;
 mod source;
 
 pub use destination::{DestAction, DestSession};
+pub use postcopy::{PageAction, PageSpace, PostcopyPages};
 pub use rules::{FailureOutcome, ProtocolError, Stream, stream_of};
 pub use source::{Rewind, SourceEvent, SourceSession};
 
 pub use crate::message::Settlement;
 
+#[cfg(test)]
+mod postcopy_tests;
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,15 @@ pub enum Stream {
     /// answers, acknowledgements, device state, the commit.
     Control,
     /// One-way, source to destination: pages, chunks, written extents,
-    /// round ends and disk digests.
+    /// round ends and disk digests; in post-copy, the discards and the
+    /// pushed pages.
     Bulk,
+    /// One-way, source to destination, in post-copy: the pages the
+    /// destination asked for (with neighbours), apart from the push so they
+    /// never queue behind it.
+    Urgent,
+    /// One-way, destination to source, in post-copy: page requests.
+    Requests,
 }
 
 impl std::fmt::Display for Stream {
@@ -19,12 +26,16 @@ impl std::fmt::Display for Stream {
         f.write_str(match self {
             Stream::Control => "control",
             Stream::Bulk => "bulk",
+            Stream::Urgent => "urgent",
+            Stream::Requests => "request",
         })
     }
 }
 
 /// The stream `msg` travels on during a migration; `None` for messages that
 /// never belong to one (the tunnel's, and a settle query's own connection).
+/// (Pages, and the `Compressed` frames that carry them, also travel on the
+/// urgent stream in post-copy: the post-copy page machine takes them there.)
 pub fn stream_of(msg: &Message) -> Option<Stream> {
     match msg {
         Message::Hello { .. }
@@ -37,13 +48,17 @@ pub fn stream_of(msg: &Message) -> Option<Stream> {
         | Message::Abort { .. }
         | Message::RoundApplied { .. }
         | Message::DiskManifest(_)
-        | Message::DiskNeed(_) => Some(Stream::Control),
+        | Message::DiskNeed(_)
+        | Message::PostcopyComplete(_) => Some(Stream::Control),
         Message::Pages(_)
         | Message::Compressed { .. }
         | Message::RoundDone { .. }
         | Message::DiskChunk(_)
         | Message::DiskWrites(_)
-        | Message::DiskDone(_) => Some(Stream::Bulk),
+        | Message::DiskDone(_)
+        | Message::PostcopyDiscard { .. }
+        | Message::PostcopyStart { .. } => Some(Stream::Bulk),
+        Message::PageRequest { .. } => Some(Stream::Requests),
         Message::TunnelPacket { .. }
         | Message::TunnelClose { .. }
         | Message::TunnelKeepalive
@@ -100,6 +115,10 @@ pub enum FailureOutcome {
     /// After `Commit`, before `CommitAck`: the destination may or may not run
     /// the guest. The source must stay paused until the outcome is settled.
     InDoubt,
+    /// Post-copy, acknowledged: the guest runs at the destination, which
+    /// lacks pages only the source holds. The source must keep them and
+    /// reconnect, and never run the guest: neither side alone holds it.
+    Postcopy,
     /// The destination runs the guest.
     Done,
 }

@@ -4,9 +4,12 @@ use std::collections::VecDeque;
 
 use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
 
+use super::postcopy::PageSpace;
 use super::rules::{FailureOutcome, ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, DiskDone, Manifest};
 use crate::message::{Message, PROTOCOL_VERSION, VmShape};
+use crate::postcopy::{MAX_DISCARD_RUNS, PostcopyReport};
+use wanmig_types::PageRange;
 
 /// Where the source is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +25,9 @@ enum Phase {
     AwaitReady,
     ReadyToCommit,
     CommitSent,
+    /// Post-copy, acknowledged: the guest runs at the destination, which
+    /// still needs pages from here.
+    Postcopy,
     Done,
     Aborted(String),
 }
@@ -36,6 +42,7 @@ impl Phase {
             Phase::AwaitReady => "waiting for Ready",
             Phase::ReadyToCommit => "ready to commit",
             Phase::CommitSent => "waiting for CommitAck",
+            Phase::Postcopy => "in post-copy",
             Phase::Done => "done",
             Phase::Aborted(_) => "aborted",
         }
@@ -91,6 +98,23 @@ pub enum SourceEvent {
     CommitAcked,
     /// The destination gave up (the reason says why).
     Aborted(String),
+    /// Post-copy: the destination waits for these pages (page frame
+    /// numbers, in RAM, in the order they faulted; none: the request stream
+    /// opens).
+    PagesRequested(Vec<u64>),
+    /// Post-copy: every page is placed at the destination.
+    PostcopyComplete(PostcopyReport),
+}
+
+/// Where post-copy stands at the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Postcopy {
+    /// Pre-copy only (so far).
+    Off,
+    /// Paused for the switch: the disks' last data goes, then the discards.
+    Switching,
+    /// `PostcopyStart` sent: pages go on demand and pushed.
+    Started,
 }
 
 /// The source's side of a migration.
@@ -109,6 +133,9 @@ pub struct SourceSession {
     pending: VecDeque<Pending>,
     /// The secret a `Resume` of this migration carries.
     secret: [u8; 32],
+    /// The VM's RAM, to check what the destination asks for.
+    space: PageSpace,
+    postcopy: Postcopy,
 }
 
 /// Where a resumed migration goes on from, as the source's machine agreed.
@@ -142,6 +169,8 @@ impl SourceSession {
             unapplied: VecDeque::new(),
             pending: VecDeque::new(),
             secret: [0; 32],
+            space: PageSpace::of(&[]),
+            postcopy: Postcopy::Off,
         }
     }
 
@@ -167,6 +196,7 @@ impl SourceSession {
         self.chunking = chunking;
         self.disks =
             shape.disks.iter().map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, done: false }).collect();
+        self.space = PageSpace::of(&shape.memory);
         self.phase = Phase::HelloSent { offered };
         Ok(Message::Hello {
             version: PROTOCOL_VERSION,
@@ -183,7 +213,13 @@ impl SourceSession {
     /// the link failed before the commit; `None` when it cannot resume
     /// (not agreed, or past the commit, or ended).
     pub fn resume_request(&self) -> Option<Message> {
-        let live = matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit);
+        let live = match self.postcopy {
+            // Before the commit the guest can run here again; after it, the
+            // destination (if it committed) needs the pages.
+            Postcopy::Started => matches!(self.phase, Phase::CommitSent | Phase::Postcopy),
+            Postcopy::Switching => false,
+            Postcopy::Off => matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit),
+        };
         (live && self.features & features::RESUME != 0)
             .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
     }
@@ -194,6 +230,9 @@ impl SourceSession {
     pub fn on_resumed(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
         if self.resume_request().is_none() {
             return Err(self.unexpected("Resumed"));
+        }
+        if self.postcopy == Postcopy::Started {
+            return self.on_resumed_postcopy(point);
         }
         // The destination is in the oldest round not acknowledged here, or
         // (having applied it) in the next; never elsewhere.
@@ -226,10 +265,57 @@ impl SourceSession {
         Ok(Rewind { round: point.round, round_was_ended, disks: point.disks.clone() })
     }
 
+    /// The destination took a post-copy up again: it committed (a resume
+    /// after `Commit` finds it in post-copy or nowhere), it is in post-copy's
+    /// round, and it holds every disk whole.
+    fn on_resumed_postcopy(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
+        let disks_whole = point.disks.len() == self.disks.len()
+            && point
+                .disks
+                .iter()
+                .zip(&self.disks)
+                .all(|(p, d)| (p.next_seq, p.next_offset) == (d.next_seq, d.next_offset));
+        if point.round != self.round || !disks_whole {
+            return Err(violation(format!(
+                "post-copy resumed at round {} (post-copy is round {}) or with a disk incomplete",
+                point.round, self.round
+            )));
+        }
+        if let Some(r) = point.received.iter().find(|r| (r.first..r.end()).any(|p| self.space.index(p).is_none())) {
+            return Err(violation(format!("resumed with pages {:#x}+{} that are not RAM", r.first, r.count)));
+        }
+        self.phase = Phase::Postcopy;
+        Ok(Rewind { round: point.round, round_was_ended: false, disks: point.disks.clone() })
+    }
+
     /// A message from the destination, on `stream`.
     pub fn on_message(&mut self, stream: Stream, msg: &Message) -> Result<SourceEvent, ProtocolError> {
         check_stream(stream, msg)?;
+        // Requests may come as soon as post-copy starts (the request stream
+        // opens before the device state goes) and until it completes.
+        let postcopy_live = matches!(
+            self.phase,
+            Phase::Transfer { paused: true }
+                | Phase::AwaitReady
+                | Phase::ReadyToCommit
+                | Phase::CommitSent
+                | Phase::Postcopy
+        );
         match (&self.phase, msg) {
+            (_, Message::PageRequest { pages }) if self.postcopy == Postcopy::Started && postcopy_live => {
+                if let Some(p) = pages.iter().find(|&&p| self.space.index(p).is_none()) {
+                    return Err(violation(format!("a request for page {p:#x}, which is not RAM")));
+                }
+                Ok(SourceEvent::PagesRequested(pages.clone()))
+            }
+            (Phase::CommitSent, Message::CommitAck) if self.postcopy == Postcopy::Started => {
+                self.phase = Phase::Postcopy;
+                Ok(SourceEvent::CommitAcked)
+            }
+            (Phase::Postcopy, Message::PostcopyComplete(report)) => {
+                self.phase = Phase::Done;
+                Ok(SourceEvent::PostcopyComplete(report.clone()))
+            }
             (Phase::HelloSent { offered }, Message::Accept { features: f, chunking }) => {
                 if f & !offered != 0 {
                     return Err(violation(format!(
@@ -363,6 +449,64 @@ impl SourceSession {
         Ok(Message::RoundDone { round, pages })
     }
 
+    /// The guest has been paused to move in post-copy: post-copy was
+    /// agreed, and every copied disk's first copy is complete (a disk goes
+    /// whole before the guest moves: its last written blocks and digest go
+    /// in the switch, as in a stop-and-copy).
+    pub fn postcopy_switch(&mut self) -> Result<(), ProtocolError> {
+        let copying = self.features & features::DISK_COPY != 0;
+        match self.phase {
+            Phase::Transfer { paused: false }
+                if self.pending.is_empty()
+                    && self.features & features::POSTCOPY != 0
+                    && self.features & features::SYNC_ONLY == 0 =>
+            {
+                if let Some(i) = self.disks.iter().position(|d| copying && d.next_offset != d.size) {
+                    return Err(violation(format!("post-copy before disk {i}'s first copy was complete")));
+                }
+                self.phase = Phase::Transfer { paused: true };
+                self.postcopy = Postcopy::Switching;
+                Ok(())
+            }
+            _ => Err(self.unexpected("post-copy switch")),
+        }
+    }
+
+    /// The end of the switch (every copied disk closed, the round ended):
+    /// the `PostcopyDiscard`s naming `missing` (runs of page frame numbers,
+    /// ascending, disjoint, in RAM) and the `PostcopyStart` after them.
+    pub fn postcopy_start(&mut self, missing: &[PageRange]) -> Result<Vec<Message>, ProtocolError> {
+        if self.postcopy != Postcopy::Switching {
+            return Err(self.unexpected("PostcopyStart"));
+        }
+        let copying = self.features & features::DISK_COPY != 0;
+        if let Some(i) = self.disks.iter().position(|d| copying && !d.done) {
+            return Err(violation(format!("post-copy starts before disk {i} was closed")));
+        }
+        let mut next = 0;
+        for r in missing {
+            if r.count == 0
+                || r.first < next
+                || self.space.index(r.first).is_none()
+                || self.space.index(r.end() - 1).is_none()
+            {
+                return Err(violation(format!("missing pages {:#x}+{} out of order or not RAM", r.first, r.count)));
+            }
+            next = r.end();
+        }
+        let total = missing.iter().map(|r| r.count).sum();
+        let mut out: Vec<Message> =
+            missing.chunks(MAX_DISCARD_RUNS as usize).map(|c| Message::PostcopyDiscard { pages: c.to_vec() }).collect();
+        out.push(Message::PostcopyStart { missing: total });
+        self.postcopy = Postcopy::Started;
+        Ok(out)
+    }
+
+    /// Whether the guest moves (or moved) in post-copy.
+    pub fn is_postcopy(&self) -> bool {
+        self.postcopy == Postcopy::Started
+    }
+
     /// The guest has been paused for the final copy.
     pub fn stop_and_copy(&mut self) -> Result<(), ProtocolError> {
         match self.phase {
@@ -402,6 +546,9 @@ impl SourceSession {
         if let Some(i) = self.disks.iter().position(|d| copying && !d.done) {
             return Err(violation(format!("device state before disk {i} was closed")));
         }
+        if self.postcopy == Postcopy::Switching {
+            return Err(violation("device state before PostcopyStart".into()));
+        }
         self.phase = Phase::AwaitReady;
         Ok(Message::DeviceState { state })
     }
@@ -417,7 +564,7 @@ impl SourceSession {
 
     /// Gives up (before commit): the `Abort` to send, if the link still works.
     pub fn abort(&mut self, reason: &str) -> Result<Message, ProtocolError> {
-        if matches!(self.phase, Phase::CommitSent | Phase::Done) {
+        if matches!(self.phase, Phase::CommitSent | Phase::Postcopy | Phase::Done) {
             return Err(self.unexpected("Abort"));
         }
         self.phase = Phase::Aborted(reason.into());
@@ -434,7 +581,7 @@ impl SourceSession {
 
     /// Whether `Commit` was sent (the source must never run the VM again).
     pub fn committed(&self) -> bool {
-        matches!(self.phase, Phase::CommitSent | Phase::Done)
+        matches!(self.phase, Phase::CommitSent | Phase::Postcopy | Phase::Done)
     }
 
     /// Whether the destination acknowledged the commit.
@@ -446,6 +593,7 @@ impl SourceSession {
     pub fn on_failure(&self) -> FailureOutcome {
         match self.phase {
             Phase::CommitSent => FailureOutcome::InDoubt,
+            Phase::Postcopy => FailureOutcome::Postcopy,
             Phase::Done => FailureOutcome::Done,
             _ => FailureOutcome::ResumeSource,
         }

@@ -125,7 +125,9 @@ fn exactly_one_side_runs_the_vm_whatever_fails() {
             FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
             // Commit sent, ack lost: the source stays paused; the destination may run it.
             FailureOutcome::InDoubt => {}
-            FailureOutcome::Done => assert!(dst_owns, "nobody runs the VM (fail at {fail_at})"),
+            FailureOutcome::Done | FailureOutcome::Postcopy => {
+                assert!(dst_owns, "nobody runs the VM (fail at {fail_at})")
+            }
         }
         outcomes.push(src);
     }
