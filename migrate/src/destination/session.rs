@@ -350,6 +350,7 @@ impl Attempt<'_> {
                             self.send(&Message::RoundApplied { round }).await?;
                         }
                         Bulk::CheckDisk(done) => off_task(&mut adm.incoming.disks, move |d| d.on_done(&done)).await?,
+                        Bulk::Commit => off_task(&mut adm.incoming.disks, DestDisks::commit).await?,
                         Bulk::End => bulk_open = false,
                     }
                     deadline = tokio::time::Instant::now() + idle;
