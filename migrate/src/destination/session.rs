@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
-use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
+use wanmig_transport::{Conn, FrameReceiver, FrameSender, PEER_CANCELLED, TransportError};
 use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::memory::GuestRam;
@@ -377,7 +377,9 @@ impl Attempt<'_> {
 
     /// Whether the attempt can wait for its source to come back after `e`.
     fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
+        let cancelled = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why == PEER_CANCELLED);
         matches!(e, ReceiveError::Transport(_))
+            && !cancelled
             && self.rejoins.is_some()
             && !self.opts.resume_window.is_zero()
             && adm.session.can_resume()
