@@ -380,6 +380,12 @@ impl Receiver {
         Self::start_with(None, "127.0.0.1:0", keys, peer, dir, args, &[])
     }
 
+    /// As [`Receiver::copying`], listening on `listen` (e.g. the address
+    /// of one that was killed).
+    pub fn copying_at(listen: &str, keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
+        Self::start_with(None, listen, keys, peer, dir, args, &[])
+    }
+
     fn start_with(
         netns: Option<&str>,
         listen: &str,

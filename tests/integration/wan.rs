@@ -29,20 +29,26 @@ fn link(tag: &str) -> WanPair {
 /// A guest with a small working set (memory and disk writes) and a 48 MiB
 /// disk of data that does not compress: a migration of about 70 MB.
 fn guest() -> VmDir {
+    guest_with_disk(48)
+}
+
+/// The guest of [`guest`] with a disk of `mib` MiB, all but the guest's
+/// own first 4 MiB pseudo-random (it does not compress or deduplicate).
+fn guest_with_disk(mib: u64) -> VmDir {
     let vm = VmDir::new(128, 1, "ws_mib = 8\nrate_mib = 4\ndisk_kib = 64\ndisk_mib = 4");
     let f = std::fs::OpenOptions::new().write(true).open(&vm.disk).expect("disk");
-    f.set_len(48 << 20).expect("size");
+    f.set_len(mib << 20).expect("size");
     let mut x = 0x2545_f491_4f6c_dd1du64;
-    for mib in 4..48u64 {
-        let block: Vec<u8> = (0..1 << 20)
-            .map(|_| {
+    for m in 4..mib {
+        let block: Vec<u8> = (0..1 << 17)
+            .flat_map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()
             })
             .collect();
-        f.write_all_at(&block, mib << 20).expect("fill");
+        f.write_all_at(&block, m << 20).expect("fill");
     }
     vm
 }
@@ -203,6 +209,66 @@ fn a_60s_outage_in_pre_copy_is_ridden_out() {
 #[test]
 fn a_60s_outage_in_the_stop_and_copy_is_ridden_out() {
     rides_out("sc60", At::StopAndCopy, Duration::from_secs(60));
+}
+
+/// `kill -9` of `receive` in the middle of the disk copy, a restart into
+/// the same directory, and `send` again: the chunks the first attempt
+/// delivered were kept (committed every 4 MiB, under the attempt's
+/// expiring root), so the second sends little more than what the first
+/// had not delivered; the first attempt's incoming image is removed.
+#[test]
+fn a_destination_killed_mid_copy_keeps_what_it_received() {
+    require_kvm();
+    let vm = guest_with_disk(192);
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2 && g.steps > 100);
+    let dst_dir = vm.path("dst");
+    let mut dst = Receiver::copying(&keys, &keys.src_fp, &dst_dir, &[]);
+    let addr = dst.addr.clone();
+    // Slow enough to kill it at a known point; a short window, so that the
+    // source gives up on the first attempt (its destination forgot it).
+    let first = send(&vm.config, &addr, &keys, &["--max-bandwidth", "200Mbit", "--resume-window", "20s"]);
+    let status = || control::request(src.socket(), &Request::Status).ok().and_then(|r| r.migration);
+    let start = Instant::now();
+    while status().is_none_or(|p| p.bytes_sent < 80 << 20) {
+        assert!(start.elapsed() < Duration::from_secs(120), "the disk copy never reached 80 MiB: {:?}", status());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    dst.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = status().expect("the source is still migrating").bytes_sent;
+    let dst = Receiver::copying_at(&addr, &keys, &keys.src_fp, &dst_dir, &[]);
+    let (code, failed, log) = finish(first);
+    assert_eq!(code, 1, "the first attempt cannot be resumed: {log}");
+    let (code, second, log) = finish(send(&vm.config, &dst.addr, &keys, &[]));
+    assert_eq!(code, 0, "{:?}\n{log}\n{}", second.error, dst.log());
+    let disk = second.disk.expect("disk stats");
+    let undelivered = disk.data_bytes.saturating_sub(sent);
+    eprintln!(
+        "killed after {sent} bytes sent; the first attempt failed with {:?}; the second sent {} chunk bytes of {} ({} chunks the destination held), {:.3}x of {undelivered} bytes not delivered before",
+        failed.error,
+        disk.chunk_bytes_sent,
+        disk.data_bytes,
+        disk.chunks_present,
+        disk.chunk_bytes_sent as f64 / undelivered as f64
+    );
+    assert!(
+        disk.chunk_bytes_sent as f64 <= 1.1 * undelivered as f64,
+        "{} chunk bytes sent again, {undelivered} not delivered before",
+        disk.chunk_bytes_sent
+    );
+    let moved = VmProcess::at_socket(dst_dir.join("wanmig-it.sock"));
+    let p = moved.wait_for_progress(Duration::from_secs(30), |g| g.steps > 0);
+    moved.wait_for_progress(Duration::from_secs(30), |g| g.steps > p.steps + 100);
+    check_guest(&moved, &vm.path("snap"), &dst_dir.join("disk.img"));
+    let left: Vec<String> = std::fs::read_dir(&dst_dir)
+        .expect("dst")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".incoming"))
+        .collect();
+    assert!(left.is_empty(), "incoming images left: {left:?}");
 }
 
 #[test]

@@ -151,9 +151,16 @@ pub struct DestDisks {
     /// The chunking parameters to record with the first chunk kept (a
     /// store filled for the first time).
     record_chunking: Option<ChunkParams>,
+    /// Chunk bytes received since the store last committed.
+    uncommitted: u64,
     /// What happened.
     pub stats: DestStats,
 }
+
+/// Chunk bytes received between two commits of the store during the first
+/// copy: what a crash of this process (or of the host) loses, and a retry
+/// sends again.
+pub const COMMIT_EVERY: u64 = 4 << 20;
 
 fn bad(msg: String) -> ReceiveError {
     ReceiveError::BadInput(msg)
@@ -241,6 +248,7 @@ impl DestDisks {
             attempt: attempt.into(),
             binding,
             record_chunking,
+            uncommitted: 0,
             stats: DestStats::default(),
         };
         for (d, path) in disks.iter().zip(paths) {
@@ -348,6 +356,7 @@ impl DestDisks {
             store.set_meta("chunking", &format!("{}/{}/{}", p.min, p.avg, p.max)).map_err(store_err)?;
         }
         self.stats.received += 1;
+        self.uncommitted += c.data.len() as u64;
         let d = self.disk(c.disk)?;
         d.image.write(c.offset, &c.data).map_err(|e| disk_io(d.image.path(), "writing", e))
     }
@@ -364,6 +373,20 @@ impl DestDisks {
             d.parts.truncate(keep);
             d.verified = None;
         }
+    }
+
+    /// Whether [`COMMIT_EVERY`] chunk bytes arrived since the last commit.
+    pub fn commit_due(&self) -> bool {
+        self.uncommitted >= COMMIT_EVERY
+    }
+
+    /// Makes what arrived so far durable: after a crash, a retry finds it
+    /// (under the attempt's root) and does not ask for it again. (An fsync:
+    /// run it off the connection's task.)
+    pub fn commit(&mut self) -> Result<(), ReceiveError> {
+        self.store.commit().map_err(store_err)?;
+        self.uncommitted = 0;
+        Ok(())
     }
 
     /// Extents the guest wrote.

@@ -36,6 +36,8 @@ pub enum Bulk {
     /// A disk's last word: compare the image with its digest (the disk
     /// takes no more data).
     CheckDisk(wanmig_wire::DiskDone),
+    /// Enough chunks arrived since the store last committed: commit it.
+    Commit,
     /// The source ended the stream.
     End,
 }
@@ -104,7 +106,13 @@ impl Incoming {
                 let action = session.on_decompressed(&inner)?;
                 return self.carry_out(session, action, inner);
             }
-            (DestAction::StoreChunk, Message::DiskChunk(c)) => self.disks()?.on_chunk(&c)?,
+            (DestAction::StoreChunk, Message::DiskChunk(c)) => {
+                let disks = self.disks()?;
+                disks.on_chunk(&c)?;
+                if disks.commit_due() {
+                    return Ok(Bulk::Commit);
+                }
+            }
             (DestAction::WriteExtents, Message::DiskWrites(w)) => self.disks()?.on_writes(&w)?,
             // Hashing is the driver's, off the connection's task.
             (DestAction::CheckDisk, Message::DiskDone(d)) => {

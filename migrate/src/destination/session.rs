@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
-use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
+use wanmig_transport::{Conn, FrameReceiver, FrameSender, PEER_CANCELLED, TransportError};
 use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::memory::GuestRam;
@@ -350,6 +350,7 @@ impl Attempt<'_> {
                             self.send(&Message::RoundApplied { round }).await?;
                         }
                         Bulk::CheckDisk(done) => off_task(&mut adm.incoming.disks, move |d| d.on_done(&done)).await?,
+                        Bulk::Commit => off_task(&mut adm.incoming.disks, DestDisks::commit).await?,
                         Bulk::End => bulk_open = false,
                     }
                     deadline = tokio::time::Instant::now() + idle;
@@ -376,7 +377,9 @@ impl Attempt<'_> {
 
     /// Whether the attempt can wait for its source to come back after `e`.
     fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
+        let cancelled = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why == PEER_CANCELLED);
         matches!(e, ReceiveError::Transport(_))
+            && !cancelled
             && self.rejoins.is_some()
             && !self.opts.resume_window.is_zero()
             && adm.session.can_resume()

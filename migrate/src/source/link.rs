@@ -27,6 +27,10 @@ pub const BATCH_BYTES: usize = 4 << 20;
 /// least how long for any later answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an `Abort` may take to reach the destination before the
+/// connection is closed anyway.
+const ABORT_DELIVERY: Duration = Duration::from_secs(2);
+
 /// The destination's reason, when it aborted: an `Abort` it sent just
 /// before dropping the connection may arrive after the failure it causes
 /// here (a reset stream), and says much more.
@@ -276,11 +280,17 @@ impl Link {
         }
     }
 
-    /// Tells the destination why we give up (best effort, bounded: the link
-    /// may be what failed).
+    /// Tells the destination why we give up and waits for it to have heard
+    /// (best effort, bounded: the link may be what failed). Closing the
+    /// connection right after a send would drop what is still in flight.
     pub async fn abort(&mut self, reason: &str) {
         if let Ok(abort) = self.session.abort(reason) {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.ctl.send(&abort)).await;
+            let ctl = &mut self.ctl;
+            let _ = tokio::time::timeout(ABORT_DELIVERY, async {
+                ctl.send(&abort).await?;
+                ctl.finish().await
+            })
+            .await;
         }
     }
 

@@ -189,7 +189,21 @@ async fn attempt(
         false => None,
     };
     let mut run = Run::new(vm, opts, link, summary, report, steer, disks, ends.conn, ends.connector);
-    let result = transfer(&mut run, journal, &mut rec).await;
+    // A cancel stops the transfer wherever it is, and the destination hears
+    // it on the control stream (a closed stream alone would look like an
+    // outage to a destination that keeps attempts for a resume).
+    let result = tokio::select! {
+        r = transfer(&mut run, journal, &mut rec) => Some(r),
+        _ = steer.cancelled(), if !steer.committed() => None,
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            let why = steer.cancel_requested().unwrap_or_default();
+            run.link.abort(&format!("cancelled: {why}")).await;
+            Err(SendError::Cancelled(why))
+        }
+    };
     *slot = Some(run.link.session.clone());
     run.unthrottle_disks();
     match result {
