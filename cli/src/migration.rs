@@ -18,6 +18,10 @@ use wanmig_transport::{Fingerprint, Identity, LinkTuning};
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code of `send` when the outcome is in doubt (the VM is paused here).
 pub const EXIT_IN_DOUBT: u8 = 3;
+/// Exit code of `send` when a post-copy was lost: the guest ran at the
+/// destination, which ended before it had every page; the VM is paused
+/// here as it was at the switch and is not resumed.
+pub const EXIT_POSTCOPY_LOST: u8 = 4;
 
 /// Parses "300ms", "2s", "1.5s", "5m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -245,6 +249,13 @@ pub struct SendArgs {
     /// destination holds (0: an outage fails the migration at once).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resume_window: Duration,
+    /// Post-copy: `off` (pre-copy only: throttle the guest, or give up,
+    /// when it writes faster than the link), `auto` (pre-copy first; move
+    /// the guest and fetch the rest on demand when converging would need
+    /// it throttled past 50%), `now` (move the guest as soon as the disks
+    /// are copied). Disks are always copied whole before the guest moves.
+    #[arg(long, default_value = "auto")]
+    postcopy: wanmig_migrate::source::options::PostcopyMode,
 }
 
 fn mib(b: f64) -> String {
@@ -268,6 +279,7 @@ pub fn exit_code(outcome: Outcome) -> ExitCode {
         Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
         Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
         Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
+        Outcome::PostcopyLost => ExitCode::from(EXIT_POSTCOPY_LOST),
     }
 }
 
@@ -321,6 +333,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         store: a.store.as_deref().map(std::path::absolute).transpose()?,
         sync,
         resume_window_s: a.resume_window.as_secs(),
+        postcopy: a.postcopy,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {
@@ -370,6 +383,37 @@ pub fn progress_line(p: &Progress) -> String {
             "link down, reconnecting (attempt {}, {:.0} s left of the resume window); the VM runs on here",
             p.reconnect_attempt, p.resume_left_s
         ),
+        (Phase::Postcopy, _) => format!(
+            "post-copy: the guest runs at the destination; {} pages still to send, {} page requests served",
+            p.postcopy_pages_left, p.faults_served
+        ),
+    }
+}
+
+fn print_postcopy(pc: &wanmig_migrate::report::PostcopyStats) {
+    println!(
+        "  post-copy ({}): {:.2} s from the switch, {} pages missing at the switch; {} requests served \
+         ({} pages faulted), pages requested {} vs pushed {}",
+        pc.reason,
+        pc.postcopy_ms / 1e3,
+        pc.missing_pages,
+        pc.requests_served,
+        pc.pages_faulted,
+        pc.pages_requested,
+        pc.pages_pushed
+    );
+    if let Some(d) = &pc.dest {
+        let blocked: Vec<String> = d.vcpu_blocked_us.iter().map(|b| format!("{:.1} ms", *b as f64 / 1e3)).collect();
+        println!(
+            "  post-copy at the destination: {} faults, fault service p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             {} duplicate pages; blocked per faulting vCPU thread: [{}]",
+            d.faults,
+            d.service_p50_us as f64 / 1e3,
+            d.service_p99_us as f64 / 1e3,
+            d.service_max_us as f64 / 1e3,
+            d.duplicates,
+            blocked.join(", ")
+        );
     }
 }
 
@@ -385,6 +429,10 @@ fn print_summary(outcome: Outcome, s: &Summary) {
         Outcome::InDoubt => println!(
             "IN DOUBT: commit was sent but not acknowledged; the VM is paused here and may run at the destination              (`wanmig settle` asks it): {error}"
         ),
+        Outcome::PostcopyLost => println!("POST-COPY LOST: {error}"),
+    }
+    if let Some(pc) = &s.postcopy {
+        print_postcopy(pc);
     }
     println!(
         "  total {:.2} s, downtime {:.1} ms, {} pre-copy round(s), throttle up to {}%",

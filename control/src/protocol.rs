@@ -151,6 +151,9 @@ pub struct MigrateRequest {
     /// migration failing (it resumes on a new connection), s; 0: fail at once.
     #[serde(default = "default_resume_window_s")]
     pub resume_window_s: u64,
+    /// Whether the guest may move before all its pages (post-copy).
+    #[serde(default)]
+    pub postcopy: wanmig_migrate::source::options::PostcopyMode,
 }
 
 fn default_resume_window_s() -> u64 {

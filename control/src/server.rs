@@ -306,7 +306,8 @@ impl VmServer {
                     false => Err(ServeEnd::MigratedAway),
                 }
             }
-            Outcome::InDoubt => Ok(Slot::InDoubt(vm)),
+            // Never run here again without settling: the guest ran there.
+            Outcome::InDoubt | Outcome::PostcopyLost => Ok(Slot::InDoubt(vm)),
             Outcome::FailedSourceRunning | Outcome::Synced => Ok(Slot::Here(vm)),
         }
     }

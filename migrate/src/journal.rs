@@ -172,6 +172,9 @@ pub enum DestPhase {
     Ready,
     /// `Commit` received: the VM is this host's.
     Committed,
+    /// `Commit` received in post-copy: the guest runs here, and pages it
+    /// lacks are still at the source. Committed once every page is here.
+    Postcopy,
     /// Ended before `Commit`: what arrived was discarded, and this
     /// migration can never commit here.
     Aborted,
@@ -299,10 +302,16 @@ impl DestJournal {
     /// settled as not committed (a query answered meanwhile): then it must
     /// not commit, and this fails.
     pub fn commit(&self, rec: &mut DestRecord) -> Result<(), JournalError> {
+        self.commit_as(rec, DestPhase::Committed)
+    }
+
+    /// [`DestJournal::commit`], entering `phase` (`Committed`, or
+    /// `Postcopy` when the guest moves before all its pages).
+    pub fn commit_as(&self, rec: &mut DestRecord, phase: DestPhase) -> Result<(), JournalError> {
         if self.read(rec.migration_id)?.is_some_and(|r| r.phase == DestPhase::Aborted) {
             return Err(JournalError::SettledNotCommitted(rec.migration_id));
         }
-        self.record(rec, DestPhase::Committed)
+        self.record(rec, phase)
     }
 
     /// Records `rec` with `phase`, durably.
@@ -334,6 +343,12 @@ impl DestJournal {
         let Some(mut rec) = self.read(id)? else { return Ok(Settlement::Unknown) };
         match rec.phase {
             DestPhase::Committed => Ok(Settlement::Committed),
+            // The process that runs the guest still waits for pages, or it
+            // is gone and the guest with it.
+            DestPhase::Postcopy => Ok(match rec.owner.as_ref().is_some_and(Owner::alive) {
+                true => Settlement::PostcopyRunning,
+                false => Settlement::PostcopyLost,
+            }),
             DestPhase::Aborted => Ok(Settlement::NotCommitted),
             DestPhase::Receiving | DestPhase::Ready => {
                 self.record(&mut rec, DestPhase::Aborted)?;

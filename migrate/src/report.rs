@@ -26,6 +26,9 @@ pub enum Phase {
     /// The link failed before the commit: the guest runs on here while the
     /// source reconnects to resume.
     Reconnecting,
+    /// The guest runs at the destination; its missing pages are served
+    /// and pushed from here.
+    Postcopy,
 }
 
 impl Phase {
@@ -40,6 +43,7 @@ impl Phase {
             Phase::Committing => "committing",
             Phase::Committed => "committed",
             Phase::Reconnecting => "link down, reconnecting",
+            Phase::Postcopy => "post-copy",
         }
     }
 }
@@ -82,6 +86,10 @@ pub struct Progress {
     pub reconnect_attempt: u32,
     /// Seconds left of the resume window (while reconnecting).
     pub resume_left_s: f64,
+    /// In post-copy: pages the destination still lacks.
+    pub postcopy_pages_left: u64,
+    /// In post-copy: page requests served so far.
+    pub faults_served: u64,
     /// During the disk copy: image bytes read of all, chunks sent and
     /// already at the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +178,10 @@ pub enum Outcome {
     /// A `sync` completed: the destination holds a verified replica of the
     /// disks; the VM runs at the source as before.
     Synced,
+    /// Post-copy lost: the guest ran at the destination, which ended
+    /// before every page arrived; its state there is gone. The source
+    /// holds the guest as it was at the switch and does NOT run it.
+    PostcopyLost,
 }
 
 /// The final summary.
@@ -214,6 +226,69 @@ pub struct Summary {
     pub resent_bytes: u64,
     /// The network tunnel left running after the commit, or why it failed to start.
     pub tunnel: Option<String>,
+    /// Post-copy's figures, when the guest moved in post-copy.
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// What a post-copy did: the source's counts and the destination's own
+/// measurements (sent with `PostcopyComplete`; absent when it never came).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Why it switched (the hybrid policy's reason, or "asked for").
+    pub reason: String,
+    /// Pages the destination lacked at the switch.
+    pub missing_pages: u64,
+    /// From the switch (guest paused here) to the last page placed there, ms.
+    pub postcopy_ms: f64,
+    /// Page requests served (each a batch of faulted pages).
+    pub requests_served: u64,
+    /// Pages the destination asked for (faulted), as the source saw them.
+    pub pages_faulted: u64,
+    /// Pages sent on the urgent stream (asked for, with their neighbours).
+    pub pages_requested: u64,
+    /// Pages pushed on the bulk stream.
+    pub pages_pushed: u64,
+    /// The destination's figures, when it reported them.
+    pub dest: Option<PostcopyDestStats>,
+}
+
+/// The destination's measurements of a post-copy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyDestStats {
+    /// Faults on missing pages (each page once).
+    pub faults: u64,
+    /// Pages that arrived asked for.
+    pub requested: u64,
+    /// Pages that arrived pushed.
+    pub pushed: u64,
+    /// Pages that arrived twice.
+    pub duplicates: u64,
+    /// Fault service time (fault read to page placed), median, µs.
+    pub service_p50_us: u64,
+    /// 99th percentile, µs.
+    pub service_p99_us: u64,
+    /// Longest, µs.
+    pub service_max_us: u64,
+    /// Time each faulting vCPU thread spent blocked on missing pages, µs.
+    pub vcpu_blocked_us: Vec<u64>,
+    /// From the first page placed to the last, µs.
+    pub placing_us: u64,
+}
+
+impl From<&wanmig_wire::PostcopyReport> for PostcopyDestStats {
+    fn from(r: &wanmig_wire::PostcopyReport) -> Self {
+        PostcopyDestStats {
+            faults: r.faults,
+            requested: r.requested,
+            pushed: r.pushed,
+            duplicates: r.duplicates,
+            service_p50_us: r.service_p50_us,
+            service_p99_us: r.service_p99_us,
+            service_max_us: r.service_max_us,
+            vcpu_blocked_us: r.vcpu_blocked_us.clone(),
+            placing_us: r.placing_us,
+        }
+    }
 }
 
 /// What the disk copy did.

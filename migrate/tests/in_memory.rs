@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use wanmig_migrate::destination::{ReceiveOptions, VmHost, receive_on, receive_on_with};
 use wanmig_migrate::journal::{DestJournal, DestPhase, SourceJournal, SourcePhase};
 use wanmig_migrate::report::Outcome;
-use wanmig_migrate::source::{Connector, SendOptions, SourceVm, send_on};
+use wanmig_migrate::source::{Connector, PostcopyMode, SendOptions, SourceVm, send_on};
 use wanmig_migrate::steer::{Steering, Tunables};
 use wanmig_transport::{Conn, Identity, LinkTuning};
 use wanmig_types::{MigrationId, PAGE_SIZE, PageRange};
@@ -224,6 +224,8 @@ struct Built {
     state: Vec<u8>,
     disks: Vec<PathBuf>,
     running: bool,
+    /// The RAM itself, kept (by [`LazyHost`]) instead of read at build.
+    kept: Option<GuestRam>,
 }
 
 /// Builds nothing real: keeps the RAM's bytes and the state.
@@ -246,7 +248,7 @@ impl VmHost for FakeHost {
         }
         let mut bytes = vec![0u8; ram.size() as usize];
         ram.mem().read_slice(&mut bytes, GuestAddress(0)).expect("read");
-        Ok(Built { ram: bytes, state: state.to_vec(), disks: Vec::new(), running: false })
+        Ok(Built { ram: bytes, state: state.to_vec(), disks: Vec::new(), running: false, kept: None })
     }
 
     fn start(&mut self, vm: &mut Built, disks: &[PathBuf], paused: bool) -> Result<(), String> {
@@ -277,6 +279,8 @@ fn setup() -> Setup {
     send.downtime = Duration::from_millis(200);
     // These tests hold a cut link to be a failure; resuming has tests of its own.
     send.resume_window = Duration::ZERO;
+    // Pre-copy only; post-copy has tests of its own.
+    send.postcopy = PostcopyMode::Off;
     send.timeout = Duration::from_secs(60);
     let receive = ReceiveOptions {
         listen: addr,
@@ -299,6 +303,7 @@ fn setup() -> Setup {
 struct Ends {
     outcome: Outcome,
     error: Option<String>,
+    postcopy: Option<wanmig_migrate::report::PostcopyStats>,
     received: Option<Built>,
     dest_error: Option<String>,
 }
@@ -318,7 +323,7 @@ async fn migrate(s: &Setup, vm: &mut FakeVm, host: &mut FakeHost, steer: &Steeri
         Ok(r) => (r.map(|(vm, _)| vm), None),
         Err(e) => (None, Some(wanmig_types::error_chain(&e))),
     };
-    Ends { outcome, error: summary.error, received, dest_error }
+    Ends { outcome, error: summary.error, postcopy: summary.postcopy, received, dest_error }
 }
 
 /// A connector for runs that never resume (its connections go nowhere).
@@ -416,7 +421,7 @@ fn one_cut(cut: u64) -> Outcome {
             assert_eq!(dest.phase == DestPhase::Committed, ends.received.is_some(), "cut at {cut}");
         }
         Outcome::Migrated => assert!(ends.received.is_some(), "cut at {cut}: migrated, yet nobody runs it"),
-        Outcome::Synced => panic!("not a sync"),
+        Outcome::Synced | Outcome::PostcopyLost => panic!("not a sync, nor a post-copy"),
     }
     ends.outcome
 }
@@ -638,4 +643,142 @@ fn a_link_cut_before_the_commit_is_resumed_and_nothing_is_lost() {
             "cut at {cut}: {crossed} bytes crossed, {total} in a run without a cut"
         );
     }
+}
+
+/// Pages read at the destination during a post-copy: (frame, bytes).
+type Touched = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+/// Builds nothing real and touches no guest memory: keeps the RAM (read
+/// once the migration is over), so a post-copy's pages arrive after the
+/// guest "runs". With `cut`, the link is cut `after` the start.
+struct LazyHost {
+    cut: Option<(wanmig_transport::mem::Link, Duration)>,
+    /// Once started, a thread reads every 5th page from the top down (as
+    /// a vCPU would, faulting on what is missing); what it read comes here.
+    touched: Option<Touched>,
+}
+
+impl VmHost for LazyHost {
+    type Vm = Built;
+
+    fn build(
+        &mut self,
+        _config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        _disks: Option<Vec<std::fs::File>>,
+    ) -> Result<Built, String> {
+        Ok(Built { ram: Vec::new(), state: state.to_vec(), disks: Vec::new(), running: false, kept: Some(ram) })
+    }
+
+    fn start(&mut self, vm: &mut Built, disks: &[PathBuf], paused: bool) -> Result<(), String> {
+        vm.disks = disks.to_vec();
+        vm.running = !paused;
+        if let (Some(out), Some(ram)) = (self.touched.clone(), vm.kept.as_ref()) {
+            let mem = ram.mem().clone();
+            let pages = ram.size() / PAGE_SIZE as u64;
+            std::thread::spawn(move || {
+                for p in (0..pages).rev().step_by(5) {
+                    let mut b = vec![0u8; PAGE_SIZE];
+                    mem.read_slice(&mut b, GuestAddress(p * PAGE_SIZE as u64)).expect("in RAM");
+                    out.lock().expect("lock").push((p, b));
+                }
+            });
+        }
+        if let Some((link, after)) = self.cut.take() {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                link.cut();
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One migration to a [`LazyHost`]; the link is cut `cut` after the guest
+/// starts at the destination.
+async fn migrate_lazy(
+    s: &Setup,
+    vm: &mut FakeVm,
+    steer: &Steering,
+    cut: Option<Duration>,
+    touched: Option<Touched>,
+) -> Ends {
+    let (src, dst, link) = Conn::mem_pair();
+    let mut host = LazyHost { cut: cut.map(|d| (link, d)), touched };
+    let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+    let mut connector = no_resume();
+    let sending = send_on(src, &mut connector, vm, &s.send, steer, &mut quiet_src);
+    let receiving = receive_on(dst, &s.receive, &mut host, &mut quiet_dst);
+    let ((outcome, summary, _), received) = tokio::join!(sending, receiving);
+    let (received, dest_error) = match received {
+        Ok(r) => (r.map(|(vm, _)| vm), None),
+        Err(e) => (None, Some(wanmig_types::error_chain(&e))),
+    };
+    Ends { outcome, error: summary.error, postcopy: summary.postcopy, received, dest_error }
+}
+
+#[test]
+fn postcopy_now_moves_the_guest_first_and_every_page_follows() {
+    let mut s = setup();
+    s.send.postcopy = PostcopyMode::Now;
+    let mut vm = FakeVm::new(&s.src_dir);
+    std::thread::sleep(Duration::from_millis(100));
+    let touched = Arc::new(Mutex::new(Vec::new()));
+    // Uncompressed and capped (16 MiB in about a second): the reader
+    // faults on pages the push has not reached.
+    s.send.compress = false;
+    let steer =
+        Steering::new(Tunables { downtime: Duration::from_millis(200), max_bandwidth: Some(16.0 * MIB as f64) });
+    let ends = runtime().block_on(migrate_lazy(&s, &mut vm, &steer, None, Some(touched.clone())));
+    assert_eq!(ends.outcome, Outcome::Migrated, "{:?} / {:?}", ends.error, ends.dest_error);
+    let got = ends.received.expect("the destination owns the VM");
+    let kept = got.kept.as_ref().expect("the RAM");
+    let mut ram = vec![0u8; kept.size() as usize];
+    kept.mem().read_slice(&mut ram, GuestAddress(0)).expect("read");
+    let (at_pause, disk) = vm.at_pause.clone().expect("paused once");
+    assert!(ram == at_pause, "the destination's RAM is the source's at the pause");
+    assert!(std::fs::read(&got.disks[0]).expect("image") == disk, "the disk was copied whole before the switch");
+    assert!(vm.guest.paused.load(Ordering::SeqCst) && !vm.disks_owned, "the source never runs it again");
+    let pc = ends.postcopy.expect("post-copy figures");
+    assert_eq!(pc.missing_pages, 16 * MIB / PAGE_SIZE as u64, "with `now` every page moves after the guest");
+    let dest = pc.dest.clone().expect("the destination's report");
+    assert_eq!(dest.requested + dest.pushed, pc.missing_pages, "each page placed once: {dest:?}");
+    assert!(dest.faults > 0 && dest.requested > 0 && pc.requests_served > 0, "the reader faulted: {pc:?}");
+    assert!(dest.service_p50_us > 0 && dest.service_max_us >= dest.service_p99_us, "{dest:?}");
+    // What the reader saw while pages were missing is what the source had.
+    let touched = touched.lock().expect("lock");
+    assert_eq!(touched.len(), (16 * MIB / PAGE_SIZE as u64).div_ceil(5) as usize, "the reader finished");
+    for (p, b) in touched.iter() {
+        let at = *p as usize * PAGE_SIZE;
+        assert!(b[..] == at_pause[at..at + PAGE_SIZE], "page {p} as read during post-copy");
+    }
+    eprintln!("post-copy in memory: {pc:?}");
+    let rec = SourceJournal::new(&s.src_dir, "fake").read().expect("journal").expect("a record");
+    assert_eq!(rec.phase, SourcePhase::Migrated);
+    let dest = DestJournal::new(&s.dst_dir).read(rec.migration_id).expect("journal").expect("a record");
+    assert_eq!(dest.phase, DestPhase::Committed);
+}
+
+#[test]
+fn a_destination_lost_in_postcopy_leaves_the_guest_paused_at_the_source() {
+    let mut s = setup();
+    s.send.postcopy = PostcopyMode::Now;
+    // Uncompressed (the fake guest's pages compress to nothing).
+    s.send.compress = false;
+    // A guest that writes only when harvested: its disk writes do not keep
+    // the capped disk rounds going.
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    // 16 MiB pushed at 4 MiB/s: the cut comes long before the last page.
+    let steer = Steering::new(Tunables { downtime: Duration::from_millis(200), max_bandwidth: Some(4.0 * MIB as f64) });
+    let ends = runtime().block_on(migrate_lazy(&s, &mut vm, &steer, Some(Duration::from_millis(300)), None));
+    assert_eq!(ends.outcome, Outcome::PostcopyLost, "{:?} / {:?}", ends.error, ends.dest_error);
+    let error = ends.error.unwrap_or_default();
+    assert!(error.contains("post-copy lost") && error.contains("NOT resumed"), "{error}");
+    assert!(ends.received.is_none() && ends.dest_error.is_some(), "the destination lost the guest");
+    assert!(vm.guest.paused.load(Ordering::SeqCst) && !vm.disks_owned, "the source must not run the guest");
+    let rec = SourceJournal::new(&s.src_dir, "fake").read().expect("journal").expect("a record");
+    assert_eq!(rec.phase, SourcePhase::CommitSent, "not migrated, not taken back");
+    let pc = ends.postcopy.expect("post-copy figures");
+    assert!(pc.dest.is_none() && pc.pages_pushed < pc.missing_pages, "{pc:?}");
 }

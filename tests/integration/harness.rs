@@ -320,6 +320,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             sync,
             tunnel: None,
             resume_window_s: 0,
+            postcopy: wanmig_migrate::source::options::PostcopyMode::Off,
         },
     }
 }

@@ -558,6 +558,16 @@ pub fn run_thread(
                         break Some(event.into());
                     }
                 }
+                // KVM exits to MMIO inside RAM only when it could not reach
+                // the page itself (e.g. a post-copy page made inaccessible
+                // because it can never arrive): running on would feed the
+                // guest made-up data.
+                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) if devices.is_ram(addr) => {
+                    break Some(GuestStop::Failed(format!(
+                        "an MMIO exit at {addr:#x}, inside guest RAM: the VMM could not provide that page \
+                         (a post-copy that lost its source?)"
+                    )));
+                }
                 Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
                 Ok(VcpuExit::Hlt | VcpuExit::Intr) => {}

@@ -349,7 +349,8 @@ impl Vm {
             };
             virtio.push(Mutex::new(transport));
         }
-        let devices = Arc::new(Devices { serial: Mutex::new(serial), virtio });
+        let ram_ranges = ram.regions().into_iter().map(|(s, l)| (s.0, l)).collect();
+        let devices = Arc::new(Devices { serial: Mutex::new(serial), virtio, ram: ram_ranges });
 
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {

@@ -40,6 +40,8 @@ pub enum Bulk {
     Commit,
     /// The source ended the stream.
     End,
+    /// Post-copy starts: the bulk stream is the page pump's from here.
+    StartPostcopy,
 }
 
 fn bad(e: impl std::fmt::Display) -> ReceiveError {
@@ -68,6 +70,13 @@ impl Incoming {
         self.zstd = compress::StreamDecompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
         self.round_received.fill(0);
         Ok(())
+    }
+
+    /// The bulk stream's zstd decoder, for post-copy's page pump (which
+    /// reads the rest of that stream).
+    pub fn take_zstd(&mut self) -> Result<compress::StreamDecompressor, ReceiveError> {
+        let fresh = compress::StreamDecompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
+        Ok(std::mem::replace(&mut self.zstd, fresh))
     }
 
     fn disks(&mut self) -> Result<&mut DestDisks, ReceiveError> {
@@ -119,6 +128,8 @@ impl Incoming {
                 self.disks()?;
                 return Ok(Bulk::CheckDisk(d));
             }
+            (DestAction::Discarded, Message::PostcopyDiscard { .. }) => {}
+            (DestAction::StartPostcopy, Message::PostcopyStart { .. }) => return Ok(Bulk::StartPostcopy),
             (DestAction::RoundComplete(round), Message::RoundDone { .. }) => {
                 self.round_received.fill(0);
                 return Ok(Bulk::RoundDone(round));

@@ -27,6 +27,7 @@ pub mod host;
 mod incoming;
 pub mod leftovers;
 pub mod options;
+mod postcopy;
 mod session;
 
 use std::cell::RefCell;

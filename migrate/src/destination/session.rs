@@ -24,9 +24,13 @@ use super::error::ReceiveError;
 use super::host::VmHost;
 use super::incoming::{Bulk, Incoming};
 use super::options::ReceiveOptions;
+use super::postcopy::DestPostcopy;
 use crate::handover;
 use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
 
+/// How long the destination waits for the source to open post-copy's
+/// urgent stream.
+const POSTCOPY_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -76,6 +80,8 @@ struct Admitted {
     record: DestRecord,
     /// Shared disks, opened and checked at admission, for the VM.
     shared: Option<Vec<File>>,
+    /// Post-copy, once it started: the guest's missing pages arrive there.
+    postcopy: Option<DestPostcopy>,
 }
 
 /// A received VM, its configuration and the tunnel's end.
@@ -209,6 +215,7 @@ impl Attempt<'_> {
             tunnel: false,
             record,
             shared: admission.shared,
+            postcopy: None,
         };
         Ok((adm, local, params))
     }
@@ -335,7 +342,7 @@ impl Attempt<'_> {
         let mut deadline = tokio::time::Instant::now() + idle;
         while bulk_open || state.is_none() {
             tokio::select! {
-                b = self.conn.accept_bulk(), if bulk.is_none() => bulk = Some(b?),
+                b = self.conn.accept_bulk(), if bulk.is_none() && bulk_open => bulk = Some(b?),
                 m = async { bulk.as_mut().expect("guarded").recv().await }, if bulk_open && bulk.is_some() => {
                     let m = m?;
                     match adm.incoming.on_bulk(&mut adm.session, m)? {
@@ -352,6 +359,11 @@ impl Attempt<'_> {
                         Bulk::CheckDisk(done) => off_task(&mut adm.incoming.disks, move |d| d.on_done(&done)).await?,
                         Bulk::Commit => off_task(&mut adm.incoming.disks, DestDisks::commit).await?,
                         Bulk::End => bulk_open = false,
+                        Bulk::StartPostcopy => {
+                            let rx = bulk.take().ok_or_else(|| ReceiveError::BadInput("no bulk stream".into()))?;
+                            adm.postcopy = Some(self.start_postcopy(adm, rx).await?);
+                            bulk_open = false;
+                        }
                     }
                     deadline = tokio::time::Instant::now() + idle;
                 }
@@ -375,6 +387,21 @@ impl Attempt<'_> {
         Ok(state.unwrap_or_default())
     }
 
+    /// `PostcopyStart` arrived on `bulk`: registers the missing pages,
+    /// takes the urgent stream the source opens, opens the request stream,
+    /// and starts serving faults (before the device state loads).
+    async fn start_postcopy(&mut self, adm: &mut Admitted, bulk: FrameReceiver) -> Result<DestPostcopy, ReceiveError> {
+        let flow =
+            adm.session.take_postcopy().ok_or_else(|| ReceiveError::BadInput("post-copy did not start".into()))?;
+        let urgent = tokio::time::timeout(POSTCOPY_OPEN_TIMEOUT, self.conn.accept_bulk())
+            .await
+            .map_err(|_| TransportError::Timeout(POSTCOPY_OPEN_TIMEOUT))??;
+        let requests = self.conn.open_bulk().await?;
+        let zstd = adm.incoming.take_zstd()?;
+        let ram = adm.incoming.ram.as_ref().ok_or_else(|| ReceiveError::BadInput("post-copy of a sync".into()))?;
+        DestPostcopy::start(ram, flow, bulk, zstd, urgent, requests)
+    }
+
     /// Whether the attempt can wait for its source to come back after `e`.
     fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
         let cancelled = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why == PEER_CANCELLED);
@@ -383,6 +410,7 @@ impl Attempt<'_> {
             && self.rejoins.is_some()
             && !self.opts.resume_window.is_zero()
             && adm.session.can_resume()
+            && adm.postcopy.is_none()
     }
 
     /// After the link failed with `why`: holds what arrived for the resume
@@ -498,7 +526,10 @@ impl Attempt<'_> {
             Err(e) => Err(ReceiveError::from(e)),
             Ok(m) => match adm.session.on_message(Stream::Control, &m) {
                 Err(e) => Err(e.into()),
-                Ok(DestAction::Commit) => self.journal.commit(&mut adm.record).map_err(ReceiveError::from),
+                Ok(DestAction::Commit) => {
+                    let phase = if adm.postcopy.is_some() { DestPhase::Postcopy } else { DestPhase::Committed };
+                    self.journal.commit_as(&mut adm.record, phase).map_err(ReceiveError::from)
+                }
                 Ok(_) => Err(ReceiveError::Aborted(format!("{} instead of Commit", m.name()))),
             },
         };
@@ -512,9 +543,10 @@ impl Attempt<'_> {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
         };
+        let phase = if adm.postcopy.is_some() { DestPhase::Postcopy } else { DestPhase::Committed };
         if installed.is_ok() {
             adm.record.images.clear();
-            let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
+            let _ = self.journal.record(&mut adm.record, phase);
         }
         let Some(mut vm) = vm else {
             let images = installed?;
@@ -537,7 +569,27 @@ impl Attempt<'_> {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        self.acknowledge().await;
+        if let Some(pc) = adm.postcopy.take() {
+            // The guest runs here on what it has; the rest comes.
+            let _ = self.tx.send(&Message::CommitAck).await;
+            log(format!("post-copy: the guest runs here; {} pages still at the source", pc.missing()));
+            let (flow, report) = pc.finish().await?;
+            let complete = adm.session.postcopy_complete(&flow, report.clone())?;
+            let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
+            self.send(&complete).await?;
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
+            log(format!(
+                "post-copy complete: {} faults, fault service p50 {} µs, p99 {} µs, max {} µs; {} pages requested, {} pushed",
+                report.faults,
+                report.service_p50_us,
+                report.service_p99_us,
+                report.service_max_us,
+                report.requested,
+                report.pushed
+            ));
+        } else {
+            self.acknowledge().await;
+        }
         let started = match adm.tunnel {
             true => start_tunnel(self.conn, &adm.config, log).await,
             false => None,

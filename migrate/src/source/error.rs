@@ -43,6 +43,13 @@ pub enum SendError {
     /// was not entered.
     #[error("cannot journal the migration")]
     Journal(#[from] JournalError),
+    /// Post-copy failed after the commit: the guest ran at the
+    /// destination, which can no longer get its missing pages.
+    #[error(
+        "post-copy lost: the guest ran at the destination and its state there is gone; this side holds the guest \
+         as it was at the switch, NOT resumed ({0})"
+    )]
+    PostcopyLost(String),
     /// What was asked cannot be done (bad options for this VM).
     #[error("{0}")]
     Refused(String),

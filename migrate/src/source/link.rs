@@ -261,6 +261,26 @@ impl Link {
         }
     }
 
+    /// The destination's next message if one is already here (see
+    /// [`Link::next_event`]), without waiting.
+    pub fn try_event(&mut self) -> Option<Result<SourceEvent, SendError>> {
+        let msg = match self.answers.try_recv() {
+            Ok(r) => r,
+            Err(mpsc::error::TryRecvError::Empty) => return None,
+            Err(mpsc::error::TryRecvError::Disconnected) => return Some(Err(SendError::Closed)),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(match self.session.on_message(Stream::Control, &msg) {
+            Err(e) => Err(e.into()),
+            Ok(SourceEvent::Aborted(reason)) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
+            Ok(SourceEvent::Refused(reason)) => Err(SendError::Peer(format!("refused: {reason}"))),
+            Ok(e) => Ok(e),
+        })
+    }
+
     /// Sends a control message; returns its wire bytes.
     pub async fn send_ctl(&mut self, msg: &Message, wire: &mut WireBytes) -> Result<usize, SendError> {
         let n = self.ctl.send(msg).await?;

@@ -6,9 +6,11 @@
 use std::time::{Duration, Instant};
 
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RoundReport};
+use wanmig_mem_sync::postcopy::{HybridDecision, HybridPolicy};
 use wanmig_vmm::memory::DirtyPages;
 
 use super::error::SendError;
+use super::options::PostcopyMode;
 use super::run::Run;
 use super::vm::all_pages;
 use crate::report::{Phase, RoundStat};
@@ -99,7 +101,8 @@ struct Rates {
 
 /// Iterative memory pre-copy, from every page or (after a resume) from
 /// `resend`. Returns the pages still to send inside the stop-and-copy.
-pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<DirtyPages, SendError> {
+/// With `Some(reason)`, the hybrid policy says to switch to post-copy.
+pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<(DirtyPages, Option<String>), SendError> {
     run.report.phase(Phase::Precopy);
     let mut to_send = match resend {
         Some(pages) => pages,
@@ -112,18 +115,25 @@ pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<Di
     };
     let mut policy = run.policy.take().unwrap_or_else(|| DowntimeBudget::new(run.steer.tunables().downtime));
     let first_round = *run.first_round.get_or_insert(run.link.session.round());
+    let auto = run.opts.postcopy == PostcopyMode::Auto
+        && run.link.session.features() & wanmig_types::features::POSTCOPY != 0
+        && !run.opts.sync;
+    if auto && run.hybrid.is_none() {
+        run.hybrid = Some(HybridPolicy::new(run.steer.tunables().downtime));
+    }
     let result = rounds(run, &mut policy, &mut to_send, first_round).await;
     run.policy = Some(policy);
-    result.map(|()| to_send)
+    result.map(|switch| (to_send, switch))
 }
 
-/// Rounds until the policy says stop (leaving in `to_send` what is left).
+/// Rounds until the policy says stop (leaving in `to_send` what is left);
+/// `Some(reason)` when the hybrid policy switches to post-copy.
 async fn rounds(
     run: &mut Run<'_>,
     policy: &mut DowntimeBudget,
     to_send: &mut DirtyPages,
     first_round: u32,
-) -> Result<(), SendError> {
+) -> Result<Option<String>, SendError> {
     let mut rates = Rates::default();
     let mut dirty_rate = None;
     loop {
@@ -140,11 +150,24 @@ async fn rounds(
         let dirty = run.vm.harvest_dirty()?;
         let report = round_report(run, &sent, elapsed, &dirty, &mut rates);
         dirty_rate = Some(report.dirty_rate() * report.bytes_per_page);
-        let decision = policy.decide(&report);
+        let decision = match run.hybrid.as_mut() {
+            Some(h) => {
+                h.precopy.budget = run.steer.tunables().downtime;
+                match h.decide(&report) {
+                    HybridDecision::PreCopy(d) => d,
+                    HybridDecision::SwitchToPostcopy { reason } => {
+                        record_round(run, &report, &sent, first_round);
+                        *to_send = dirty;
+                        return Ok(Some(reason));
+                    }
+                }
+            }
+            None => policy.decide(&report),
+        };
         record_round(run, &report, &sent, first_round);
         *to_send = dirty;
         match decision {
-            Decision::StopAndCopy => return Ok(()),
+            Decision::StopAndCopy => return Ok(None),
             Decision::Continue => {}
             Decision::Throttle(p) => {
                 run.vm.set_throttle(p);

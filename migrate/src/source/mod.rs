@@ -19,6 +19,7 @@ mod error;
 mod link;
 mod memory;
 pub mod options;
+mod postcopy;
 mod progress;
 mod resume;
 mod run;
@@ -37,7 +38,7 @@ pub use crate::handover::{TunnelLifetime, TunnelRequest};
 pub use connector::Connector;
 pub use error::SendError;
 pub use link::BATCH_BYTES;
-pub use options::SendOptions;
+pub use options::{PostcopyMode, SendOptions};
 pub use vm::{SourceVm, shape_of};
 
 use self::disk::DiskCopy;
@@ -329,6 +330,14 @@ async fn settle_locally(
             Outcome::Synced
         }
         (Ok(()), _) | (Err(_), FailureOutcome::Done) => Outcome::Migrated,
+        // The guest ran at the destination: never run it here.
+        (Err(e), FailureOutcome::Postcopy) => {
+            summary.error = Some(match e {
+                SendError::PostcopyLost(_) => error_chain(e),
+                e => error_chain(&SendError::PostcopyLost(error_chain(e))),
+            });
+            Outcome::PostcopyLost
+        }
         (Err(e), FailureOutcome::InDoubt) if !opts.sync => {
             summary.error = Some(error_chain(e));
             Outcome::InDoubt
@@ -397,7 +406,18 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
                 true => Stage::StopAndCopy(DirtyPages { regions: Vec::new() }),
                 false => Stage::Precopy(None),
             }),
-            Stage::Precopy(resend) => memory::precopy(run, resend).await.map(Stage::StopAndCopy),
+            // Every page is missing there (no dirty log ran to say less).
+            Stage::Precopy(_) if run.opts.postcopy == PostcopyMode::Now && postcopy_agreed(run) => {
+                Ok(Stage::Postcopy(vm::all_pages(&*run.vm), "asked for (--postcopy now)".into()))
+            }
+            Stage::Precopy(resend) => memory::precopy(run, resend).await.map(|(pending, switch)| match switch {
+                Some(why) => Stage::Postcopy(pending, why),
+                None => Stage::StopAndCopy(pending),
+            }),
+            Stage::Postcopy(pending, why) => {
+                run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
+                postcopy::run_postcopy(run, journal, rec, pending, why).await.map(|()| Stage::Done)
+            }
             Stage::StopAndCopy(pending) => switchover::stop_and_copy(run, pending).await.map(Stage::Commit),
             Stage::Commit(paused_at) => {
                 run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
@@ -412,6 +432,11 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
             Err(e) => return Err(e),
         };
     }
+}
+
+/// Whether both sides agreed to post-copy (a destination may not speak it).
+fn postcopy_agreed(run: &Run<'_>) -> bool {
+    run.link.session.features() & features::POSTCOPY != 0 && !run.opts.sync
 }
 
 /// The first copy of the disks, then the round boundary that makes the

@@ -49,6 +49,34 @@ pub struct SendOptions {
     /// How long a link that fails before the commit may stay down before
     /// the migration gives up (0: it fails at once).
     pub resume_window: Duration,
+    /// Whether the guest may move before all its pages ([`PostcopyMode`]).
+    pub postcopy: PostcopyMode,
+}
+
+/// When the guest moves in post-copy (`send --postcopy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostcopyMode {
+    /// Pre-copy only: throttle, or give up, when it does not converge.
+    Off,
+    /// Pre-copy first; switch when converging would need the guest
+    /// throttled past half its CPU (`wanmig_mem_sync::postcopy::HybridPolicy`).
+    #[default]
+    Auto,
+    /// No memory pre-copy: the guest moves as soon as the disks are copied.
+    Now,
+}
+
+impl std::str::FromStr for PostcopyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(PostcopyMode::Off),
+            "auto" => Ok(PostcopyMode::Auto),
+            "now" => Ok(PostcopyMode::Now),
+            other => Err(format!("{other:?}: expected off, auto or now")),
+        }
+    }
 }
 
 impl SendOptions {
@@ -79,6 +107,7 @@ impl SendOptions {
             tunnel: None,
             state_dir,
             resume_window: Duration::from_secs(600),
+            postcopy: PostcopyMode::default(),
         }
     }
 }

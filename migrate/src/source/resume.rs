@@ -41,7 +41,10 @@ pub fn secret() -> Result<[u8; 32], SendError> {
 
 /// Whether `e` is a failure of the link that a resume can ride out.
 pub fn resumable(run: &Run<'_>, e: &SendError) -> bool {
+    // Post-copy rides out no outage this way (the guest must never run
+    // here again once it has moved).
     matches!(e, SendError::Transport(_) | SendError::Closed)
+        && !run.link.session.is_postcopy()
         && !run.opts.resume_window.is_zero()
         && run.link.session.resume_request().is_some()
 }

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use wanmig_mem_sync::policy::{DowntimeBudget, next_round_rate};
+use wanmig_mem_sync::postcopy::HybridPolicy;
 use wanmig_transport::Conn;
 use wanmig_vmm::memory::DirtyPages;
 
@@ -41,6 +42,8 @@ pub struct Run<'a> {
     pub round_pages: Option<(u32, DirtyPages)>,
     /// The convergence policy, kept across a resume.
     pub policy: Option<DowntimeBudget>,
+    /// With `--postcopy auto`: the policy that decides the switch.
+    pub hybrid: Option<HybridPolicy>,
     /// The first memory round.
     pub first_round: Option<u32>,
     /// Whether the guest is paused by this migration (stop-and-copy).
@@ -63,6 +66,9 @@ pub(crate) enum Stage {
     Precopy(Option<DirtyPages>),
     /// Pausing and sending the rest.
     StopAndCopy(DirtyPages),
+    /// The switch to post-copy, with the pages pre-copy left to send and
+    /// why it switched.
+    Postcopy(DirtyPages, String),
     /// The commit, for a guest paused since then.
     Commit(Instant),
     /// Acknowledged.
@@ -95,6 +101,7 @@ impl<'a> Run<'a> {
             connector,
             round_pages: None,
             policy: None,
+            hybrid: None,
             first_round: None,
             paused: false,
         }

@@ -25,6 +25,10 @@ pub struct Devices {
     pub serial: Mutex<SerialConsole>,
     /// virtio-mmio slots, slot i at [`layout::virtio_mmio_addr`]`(i)`.
     pub virtio: Vec<Mutex<MmioTransport>>,
+    /// Guest RAM as (guest-physical start, length): an MMIO exit inside it
+    /// is an access KVM could not make to memory the VMM must provide
+    /// (e.g. a post-copy page that can never arrive), never a device.
+    pub ram: Vec<(u64, u64)>,
 }
 
 impl Devices {
@@ -54,6 +58,11 @@ impl Devices {
         let off = addr.checked_sub(layout::VIRTIO_MMIO_BASE)?;
         let slot = usize::try_from(off / layout::VIRTIO_MMIO_STRIDE).ok()?;
         Some((self.virtio.get(slot)?, off % layout::VIRTIO_MMIO_STRIDE))
+    }
+
+    /// Whether `addr` is guest RAM (where an MMIO exit is fatal).
+    pub fn is_ram(&self, addr: u64) -> bool {
+        self.ram.iter().any(|&(start, len)| addr >= start && addr - start < len)
     }
 
     /// A guest MMIO read. Addresses with no device read as all ones.
@@ -87,7 +96,8 @@ mod tests {
     #[test]
     fn port_writes_reach_the_power_device() {
         let serial = SerialConsole::new(EventFd::new(0).expect("eventfd"), Box::new(std::io::sink()));
-        let d = Devices { serial: Mutex::new(serial), virtio: Vec::new() };
+        let d = Devices { serial: Mutex::new(serial), virtio: Vec::new(), ram: vec![(0, 1 << 20)] };
+        assert!(d.is_ram(0xFFFFF) && !d.is_ram(1 << 20));
         assert_eq!(d.pio_write(layout::SERIAL_PORT, b"x"), None);
         assert_eq!(d.pio_write(0x80, &[0xFE]), None, "a port with no device");
         assert_eq!(
