@@ -682,6 +682,8 @@ impl VmHost for LazyHost {
                     let mut b = vec![0u8; PAGE_SIZE];
                     mem.read_slice(&mut b, GuestAddress(p * PAGE_SIZE as u64)).expect("in RAM");
                     out.lock().expect("lock").push((p, b));
+                    // A guest that works a while on each page.
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             });
         }
@@ -747,8 +749,13 @@ fn postcopy_now_moves_the_guest_first_and_every_page_follows() {
     assert!(dest.faults > 0 && dest.requested > 0 && pc.requests_served > 0, "the reader faulted: {pc:?}");
     assert!(dest.service_p50_us > 0 && dest.service_max_us >= dest.service_p99_us, "{dest:?}");
     // What the reader saw while pages were missing is what the source had.
+    let all = (16 * MIB / PAGE_SIZE as u64).div_ceil(5) as usize;
+    let finished = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        touched.lock().expect("lock").len() == all
+    });
+    assert!(finished, "the reader finished");
     let touched = touched.lock().expect("lock");
-    assert_eq!(touched.len(), (16 * MIB / PAGE_SIZE as u64).div_ceil(5) as usize, "the reader finished");
     for (p, b) in touched.iter() {
         let at = *p as usize * PAGE_SIZE;
         assert!(b[..] == at_pause[at..at + PAGE_SIZE], "page {p} as read during post-copy");
@@ -781,4 +788,42 @@ fn a_destination_lost_in_postcopy_leaves_the_guest_paused_at_the_source() {
     assert_eq!(rec.phase, SourcePhase::CommitSent, "not migrated, not taken back");
     let pc = ends.postcopy.expect("post-copy figures");
     assert!(pc.dest.is_none() && pc.pages_pushed < pc.missing_pages, "{pc:?}");
+}
+
+#[test]
+fn a_link_cut_during_postcopy_is_resumed_and_every_page_arrives() {
+    let mut s = setup();
+    s.send.postcopy = PostcopyMode::Now;
+    s.send.compress = false;
+    s.send.resume_window = Duration::from_secs(30);
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    // 16 MiB at 4 MiB/s; the link is cut 300 ms after the guest started there.
+    let steer = Steering::new(Tunables { downtime: Duration::from_millis(200), max_bandwidth: Some(4.0 * MIB as f64) });
+    let touched: Touched = Arc::new(Mutex::new(Vec::new()));
+    let (src, dst, link) = Conn::mem_pair();
+    let (to_destination, more) = tokio::sync::mpsc::unbounded_channel();
+    let mut connector = Connector::Mem { to_destination, links: Default::default() };
+    let mut host = LazyHost { cut: Some((link, Duration::from_millis(300))), touched: Some(touched.clone()) };
+    let ((outcome, summary, _), received) = runtime().block_on(async {
+        let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+        let sending = send_on(src, &mut connector, &mut vm, &s.send, &steer, &mut quiet_src);
+        let receiving = receive_on_with(dst, Some(more), &s.receive, &mut host, &mut quiet_dst);
+        tokio::join!(sending, receiving)
+    });
+    let dest_error = received.as_ref().err().map(|e| wanmig_types::error_chain(e));
+    assert_eq!(outcome, Outcome::Migrated, "{:?} / {dest_error:?}", summary.error);
+    assert_eq!(summary.outages, 1, "one outage, ridden out");
+    let (got, _) = received.expect("received").expect("the destination owns the VM");
+    let kept = got.kept.as_ref().expect("the RAM");
+    let mut ram = vec![0u8; kept.size() as usize];
+    kept.mem().read_slice(&mut ram, GuestAddress(0)).expect("read");
+    let (at_pause, _) = vm.at_pause.clone().expect("paused once");
+    assert!(ram == at_pause, "the destination's RAM is the source's at the pause");
+    for (p, b) in touched.lock().expect("lock").iter() {
+        let at = *p as usize * PAGE_SIZE;
+        assert!(b[..] == at_pause[at..at + PAGE_SIZE], "page {p} as read during post-copy");
+    }
+    let pc = summary.postcopy.expect("figures");
+    eprintln!("resumed post-copy: {pc:?}, {} bytes sent again", summary.resent_bytes);
+    assert!(pc.dest.is_some_and(|d| d.requested + d.pushed >= pc.missing_pages));
 }

@@ -12,6 +12,7 @@ mod layering;
 mod linux;
 mod migration;
 mod network;
+mod postcopy;
 mod power;
 mod qemu;
 mod realism;

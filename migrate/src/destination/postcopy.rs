@@ -56,6 +56,9 @@ pub struct DestPostcopy {
     metrics: Arc<Mutex<Metrics>>,
     stop: Arc<AtomicBool>,
     faults: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// Faulted page frames from the fault thread, for whichever requester
+    /// runs (a new one after a resume).
+    fault_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>>,
     pump: Option<JoinHandle<Result<(), ReceiveError>>>,
     requester: JoinHandle<Result<(), ReceiveError>>,
 }
@@ -115,9 +118,43 @@ impl DestPostcopy {
                 .spawn(move || read_faults(&pc, &metrics, &stop, &fault_tx))
                 .map_err(|e| ReceiveError::Host(format!("post-copy: cannot start the fault thread: {e}")))?
         };
-        let requester = tokio::spawn(send_requests(fault_rx, flow.clone(), requests));
+        let fault_rx = Arc::new(tokio::sync::Mutex::new(fault_rx));
+        let requester = tokio::spawn(send_requests(fault_rx.clone(), pc.clone(), flow.clone(), requests));
         let pump = tokio::spawn(pump(pc.clone(), flow.clone(), metrics.clone(), bulk, zstd, urgent));
-        Ok(DestPostcopy { pc, flow, metrics, stop, faults: Some(faults), pump: Some(pump), requester })
+        Ok(DestPostcopy { pc, flow, metrics, stop, faults: Some(faults), fault_rx, pump: Some(pump), requester })
+    }
+
+    /// Waits until every page is placed, or the page streams fail (an
+    /// outage: [`DestPostcopy::restart`] on a new connection).
+    pub async fn wait(&mut self) -> Result<(), ReceiveError> {
+        let Some(pump) = self.pump.as_mut() else { return Ok(()) };
+        let r = pump.await.map_err(|e| ReceiveError::Host(format!("post-copy: the page pump failed: {e}")))?;
+        self.pump = None;
+        r
+    }
+
+    /// After a resume: the page streams of the new connection. Faults the
+    /// old requests asked for and that are still missing are asked for again.
+    pub fn restart(
+        &mut self,
+        bulk: FrameReceiver,
+        zstd: StreamDecompressor,
+        urgent: FrameReceiver,
+        requests: FrameSender,
+    ) {
+        self.requester.abort();
+        if let Some(p) = self.pump.take() {
+            p.abort();
+        }
+        let (pc, flow, metrics) = (self.pc.clone(), self.flow.clone(), self.metrics.clone());
+        self.requester = tokio::spawn(send_requests(self.fault_rx.clone(), pc.clone(), flow.clone(), requests));
+        self.pump = Some(tokio::spawn(pump(pc, flow, metrics, bulk, zstd, urgent)));
+    }
+
+    /// The missing pages that arrived, as runs of page frames (what a
+    /// resumed source need not send again).
+    pub fn arrived_runs(&self) -> Vec<wanmig_types::PageRange> {
+        lock(&self.flow).arrived_runs()
     }
 
     /// Pages still missing.
@@ -129,8 +166,7 @@ impl DestPostcopy {
     /// guest here cannot go on), ends post-copy, and returns the flow (for
     /// the session's check) and the report for the source.
     pub async fn finish(mut self) -> Result<(PostcopyPages, PostcopyReport), ReceiveError> {
-        let pump = self.pump.take().expect("finished once");
-        let r = pump.await.map_err(|e| ReceiveError::Host(format!("post-copy: the page pump failed: {e}")))?;
+        let r = self.wait().await;
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.faults.take() {
             let joined = tokio::task::spawn_blocking(move || t.join()).await;
@@ -213,11 +249,21 @@ fn read_faults(
 /// Sends what the vCPUs wait for, every fault that came in together in
 /// one request.
 async fn send_requests(
-    mut rx: mpsc::UnboundedReceiver<u64>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>>,
+    pc: Arc<PostcopyRam>,
     flow: Arc<Mutex<PostcopyPages>>,
     mut tx: FrameSender,
 ) -> Result<(), ReceiveError> {
+    let mut rx = rx.lock().await;
     tx.send(&PostcopyPages::opening_request()).await?;
+    // Faults asked for on a connection that failed: ask again.
+    let again: Vec<u64> = pc.pending_requests().iter().map(|g| g.0 / PAGE_SIZE_U64).collect();
+    for chunk in again.chunks(wanmig_wire::postcopy::MAX_REQUEST_PAGES as usize) {
+        let request = lock(&flow).request(chunk);
+        if let Some(m) = request {
+            tx.send(&m).await?;
+        }
+    }
     let mut pfns = Vec::new();
     while let Some(first) = rx.recv().await {
         pfns.clear();

@@ -455,6 +455,136 @@ impl Attempt<'_> {
         }
     }
 
+    /// After a post-copy's commit: acknowledges it, waits (riding out
+    /// outages) until every page is here, and tells the source.
+    async fn finish_postcopy(
+        &mut self,
+        adm: &mut Admitted,
+        mut pc: DestPostcopy,
+        log: &dyn Fn(String),
+    ) -> Result<(), ReceiveError> {
+        // The guest runs here on what it has; the rest comes.
+        let _ = self.tx.send(&Message::CommitAck).await;
+        log(format!("post-copy: the guest runs here; {} pages still at the source", pc.missing()));
+        loop {
+            match pc.wait().await {
+                Ok(()) => break,
+                Err(e) if self.resumable_postcopy(adm, &e) => self.park_postcopy(adm, &mut pc, &e, log).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        let (flow, report) = pc.finish().await?;
+        let complete = adm.session.postcopy_complete(&flow, report.clone())?;
+        let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
+        // Every page is here: the guest is whole whatever happens to this
+        // message (a source that misses it learns it from settle).
+        if let Err(e) = self.send(&complete).await {
+            log(format!("post-copy complete, but the source was not told: {}", error_chain(&e)));
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
+        log(format!(
+            "post-copy complete: {} faults, fault service p50 {} µs, p99 {} µs, max {} µs; {} pages requested, {} pushed",
+            report.faults,
+            report.service_p50_us,
+            report.service_p99_us,
+            report.service_max_us,
+            report.requested,
+            report.pushed
+        ));
+        Ok(())
+    }
+
+    /// Whether a post-copy whose page streams failed with `e` can wait for
+    /// its source to come back (the vCPUs that fault wait meanwhile).
+    fn resumable_postcopy(&self, adm: &Admitted, e: &ReceiveError) -> bool {
+        matches!(e, ReceiveError::Transport(_))
+            && self.rejoins.is_some()
+            && !self.opts.resume_window.is_zero()
+            && adm.session.can_resume()
+    }
+
+    /// Post-copy's link failed with `why`: the guest runs on here and its
+    /// vCPUs wait on missing pages until the source reconnects (within the
+    /// resume window); then the page streams go on over the new connection
+    /// from the pages that arrived. A window that ends loses the guest.
+    async fn park_postcopy(
+        &mut self,
+        adm: &mut Admitted,
+        pc: &mut DestPostcopy,
+        why: &ReceiveError,
+        log: &dyn Fn(String),
+    ) -> Result<(), ReceiveError> {
+        let window = self.opts.resume_window;
+        self.conn.close(0);
+        log(format!(
+            "post-copy: link to the source lost ({}); {} pages missing, faulting vCPUs wait; keeping migration {} for {window:?}",
+            error_chain(why),
+            pc.missing(),
+            adm.session.id()
+        ));
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let r = match self.early.take() {
+                Some(r) => r,
+                None => {
+                    let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
+                    match tokio::time::timeout_at(deadline, rejoins.recv()).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(TransportError::Lost("the listener is gone".into()).into()),
+                        Err(_) => {
+                            return Err(ReceiveError::Aborted(format!(
+                                "post-copy lost: the source did not come back within the resume window ({window:?}) after: {}",
+                                error_chain(why)
+                            )));
+                        }
+                    }
+                }
+            };
+            match self.rejoin_postcopy(adm, pc, r).await {
+                Ok(peer) => {
+                    log(format!("source reconnected from {peer}: post-copy of {} resumed", adm.session.id()));
+                    return Ok(());
+                }
+                Err(e) => log(format!("a resume failed, still waiting: {}", error_chain(&e))),
+            }
+        }
+    }
+
+    /// [`Attempt::rejoin`] for a post-copy: says which missing pages
+    /// arrived, then takes the new connection's page streams.
+    async fn rejoin_postcopy(
+        &mut self,
+        adm: &mut Admitted,
+        pc: &mut DestPostcopy,
+        mut r: Rejoin,
+    ) -> Result<String, ReceiveError> {
+        let Message::Resume { migration_id, secret } = &r.first else {
+            return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
+        };
+        if *migration_id != adm.session.id() || !adm.session.is_secret(secret) {
+            let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
+            let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
+            return Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)));
+        }
+        let point = adm.session.resume(pc.arrived_runs())?;
+        r.tx.send(&Message::Resumed(point)).await?;
+        let open = async {
+            let bulk = r.conn.accept_bulk().await?;
+            let urgent = r.conn.accept_bulk().await?;
+            let requests = r.conn.open_bulk().await?;
+            Ok::<_, TransportError>((bulk, urgent, requests))
+        };
+        let (bulk, urgent, requests) = tokio::time::timeout(POSTCOPY_OPEN_TIMEOUT, open)
+            .await
+            .map_err(|_| TransportError::Timeout(POSTCOPY_OPEN_TIMEOUT))??;
+        let zstd = wanmig_mem_sync::compress::StreamDecompressor::new()
+            .map_err(|e| ReceiveError::BadInput(format!("zstd: {e}")))?;
+        pc.restart(bulk, zstd, urgent, requests);
+        (self.conn, self.tx, self.rx) = (r.conn, r.tx, r.rx);
+        Ok(r.peer)
+    }
+
     /// Takes the attempt up on `r`'s connection if it proves to be this
     /// migration's source; tells it where this side stands. A stranger is
     /// refused and the old state kept.
@@ -570,23 +700,7 @@ impl Attempt<'_> {
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
         if let Some(pc) = adm.postcopy.take() {
-            // The guest runs here on what it has; the rest comes.
-            let _ = self.tx.send(&Message::CommitAck).await;
-            log(format!("post-copy: the guest runs here; {} pages still at the source", pc.missing()));
-            let (flow, report) = pc.finish().await?;
-            let complete = adm.session.postcopy_complete(&flow, report.clone())?;
-            let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
-            self.send(&complete).await?;
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
-            log(format!(
-                "post-copy complete: {} faults, fault service p50 {} µs, p99 {} µs, max {} µs; {} pages requested, {} pushed",
-                report.faults,
-                report.service_p50_us,
-                report.service_p99_us,
-                report.service_max_us,
-                report.requested,
-                report.pushed
-            ));
+            self.finish_postcopy(&mut adm, pc, log).await?;
         } else {
             self.acknowledge().await;
         }

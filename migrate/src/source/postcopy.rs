@@ -28,14 +28,18 @@ use wanmig_vmm::memory::{DirtyPages, GuestMem};
 use wanmig_wire::{Message, PageData, PageRef, PageSpace, PagesBuilder, SourceEvent, Stream};
 
 use super::error::SendError;
+use super::link::{BulkSender, Link};
 use super::run::Run;
 use super::switchover::union;
 use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
 use crate::report::{Phase, PostcopyDestStats, PostcopyStats};
 
-/// Pages a push batch carries (1 MiB): small enough that control messages
-/// are looked at often, large enough to fill a zstd frame.
+/// Most pages a push batch carries (1 MiB, a good zstd frame). Fewer on a
+/// slow link: a batch takes about [`PUSH_SLICE`] of it, so that `Ready`
+/// and `CommitAck` (looked at between batches) are not held up.
 const PUSH_PAGES: u64 = 256;
+/// Link time one push batch may take.
+const PUSH_SLICE: f64 = 0.01;
 /// Most pages one urgent answer carries (requested pages and neighbours).
 const URGENT_PAGES: u64 = 256;
 /// How long the destination may take to open its request stream.
@@ -126,8 +130,6 @@ async fn serve_urgent(
     round: u32,
     served: Arc<Served>,
 ) -> Result<(), SendError> {
-    // Opens the stream (the destination's page pump waits for it).
-    urgent.send(&Message::Pages(PagesBuilder::new(round).finish())).await?;
     while let Some(pages) = requests.recv().await {
         let pages = pages?;
         if pages.is_empty() {
@@ -253,22 +255,10 @@ pub async fn run_postcopy(
     let prepager = Arc::new(Mutex::new(prepager));
     run.summary.postcopy = Some(PostcopyStats { reason: why, missing_pages: total, ..PostcopyStats::default() });
 
-    // The urgent stream (opened by its first message) and the destination's
-    // request stream.
-    let urgent = run.conn.open_bulk().await?;
-    let requests = tokio::time::timeout(OPEN_TIMEOUT, run.conn.accept_bulk())
-        .await
-        .map_err(|_| SendError::Timeout(OPEN_TIMEOUT))??;
-    let (req_tx, req_rx) = mpsc::channel(64);
-    let mut checker = run.link.session.clone();
-    read_requests(requests, req_tx, move |m| match checker.on_message(Stream::Requests, m)? {
-        SourceEvent::PagesRequested(p) => Ok(p),
-        e => Err(SendError::Peer(format!("{e:?} on the request stream"))),
-    });
     let served = Arc::new(Served::default());
     let mem = run.vm.ram().mem().clone();
-    let mut urgent_task =
-        tokio::spawn(serve_urgent(urgent, req_rx, prepager.clone(), mem.clone(), space.clone(), round, served.clone()));
+    let streams = Streams { prepager: prepager.clone(), mem: mem.clone(), space: space.clone(), round, served };
+    let mut urgent_task = streams.open(run).await?;
 
     // The device state, as in a stop-and-copy.
     let state = run.vm.device_state()?;
@@ -285,7 +275,26 @@ pub async fn run_postcopy(
 
     // The push keeps to the cap in force, as pre-copy did.
     run.pace(None);
-    let result = serve(run, journal, rec, &prepager, &mem, &space, round, paused_at, &mut urgent_task, &served).await;
+    let served = streams.served.clone();
+    let result = loop {
+        let r = serve(run, journal, rec, &prepager, &mem, &space, round, paused_at, &mut urgent_task, &served).await;
+        match r {
+            // The guest runs there (or may): ride the outage out on a new
+            // connection; the pages stay here until they all arrived.
+            Err(e) if outage_after_commit(run, &e) => {
+                urgent_task.abort();
+                if let Err(e) = resume(run, e, &missing, &prepager, &space, round).await {
+                    break Err(e);
+                }
+                urgent_task = match streams.open(run).await {
+                    Ok(t) => t,
+                    Err(e) => break Err(e),
+                };
+                run.report.phase(Phase::Postcopy);
+            }
+            r => break r,
+        }
+    };
     urgent_task.abort();
     let pc = run.summary.postcopy.get_or_insert_with(PostcopyStats::default);
     pc.requests_served = served.requests.load(Ordering::Relaxed);
@@ -293,6 +302,90 @@ pub async fn run_postcopy(
     pc.pages_requested = served.sent.load(Ordering::Relaxed);
     pc.postcopy_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     result
+}
+
+/// What serves requests: opened at the switch and again after a resume.
+struct Streams {
+    prepager: Arc<Mutex<Prepager>>,
+    mem: GuestMem,
+    space: PageSpace,
+    round: u32,
+    served: Arc<Served>,
+}
+
+impl Streams {
+    /// Opens the urgent stream (with an empty batch: a QUIC stream shows at
+    /// the peer with its first bytes, and the destination opens its request
+    /// stream once it has it), accepts the request stream, and starts the
+    /// urgent task on them.
+    async fn open(&self, run: &mut Run<'_>) -> Result<tokio::task::JoinHandle<Result<(), SendError>>, SendError> {
+        let mut urgent = run.conn.open_bulk().await?;
+        urgent.send(&Message::Pages(PagesBuilder::new(self.round).finish())).await?;
+        let requests = tokio::time::timeout(OPEN_TIMEOUT, run.conn.accept_bulk())
+            .await
+            .map_err(|_| SendError::Timeout(OPEN_TIMEOUT))??;
+        let (req_tx, req_rx) = mpsc::channel(64);
+        let mut checker = run.link.session.clone();
+        read_requests(requests, req_tx, move |m| match checker.on_message(Stream::Requests, m)? {
+            SourceEvent::PagesRequested(p) => Ok(p),
+            e => Err(SendError::Peer(format!("{e:?} on the request stream"))),
+        });
+        Ok(tokio::spawn(serve_urgent(
+            urgent,
+            req_rx,
+            self.prepager.clone(),
+            self.mem.clone(),
+            self.space.clone(),
+            self.round,
+            self.served.clone(),
+        )))
+    }
+}
+
+/// Whether `e`, after the commit, is an outage to ride out by resuming.
+fn outage_after_commit(run: &Run<'_>, e: &SendError) -> bool {
+    matches!(e, SendError::Transport(_) | SendError::Closed | SendError::Timeout(_))
+        && run.link.session.committed()
+        && !run.link.session.done()
+        && !run.opts.resume_window.is_zero()
+}
+
+/// Reconnects after `cause` (within the resume window), takes the
+/// migration up again where the destination stands, and puts back for
+/// sending every missing page that did not arrive there.
+async fn resume(
+    run: &mut Run<'_>,
+    cause: SendError,
+    missing: &[PageRange],
+    prepager: &Mutex<Prepager>,
+    space: &PageSpace,
+    round: u32,
+) -> Result<(), SendError> {
+    let began = Instant::now();
+    run.summary.outages += 1;
+    let (ctl, rx, point) = super::resume::reconnect(run, &cause, began).await?;
+    let mut session = run.link.session.clone();
+    session.on_resumed(&point)?;
+    let zstd = run.opts.compress && session.features() & wanmig_types::features::ZSTD != 0;
+    // A new stream and compressor: the destination's decoder is new too.
+    let mut bulk = BulkSender::new(run.conn.open_bulk().await?, 0, zstd, run.steer.tunables().max_bandwidth)?;
+    bulk.send(&Message::Pages(PagesBuilder::new(round).finish()), &mut run.summary.bytes).await?;
+    let deadline = run.link.deadline + began.elapsed();
+    (run.link, _) = Link::new(ctl, rx, bulk, session, deadline);
+    let arrived = |pfn: u64| {
+        let i = point.received.partition_point(|r| r.first <= pfn);
+        i > 0 && point.received[i - 1].end() > pfn
+    };
+    let mut p = prepager.lock().unwrap_or_else(PoisonError::into_inner);
+    let before = p.remaining();
+    for pfn in missing.iter().flat_map(|r| r.first..r.end()).filter(|&pfn| !arrived(pfn)) {
+        if let Some(i) = space.index(pfn) {
+            p.requeue(PageRange { first: i, count: 1 });
+        }
+    }
+    run.summary.resent_bytes += (p.remaining() - before) * PAGE_SIZE_U64;
+    run.summary.outage_ms += began.elapsed().as_secs_f64() * 1e3;
+    Ok(())
 }
 
 /// What the serving loop waits on next.
@@ -325,7 +418,8 @@ impl Push<'_> {
         run: &mut Run<'_>,
         urgent: &mut tokio::task::JoinHandle<Result<(), SendError>>,
     ) -> Result<Step, SendError> {
-        let to_push = self.prepager().next_push_batch(PUSH_PAGES);
+        let pages = (run.capacity() * PUSH_SLICE / PAGE_SIZE as f64).clamp(8.0, PUSH_PAGES as f64) as u64;
+        let to_push = self.prepager().next_push_batch(pages);
         if !to_push.is_empty() {
             // Control first: a Ready or a complaint must not wait behind
             // the whole push.

@@ -81,7 +81,7 @@ pub async fn after_outage(run: &mut Run<'_>, cause: SendError) -> Result<Stage, 
 
 /// Reconnects with backoff until the destination takes the migration up
 /// again, or the resume window ends.
-async fn reconnect(
+pub(super) async fn reconnect(
     run: &mut Run<'_>,
     cause: &SendError,
     began: Instant,
