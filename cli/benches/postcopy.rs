@@ -11,7 +11,7 @@
 //!   auto-converge): total time, downtime, rounds, highest throttle.
 //!
 //! `cargo bench -p wanmig --bench postcopy` (needs root for the network
-//! namespaces, and /dev/kvm). On a shared 2-core machine a release build
+//! namespaces, and /dev/kvm; `WANMIG_BENCH_ONLY=wan|hybrid` runs half). On a shared 2-core machine a release build
 //! is long; `--profile dev` runs the same scenarios with the debug binary.
 
 #[allow(dead_code)]
@@ -129,8 +129,15 @@ fn main() {
         "asked",
         "pushed"
     );
-    across("pcb1", Duration::from_millis(1));
-    across("pcb50", Duration::from_millis(50));
+    // `WANMIG_BENCH_ONLY=wan` or `=hybrid` runs one half.
+    let only = std::env::var("WANMIG_BENCH_ONLY").unwrap_or_default();
+    if only != "hybrid" {
+        across("pcb1", Duration::from_millis(1));
+        across("pcb50", Duration::from_millis(50));
+    }
+    if only == "wan" {
+        return;
+    }
     println!(
         "{:<22} {:>9} {:>8} {:>9} {:>8} {:>7} {:>10}",
         "scenario", "outcome", "total s", "postcopy", "down ms", "rounds", "throttle"

@@ -368,3 +368,20 @@ fn place(pc: &PostcopyRam, metrics: &Mutex<Metrics>, stream: Stream, p: &Pages) 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wanmig_types::PageRange;
+
+    #[test]
+    fn what_is_not_named_stays_present() {
+        let ram = GuestRam::new(1 << 20).expect("ram");
+        let named =
+            [PageRange { first: 0, count: 2 }, PageRange { first: 10, count: 4 }, PageRange { first: 255, count: 1 }];
+        let present = present_outside(&ram, &named);
+        let p = |first: u64, pages: u64| (GuestAddress(first * PAGE_SIZE_U64), pages * PAGE_SIZE_U64);
+        assert_eq!(present, vec![p(2, 8), p(14, 241)]);
+        assert_eq!(present_outside(&ram, &[]), vec![p(0, 256)]);
+    }
+}

@@ -40,6 +40,8 @@ use crate::report::{Phase, PostcopyDestStats, PostcopyStats};
 const PUSH_PAGES: u64 = 256;
 /// Link time one push batch may take.
 const PUSH_SLICE: f64 = 0.01;
+/// Share of the link's bandwidth (`--link-bandwidth`) the push may take.
+const PUSH_SHARE: f64 = 0.9;
 /// Most pages one urgent answer carries (requested pages and neighbours).
 const URGENT_PAGES: u64 = 256;
 /// How long the destination may take to open its request stream.
@@ -258,7 +260,9 @@ pub async fn run_postcopy(
     let served = Arc::new(Served::default());
     let mem = run.vm.ram().mem().clone();
     let streams = Streams { prepager: prepager.clone(), mem: mem.clone(), space: space.clone(), round, served };
-    let mut urgent_task = streams.open(run).await?;
+    // The urgent stream opens now; the request stream is awaited after the
+    // device state went (a round trip less in the downtime).
+    let urgent = streams.open_urgent(run).await?;
 
     // The device state, as in a stop-and-copy.
     let state = run.vm.device_state()?;
@@ -272,9 +276,15 @@ pub async fn run_postcopy(
     let msg = run.link.session.device_state(state)?;
     run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
     run.summary.downtime_breakdown.state_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    let mut urgent_task = streams.serve(run, urgent).await?;
 
-    // The push keeps to the cap in force, as pre-copy did.
+    // The push keeps to the cap in force, as pre-copy did, and below the
+    // link's bandwidth: a queue of pushed pages at the bottleneck would
+    // delay every answer to a fault by as much.
     run.pace(None);
+    let link = run.opts.tuning.bandwidth_bps as f64 / 8.0 * PUSH_SHARE;
+    let cap = run.steer.tunables().max_bandwidth.map_or(link, |c| c.min(link));
+    run.link.bulk.set_rate(Some(cap));
     let served = streams.served.clone();
     let result = loop {
         let r = serve(run, journal, rec, &prepager, &mem, &space, round, paused_at, &mut urgent_task, &served).await;
@@ -319,8 +329,23 @@ impl Streams {
     /// stream once it has it), accepts the request stream, and starts the
     /// urgent task on them.
     async fn open(&self, run: &mut Run<'_>) -> Result<tokio::task::JoinHandle<Result<(), SendError>>, SendError> {
+        let urgent = self.open_urgent(run).await?;
+        self.serve(run, urgent).await
+    }
+
+    /// Opens the urgent stream (an empty batch makes it show).
+    async fn open_urgent(&self, run: &mut Run<'_>) -> Result<FrameSender, SendError> {
         let mut urgent = run.conn.open_bulk().await?;
         urgent.send(&Message::Pages(PagesBuilder::new(self.round).finish())).await?;
+        Ok(urgent)
+    }
+
+    /// Accepts the request stream and starts the urgent task.
+    async fn serve(
+        &self,
+        run: &mut Run<'_>,
+        urgent: FrameSender,
+    ) -> Result<tokio::task::JoinHandle<Result<(), SendError>>, SendError> {
         let requests = tokio::time::timeout(OPEN_TIMEOUT, run.conn.accept_bulk())
             .await
             .map_err(|_| SendError::Timeout(OPEN_TIMEOUT))??;
@@ -527,4 +552,38 @@ async fn commit(
     run.report.phase(Phase::Committed);
     run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wanmig_vmm::memory::RegionDirty;
+
+    fn r(first: u64, count: u64) -> PageRange {
+        PageRange { first, count }
+    }
+
+    #[test]
+    fn missing_pages_become_sorted_disjoint_page_frame_runs() {
+        // Two regions (the second at 4 GiB), overlapping and unsorted runs.
+        let pages = DirtyPages {
+            regions: vec![
+                RegionDirty { start: GuestAddress(0), ranges: vec![r(10, 5), r(0, 2), r(12, 6), r(30, 0)] },
+                RegionDirty { start: GuestAddress(1 << 32), ranges: vec![r(0, 1), r(1, 3)] },
+            ],
+        };
+        assert_eq!(pfn_runs(&pages), vec![r(0, 2), r(10, 8), r(1 << 20, 4)]);
+        assert_eq!(pfn_runs(&DirtyPages::default()), Vec::new());
+    }
+
+    #[test]
+    fn answers_are_cut_into_batches_of_at_most_max_pages() {
+        let parts = split(&[r(0, 5), r(100, 300), r(1000, 1)], 256);
+        let sizes: Vec<u64> = parts.iter().map(|p| p.iter().map(|x| x.count).sum()).collect();
+        assert_eq!(sizes, vec![256, 50]);
+        assert_eq!(parts[0][0], r(0, 5));
+        assert_eq!(parts[0][1], r(100, 251));
+        assert_eq!(parts[1], vec![r(351, 49), r(1000, 1)]);
+        assert!(split(&[], 8).is_empty());
+    }
 }
