@@ -206,6 +206,39 @@ fn read_requests(
     });
 }
 
+/// The push's policy for `space`, with only the `missing` runs (page
+/// frames, ascending, in RAM) to send.
+fn prepager_for(space: &PageSpace, missing: &[PageRange]) -> Prepager {
+    let mut prepager = Prepager::new(space.pages(), PrepagerConfig::default());
+    let mut next = 0;
+    for r in missing {
+        let first = space.index(r.first).expect("postcopy_start checked the runs are RAM");
+        if first > next {
+            prepager.already_there(PageRange { first: next, count: first - next });
+        }
+        next = first + r.count;
+    }
+    if next < space.pages() {
+        prepager.already_there(PageRange { first: next, count: space.pages() - next });
+    }
+    prepager
+}
+
+/// The device state, as in a stop-and-copy.
+async fn send_state(run: &mut Run<'_>) -> Result<(), SendError> {
+    let state = run.vm.device_state()?;
+    let state = match run.link.session.features() & wanmig_types::features::ZSTD != 0 {
+        true => {
+            wanmig_mem_sync::compress::compress_blob(&state).map_err(|e| SendError::Refused(format!("zstd: {e}")))?
+        }
+        false => state,
+    };
+    run.summary.bytes.state = state.len() as u64;
+    let msg = run.link.session.device_state(state)?;
+    run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
+    Ok(())
+}
+
 /// The switch, the commit and the post-copy, for a guest whose pre-copy
 /// left `pending` to send (all pages with `--postcopy now`). `why` says
 /// why it switched.
@@ -241,20 +274,7 @@ pub async fn run_postcopy(
     }
     let total: u64 = missing.iter().map(|r| r.count).sum();
     let space = PageSpace::of(&run.vm.ram().regions().into_iter().map(|(s, l)| (s.0, l)).collect::<Vec<_>>());
-    let mut prepager = Prepager::new(space.pages(), PrepagerConfig::default());
-    // Everything not named is there: only the named pages are to send.
-    let mut next = 0;
-    for r in &missing {
-        let first = space.index(r.first).expect("postcopy_start checked the runs are RAM");
-        if first > next {
-            prepager.already_there(PageRange { first: next, count: first - next });
-        }
-        next = first + r.count;
-    }
-    if next < space.pages() {
-        prepager.already_there(PageRange { first: next, count: space.pages() - next });
-    }
-    let prepager = Arc::new(Mutex::new(prepager));
+    let prepager = Arc::new(Mutex::new(prepager_for(&space, &missing)));
     run.summary.postcopy = Some(PostcopyStats { reason: why, missing_pages: total, ..PostcopyStats::default() });
 
     let served = Arc::new(Served::default());
@@ -264,17 +284,7 @@ pub async fn run_postcopy(
     // device state went (a round trip less in the downtime).
     let urgent = streams.open_urgent(run).await?;
 
-    // The device state, as in a stop-and-copy.
-    let state = run.vm.device_state()?;
-    let state = match run.link.session.features() & wanmig_types::features::ZSTD != 0 {
-        true => {
-            wanmig_mem_sync::compress::compress_blob(&state).map_err(|e| SendError::Refused(format!("zstd: {e}")))?
-        }
-        false => state,
-    };
-    run.summary.bytes.state = state.len() as u64;
-    let msg = run.link.session.device_state(state)?;
-    run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
+    send_state(run).await?;
     run.summary.downtime_breakdown.state_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let mut urgent_task = streams.serve(run, urgent).await?;
 
