@@ -406,7 +406,7 @@ fn print_postcopy(pc: &wanmig_migrate::report::PostcopyStats) {
         let blocked: Vec<String> = d.vcpu_blocked_us.iter().map(|b| format!("{:.1} ms", *b as f64 / 1e3)).collect();
         println!(
             "  post-copy at the destination: {} faults, fault service p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-             {} duplicate pages; blocked per faulting vCPU thread: [{}]",
+             {} duplicate pages; blocked per vCPU: [{}]",
             d.faults,
             d.service_p50_us as f64 / 1e3,
             d.service_p99_us as f64 / 1e3,

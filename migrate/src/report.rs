@@ -269,7 +269,7 @@ pub struct PostcopyDestStats {
     pub service_p99_us: u64,
     /// Longest, µs.
     pub service_max_us: u64,
-    /// Time each faulting vCPU thread spent blocked on missing pages, µs.
+    /// Time each vCPU (by index) spent blocked on missing pages, µs.
     pub vcpu_blocked_us: Vec<u64>,
     /// From the first page placed to the last, µs.
     pub placing_us: u64,

@@ -188,8 +188,16 @@ impl DestPostcopy {
             0 => 0,
             n => service[((n as f64 * q).ceil() as usize).clamp(1, n) - 1],
         };
-        let mut blocked: Vec<(u32, u64)> = m.blocked.iter().map(|(&t, &b)| (t, b)).collect();
-        blocked.sort_unstable();
+        // Per vCPU: the VMM names its vCPU threads `vcpuN`; a device
+        // thread's faults count in the service times, not here.
+        let mut per_vcpu: Vec<u64> = Vec::new();
+        for (&tid, &us) in &m.blocked {
+            let Some(id) = vcpu_of(tid) else { continue };
+            if id >= per_vcpu.len() {
+                per_vcpu.resize(id + 1, 0);
+            }
+            per_vcpu[id] += us;
+        }
         let placing = match (m.first_placed, m.last_placed) {
             (Some(a), Some(b)) => b.duration_since(a).as_micros() as u64,
             _ => 0,
@@ -202,7 +210,7 @@ impl DestPostcopy {
             service_p50_us: at(0.5),
             service_p99_us: at(0.99),
             service_max_us: service.last().copied().unwrap_or(0),
-            vcpu_blocked_us: blocked.into_iter().map(|(_, b)| b).take(256).collect(),
+            vcpu_blocked_us: per_vcpu,
             placing_us: placing,
         }
     }
@@ -216,6 +224,14 @@ impl Drop for DestPostcopy {
             p.abort();
         }
     }
+}
+
+/// The vCPU index of thread `tid` of this process, from its name
+/// (`vcpuN`, as the VMM names them).
+fn vcpu_of(tid: u32) -> Option<usize> {
+    let name = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+    let id: usize = name.trim().strip_prefix("vcpu")?.parse().ok()?;
+    (id < wanmig_wire::postcopy::MAX_REPORT_VCPUS as usize).then_some(id)
 }
 
 /// The fault thread: reads faults (never guest memory), stamps them, and
