@@ -411,6 +411,34 @@ mod tests {
     }
 
     #[test]
+    fn a_postcopy_is_running_while_its_receive_lives_and_lost_after() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = DestJournal::new(dir.path());
+        let me = Owner::this_process();
+        let mut rec = DestRecord {
+            migration_id: MigrationId::new(),
+            vm: "vm".into(),
+            source: "src".into(),
+            phase: DestPhase::Ready,
+            updated_unix: 0,
+            sync: false,
+            owner: Some(me.clone()),
+            images: Vec::new(),
+        };
+        j.commit_as(&mut rec, DestPhase::Postcopy).expect("commit");
+        assert_eq!(j.settle(rec.migration_id).expect("settle"), Settlement::PostcopyRunning);
+        // Its process gone: the guest with it.
+        rec.owner = Some(Owner { start_ticks: me.start_ticks + 1, ..me });
+        j.record(&mut rec, DestPhase::Postcopy).expect("write");
+        assert_eq!(j.settle(rec.migration_id).expect("settle"), Settlement::PostcopyLost);
+        j.record(&mut rec, DestPhase::Committed).expect("every page arrived");
+        assert_eq!(j.settle(rec.migration_id).expect("settle"), Settlement::Committed);
+        // A migration settled as not committed never commits, in post-copy either.
+        j.record(&mut rec, DestPhase::Aborted).expect("write");
+        assert!(j.commit_as(&mut rec, DestPhase::Postcopy).is_err());
+    }
+
+    #[test]
     fn a_records_owner_is_alive_only_while_its_process_runs() {
         let me = Owner::this_process();
         assert!(me.start_ticks > 0 && !me.boot_id.is_empty(), "{me:?}");
