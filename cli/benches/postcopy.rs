@@ -6,12 +6,17 @@
 //!   total time, post-copy time, faults, fault service time p50/p99/max at
 //!   the destination, time the vCPU spent blocked, pages requested vs.
 //!   pushed;
+//! - the same guest under QEMU (`-accel kvm`, microvm) with its
+//!   `postcopy-ram`, switched at once (`migrate-start-postcopy`), over the
+//!   same emulated links: total time, downtime, page requests, and the
+//!   destination's `postcopy-blocktime`;
 //! - on loopback capped at 40 Mbit/s, the same flat-out guest with
 //!   `--postcopy auto` (hybrid) and `--postcopy off` (pre-copy with
 //!   auto-converge): total time, downtime, rounds, highest throttle.
 //!
 //! `cargo bench -p wanmig --bench postcopy` (needs root for the network
-//! namespaces, and /dev/kvm; `WANMIG_BENCH_ONLY=wan|hybrid` runs half). On a shared 2-core machine a release build
+//! namespaces, and /dev/kvm; `WANMIG_BENCH_ONLY=wan|qemu|hybrid` runs one
+//! part). On a shared 2-core machine a release build
 //! is long; `--profile dev` runs the same scenarios with the debug binary.
 
 #[allow(dead_code)]
@@ -131,11 +136,19 @@ fn main() {
     );
     // `WANMIG_BENCH_ONLY=wan` or `=hybrid` runs one half.
     let only = std::env::var("WANMIG_BENCH_ONLY").unwrap_or_default();
-    if only != "hybrid" {
+    if only.is_empty() || only == "wan" {
         across("pcb1", Duration::from_millis(1));
         across("pcb50", Duration::from_millis(50));
     }
-    if only == "wan" {
+    if only.is_empty() || only == "qemu" {
+        println!(
+            "{:<22} {:>9} {:>8} {:>8} {:>9} {:>10} {:>12}",
+            "QEMU postcopy-ram", "status", "total s", "down ms", "requests", "blocktime", "vCPU blocked"
+        );
+        qemu::postcopy("pcq1", Duration::from_millis(1));
+        qemu::postcopy("pcq50", Duration::from_millis(50));
+    }
+    if !only.is_empty() && only != "hybrid" {
         return;
     }
     println!(
@@ -144,4 +157,146 @@ fn main() {
     );
     flat_out("auto");
     flat_out("off");
+}
+
+/// QEMU's post-copy of the same test guest, driven over QMP.
+mod qemu {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+    use wanmig_linkem::{LinkConfig, LinkParams, WanPair};
+
+    /// A QMP connection.
+    struct Qmp {
+        r: BufReader<UnixStream>,
+        w: UnixStream,
+    }
+
+    impl Qmp {
+        fn connect(path: &Path) -> Self {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let s = loop {
+                match UnixStream::connect(path) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("QMP at {}: {e}", path.display()),
+                }
+            };
+            let mut q = Qmp { r: BufReader::new(s.try_clone().expect("clone")), w: s };
+            let mut greeting = String::new();
+            q.r.read_line(&mut greeting).expect("QMP greeting");
+            q.run("qmp_capabilities", json!({}));
+            q
+        }
+
+        /// Runs `cmd`; its `return` (events in between are skipped).
+        fn run(&mut self, cmd: &str, args: Value) -> Value {
+            let msg = json!({ "execute": cmd, "arguments": args });
+            writeln!(self.w, "{msg}").expect("QMP write");
+            loop {
+                let mut line = String::new();
+                assert!(self.r.read_line(&mut line).expect("QMP read") > 0, "QMP closed during {cmd}");
+                let v: Value = serde_json::from_str(&line).expect("QMP JSON");
+                if let Some(r) = v.get("return") {
+                    return r.clone();
+                }
+                if let Some(e) = v.get("error") {
+                    panic!("QMP {cmd}: {e}");
+                }
+            }
+        }
+    }
+
+    fn qemu(netns: &str, dir: &Path, name: &str, guest: &Path, incoming: bool) -> Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns, "qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-m", "128"])
+            .args(["-display", "none", "-no-reboot", "-serial"])
+            .arg(format!("file:{}", dir.join(format!("{name}.serial")).display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dir.join(format!("{name}.qmp")).display()))
+            .arg("-kernel")
+            .arg(guest)
+            .args(["-append", "ws_mib=32 rate_mib=16 mem_entropy=100 mmio=0xfeb00000 mmio_stride=0x200 mmio_count=24"]);
+        if incoming {
+            c.args(["-incoming", "defer"]);
+        }
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu-system-x86_64")
+    }
+
+    pub fn postcopy(tag: &str, rtt: Duration) {
+        let params = LinkParams::wan(200_000_000, rtt);
+        let wan = WanPair::new(tag, LinkConfig::symmetric(params).with_seed(7)).expect("the emulated WAN (root)");
+        let dir = tempfile::tempdir().expect("tmp");
+        let guest = dir.path().join("guest.elf");
+        std::fs::write(&guest, wanmig_vmm::testguest::IMAGE).expect("guest");
+        let mut src = qemu(wan.a().name(), dir.path(), "src", &guest, false);
+        let mut dst = qemu(wan.b().name(), dir.path(), "dst", &guest, true);
+        let serial = dir.path().join("src.serial");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !std::fs::read_to_string(&serial).unwrap_or_default().contains("wanmig-testguest: t=3s") {
+            assert!(Instant::now() < deadline, "the guest under QEMU never ran 3 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut qs = Qmp::connect(&dir.path().join("src.qmp"));
+        let mut qd = Qmp::connect(&dir.path().join("dst.qmp"));
+        let caps = |blocktime: bool| {
+            let mut c = vec![json!({ "capability": "postcopy-ram", "state": true })];
+            if blocktime {
+                c.push(json!({ "capability": "postcopy-blocktime", "state": true }));
+            }
+            json!({ "capabilities": c })
+        };
+        qs.run("migrate-set-capabilities", caps(false));
+        qd.run("migrate-set-capabilities", caps(true));
+        let uri = format!("tcp:{}:4446", wan.addr_b());
+        qd.run("migrate-incoming", json!({ "uri": uri }));
+        let started = Instant::now();
+        qs.run("migrate", json!({ "uri": uri }));
+        // Switch as soon as the migration runs (`--postcopy now`).
+        loop {
+            let st = qs.run("query-migrate", json!({}));
+            match st["status"].as_str() {
+                Some("active") => break,
+                Some("failed") => panic!("QEMU's migration failed: {st}"),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        qs.run("migrate-start-postcopy", json!({}));
+        let st = loop {
+            let st = qs.run("query-migrate", json!({}));
+            match st["status"].as_str() {
+                Some("completed") => break st,
+                Some("failed") | Some("cancelled") => panic!("QEMU's migration failed: {st}"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let elapsed = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let d = qd.run("query-migrate", json!({}));
+        let blocked: Vec<String> = d["postcopy-vcpu-blocktime"]
+            .as_array()
+            .map(|a| a.iter().map(|b| format!("{} ms", b)).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<22} {:>9} {:>8.2} {:>8} {:>9} {:>7} ms {:>12}",
+            format!("QEMU, RTT {} ms", rtt.as_millis()),
+            st["status"].as_str().unwrap_or("?"),
+            elapsed.as_secs_f64(),
+            st["downtime"],
+            st["ram"]["postcopy-requests"],
+            d["postcopy-blocktime"],
+            blocked.join(", ")
+        );
+        for c in [&mut src, &mut dst] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
