@@ -27,6 +27,10 @@ use super::options::ReceiveOptions;
 use crate::handover;
 use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
 
+/// How many link failures one attempt rides out: a source whose link
+/// keeps failing is given up on, so that it cannot hold this host forever.
+const MAX_PARKS: u32 = 32;
+
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -76,6 +80,8 @@ struct Admitted {
     record: DestRecord,
     /// Shared disks, opened and checked at admission, for the VM.
     shared: Option<Vec<File>>,
+    /// Times the link failed and the attempt waited for its source.
+    parks: u32,
 }
 
 /// A received VM, its configuration and the tunnel's end.
@@ -209,6 +215,7 @@ impl Attempt<'_> {
             tunnel: false,
             record,
             shared: admission.shared,
+            parks: 0,
         };
         Ok((adm, local, params))
     }
@@ -375,11 +382,13 @@ impl Attempt<'_> {
         Ok(state.unwrap_or_default())
     }
 
-    /// Whether the attempt can wait for its source to come back after `e`.
+    /// Whether the attempt can wait for its source to come back after `e`:
+    /// a lost link, not a source that cancelled nor one that holds a live
+    /// connection and sends nothing (a stall is no outage: it keeps the slot
+    /// only for the idle timeout), and not more than [`MAX_PARKS`] times.
     fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
-        let cancelled = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why == PEER_CANCELLED);
-        matches!(e, ReceiveError::Transport(_))
-            && !cancelled
+        let lost = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why != PEER_CANCELLED);
+        lost && adm.parks < MAX_PARKS
             && self.rejoins.is_some()
             && !self.opts.resume_window.is_zero()
             && adm.session.can_resume()
@@ -391,6 +400,7 @@ impl Attempt<'_> {
     /// connection. A window that ends fails the attempt.
     async fn park(&mut self, adm: &mut Admitted, why: &ReceiveError, log: &dyn Fn(String)) -> Result<(), ReceiveError> {
         let window = self.opts.resume_window;
+        adm.parks += 1;
         // Whatever is left of the old connection goes: a source still on it
         // learns that it must reconnect.
         self.conn.close(0);
