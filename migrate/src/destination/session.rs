@@ -406,7 +406,8 @@ impl Attempt<'_> {
         }
         let Some(mut vm) = vm else {
             installed?;
-            self.acknowledge().await;
+            let Attempt { conn, tx, .. } = self;
+            acknowledge(tx, Some(conn)).await;
             return Ok(None);
         };
         let paths = installed.unwrap_or_else(|e| {
@@ -420,18 +421,35 @@ impl Attempt<'_> {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        self.acknowledge().await;
+        let Attempt { conn, tx, .. } = self;
         let started = match adm.tunnel {
-            true => start_tunnel(self.conn, &adm.config, log).await,
-            false => None,
+            true => {
+                acknowledge(tx, None).await;
+                start_tunnel(conn, &adm.config, log).await
+            }
+            false => {
+                acknowledge(tx, Some(conn)).await;
+                None
+            }
         };
         Ok(Some((vm, adm.config, started)))
     }
+}
 
-    async fn acknowledge(&mut self) {
-        let _ = self.tx.send(&Message::CommitAck).await;
-        let _ = self.tx.finish().await;
-    }
+/// How long the acknowledgement's delivery is waited for, in the
+/// background, before its connection is let go.
+const ACK_LINGER: Duration = Duration::from_secs(30);
+
+/// Sends `CommitAck`; then, on a task of its own, ends the stream once the
+/// source has it (a source that got it and went away leaves that wait to
+/// the idle timeout: nothing here waits for it) and keeps `conn` open until
+/// then, so closing it cannot cut the acknowledgement short.
+async fn acknowledge(mut tx: FrameSender, conn: Option<Conn>) {
+    let _ = tx.send(&Message::CommitAck).await;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(ACK_LINGER, tx.finish()).await;
+        drop(conn);
+    });
 }
 
 fn journal_err(e: crate::journal::JournalError) -> String {
