@@ -84,6 +84,14 @@ impl BlockDigest {
         }
     }
 
+    /// Goes back to feeding at `offset` (a first pass that starts over from
+    /// there, e.g. after a resumed migration); `prefix` is the image's bytes
+    /// from the start of `offset`'s block up to `offset`.
+    pub fn refeed_at(&mut self, offset: u64, prefix: Vec<u8>) {
+        debug_assert_eq!(offset % BLOCK, prefix.len() as u64, "the prefix of the block");
+        self.partial = prefix;
+    }
+
     fn block_len(&self, block: usize) -> usize {
         (self.size - block as u64 * BLOCK).min(BLOCK) as usize
     }

@@ -173,7 +173,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     let _listener = received.listener;
     let mut cfg = cfg;
     cfg.disks = received.vm.vm.config().disks.clone();
-    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener, received.tunnel)
+    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener.take(), received.tunnel)
 }
 
 /// Options of `wanmig send`.
@@ -227,6 +227,11 @@ pub struct SendArgs {
     /// Keep the tunnel for good (a disaster-recovery move whose address stays).
     #[arg(long, requires = "tunnel_via")]
     tunnel_forever: bool,
+    /// How long the link may stay down before the commit: the guest runs on
+    /// here while the migration reconnects, then goes on from what the
+    /// destination holds (0: an outage fails the migration at once).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    resume_window: Duration,
 }
 
 fn mib(b: f64) -> String {
@@ -283,6 +288,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
         store: a.store.as_deref().map(std::path::absolute).transpose()?,
         sync,
+        resume_window_s: a.resume_window.as_secs(),
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {
@@ -328,6 +334,10 @@ pub fn progress_line(p: &Progress) -> String {
         (Phase::StopAndCopy, _) => "stop-and-copy: guest paused".into(),
         (Phase::Committing, _) => "committing: the destination verifies".into(),
         (Phase::Committed, _) => "commit sent: waiting for the destination's acknowledgement".into(),
+        (Phase::Reconnecting, _) => format!(
+            "link down, reconnecting (attempt {}, {:.0} s left of the resume window); the VM runs on here",
+            p.reconnect_attempt, p.resume_left_s
+        ),
     }
 }
 

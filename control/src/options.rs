@@ -29,5 +29,6 @@ pub fn send_options(req: &MigrateRequest, cfg: &VmConfig) -> Result<SendOptions,
     o.store = req.store.clone();
     o.sync = req.sync;
     o.tunnel = req.tunnel.clone();
+    o.resume_window = Duration::from_secs(req.resume_window_s);
     Ok(o)
 }

@@ -118,6 +118,14 @@ pub struct MigrateRequest {
     /// commit (the network tunnel).
     #[serde(default)]
     pub tunnel: Option<TunnelRequest>,
+    /// How long the link may stay down before the commit without the
+    /// migration failing (it resumes on a new connection), s; 0: fail at once.
+    #[serde(default = "default_resume_window_s")]
+    pub resume_window_s: u64,
+}
+
+fn default_resume_window_s() -> u64 {
+    600
 }
 
 /// What `status` reports of the VM.

@@ -71,6 +71,35 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// A control socket bound for a VM that may never run here (a destination
+/// binds before `Ready`): its file goes when this is dropped, unless it was
+/// taken to be served.
+#[derive(Debug)]
+pub struct Bound {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl Bound {
+    /// Binds at `path`, as [`bind`] does.
+    pub fn new(path: &Path) -> Result<Self, ControlError> {
+        Ok(Bound { listener: Some(bind(path)?), path: path.into() })
+    }
+
+    /// The listener, to serve: the file stays.
+    pub fn take(mut self) -> UnixListener {
+        self.listener.take().expect("a Bound holds its listener until taken")
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Whether the peer of `stream` may steer this VM: root, or this process's
 /// own user.
 pub fn peer_allowed(stream: &UnixStream) -> Result<(), String> {

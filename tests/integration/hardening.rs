@@ -57,6 +57,7 @@ impl RawSource {
             migration_id: self.id,
             shape,
             chunking: ChunkParams::DEFAULT,
+            resume_secret: [3; 32],
         };
         self.send(&hello);
         self.recv(Duration::from_secs(20)).expect("an answer to the hello")

@@ -2,6 +2,7 @@
 //! `wanmig` processes. Each test fails (never skips) without /dev/kvm.
 
 mod bad_input;
+mod control;
 mod dirty_tracking;
 mod disk_migration;
 mod hardening;

@@ -52,8 +52,11 @@ pub mod features {
     /// After the commit, the source opens a second two-way stream and both
     /// hosts run the network tunnel on it (`wanmig-tunnel`).
     pub const TUNNEL: u64 = 1 << 4;
+    /// A migration whose link fails before its commit may go on over a new
+    /// connection (`Resume`), from what the destination holds.
+    pub const RESUME: u64 = 1 << 5;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -104,7 +107,14 @@ mod tests {
 
     #[test]
     fn features_are_distinct_bits() {
-        let all = [features::XBZRLE, features::ZSTD, features::DISK_COPY, features::SYNC_ONLY, features::TUNNEL];
+        let all = [
+            features::XBZRLE,
+            features::ZSTD,
+            features::DISK_COPY,
+            features::SYNC_ONLY,
+            features::TUNNEL,
+            features::RESUME,
+        ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));
         assert_eq!(all.iter().map(|f| f.count_ones()).sum::<u32>(), features::ALL.count_ones());

@@ -10,13 +10,16 @@
 pub mod codec;
 pub mod disk;
 pub mod message;
+pub mod resume;
 pub mod session;
 
 pub use codec::DecodeError;
 pub use disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, ManifestChunk, Need};
 pub use message::{DiskInfo, Message, NicInfo, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
+pub use resume::{DiskPoint, ResumePoint};
 pub use session::{
-    DestAction, DestSession, FailureOutcome, ProtocolError, Settlement, SourceEvent, SourceSession, Stream, stream_of,
+    DestAction, DestSession, FailureOutcome, ProtocolError, Rewind, Settlement, SourceEvent, SourceSession, Stream,
+    stream_of,
 };
 
 /// ALPN protocol id of this protocol version on QUIC.

@@ -74,6 +74,7 @@ struct Sent {
 
 /// One round: the disks' written blocks, then the pages in `to_send`.
 async fn send_round(run: &mut Run<'_>, to_send: &DirtyPages) -> Result<Sent, SendError> {
+    run.start_round(to_send);
     let round = run.link.session.round();
     let on_wire = run.summary.bytes.disk;
     let disk_sent = match &mut run.disks {
@@ -96,16 +97,33 @@ struct Rates {
     link: f64,
 }
 
-/// Iterative memory pre-copy. Returns the pages still to send inside the
-/// stop-and-copy.
-pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
+/// Iterative memory pre-copy, from every page or (after a resume) from
+/// `resend`. Returns the pages still to send inside the stop-and-copy.
+pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<DirtyPages, SendError> {
     run.report.phase(Phase::Precopy);
-    // Track writes from before the first page is read.
-    run.vm.set_dirty_logging(true)?;
-    run.vm.harvest_dirty()?;
-    let mut policy = DowntimeBudget::new(run.steer.tunables().downtime);
-    let mut to_send = all_pages(&*run.vm);
-    let first_round = run.link.session.round();
+    let mut to_send = match resend {
+        Some(pages) => pages,
+        None => {
+            // Track writes from before the first page is read.
+            run.vm.set_dirty_logging(true)?;
+            run.vm.harvest_dirty()?;
+            all_pages(&*run.vm)
+        }
+    };
+    let mut policy = run.policy.take().unwrap_or_else(|| DowntimeBudget::new(run.steer.tunables().downtime));
+    let first_round = *run.first_round.get_or_insert(run.link.session.round());
+    let result = rounds(run, &mut policy, &mut to_send, first_round).await;
+    run.policy = Some(policy);
+    result.map(|()| to_send)
+}
+
+/// Rounds until the policy says stop (leaving in `to_send` what is left).
+async fn rounds(
+    run: &mut Run<'_>,
+    policy: &mut DowntimeBudget,
+    to_send: &mut DirtyPages,
+    first_round: u32,
+) -> Result<(), SendError> {
     let mut rates = Rates::default();
     let mut dirty_rate = None;
     loop {
@@ -115,7 +133,7 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         let t = Instant::now();
         let left = run.link.deadline.saturating_duration_since(t);
         // A round, however large, is bounded by the migration's deadline.
-        let sent = tokio::time::timeout(left, send_round(run, &to_send))
+        let sent = tokio::time::timeout(left, send_round(run, to_send))
             .await
             .map_err(|_| SendError::Timeout(run.opts.timeout))??;
         let elapsed = t.elapsed();
@@ -124,9 +142,9 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         dirty_rate = Some(report.dirty_rate() * report.bytes_per_page);
         let decision = policy.decide(&report);
         record_round(run, &report, &sent, first_round);
-        to_send = dirty;
+        *to_send = dirty;
         match decision {
-            Decision::StopAndCopy => return Ok(to_send),
+            Decision::StopAndCopy => return Ok(()),
             Decision::Continue => {}
             Decision::Throttle(p) => {
                 run.vm.set_throttle(p);
@@ -152,6 +170,7 @@ fn round_report(
     rates.page = rates.page.max(sent.pages as f64 / secs);
     rates.link = rates.link.max(sent.bytes as f64 / secs);
     let capacity = run.capacity();
+    let cap = run.steer.tunables().max_bandwidth;
     let disk_dirty = match &mut run.disks {
         Some(d) => {
             let written = d.harvest();
@@ -171,8 +190,9 @@ fn round_report(
         page_rate: rates.page,
         // Compressed rounds rarely fill the link, so what they achieved
         // says little about its capacity: take the expected bandwidth
-        // when it is higher (it only prices the small device state).
-        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0),
+        // when it is higher (it only prices the small device state); never
+        // more than the cap in force (an operator may have lowered it).
+        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0).min(cap.unwrap_or(f64::INFINITY)),
         // Disk extents still to write go out inside the downtime too.
         state_bytes: state_estimate + disk_dirty,
         rtt: run.opts.tuning.rtt.min(elapsed),
@@ -200,6 +220,7 @@ fn record_round(run: &mut Run<'_>, r: &RoundReport, sent: &Sent, first_round: u3
         dirty_pages: r.dirty_pages,
         disk_bytes: sent.disk_sent,
         disk_dirty_bytes: disk_dirty,
+        wire_bytes: sent.bytes + sent.disk_wire,
         ms: r.elapsed.as_secs_f64() * 1e3,
     });
 }

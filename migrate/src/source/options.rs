@@ -46,6 +46,9 @@ pub struct SendOptions {
     pub tunnel: Option<TunnelRequest>,
     /// Where the migration's journal goes (the VM's state directory).
     pub state_dir: PathBuf,
+    /// How long a link that fails before the commit may stay down before
+    /// the migration gives up (0: it fails at once).
+    pub resume_window: Duration,
 }
 
 impl SendOptions {
@@ -75,6 +78,7 @@ impl SendOptions {
             sync: false,
             tunnel: None,
             state_dir,
+            resume_window: Duration::from_secs(600),
         }
     }
 }

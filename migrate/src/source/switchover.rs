@@ -22,6 +22,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     run.report.phase(Phase::StopAndCopy);
     let paused_at = Instant::now();
     run.vm.pause()?;
+    run.paused = true;
     // Disk writes the guest saw complete must be on the images before
     // they are read for the last time (or another host opens them).
     run.vm.sync_disks()?;
@@ -30,6 +31,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     let mut last_pages = 0;
     if !run.opts.sync {
         let last = run.vm.harvest_dirty()?;
+        run.start_round(&union(&pending, &last));
         let ram = run.vm.ram();
         let (p1, _) = run.link.bulk.send_pages(ram, &pending, round, &mut run.summary.bytes).await?;
         let (p2, _) = run.link.bulk.send_pages(ram, &last, round, &mut run.summary.bytes).await?;
@@ -58,6 +60,21 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
     run.summary.downtime_breakdown.state_ms = ms_since(paused_at);
     Ok(paused_at)
+}
+
+/// The pages of `a` and `b` (same regions, in the same order).
+pub fn union(a: &DirtyPages, b: &DirtyPages) -> DirtyPages {
+    let mut out = a.clone();
+    for r in &b.regions {
+        match out.regions.iter_mut().find(|o| o.start == r.start) {
+            Some(o) => {
+                o.ranges.extend_from_slice(&r.ranges);
+                o.ranges.sort_by_key(|x| x.first);
+            }
+            None => out.regions.push(r.clone()),
+        }
+    }
+    out
 }
 
 fn ms_since(t: Instant) -> f64 {

@@ -107,6 +107,20 @@ pub struct SourceSession {
     unapplied: VecDeque<u32>,
     /// Manifest parts awaiting their answer, in the order sent.
     pending: VecDeque<Pending>,
+    /// The secret a `Resume` of this migration carries.
+    secret: [u8; 32],
+}
+
+/// Where a resumed migration goes on from, as the source's machine agreed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewind {
+    /// The round to (re)send: the destination has every round before it.
+    pub round: u32,
+    /// Whether that round had already ended here (its `RoundDone` sent):
+    /// what it carried must go again, less what the destination has.
+    pub round_was_ended: bool,
+    /// Per disk, where its first copy goes on.
+    pub disks: Vec<crate::resume::DiskPoint>,
 }
 
 impl Default for SourceSession {
@@ -127,6 +141,7 @@ impl SourceSession {
             round: 0,
             unapplied: VecDeque::new(),
             pending: VecDeque::new(),
+            secret: [0; 32],
         }
     }
 
@@ -142,11 +157,13 @@ impl SourceSession {
         shape: VmShape,
         offered: u64,
         chunking: ChunkParams,
+        resume_secret: [u8; 32],
     ) -> Result<Message, ProtocolError> {
         if self.phase != Phase::Start {
             return Err(self.unexpected("Hello"));
         }
         self.id = migration_id;
+        self.secret = resume_secret;
         self.chunking = chunking;
         self.disks =
             shape.disks.iter().map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, done: false }).collect();
@@ -158,7 +175,55 @@ impl SourceSession {
             migration_id,
             shape,
             chunking,
+            resume_secret,
         })
+    }
+
+    /// The `Resume` that opens a new connection for this migration, after
+    /// the link failed before the commit; `None` when it cannot resume
+    /// (not agreed, or past the commit, or ended).
+    pub fn resume_request(&self) -> Option<Message> {
+        let live = matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit);
+        (live && self.features & features::RESUME != 0)
+            .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
+    }
+
+    /// The destination's answer to a `Resume`: checked against what was
+    /// sent, it moves the session back to pre-copy at the round the
+    /// destination is in, with each disk's first copy at its point there.
+    pub fn on_resumed(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
+        if self.resume_request().is_none() {
+            return Err(self.unexpected("Resumed"));
+        }
+        // The destination is in the oldest round not acknowledged here, or
+        // (having applied it) in the next; never elsewhere.
+        let oldest = self.unapplied.front().copied().unwrap_or(self.round);
+        if point.round < oldest || point.round > self.round {
+            return Err(violation(format!(
+                "resumed at round {} while {oldest}..={} was possible",
+                point.round, self.round
+            )));
+        }
+        if point.disks.len() != self.disks.len() {
+            return Err(violation(format!("resumed with {} disks of {}", point.disks.len(), self.disks.len())));
+        }
+        for (i, (p, d)) in point.disks.iter().zip(&self.disks).enumerate() {
+            if p.next_seq > d.next_seq || p.next_offset > d.next_offset || (p.next_seq == 0) != (p.next_offset == 0) {
+                return Err(violation(format!(
+                    "disk {i} resumed at part {} / {}, past what was sent",
+                    p.next_seq, p.next_offset
+                )));
+            }
+        }
+        let round_was_ended = point.round < self.round;
+        self.round = point.round;
+        self.unapplied.clear();
+        self.pending.clear();
+        for (p, d) in point.disks.iter().zip(&mut self.disks) {
+            (d.next_seq, d.next_offset, d.done) = (p.next_seq, p.next_offset, false);
+        }
+        self.phase = Phase::Transfer { paused: false };
+        Ok(Rewind { round: point.round, round_was_ended, disks: point.disks.clone() })
     }
 
     /// A message from the destination, on `stream`.

@@ -70,7 +70,8 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
     }
     // Chunks of up to half the test disk.
     let params = ChunkParams { max: (DISK / 2) as u32, ..ChunkParams::DEFAULT };
-    let hello = src.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params).expect("hello");
+    let hello =
+        src.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params, [7; 32]).expect("hello");
     cross!(Step::ToDst(hello));
     let accept = dst.accept(features::ALL, params).expect("accept");
     cross!(Step::ToSrc(accept));
@@ -144,6 +145,7 @@ fn receiving() -> DestSession {
         migration_id: MigrationId([2; 16]),
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
+        resume_secret: [7; 32],
     };
     dst.on_message(Stream::Control, &hello).expect("hello");
     dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
@@ -245,7 +247,7 @@ fn a_disk_closed_early_or_a_ready_too_soon_is_refused() {
 #[test]
 fn the_source_checks_every_answer_against_what_it_sent() {
     let mut src = SourceSession::new();
-    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT)
+    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT, [7; 32])
         .expect("hello");
     // Features never offered.
     let mut s = src.clone();
@@ -302,7 +304,7 @@ fn messages_out_of_order_are_errors_and_abort_works_until_the_commit() {
     }
     let mut src = SourceSession::new();
     assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err());
-    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT).expect("hello");
+    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT, [7; 32]).expect("hello");
     src.on_message(Stream::Control, &Message::Accept { features: 0, chunking: ChunkParams::DEFAULT }).expect("accept");
     src.stop_and_copy().expect("pause");
     src.device_state(Vec::new()).expect("state");
@@ -323,6 +325,53 @@ fn a_sync_carries_no_pages_and_no_state() {
     d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
     assert!(d.clone().on_message(Stream::Bulk, &pages(0, 1)).is_err());
     assert!(d.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).is_err());
+}
+
+#[test]
+fn a_resume_point_is_checked_against_what_was_sent() {
+    use crate::resume::{DiskPoint, ResumePoint};
+    let mut src = SourceSession::new();
+    src.hello(MigrationId([1; 16]), shape(), features::DISK_COPY | features::RESUME, ChunkParams::DEFAULT, [7; 32])
+        .expect("hello");
+    assert!(src.resume_request().is_none(), "nothing to resume before the destination accepted");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: features::DISK_COPY | features::RESUME, chunking: ChunkParams::DEFAULT },
+    )
+    .expect("accept");
+    let id = ChunkId([1; 32]);
+    src.manifest(0, 0, 0, &[(4096, Some(id))]).expect("manifest");
+    src.on_message(Stream::Control, &Message::DiskNeed(Need { disk: 0, seq: 0, chunks: vec![0] })).expect("need");
+    src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("manifest");
+    src.round_done(0).expect("round 0 ended");
+    let point = |round, seq, offset| ResumePoint {
+        round,
+        received: Vec::new(),
+        disks: vec![DiskPoint { next_seq: seq, next_offset: offset }],
+    };
+    for (bad, why) in [
+        (point(2, 1, 4096), "a round never sent"),
+        (point(1, 3, 12288), "a part never sent"),
+        (point(0, 1, 0), "a part without its offset"),
+    ] {
+        assert!(src.clone().on_resumed(&bad).is_err(), "{why}");
+    }
+    assert_eq!(src.resume_request(), Some(Message::Resume { migration_id: MigrationId([1; 16]), secret: [7; 32] }));
+    let rewind = src.on_resumed(&point(0, 1, 4096)).expect("a point within what was sent");
+    assert_eq!((rewind.round, rewind.round_was_ended), (0, true));
+    assert_eq!(src.round(), 0);
+    // The second part goes again, under its number.
+    src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("re-sent");
+    // After the commit there is nothing to resume.
+    let mut late = SourceSession::new();
+    late.hello(MigrationId([1; 16]), shape(), features::RESUME, ChunkParams::DEFAULT, [7; 32]).expect("hello");
+    late.on_message(Stream::Control, &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT })
+        .expect("accept");
+    late.stop_and_copy().expect("pause");
+    late.device_state(Vec::new()).expect("state");
+    late.on_message(Stream::Control, &Message::Ready).expect("ready");
+    late.commit().expect("commit");
+    assert!(late.resume_request().is_none());
 }
 
 #[test]
