@@ -38,9 +38,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use wanmig_dedup::ChunkStore;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, Listener, TransportError};
-use wanmig_types::error_chain;
+use wanmig_types::{MigrationId, error_chain};
 use wanmig_vmm::config::VmConfig;
-use wanmig_wire::Message;
+use wanmig_wire::{Message, Settlement};
 
 pub use error::ReceiveError;
 pub use host::VmHost;
@@ -180,6 +180,15 @@ fn answer_settle(mut h: Heard, journal: DestJournal, notes: tokio::sync::mpsc::U
     });
 }
 
+/// Sends an outcome decided already, on its own task.
+fn reply_settled(mut h: Heard, migration_id: MigrationId, outcome: Settlement) {
+    tokio::spawn(async move {
+        let _ = h.tx.send(&Message::SettleAnswer { migration_id, outcome }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), h.tx.finish()).await;
+        drop(h.conn);
+    });
+}
+
 /// Refuses a source's hello on its own task, saying why.
 fn refuse(mut h: Heard, reason: String) {
     tokio::spawn(async move {
@@ -211,7 +220,7 @@ async fn accept_until_received<H: VmHost>(
     let mut heard: JoinSet<Result<Heard, String>> = JoinSet::new();
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut running: Option<Running<'_, H::Vm>> = None;
-    let mut vm_name = String::new();
+    let (mut vm_name, mut running_id) = (String::new(), MigrationId::default());
     loop {
         tokio::select! {
             // An attempt that has ended is seen before the next hello is
@@ -240,14 +249,29 @@ async fn accept_until_received<H: VmHost>(
                     }
                     Err(_) => continue,
                 };
-                match (&h.first, &running) {
+                match (&h.first, running.is_some()) {
+                    // About the attempt running here: decided before it is
+                    // answered, and an attempt settled as not committed (its
+                    // source gave up on it) ends at once, not at its next
+                    // deadline: it never may commit now.
+                    (&Message::SettleQuery { migration_id: id }, true) if id == running_id => match journal.settle(id) {
+                        Ok(outcome) => {
+                            if outcome == Settlement::NotCommitted {
+                                running = None;
+                                say(format!("migration {id} of VM {vm_name} was settled as not committed: discarded"));
+                            }
+                            say(format!("settle query for migration {id}: {outcome:?}"));
+                            reply_settled(h, id, outcome);
+                        }
+                        Err(e) => say(format!("settle query for {id}: {}", error_chain(&e))),
+                    },
                     (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),
-                    (Message::Hello { shape, .. }, Some(_)) => {
+                    (Message::Hello { shape, .. }, true) => {
                         say(format!("refused VM {} from {}: busy receiving VM {vm_name}", shape.name, h.peer));
                         refuse(h, format!("busy: this host is receiving VM {vm_name} from another source; try again when it is done"));
                     }
-                    (Message::Hello { shape, .. }, None) => {
-                        vm_name = shape.name.clone();
+                    (Message::Hello { shape, migration_id, .. }, false) => {
+                        (vm_name, running_id) = (shape.name.clone(), *migration_id);
                         let Heard { conn, tx, rx, first, peer } = h;
                         let attempt = session::Attempt { conn, tx, rx, opts, store: store.clone(), journal };
                         let (host, say) = (&host, &say);
