@@ -124,6 +124,11 @@ pub struct ReceiveArgs {
     /// answer), freeing this host for the next one.
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// How long an attempt whose link failed waits for its source to
+    /// reconnect and resume it from where it was (default 10m, the source's
+    /// own `--resume-window`; 0 discards it at once).
+    #[arg(long, value_parser = parse_duration)]
+    resume_window: Option<Duration>,
 }
 
 /// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
@@ -158,6 +163,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         taps: a.taps,
         tuning,
         idle_timeout: a.idle_timeout.unwrap_or(destination::DEFAULT_IDLE_TIMEOUT),
+        resume_window: a.resume_window.unwrap_or(destination::DEFAULT_RESUME_WINDOW),
     };
     let mut host = ServeHost { dir: opts.dir.clone() };
     let received = destination::receive(&opts, &mut host, &mut |line| eprintln!("wanmig receive: {line}"))

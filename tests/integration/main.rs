@@ -16,3 +16,4 @@ mod qemu;
 mod realism;
 mod snapshot_restore;
 mod tunnel;
+mod wan;

@@ -55,7 +55,7 @@ use wanmig_block_sync::ImageWriter;
 use wanmig_dedup::{ChunkId, ChunkStore, Put, StoreError};
 use wanmig_vmm::disklock::DiskLock;
 use wanmig_vmm::files::{self, Rename};
-use wanmig_wire::{Chunk, ChunkParams, DiskDone, DiskInfo, DiskWrites, Manifest};
+use wanmig_wire::{Chunk, ChunkParams, DiskDone, DiskInfo, DiskPoint, DiskWrites, Manifest};
 
 use super::error::ReceiveError;
 use crate::journal::{FileId, ImageRecord};
@@ -123,6 +123,9 @@ struct DestDisk {
     reservation: Reservation,
     /// The first copy's chunk ids, for the store's root.
     ids: Vec<ChunkId>,
+    /// Where each manifest part started, and how many ids came before it
+    /// (to go back to a part after a resume).
+    parts: Vec<(u64, usize)>,
     /// The digest the source sent, once the image matched it.
     verified: Option<[u8; 32]>,
 }
@@ -251,7 +254,14 @@ impl DestDisks {
                     return Err(format!("cannot create {}: {e}", incoming.display()));
                 }
             };
-            out.disks.push(DestDisk { image, path: path.clone(), reservation, ids: Vec::new(), verified: None });
+            out.disks.push(DestDisk {
+                image,
+                path: path.clone(),
+                reservation,
+                ids: Vec::new(),
+                parts: Vec::new(),
+                verified: None,
+            });
         }
         Ok(out)
     }
@@ -287,6 +297,7 @@ impl DestDisks {
         // Before answering "I have it": gc must not take it meanwhile.
         store.extend_root(&self.root(), &ids, ATTEMPT_ROOT_TTL).map_err(store_err)?;
         let d = self.disk(m.disk)?;
+        d.parts.push((m.offset, d.ids.len()));
         let have = store.contains_many(&ids).map_err(store_err)?;
         let mut have = have.into_iter();
         let (mut need, mut offset) = (Vec::new(), m.offset);
@@ -339,6 +350,20 @@ impl DestDisks {
         self.stats.received += 1;
         let d = self.disk(c.disk)?;
         d.image.write(c.offset, &c.data).map_err(|e| disk_io(d.image.path(), "writing", e))
+    }
+
+    /// After a resume: each disk's first copy goes on from its part at
+    /// `points` (what came of later parts is data in the image and chunks
+    /// in the store, both sent again as they were); its digest comes again.
+    pub fn rewind(&mut self, points: &[DiskPoint]) {
+        for (d, at) in self.disks.iter_mut().zip(points) {
+            let keep = d.parts.iter().position(|&(offset, _)| offset >= at.next_offset).unwrap_or(d.parts.len());
+            if let Some(&(_, ids)) = d.parts.get(keep) {
+                d.ids.truncate(ids);
+            }
+            d.parts.truncate(keep);
+            d.verified = None;
+        }
     }
 
     /// Extents the guest wrote.

@@ -35,6 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinSet;
 use wanmig_dedup::ChunkStore;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, Listener, TransportError};
@@ -44,7 +45,7 @@ use wanmig_wire::{Message, Settlement};
 
 pub use error::ReceiveError;
 pub use host::VmHost;
-pub use options::{DEFAULT_IDLE_TIMEOUT, ReceiveOptions};
+pub use options::{DEFAULT_IDLE_TIMEOUT, DEFAULT_RESUME_WINDOW, ReceiveOptions};
 
 use crate::handover;
 use crate::journal::DestJournal;
@@ -180,6 +181,44 @@ fn answer_settle(mut h: Heard, journal: DestJournal, notes: tokio::sync::mpsc::U
     });
 }
 
+/// A settle query about the attempt running here, decided before it is
+/// answered; `true` when it was settled as not committed: the attempt (its
+/// source gave up on it) never may commit now, and ends at once rather than
+/// at its next deadline.
+fn settle_running(h: Heard, id: MigrationId, journal: &DestJournal, vm: &str, say: &dyn Fn(String)) -> bool {
+    match journal.settle(id) {
+        Ok(outcome) => {
+            let end = outcome == Settlement::NotCommitted;
+            if end {
+                say(format!("migration {id} of VM {vm} was settled as not committed: discarded"));
+            }
+            say(format!("settle query for migration {id}: {outcome:?}"));
+            reply_settled(h, id, outcome);
+            end
+        }
+        Err(e) => {
+            say(format!("settle query for {id}: {}", error_chain(&e)));
+            false
+        }
+    }
+}
+
+/// A source coming back to resume: handed to the running attempt (which
+/// checks that it is its own), or refused when nothing waits for it.
+fn route_resume(h: Heard, rejoin: Option<&UnboundedSender<session::Rejoin>>, say: &dyn Fn(String)) {
+    let Message::Resume { migration_id: id, .. } = h.first else { return };
+    let Heard { conn, tx, rx, first, peer } = h;
+    let r = session::Rejoin { conn, tx, rx, first, peer };
+    let unheard = match rejoin {
+        Some(t) => t.send(r).err().map(|e| e.0),
+        None => Some(r),
+    };
+    if let Some(r) = unheard {
+        say(format!("refused a resume of migration {id} from {}: nothing waits for it here", r.peer));
+        refuse(r.conn, r.tx, format!("migration {id} is not waiting here"));
+    }
+}
+
 /// Sends an outcome decided already, on its own task.
 fn reply_settled(mut h: Heard, migration_id: MigrationId, outcome: Settlement) {
     tokio::spawn(async move {
@@ -189,12 +228,12 @@ fn reply_settled(mut h: Heard, migration_id: MigrationId, outcome: Settlement) {
     });
 }
 
-/// Refuses a source's hello on its own task, saying why.
-fn refuse(mut h: Heard, reason: String) {
+/// Refuses a source's hello (or resume) on its own task, saying why.
+fn refuse(conn: Conn, mut tx: FrameSender, reason: String) {
     tokio::spawn(async move {
-        let _ = h.tx.send(&Message::Refuse { reason }).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), h.tx.finish()).await;
-        drop(h.conn);
+        let _ = tx.send(&Message::Refuse { reason }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), tx.finish()).await;
+        drop(conn);
     });
 }
 
@@ -220,6 +259,8 @@ async fn accept_until_received<H: VmHost>(
     let mut heard: JoinSet<Result<Heard, String>> = JoinSet::new();
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut running: Option<Running<'_, H::Vm>> = None;
+    // Where sources coming back to resume the running attempt go.
+    let mut rejoin: Option<UnboundedSender<session::Rejoin>> = None;
     let (mut vm_name, mut running_id) = (String::new(), MigrationId::default());
     loop {
         tokio::select! {
@@ -227,7 +268,7 @@ async fn accept_until_received<H: VmHost>(
             // heard: a source that retries at once is not told "busy".
             biased;
             (peer, outcome) = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
-                running = None;
+                (running, rejoin) = (None, None);
                 match outcome.map(|o| o.map_or(Outcome::Synced, |a| Outcome::Received(Box::new(a)))) {
                     Ok(Outcome::Received(arrived)) => return Ok(*arrived),
                     Ok(Outcome::Synced) => say(format!("disks synced from {peer}; waiting for the next session")),
@@ -250,33 +291,29 @@ async fn accept_until_received<H: VmHost>(
                     Err(_) => continue,
                 };
                 match (&h.first, running.is_some()) {
-                    // About the attempt running here: decided before it is
-                    // answered, and an attempt settled as not committed (its
-                    // source gave up on it) ends at once, not at its next
-                    // deadline: it never may commit now.
-                    (&Message::SettleQuery { migration_id: id }, true) if id == running_id => match journal.settle(id) {
-                        Ok(outcome) => {
-                            if outcome == Settlement::NotCommitted {
-                                running = None;
-                                say(format!("migration {id} of VM {vm_name} was settled as not committed: discarded"));
-                            }
-                            say(format!("settle query for migration {id}: {outcome:?}"));
-                            reply_settled(h, id, outcome);
+                    (&Message::SettleQuery { migration_id: id }, true) if id == running_id => {
+                        let ended = settle_running(h, id, journal, &vm_name, &say);
+                        if ended {
+                            (running, rejoin) = (None, None);
                         }
-                        Err(e) => say(format!("settle query for {id}: {}", error_chain(&e))),
-                    },
+                    }
                     (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),
                     (Message::Hello { shape, .. }, true) => {
                         say(format!("refused VM {} from {}: busy receiving VM {vm_name}", shape.name, h.peer));
-                        refuse(h, format!("busy: this host is receiving VM {vm_name} from another source; try again when it is done"));
+                        refuse(h.conn, h.tx, format!("busy: this host is receiving VM {vm_name} from another source; try again when it is done"));
                     }
                     (Message::Hello { shape, migration_id, .. }, false) => {
                         (vm_name, running_id) = (shape.name.clone(), *migration_id);
                         let Heard { conn, tx, rx, first, peer } = h;
-                        let attempt = session::Attempt { conn, tx, rx, opts, store: store.clone(), journal };
+                        let (rejoin_tx, rejoins) = unbounded_channel();
+                        rejoin = Some(rejoin_tx);
+                        let attempt = session::Attempt {
+                            conn, tx, rx, opts, store: store.clone(), journal, rejoins: Some(rejoins), early: None,
+                        };
                         let (host, say) = (&host, &say);
                         running = Some(Box::pin(async move { (peer, attempt.run(first, host, say).await) }));
                     }
+                    (Message::Resume { .. }, _) => route_resume(h, rejoin.as_ref(), &say),
                     _ => {}
                 }
             }
@@ -299,6 +336,18 @@ pub async fn receive_on<H: VmHost>(
     host: &mut H,
     log: &mut dyn FnMut(String),
 ) -> Result<Option<(H::Vm, VmConfig)>, ReceiveError> {
+    receive_on_with(conn, None, opts, host, log).await
+}
+
+/// [`receive_on`], with `more`: the connections a source that lost the
+/// link makes to resume its migration (an in-memory test's reconnections).
+pub async fn receive_on_with<H: VmHost>(
+    conn: Conn,
+    more: Option<UnboundedReceiver<Conn>>,
+    opts: &ReceiveOptions,
+    host: &mut H,
+    log: &mut dyn FnMut(String),
+) -> Result<Option<(H::Vm, VmConfig)>, ReceiveError> {
     let store = match &opts.shared_disks {
         Some(_) => None,
         None => Some(Arc::new(
@@ -315,7 +364,19 @@ pub async fn receive_on<H: VmHost>(
     }
     let log = RefCell::new(log);
     let say = |s: String| (log.borrow_mut())(s);
-    let attempt = session::Attempt { conn, tx, rx, opts, store, journal: &journal };
+    let rejoins = more.map(|mut more| {
+        let (rejoin_tx, rejoins) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(conn) = more.recv().await {
+                let Ok(Heard { conn, tx, rx, first, peer }) = hear_or_fail(conn).await else { continue };
+                if rejoin_tx.send(session::Rejoin { conn, tx, rx, first, peer }).is_err() {
+                    return;
+                }
+            }
+        });
+        rejoins
+    });
+    let attempt = session::Attempt { conn, tx, rx, opts, store, journal: &journal, rejoins, early: None };
     let arrived = attempt.run(first, &RefCell::new(host), &say).await?;
     Ok(arrived.map(|(vm, config, _)| (vm, config)))
 }
@@ -343,7 +404,11 @@ async fn serve_after(mut listener: Listener, journal: DestJournal, busy: String)
                 };
                 match &h.first {
                     Message::SettleQuery { .. } => answer_settle(h, journal.clone(), notes_tx.clone()),
-                    Message::Hello { .. } => refuse(h, busy.clone()),
+                    Message::Hello { .. } => refuse(h.conn, h.tx, busy.clone()),
+                    Message::Resume { migration_id, .. } => {
+                        let why = format!("migration {migration_id} is not waiting here (this host runs a VM it received)");
+                        refuse(h.conn, h.tx, why);
+                    }
                     _ => {}
                 }
             }

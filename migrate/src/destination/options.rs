@@ -35,7 +35,14 @@ pub struct ReceiveOptions {
     /// either stream) while it transfers before the attempt is dropped and
     /// the slot freed ([`DEFAULT_IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
+    /// How long an attempt whose link failed before `Ready` waits for its
+    /// source to reconnect and resume it (0: it is discarded at once).
+    pub resume_window: Duration,
 }
+
+/// The default of [`ReceiveOptions::resume_window`]: the source's own
+/// default, so that a source that comes back in time finds its attempt.
+pub const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(600);
 
 /// The default of [`ReceiveOptions::idle_timeout`]: 4 times the source's
 /// own shortest wait for an answer (30 s, `ANSWER_TIMEOUT`): a source that
@@ -61,6 +68,7 @@ impl ReceiveOptions {
             taps: Vec::new(),
             tuning: LinkTuning::default(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            resume_window: DEFAULT_RESUME_WINDOW,
         }
     }
 }

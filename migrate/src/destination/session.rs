@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::UnboundedReceiver;
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
@@ -29,6 +30,21 @@ use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A source come back for its attempt after the link failed: a new
+/// connection whose first message was `Resume`.
+pub struct Rejoin {
+    /// The new connection.
+    pub conn: Conn,
+    /// Its control stream's two halves.
+    pub tx: FrameSender,
+    /// Its control stream's two halves.
+    pub rx: FrameReceiver,
+    /// The `Resume` it sent.
+    pub first: Message,
+    /// Who it came from.
+    pub peer: String,
+}
+
 /// One attempt's connection and what it works with.
 pub struct Attempt<'a> {
     /// The connection.
@@ -43,6 +59,11 @@ pub struct Attempt<'a> {
     pub store: Option<Arc<ChunkStore>>,
     /// The journal.
     pub journal: &'a DestJournal,
+    /// Sources that come back to resume this attempt (none: it cannot be
+    /// resumed).
+    pub rejoins: Option<UnboundedReceiver<Rejoin>>,
+    /// A rejoin heard while the attempt still served the old connection.
+    pub early: Option<Rejoin>,
 }
 
 /// An admitted VM: what the attempt receives into.
@@ -252,7 +273,13 @@ impl Attempt<'_> {
         host: &RefCell<&mut H>,
         log: &dyn Fn(String),
     ) -> Result<Option<H::Vm>, ReceiveError> {
-        let state = self.receive_all(adm).await?;
+        let state = loop {
+            match self.receive_all(adm).await {
+                Ok(state) => break state,
+                Err(e) if self.resumable(adm, &e) => self.park(adm, &e, log).await?,
+                Err(e) => return Err(e),
+            }
+        };
         let t_state = Instant::now();
         if adm.incoming.disks.is_some() {
             off_task(&mut adm.incoming.disks, |d| d.check_complete()).await?;
@@ -333,9 +360,91 @@ impl Attempt<'_> {
                     deadline = tokio::time::Instant::now() + idle;
                 }
                 _ = tokio::time::sleep_until(deadline) => return Err(TransportError::Timeout(idle).into()),
+                r = async { self.rejoins.as_mut().expect("guarded").recv().await }, if self.rejoins.is_some() => {
+                    // The source saw the link fail before this side did.
+                    let Some(r) = r else {
+                        self.rejoins = None;
+                        continue;
+                    };
+                    self.early = Some(r);
+                    return Err(TransportError::Lost("the source reconnected on a new connection".into()).into());
+                }
             }
         }
         Ok(state.unwrap_or_default())
+    }
+
+    /// Whether the attempt can wait for its source to come back after `e`.
+    fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
+        matches!(e, ReceiveError::Transport(_))
+            && self.rejoins.is_some()
+            && !self.opts.resume_window.is_zero()
+            && adm.session.can_resume()
+    }
+
+    /// After the link failed with `why`: holds what arrived for the resume
+    /// window, until the source reconnects with this migration's secret;
+    /// then says where it stands (`Resumed`) and goes on with the new
+    /// connection. A window that ends fails the attempt.
+    async fn park(&mut self, adm: &mut Admitted, why: &ReceiveError, log: &dyn Fn(String)) -> Result<(), ReceiveError> {
+        let window = self.opts.resume_window;
+        // Whatever is left of the old connection goes: a source still on it
+        // learns that it must reconnect.
+        self.conn.close(0);
+        log(format!(
+            "link to the source lost ({}); keeping migration {} for {window:?} for it to resume",
+            error_chain(why),
+            adm.session.id()
+        ));
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let r = match self.early.take() {
+                Some(r) => r,
+                None => {
+                    let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
+                    match tokio::time::timeout_at(deadline, rejoins.recv()).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(TransportError::Lost("the listener is gone".into()).into()),
+                        Err(_) => {
+                            return Err(ReceiveError::Aborted(format!(
+                                "the source did not come back within the resume window ({window:?}) after: {}",
+                                error_chain(why)
+                            )));
+                        }
+                    }
+                }
+            };
+            match self.rejoin(adm, r).await {
+                Ok(peer) => {
+                    log(format!("source reconnected from {peer}: migration {} resumed", adm.session.id()));
+                    return Ok(());
+                }
+                Err(e) => log(format!("a resume failed, still waiting: {}", error_chain(&e))),
+            }
+        }
+    }
+
+    /// Takes the attempt up on `r`'s connection if it proves to be this
+    /// migration's source; tells it where this side stands. A stranger is
+    /// refused and the old state kept.
+    async fn rejoin(&mut self, adm: &mut Admitted, mut r: Rejoin) -> Result<String, ReceiveError> {
+        let Message::Resume { migration_id, secret } = &r.first else {
+            return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
+        };
+        if *migration_id != adm.session.id() || !adm.session.is_secret(secret) {
+            let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
+            let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
+            return Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)));
+        }
+        let point = adm.session.resume(adm.incoming.round_received())?;
+        adm.incoming.reset_stream()?;
+        if let Some(d) = adm.incoming.disks.as_mut() {
+            d.rewind(&point.disks);
+        }
+        r.tx.send(&Message::Resumed(point)).await?;
+        (self.conn, self.tx, self.rx) = (r.conn, r.tx, r.rx);
+        Ok(r.peer)
     }
 
     /// A control message during the transfer; the device state when it is one.

@@ -51,6 +51,9 @@ struct SourceDisk {
     ids: Vec<ChunkId>,
     /// How many ids there were when each manifest part began.
     ids_at_part: Vec<usize>,
+    /// Chunk bytes sent for each manifest part (sent again after a resume
+    /// from an earlier part).
+    sent_at_part: Vec<u64>,
     /// The next manifest part's number, and where it starts.
     next_seq: u32,
     next_offset: u64,
@@ -106,6 +109,7 @@ impl DiskCopy {
                 pending,
                 ids,
                 ids_at_part: Vec::new(),
+                sent_at_part: Vec::new(),
                 next_seq: 0,
                 next_offset: 0,
                 first_done: size == 0,
@@ -192,8 +196,9 @@ impl DiskCopy {
             if p.next_offset >= d.size && d.first_done {
                 continue;
             }
-            again += d.next_offset.saturating_sub(p.next_offset);
             let part = p.next_seq as usize;
+            again += d.sent_at_part.get(part..).map_or(0, |s| s.iter().sum());
+            d.sent_at_part.truncate(part);
             d.ids.truncate(d.ids_at_part.get(part).copied().unwrap_or(d.ids.len()));
             d.ids_at_part.truncate(part);
             (d.next_seq, d.next_offset, d.first_done) = (p.next_seq, p.next_offset, p.next_offset >= d.size);
@@ -229,6 +234,7 @@ impl DiskCopy {
         let msg = link.session.manifest(index, seq, batch.offset, &chunks)?;
         let ids = self.disks[i].ids.len();
         self.disks[i].ids_at_part.push(ids);
+        self.disks[i].sent_at_part.push(0);
         self.disks[i].next_seq += 1;
         self.disks[i].next_offset = batch.offset + batch.data.len() as u64;
         let n = link.send_ctl(&msg, wire).await? as u64;
@@ -260,8 +266,8 @@ impl DiskCopy {
         wire: &mut WireBytes,
     ) -> Result<(), SendError> {
         let index = self.disks[i].index;
-        let chunks = match link.next_event().await? {
-            SourceEvent::Need { disk, chunks, .. } if disk == index => chunks,
+        let (seq, chunks) = match link.next_event().await? {
+            SourceEvent::Need { disk, seq, chunks } if disk == index => (seq, chunks),
             e => return Err(SendError::Peer(format!("{e:?} during the disk copy"))),
         };
         for &k in &chunks {
@@ -273,6 +279,9 @@ impl DiskCopy {
             link.bulk.send(&msg, wire).await?;
             self.stats.chunks_sent += 1;
             self.stats.chunk_bytes_sent += u64::from(c.len);
+            if let Some(sent) = self.disks[i].sent_at_part.get_mut(seq as usize) {
+                *sent += u64::from(c.len);
+            }
         }
         let with_id = batch.chunks.iter().filter(|c| c.id.is_some()).count();
         self.stats.chunks_present += (with_id - chunks.len()) as u64;

@@ -55,6 +55,9 @@ pub struct BulkSender {
     limit: Option<RateLimit>,
     last_send: Instant,
     page: [u8; wanmig_types::PAGE_SIZE],
+    /// Pages of the round in progress handed to the stream so far (in the
+    /// round's order): what a cut may have lost of it.
+    pub handed: u64,
 }
 
 impl std::fmt::Debug for BulkSender {
@@ -81,6 +84,7 @@ impl BulkSender {
             limit: rate.map(RateLimit::new),
             last_send: Instant::now(),
             page: [0; wanmig_types::PAGE_SIZE],
+            handed: 0,
         })
     }
 
@@ -103,6 +107,7 @@ impl BulkSender {
         let mem = ram.mem();
         let (mut sent_pages, mut sent_bytes) = (0u64, 0u64);
         let mut b = PagesBuilder::new(round);
+        self.handed = 0;
         for region in &pages.regions {
             for range in &region.ranges {
                 for p in range.first..range.end() {
@@ -118,6 +123,7 @@ impl BulkSender {
                     b.push(PageRef { gpa, data });
                     if b.is_full() || b.bytes() >= BATCH_BYTES {
                         sent_pages += u64::from(b.len());
+                        self.handed = sent_pages;
                         let full = std::mem::replace(&mut b, PagesBuilder::new(round));
                         sent_bytes += self.send(&Message::Pages(full.finish()), wire).await? as u64;
                     }
@@ -126,6 +132,7 @@ impl BulkSender {
         }
         if !b.is_empty() {
             sent_pages += u64::from(b.len());
+            self.handed = sent_pages;
             sent_bytes += self.send(&Message::Pages(b.finish()), wire).await? as u64;
         }
         let enc = self.encoder.stats;

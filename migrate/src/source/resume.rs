@@ -60,6 +60,7 @@ pub async fn after_outage(run: &mut Run<'_>, cause: SendError) -> Result<Stage, 
         run.paused = false;
     }
     run.summary.outages += 1;
+    let handed = run.link.bulk.handed;
     let (ctl, rx, point) = reconnect(run, &cause, began).await?;
     let mut session = run.link.session.clone();
     let rewind = session.on_resumed(&point)?;
@@ -70,7 +71,7 @@ pub async fn after_outage(run: &mut Run<'_>, cause: SendError) -> Result<Stage, 
     let bulk = BulkSender::new(run.conn.open_bulk().await?, xbzrle, zstd, run.steer.tunables().max_bandwidth)?;
     let deadline = run.link.deadline + began.elapsed();
     (run.link, _) = Link::new(ctl, rx, bulk, session, deadline);
-    let stage = next_stage(run, &rewind, &point)?;
+    let stage = next_stage(run, &rewind, &point, handed)?;
     run.summary.outage_ms += began.elapsed().as_secs_f64() * 1e3;
     Ok(stage)
 }
@@ -125,7 +126,8 @@ async fn reconnect(
 }
 
 /// Where the migration goes on after a resume at `rewind`.
-fn next_stage(run: &mut Run<'_>, rewind: &Rewind, point: &ResumePoint) -> Result<Stage, SendError> {
+/// (`handed`: pages of the cut round given to the old stream.)
+fn next_stage(run: &mut Run<'_>, rewind: &Rewind, point: &ResumePoint, handed: u64) -> Result<Stage, SendError> {
     if let Some(d) = &mut run.disks {
         run.summary.resent_bytes += d.rewind(&rewind.disks)?;
         if !d.first_copy_done() {
@@ -137,15 +139,22 @@ fn next_stage(run: &mut Run<'_>, rewind: &Rewind, point: &ResumePoint) -> Result
         // pass starts over from them too).
         return Ok(Stage::DiskRounds);
     }
-    let (resend, again) = resend(run, rewind.round, &point.received)?;
+    let (resend, again) = resend(run, rewind.round, &point.received, handed)?;
     run.summary.resent_bytes += again * PAGE_SIZE_U64;
     Ok(Stage::Precopy(Some(resend)))
 }
 
 /// The pages to send after a resume: those of the round that was cut that
 /// the destination did not apply, and every page written since (the dirty
-/// log kept running). Returns them and how many of them went before.
-fn resend(run: &mut Run<'_>, round: u32, received: &[PageRange]) -> Result<(DirtyPages, u64), SendError> {
+/// log kept running). Returns them and how many of them are sent again:
+/// those of the cut round's first `handed` (given to the old stream) that
+/// did not arrive.
+fn resend(
+    run: &mut Run<'_>,
+    round: u32,
+    received: &[PageRange],
+    mut handed: u64,
+) -> Result<(DirtyPages, u64), SendError> {
     let dirty = run.vm.harvest_dirty()?;
     let cut = run.round_pages.take().filter(|(r, _)| *r == round).map(|(_, p)| p);
     let mut out = DirtyPages { regions: Vec::new() };
@@ -165,11 +174,19 @@ fn resend(run: &mut Run<'_>, round: u32, received: &[PageRange]) -> Result<(Dirt
         let of =
             |d: &DirtyPages| d.regions.iter().find(|r| r.start == start).map(|r| r.ranges.clone()).unwrap_or_default();
         if let Some(cut) = &cut {
-            mark(&mut bits, &of(cut), 0, true);
+            let cut = of(cut);
+            mark(&mut bits, &cut, 0, true);
             // The destination's list is in page frame numbers.
             let here: Vec<PageRange> = received.iter().filter(|r| r.first + r.count > first_pfn).copied().collect();
             mark(&mut bits, &here, first_pfn, false);
-            again += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+            // The round went out in order: its first `handed` pages left.
+            for p in cut.iter().flat_map(|r| r.first..r.end().min(pages)) {
+                if handed == 0 {
+                    break;
+                }
+                handed -= 1;
+                again += (bits[(p / 64) as usize] >> (p % 64)) & 1;
+            }
         }
         mark(&mut bits, &of(&dirty), 0, true);
         out.regions.push(RegionDirty { start, ranges: to_ranges(&bits, pages) });

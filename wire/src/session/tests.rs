@@ -403,3 +403,62 @@ fn chunks_are_held_to_the_agreed_size_and_the_migrations_quota() {
         assert!(e.to_string().contains("agreed: at most"), "{e}");
     }
 }
+
+#[test]
+fn a_destination_resumes_from_what_it_holds() {
+    let mut d = receiving();
+    d.accept(features::ALL, ChunkParams::DEFAULT).expect_err("accepted already");
+    let mut d2 = DestSession::new();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        features: features::DISK_COPY | features::RESUME | features::ZSTD,
+        page_size: 4096,
+        migration_id: MigrationId([2; 16]),
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+        resume_secret: [9; 32],
+    };
+    d2.on_message(Stream::Control, &hello).expect("hello");
+    d2.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    assert!(d2.is_secret(&[9; 32]) && !d2.is_secret(&[8; 32]));
+    let part = |seq, offset, id: u8| crate::disk::Manifest {
+        disk: 0,
+        seq,
+        offset,
+        chunks: vec![crate::disk::ManifestChunk { len: 65536, id: Some(ChunkId([id; 32])) }],
+    };
+    // Part 0 complete, part 1 asked for and not arrived, part 2 unanswered.
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(0, 0, 1))).expect("part 0");
+    d2.need(0, vec![0]).expect("need 0");
+    let chunk =
+        |offset, id: u8| Message::DiskChunk(Chunk { disk: 0, offset, id: ChunkId([id; 32]), data: vec![0; 65536] });
+    d2.on_message(Stream::Bulk, &chunk(0, 1)).expect("chunk 0");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(1, 65536, 2))).expect("part 1");
+    d2.need(0, vec![0]).expect("need 1");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(2, 131072, 3))).expect("part 2");
+    d2.on_message(Stream::Bulk, &pages(0, 2)).expect("pages");
+    let received = vec![wanmig_types::PageRange { first: 0, count: 2 }];
+    let point = d2.resume(received.clone()).expect("resume");
+    assert_eq!(point.round, 0);
+    assert_eq!(point.received, received);
+    assert_eq!(point.disks, vec![crate::resume::DiskPoint { next_seq: 1, next_offset: 65536 }]);
+    // The source goes on from there: part 1 again, round 0's pages again.
+    assert!(d2.on_message(Stream::Bulk, &chunk(65536, 2)).is_err(), "nothing is asked for any more");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(1, 65536, 2))).expect("part 1 again");
+    d2.need(0, Vec::new()).expect("it came from the store meanwhile");
+    d2.on_message(Stream::Bulk, &pages(0, 3)).expect("pages again");
+    d2.on_message(Stream::Bulk, &Message::RoundDone { round: 0, pages: 3 }).expect("the round's count starts over");
+    // Not once the device state was taken up and Ready sent.
+    let mut late = d2.clone();
+    late.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).expect("state");
+    assert!(late.can_resume(), "a device state that came is sent again");
+    // Without RESUME agreed there is nothing to take up.
+    let mut no = DestSession::new();
+    let mut hello = crate::tests::hello(PROTOCOL_VERSION);
+    if let Message::Hello { features: f, .. } = &mut hello {
+        *f = features::DISK_COPY;
+    }
+    no.on_message(Stream::Control, &hello).expect("hello");
+    no.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    assert!(!no.can_resume() && no.resume(Vec::new()).is_err());
+}
