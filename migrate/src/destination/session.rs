@@ -528,10 +528,11 @@ impl Attempt<'_> {
         }
         let Some(mut vm) = vm else {
             let images = installed?;
-            self.acknowledge().await;
+            let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            let Attempt { conn, tx, store, .. } = self;
+            acknowledge(tx, Some(conn)).await;
             // Disaster recovery (wanmig-dr): the replica becomes an epoch.
-            if let Some(store) = self.store.clone() {
-                let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            if let Some(store) = store {
                 crate::epochs::after_sync(store, &adm.config, images, adm.session.id(), source, log).await;
             }
             return Ok(None);
@@ -547,20 +548,35 @@ impl Attempt<'_> {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        self.acknowledge().await;
+        let Attempt { conn, tx, .. } = self;
         let started = match adm.tunnel {
-            true => start_tunnel(self.conn, &adm.config, log).await,
-            false => None,
+            true => {
+                acknowledge(tx, None).await;
+                start_tunnel(conn, &adm.config, log).await
+            }
+            false => {
+                acknowledge(tx, Some(conn)).await;
+                None
+            }
         };
         Ok(Some((vm, adm.config, started)))
     }
+}
 
-    /// Sends `CommitAck` and waits (briefly: the source may close the
-    /// connection as soon as it has it) for it to be delivered.
-    async fn acknowledge(&mut self) {
-        let _ = self.tx.send(&Message::CommitAck).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
-    }
+/// How long the acknowledgement's delivery is waited for, in the
+/// background, before its connection is let go.
+const ACK_LINGER: Duration = Duration::from_secs(30);
+
+/// Sends `CommitAck`; then, on a task of its own, ends the stream once the
+/// source has it (a source that got it and went away leaves that wait to
+/// the idle timeout: nothing here waits for it) and keeps `conn` open until
+/// then, so closing it cannot cut the acknowledgement short.
+async fn acknowledge(mut tx: FrameSender, conn: Option<Conn>) {
+    let _ = tx.send(&Message::CommitAck).await;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(ACK_LINGER, tx.finish()).await;
+        drop(conn);
+    });
 }
 
 fn journal_err(e: crate::journal::JournalError) -> String {
