@@ -151,6 +151,10 @@ pub struct MigrateRequest {
     /// migration failing (it resumes on a new connection), s; 0: fail at once.
     #[serde(default = "default_resume_window_s")]
     pub resume_window_s: u64,
+    /// Commit only after the destination's Ready (the classic two-phase
+    /// commit), not right behind the device state.
+    #[serde(default)]
+    pub commit_after_ready: bool,
 }
 
 fn default_resume_window_s() -> u64 {

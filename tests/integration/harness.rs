@@ -320,6 +320,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             sync,
             tunnel: None,
             resume_window_s: 0,
+            commit_after_ready: false,
         },
     }
 }
@@ -378,6 +379,13 @@ impl Receiver {
     /// store in `dir/chunks` unless `args` say otherwise).
     pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
         Self::start_with(None, "127.0.0.1:0", keys, peer, dir, args, &[])
+    }
+
+    /// As [`Receiver::start`] (shared disks), listening on `listen` (e.g.
+    /// the address of one that was killed).
+    pub fn start_at_addr(listen: &str, keys: &Keys, peer: &str, dir: &Path) -> Self {
+        let shared = dir.parent().unwrap_or(dir);
+        Self::start_with(None, listen, keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], &[])
     }
 
     /// As [`Receiver::copying`], listening on `listen` (e.g. the address

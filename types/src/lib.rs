@@ -55,8 +55,12 @@ pub mod features {
     /// A migration whose link fails before its commit may go on over a new
     /// connection (`Resume`), from what the destination holds.
     pub const RESUME: u64 = 1 << 5;
+    /// The source may send `Commit` right behind the device state, before
+    /// the destination's `Ready`: the destination then decides (commits, or
+    /// aborts and the source runs on), a round trip less of downtime.
+    pub const EARLY_COMMIT: u64 = 1 << 7;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | EARLY_COMMIT;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -114,6 +118,7 @@ mod tests {
             features::SYNC_ONLY,
             features::TUNNEL,
             features::RESUME,
+            features::EARLY_COMMIT,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));

@@ -49,6 +49,10 @@ pub struct SendOptions {
     /// How long a link that fails before the commit may stay down before
     /// the migration gives up (0: it fails at once).
     pub resume_window: Duration,
+    /// Send `Commit` only after the destination's `Ready` (the classic
+    /// two-phase commit): a round trip more of downtime, and the source is
+    /// in doubt only from the commit on, not from the device state on.
+    pub commit_after_ready: bool,
 }
 
 impl SendOptions {
@@ -79,6 +83,7 @@ impl SendOptions {
             tunnel: None,
             state_dir,
             resume_window: Duration::from_secs(600),
+            commit_after_ready: false,
         }
     }
 }
