@@ -297,12 +297,14 @@ impl Attempt<'_> {
             ));
         }
         crate::failpoint("receive-exit-before-ready", Duration::ZERO);
+        let t_checked = Instant::now();
         let vm = match adm.sync {
             true => None,
             false => Some(self.build(adm, host, &state)?),
         };
         log(format!(
-            "device state received; VM built {:.1} ms after the last data",
+            "device state received; disks checked in {:.1} ms, VM built {:.1} ms after the last data",
+            (t_checked - t_state).as_secs_f64() * 1e3,
             t_state.elapsed().as_secs_f64() * 1e3
         ));
         let ready = adm.session.ready()?;
@@ -504,6 +506,7 @@ impl Attempt<'_> {
             .recv_timeout(COMMIT_TIMEOUT)
             .await
             .and_then(|m| m.ok_or(TransportError::Lost("closed before Commit".into())));
+        let t_commit = Instant::now();
         let decided = match commit {
             Err(e) => Err(ReceiveError::from(e)),
             Ok(m) => match adm.session.on_message(Stream::Control, &m) {
@@ -518,6 +521,7 @@ impl Attempt<'_> {
         }
         // Committed: the VM (or the replica) is ours, whatever happens to
         // the acknowledgement.
+        let t_journal = Instant::now();
         let installed = match adm.incoming.disks.take() {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
@@ -544,9 +548,17 @@ impl Attempt<'_> {
         for (d, p) in adm.config.disks.iter_mut().zip(&paths) {
             d.path = p.clone();
         }
+        let t_installed = Instant::now();
         if let Err(e) = host.borrow_mut().start(&mut vm, &paths, self.opts.paused) {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        log(format!(
+            "committed: journal {:.1} ms, images installed {:.1} ms, VM started {:.1} ms",
+            ms(t_commit, t_journal),
+            ms(t_journal, t_installed),
+            ms(t_installed, Instant::now())
+        ));
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
         let Attempt { conn, tx, .. } = self;
         let started = match adm.tunnel {

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RoundReport};
-use wanmig_vmm::memory::DirtyPages;
 use wanmig_types::features;
+use wanmig_vmm::memory::DirtyPages;
 
 use super::error::SendError;
 use super::run::Run;

@@ -46,6 +46,9 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     // The round's acknowledgement arrives before Ready; not waited for here.
     let done = run.link.session.round_done(last_pages)?;
     run.link.bulk.send(&done, &mut run.summary.bytes).await?;
+    // The destination sees the bulk stream end now, not once the commit
+    // is journalled here (the wait for its delivery comes later).
+    run.link.bulk.end().await?;
     run.summary.downtime_breakdown.last_pages_ms = ms_since(paused_at);
     let state = if run.opts.sync {
         // A sync hands over no VM: its "device state" is empty.
