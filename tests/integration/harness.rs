@@ -10,9 +10,19 @@ use wanmig_control::protocol::{MigrateRequest, TestGuestProgress};
 use wanmig_control::{self as control, Request};
 use wanmig_vmm::{snapshot, testguest};
 
+/// Another build of `wanmig` to run instead of this one: a benchmark sets
+/// it to compare a baseline with the build under test side by side.
+pub static BINARY: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The `wanmig` binary: the one under test unless [`BINARY`] names another.
+fn binary() -> PathBuf {
+    let chosen = BINARY.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    chosen.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wanmig")))
+}
+
 /// The `wanmig` binary under test.
 pub fn wanmig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wanmig"))
+    Command::new(binary())
 }
 
 /// The `wanmig` binary under test, run inside network namespace `netns`
@@ -23,7 +33,7 @@ pub fn wanmig_in(netns: Option<&str>) -> Command {
         None => wanmig(),
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_wanmig")]);
+            c.args(["netns", "exec", ns]).arg(binary());
             c
         }
     }
