@@ -256,6 +256,13 @@ pub struct SendArgs {
     /// are copied). Disks are always copied whole before the guest moves.
     #[arg(long, default_value = "auto")]
     postcopy: wanmig_migrate::source::options::PostcopyMode,
+    /// Send the commit only after the destination says it is ready (the
+    /// classic two-phase commit). By default it follows the device state
+    /// and the destination decides: a round trip less of downtime, but a
+    /// failure during the last moments leaves the source paused in doubt
+    /// (`wanmig settle`) instead of running on.
+    #[arg(long)]
+    commit_after_ready: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -334,6 +341,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         sync,
         resume_window_s: a.resume_window.as_secs(),
         postcopy: a.postcopy,
+        commit_after_ready: a.commit_after_ready,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {

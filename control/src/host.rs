@@ -56,10 +56,11 @@ impl VmHost for ServeHost {
         let journal = wanmig_migrate::journal::SourceJournal::new(&h.vm.config().state_dir, &h.vm.config().name);
         journal.clear().map_err(|e| format!("its old journal: {}", error_chain(&e)))?;
         let locked = h.vm.lock_disks().map_err(|e| format!("its disks: {}", error_chain(&e)));
-        let written = write_config(&self.dir, h.vm.config());
         if !paused && locked.is_ok() {
             h.vm.resume();
         }
+        // Written once the guest runs: its users wait for nothing here.
+        let written = write_config(&self.dir, h.vm.config());
         h.config_file = written.as_ref().ok().cloned();
         locked?;
         written.map(|_| ())

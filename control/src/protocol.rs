@@ -154,6 +154,10 @@ pub struct MigrateRequest {
     /// Whether the guest may move before all its pages (post-copy).
     #[serde(default)]
     pub postcopy: wanmig_migrate::source::options::PostcopyMode,
+    /// Commit only after the destination's Ready (the classic two-phase
+    /// commit), not right behind the device state.
+    #[serde(default)]
+    pub commit_after_ready: bool,
 }
 
 fn default_resume_window_s() -> u64 {

@@ -283,15 +283,24 @@ pub struct DestRecord {
 }
 
 /// The destination's journal: a record per migration under `DIR/journal`.
+/// Clones share one lock, so that a commit and a settle query answered at
+/// the same time (the listener hears queries while an attempt runs) never
+/// both see a record in `ready` and write opposite outcomes.
 #[derive(Debug, Clone)]
 pub struct DestJournal {
     dir: PathBuf,
+    decide: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl DestJournal {
     /// The journal under `dir/journal`.
     pub fn new(dir: &Path) -> Self {
-        DestJournal { dir: dir.join("journal") }
+        DestJournal { dir: dir.join("journal"), decide: Default::default() }
+    }
+
+    /// Held while a record's outcome is decided.
+    fn deciding(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.decide.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn path(&self, id: MigrationId) -> PathBuf {
@@ -308,6 +317,7 @@ impl DestJournal {
     /// [`DestJournal::commit`], entering `phase` (`Committed`, or
     /// `Postcopy` when the guest moves before all its pages).
     pub fn commit_as(&self, rec: &mut DestRecord, phase: DestPhase) -> Result<(), JournalError> {
+        let _decide = self.deciding();
         if self.read(rec.migration_id)?.is_some_and(|r| r.phase == DestPhase::Aborted) {
             return Err(JournalError::SettledNotCommitted(rec.migration_id));
         }
@@ -340,6 +350,7 @@ impl DestJournal {
     /// ends alone) can ask about it. A migration that is not committed is
     /// recorded as aborted first, so the answer can never change.
     pub fn settle(&self, id: MigrationId) -> Result<Settlement, JournalError> {
+        let _decide = self.deciding();
         let Some(mut rec) = self.read(id)? else { return Ok(Settlement::Unknown) };
         match rec.phase {
             DestPhase::Committed => Ok(Settlement::Committed),

@@ -340,8 +340,10 @@ fn settle_after_the_source_dies_before_its_commit_leaves_the_vm_here() {
     let (vm, _keys, mut dst, said) = killed_at("send-exit-before-commit");
     assert!(said.contains("not committed"), "{said}");
     // Settled while the attempt there still waited for a commit that never
-    // comes: it can no longer commit, and it ends when the link times out.
-    dst.wait_log("failed, discarded", Duration::from_secs(90));
+    // comes: it can no longer commit, and the destination ends it then and
+    // there ("settled as not committed: discarded"; before, at the link's
+    // timeout: "failed, discarded").
+    dst.wait_log("discarded", Duration::from_secs(90));
     assert!(!vm.path("dst").join("wanmig-it.sock").exists(), "the destination runs nothing");
     assert!(dst.is_running() && incoming(&vm.path("dst")).is_empty(), "{}", dst.log());
     // The VM's memory died with the process; it boots again from its disk.

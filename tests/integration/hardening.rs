@@ -237,7 +237,8 @@ fn a_second_source_is_refused_as_busy_and_a_stalled_one_is_dropped_after_the_dea
     let idle = [OsStr::new("--idle-timeout"), OsStr::new("4s")];
     let dst = Receiver::copying(&keys, &keys.src_fp, &dst_dir, &idle);
     let mut stalled = RawSource::connect(&dst.addr, &keys);
-    assert!(matches!(stalled.hello(shape("first", 64, &[]), 0), Message::Accept { .. }));
+    // It offers resume: a stall is no outage, and is not waited for.
+    assert!(matches!(stalled.hello(shape("first", 64, &[]), features::RESUME), Message::Accept { .. }));
     // The stalled source trickles a frame a byte at a time on its bulk
     // stream: the connection stays busy, no message ever completes.
     let mut bulk = stalled.open_bulk();
@@ -264,6 +265,7 @@ fn a_second_source_is_refused_as_busy_and_a_stalled_one_is_dropped_after_the_dea
     // The deadline: 4 s without a whole message.
     dst.wait_log("the peer sent nothing for 4s", Duration::from_secs(15));
     let dropped_after = t0.elapsed();
+    assert!(!dst.log().contains("for it to resume"), "a stalled source kept for a resume: {}", dst.log());
     assert!(dropped_after >= Duration::from_secs(3), "{dropped_after:?}");
     eprintln!("the stalled source was dropped {dropped_after:?} after the second source came");
     trickle.abort();

@@ -10,9 +10,19 @@ use wanmig_control::protocol::{MigrateRequest, TestGuestProgress};
 use wanmig_control::{self as control, Request};
 use wanmig_vmm::{snapshot, testguest};
 
+/// Another build of `wanmig` to run instead of this one: a benchmark sets
+/// it to compare a baseline with the build under test side by side.
+pub static BINARY: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The `wanmig` binary: the one under test unless [`BINARY`] names another.
+fn binary() -> PathBuf {
+    let chosen = BINARY.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    chosen.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wanmig")))
+}
+
 /// The `wanmig` binary under test.
 pub fn wanmig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wanmig"))
+    Command::new(binary())
 }
 
 /// The `wanmig` binary under test, run inside network namespace `netns`
@@ -23,7 +33,7 @@ pub fn wanmig_in(netns: Option<&str>) -> Command {
         None => wanmig(),
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_wanmig")]);
+            c.args(["netns", "exec", ns]).arg(binary());
             c
         }
     }
@@ -321,6 +331,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             tunnel: None,
             resume_window_s: 0,
             postcopy: wanmig_migrate::source::options::PostcopyMode::Off,
+            commit_after_ready: false,
         },
     }
 }
@@ -379,6 +390,13 @@ impl Receiver {
     /// store in `dir/chunks` unless `args` say otherwise).
     pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
         Self::start_with(None, "127.0.0.1:0", keys, peer, dir, args, &[])
+    }
+
+    /// As [`Receiver::start`] (shared disks), listening on `listen` (e.g.
+    /// the address of one that was killed).
+    pub fn start_at_addr(listen: &str, keys: &Keys, peer: &str, dir: &Path) -> Self {
+        let shared = dir.parent().unwrap_or(dir);
+        Self::start_with(None, listen, keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], &[])
     }
 
     /// As [`Receiver::copying`], listening on `listen` (e.g. the address

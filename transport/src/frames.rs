@@ -57,6 +57,18 @@ impl FrameSender {
     pub async fn finish(&mut self) -> Result<(), TransportError> {
         self.stream.shutdown().await.map_err(lost)
     }
+
+    /// Ends the stream without waiting: the peer sees the end right behind
+    /// what was sent. [`FrameSender::finish`] later waits for delivery.
+    pub async fn end(&mut self) -> Result<(), TransportError> {
+        let stream = &mut self.stream;
+        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *stream).poll_shutdown(cx) {
+            std::task::Poll::Pending => std::task::Poll::Ready(Ok(())),
+            done => done,
+        })
+        .await
+        .map_err(lost)
+    }
 }
 
 /// Receives frames from a stream.

@@ -59,8 +59,12 @@ pub mod features {
     /// there (post-copy): missing pages are requested on a stream of their
     /// own while the rest are pushed.
     pub const POSTCOPY: u64 = 1 << 6;
+    /// The source may send `Commit` right behind the device state, before
+    /// the destination's `Ready`: the destination then decides (commits, or
+    /// aborts and the source runs on), a round trip less of downtime.
+    pub const EARLY_COMMIT: u64 = 1 << 7;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY | EARLY_COMMIT;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -119,6 +123,7 @@ mod tests {
             features::TUNNEL,
             features::RESUME,
             features::POSTCOPY,
+            features::EARLY_COMMIT,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));

@@ -45,7 +45,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
@@ -510,8 +510,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrackingError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f =
-        OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| io("cannot create", e))?;
+    // The image may sit in a directory others can write (shared storage):
+    // a link planted at the temporary name is removed, never followed, and
+    // one planted again in between makes the create fail, not write through.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot remove the stale", e)),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| io("cannot create", e))?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io("cannot write", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io("cannot install", e))?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -607,7 +619,7 @@ pub fn inspect(image: &Path) -> Result<Option<(bool, Vec<(String, bool, Vec<u64>
 
 fn read(path: &Path, image_size: u64) -> Result<Option<SavedMaps>, TrackingError> {
     let io = |source| TrackingError::Io { what: "cannot read", path: path.into(), source };
-    let file = match File::open(path) {
+    let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(e)),
@@ -680,6 +692,29 @@ mod tests {
         assert_eq!(maps.tracked_writes("dr"), Some(vec![0; 4]));
         assert!(maps.remove("dr") && !maps.remove("dr"));
         assert!(maps.add("").is_err());
+    }
+
+    #[test]
+    fn links_planted_beside_a_shared_image_are_never_written_through() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = image(dir.path(), 1 << 20);
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let mut tmp = file_for(&img).into_os_string();
+        tmp.push(".tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).expect("link at the temporary name");
+        let maps = NamedMaps::new(1 << 20);
+        maps.add("a").expect("add");
+        save(&img, &open(&img), &maps).expect("save past the link");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious", "written through a link");
+        // A link at the maps' own name is replaced, not followed, and a
+        // link there is never read as maps.
+        std::fs::remove_file(file_for(&img)).expect("rm");
+        std::os::unix::fs::symlink(&victim, file_for(&img)).expect("link at the name");
+        let again = NamedMaps::new(1 << 20);
+        attach(&img, &open(&img), &again).expect("attach");
+        assert!(again.note().is_some_and(|n| n.contains("not trusted")), "{:?}", again.note());
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
     }
 
     #[test]

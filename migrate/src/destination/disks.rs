@@ -401,15 +401,16 @@ impl DestDisks {
         Ok(())
     }
 
-    /// Between rounds: hash what was written, so little is left for the
-    /// end. Reads only written blocks (never holes): the work follows the
-    /// data received, not the sizes declared. Slow for big rounds: run it
-    /// off the connection's task.
+    /// Between rounds: hash what was written and flush it (the images and
+    /// the chunks kept), so little is left for the end, inside the guest's
+    /// downtime. Reads only written blocks (never holes): the work follows
+    /// the data received, not the sizes declared. Slow for big rounds: run
+    /// it off the connection's task.
     pub fn refresh(&mut self) -> Result<(), ReceiveError> {
         for d in &mut self.disks {
             d.image.refresh_digest().map_err(|e| disk_io(d.image.path(), "reading", e))?;
         }
-        Ok(())
+        self.store.commit().map_err(store_err)
     }
 
     /// The source's last word on a disk: its image must match. (As slow as

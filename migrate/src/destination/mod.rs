@@ -40,9 +40,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinSet;
 use wanmig_dedup::ChunkStore;
 use wanmig_transport::{Conn, FrameReceiver, FrameSender, Listener, TransportError};
-use wanmig_types::error_chain;
+use wanmig_types::{MigrationId, error_chain};
 use wanmig_vmm::config::VmConfig;
-use wanmig_wire::Message;
+use wanmig_wire::{Message, Settlement};
 
 pub use error::ReceiveError;
 pub use host::VmHost;
@@ -182,6 +182,53 @@ fn answer_settle(mut h: Heard, journal: DestJournal, notes: tokio::sync::mpsc::U
     });
 }
 
+/// A settle query about the attempt running here, decided before it is
+/// answered; `true` when it was settled as not committed: the attempt (its
+/// source gave up on it) never may commit now, and ends at once rather than
+/// at its next deadline.
+fn settle_running(h: Heard, id: MigrationId, journal: &DestJournal, vm: &str, say: &dyn Fn(String)) -> bool {
+    match journal.settle(id) {
+        Ok(outcome) => {
+            let end = outcome == Settlement::NotCommitted;
+            if end {
+                say(format!("migration {id} of VM {vm} was settled as not committed: discarded"));
+            }
+            say(format!("settle query for migration {id}: {outcome:?}"));
+            reply_settled(h, id, outcome);
+            end
+        }
+        Err(e) => {
+            say(format!("settle query for {id}: {}", error_chain(&e)));
+            false
+        }
+    }
+}
+
+/// A source coming back to resume: handed to the running attempt (which
+/// checks that it is its own), or refused when nothing waits for it.
+fn route_resume(h: Heard, rejoin: Option<&UnboundedSender<session::Rejoin>>, say: &dyn Fn(String)) {
+    let Message::Resume { migration_id: id, .. } = h.first else { return };
+    let Heard { conn, tx, rx, first, peer } = h;
+    let r = session::Rejoin { conn, tx, rx, first, peer };
+    let unheard = match rejoin {
+        Some(t) => t.send(r).err().map(|e| e.0),
+        None => Some(r),
+    };
+    if let Some(r) = unheard {
+        say(format!("refused a resume of migration {id} from {}: nothing waits for it here", r.peer));
+        refuse(r.conn, r.tx, format!("migration {id} is not waiting here"));
+    }
+}
+
+/// Sends an outcome decided already, on its own task.
+fn reply_settled(mut h: Heard, migration_id: MigrationId, outcome: Settlement) {
+    tokio::spawn(async move {
+        let _ = h.tx.send(&Message::SettleAnswer { migration_id, outcome }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), h.tx.finish()).await;
+        drop(h.conn);
+    });
+}
+
 /// Refuses a source's hello (or resume) on its own task, saying why.
 fn refuse(conn: Conn, mut tx: FrameSender, reason: String) {
     tokio::spawn(async move {
@@ -215,7 +262,7 @@ async fn accept_until_received<H: VmHost>(
     let mut running: Option<Running<'_, H::Vm>> = None;
     // Where sources coming back to resume the running attempt go.
     let mut rejoin: Option<UnboundedSender<session::Rejoin>> = None;
-    let mut vm_name = String::new();
+    let (mut vm_name, mut running_id) = (String::new(), MigrationId::default());
     loop {
         tokio::select! {
             // An attempt that has ended is seen before the next hello is
@@ -244,14 +291,20 @@ async fn accept_until_received<H: VmHost>(
                     }
                     Err(_) => continue,
                 };
-                match (&h.first, &running) {
+                match (&h.first, running.is_some()) {
+                    (&Message::SettleQuery { migration_id: id }, true) if id == running_id => {
+                        let ended = settle_running(h, id, journal, &vm_name, &say);
+                        if ended {
+                            (running, rejoin) = (None, None);
+                        }
+                    }
                     (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),
-                    (Message::Hello { shape, .. }, Some(_)) => {
+                    (Message::Hello { shape, .. }, true) => {
                         say(format!("refused VM {} from {}: busy receiving VM {vm_name}", shape.name, h.peer));
                         refuse(h.conn, h.tx, format!("busy: this host is receiving VM {vm_name} from another source; try again when it is done"));
                     }
-                    (Message::Hello { shape, .. }, None) => {
-                        vm_name = shape.name.clone();
+                    (Message::Hello { shape, migration_id, .. }, false) => {
+                        (vm_name, running_id) = (shape.name.clone(), *migration_id);
                         let Heard { conn, tx, rx, first, peer } = h;
                         let (rejoin_tx, rejoins) = unbounded_channel();
                         rejoin = Some(rejoin_tx);
@@ -261,20 +314,7 @@ async fn accept_until_received<H: VmHost>(
                         let (host, say) = (&host, &say);
                         running = Some(Box::pin(async move { (peer, attempt.run(first, host, say).await) }));
                     }
-                    (Message::Resume { migration_id, .. }, _) => {
-                        let id = *migration_id;
-                        let Heard { conn, tx, rx, first, peer } = h;
-                        let r = session::Rejoin { conn, tx, rx, first, peer };
-                        // The attempt checks that it is its own.
-                        let unheard = match &rejoin {
-                            Some(t) => t.send(r).err().map(|e| e.0),
-                            None => Some(r),
-                        };
-                        if let Some(r) = unheard {
-                            say(format!("refused a resume of migration {id} from {}: nothing waits for it here", r.peer));
-                            refuse(r.conn, r.tx, format!("migration {id} is not waiting here"));
-                        }
-                    }
+                    (Message::Resume { .. }, _) => route_resume(h, rejoin.as_ref(), &say),
                     _ => {}
                 }
             }

@@ -31,6 +31,10 @@ use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
 /// How long the destination waits for the source to open post-copy's
 /// urgent stream.
 const POSTCOPY_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many link failures one attempt rides out: a source whose link
+/// keeps failing is given up on, so that it cannot hold this host forever.
+const MAX_PARKS: u32 = 32;
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -82,6 +86,8 @@ struct Admitted {
     shared: Option<Vec<File>>,
     /// Post-copy, once it started: the guest's missing pages arrive there.
     postcopy: Option<DestPostcopy>,
+    /// Times the link failed and the attempt waited for its source.
+    parks: u32,
 }
 
 /// A received VM, its configuration and the tunnel's end.
@@ -216,6 +222,7 @@ impl Attempt<'_> {
             record,
             shared: admission.shared,
             postcopy: None,
+            parks: 0,
         };
         Ok((adm, local, params))
     }
@@ -297,12 +304,14 @@ impl Attempt<'_> {
             ));
         }
         crate::failpoint("receive-exit-before-ready", Duration::ZERO);
+        let t_checked = Instant::now();
         let vm = match adm.sync {
             true => None,
             false => Some(self.build(adm, host, &state)?),
         };
         log(format!(
-            "device state received; VM built {:.1} ms after the last data",
+            "device state received; disks checked in {:.1} ms, VM built {:.1} ms after the last data",
+            (t_checked - t_state).as_secs_f64() * 1e3,
             t_state.elapsed().as_secs_f64() * 1e3
         ));
         let ready = adm.session.ready()?;
@@ -403,10 +412,14 @@ impl Attempt<'_> {
     }
 
     /// Whether the attempt can wait for its source to come back after `e`.
+
+    /// Whether the attempt can wait for its source to come back after `e`:
+    /// a lost link, not a source that cancelled nor one that holds a live
+    /// connection and sends nothing (a stall is no outage: it keeps the slot
+    /// only for the idle timeout), and not more than [`MAX_PARKS`] times.
     fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
-        let cancelled = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why == PEER_CANCELLED);
-        matches!(e, ReceiveError::Transport(_))
-            && !cancelled
+        let lost = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why != PEER_CANCELLED);
+        lost && adm.parks < MAX_PARKS
             && self.rejoins.is_some()
             && !self.opts.resume_window.is_zero()
             && adm.session.can_resume()
@@ -419,6 +432,7 @@ impl Attempt<'_> {
     /// connection. A window that ends fails the attempt.
     async fn park(&mut self, adm: &mut Admitted, why: &ReceiveError, log: &dyn Fn(String)) -> Result<(), ReceiveError> {
         let window = self.opts.resume_window;
+        adm.parks += 1;
         // Whatever is left of the old connection goes: a source still on it
         // learns that it must reconnect.
         self.conn.close(0);
@@ -652,6 +666,7 @@ impl Attempt<'_> {
             .recv_timeout(COMMIT_TIMEOUT)
             .await
             .and_then(|m| m.ok_or(TransportError::Lost("closed before Commit".into())));
+        let t_commit = Instant::now();
         let decided = match commit {
             Err(e) => Err(ReceiveError::from(e)),
             Ok(m) => match adm.session.on_message(Stream::Control, &m) {
@@ -669,6 +684,7 @@ impl Attempt<'_> {
         }
         // Committed: the VM (or the replica) is ours, whatever happens to
         // the acknowledgement.
+        let t_journal = Instant::now();
         let installed = match adm.incoming.disks.take() {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
@@ -680,10 +696,11 @@ impl Attempt<'_> {
         }
         let Some(mut vm) = vm else {
             let images = installed?;
-            self.acknowledge().await;
+            let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            let Attempt { conn, tx, store, .. } = self;
+            acknowledge(tx, Some(conn)).await;
             // Disaster recovery (wanmig-dr): the replica becomes an epoch.
-            if let Some(store) = self.store.clone() {
-                let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            if let Some(store) = store {
                 crate::epochs::after_sync(store, &adm.config, images, adm.session.id(), source, log).await;
             }
             return Ok(None);
@@ -695,28 +712,70 @@ impl Attempt<'_> {
         for (d, p) in adm.config.disks.iter_mut().zip(&paths) {
             d.path = p.clone();
         }
+        let t_installed = Instant::now();
         if let Err(e) = host.borrow_mut().start(&mut vm, &paths, self.opts.paused) {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        log(format!(
+            "committed: journal {:.1} ms, images installed {:.1} ms, VM started {:.1} ms",
+            ms(t_commit, t_journal),
+            ms(t_journal, t_installed),
+            ms(t_installed, Instant::now())
+        ));
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        if let Some(pc) = adm.postcopy.take() {
-            self.finish_postcopy(&mut adm, pc, log).await?;
-        } else {
-            self.acknowledge().await;
-        }
-        let started = match adm.tunnel {
-            true => start_tunnel(self.conn, &adm.config, log).await,
-            false => None,
+        // Post-copy acknowledges the commit itself, then brings the pages
+        // the guest still lacks.
+        let acked = match adm.postcopy.take() {
+            Some(pc) => {
+                self.finish_postcopy(&mut adm, pc, log).await?;
+                true
+            }
+            None => false,
+        };
+        let Attempt { conn, tx, .. } = self;
+        let started = match (adm.tunnel, acked) {
+            (true, true) => {
+                linger(tx, None);
+                start_tunnel(conn, &adm.config, log).await
+            }
+            (true, false) => {
+                acknowledge(tx, None).await;
+                start_tunnel(conn, &adm.config, log).await
+            }
+            (false, true) => {
+                linger(tx, Some(conn));
+                None
+            }
+            (false, false) => {
+                acknowledge(tx, Some(conn)).await;
+                None
+            }
         };
         Ok(Some((vm, adm.config, started)))
     }
+}
 
-    /// Sends `CommitAck` and waits (briefly: the source may close the
-    /// connection as soon as it has it) for it to be delivered.
-    async fn acknowledge(&mut self) {
-        let _ = self.tx.send(&Message::CommitAck).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.finish()).await;
-    }
+/// How long the acknowledgement's delivery is waited for, in the
+/// background, before its connection is let go.
+const ACK_LINGER: Duration = Duration::from_secs(30);
+
+/// Sends `CommitAck`; then, on a task of its own, ends the stream once the
+/// source has it (a source that got it and went away leaves that wait to
+/// the idle timeout: nothing here waits for it) and keeps `conn` open until
+/// then, so closing it cannot cut the acknowledgement short.
+async fn acknowledge(mut tx: FrameSender, conn: Option<Conn>) {
+    let _ = tx.send(&Message::CommitAck).await;
+    linger(tx, conn);
+}
+
+/// Ends the control stream once the source has everything on it, on a
+/// task of its own, holding `conn` open until then (30 s at most).
+fn linger(mut tx: FrameSender, conn: Option<Conn>) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(ACK_LINGER, tx.finish()).await;
+        drop(conn);
+    });
 }
 
 fn journal_err(e: crate::journal::JournalError) -> String {

@@ -183,6 +183,12 @@ impl BulkSender {
     pub async fn finish(&mut self) -> Result<(), SendError> {
         Ok(self.stream.finish().await?)
     }
+
+    /// Ends the stream at once (its end follows what was sent); `finish`
+    /// waits for delivery.
+    pub async fn end(&mut self) -> Result<(), SendError> {
+        Ok(self.stream.end().await?)
+    }
 }
 
 /// The source's two streams, its session machine and its deadline.

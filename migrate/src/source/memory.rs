@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RoundReport};
 use wanmig_mem_sync::postcopy::{HybridDecision, HybridPolicy};
+use wanmig_types::features;
 use wanmig_vmm::memory::DirtyPages;
 
 use super::error::SendError;
@@ -203,6 +204,7 @@ fn round_report(
         None => 0,
     };
     let state_estimate = 64 * 1024 * u64::from(run.vm.config().vcpus);
+    let rtt = run.opts.tuning.rtt.min(elapsed);
     RoundReport {
         round: run.link.session.round().saturating_sub(1),
         pages_sent: sent.pages,
@@ -218,9 +220,32 @@ fn round_report(
         link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0).min(cap.unwrap_or(f64::INFINITY)),
         // Disk extents still to write go out inside the downtime too.
         state_bytes: state_estimate + disk_dirty,
-        rtt: run.opts.tuning.rtt.min(elapsed),
+        rtt,
+        switch: switch_cost(run, rtt, disk_dirty),
     }
 }
+
+/// The switch-over's cost beyond what it sends (measured on loopback,
+/// where sending is nearly free: see `SWITCH_FLOOR`): the commit's round
+/// trips (one when the destination decides an early commit: the device
+/// state's way there and the acknowledgement's way back; two when the
+/// source waits for `Ready`), and flushing the last disk writes, which
+/// the destination does before it commits (the rest were flushed between
+/// rounds) at [`FLUSH_RATE`].
+fn switch_cost(run: &Run<'_>, rtt: Duration, disk_dirty: u64) -> Duration {
+    let early = run.link.session.features() & features::EARLY_COMMIT != 0;
+    let trips = if early { 1 } else { 2 };
+    rtt * trips + SWITCH_FLOOR + Duration::from_secs_f64(disk_dirty as f64 / FLUSH_RATE)
+}
+
+/// The switch-over's fixed cost at zero RTT with nothing left to send:
+/// the final dirty harvest, device state, the destination's checks and
+/// build of the VM, the journal records at both ends.
+const SWITCH_FLOOR: Duration = Duration::from_millis(10);
+
+/// Bytes per second a disk image is taken to flush at (the last disk
+/// writes, inside the downtime).
+const FLUSH_RATE: f64 = 100e6;
 
 /// Reports a round and adds it to the summary.
 fn record_round(run: &mut Run<'_>, r: &RoundReport, sent: &Sent, first_round: u32) {

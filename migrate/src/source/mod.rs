@@ -132,11 +132,8 @@ pub async fn send_on(
     let mut session = None;
     let result = {
         let ends = Ends { conn: &mut conn, connector };
-        let attempt = attempt(ends, vm, opts, steer, progress, &journal, &mut summary, &mut session);
-        tokio::select! {
-            r = attempt => r,
-            c = steer.cancelled(), if !steer.committed() => Err(SendError::Cancelled(c.0)),
-        }
+        // A cancel is the attempt's to handle: it tells the destination.
+        attempt(ends, vm, opts, steer, progress, &journal, &mut summary, &mut session).await
     };
     finish_summary(&mut summary, start);
     let outcome = settle_locally(vm, opts, &journal, session.as_ref(), &result, &mut summary, &conn).await;
@@ -183,7 +180,11 @@ async fn attempt(
         return Err(SendError::Refused("the VM has no disks to sync".into()));
     }
     let report = Reporter::new(steer, progress, opts.dest.to_string());
-    let (mut rec, link) = negotiate(ends.conn, &*vm, opts, journal, summary, slot).await?;
+    // Cancelled before the transfer: the connection's close says so.
+    let (mut rec, link) = tokio::select! {
+        r = negotiate(ends.conn, &*vm, opts, journal, summary, slot) => r?,
+        c = steer.cancelled() => return Err(SendError::Cancelled(c.0)),
+    };
     let copy_disks = link.session.features() & features::DISK_COPY != 0 && !vm.config().disks.is_empty();
     let disks = match copy_disks {
         true => Some(DiskCopy::new(&*vm, open_store(opts)?)?),
@@ -208,6 +209,7 @@ async fn attempt(
     *slot = Some(run.link.session.clone());
     run.unthrottle_disks();
     match result {
+        Err(e) if matches!(e, SendError::Cancelled(_)) => Err(e),
         Err(e) => match run.link.peer_reason().await {
             Some(reason) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
             None => Err(e),
@@ -242,6 +244,10 @@ async fn negotiate(
     let mut offer = if opts.sync { features::ALL } else { features::ALL & !features::SYNC_ONLY };
     if tunnel.is_none() {
         offer &= !features::TUNNEL;
+    }
+    // A sync pauses nothing: it keeps the classic commit after Ready.
+    if opts.sync || opts.commit_after_ready {
+        offer &= !features::EARLY_COMMIT;
     }
     if opts.resume_window.is_zero() {
         offer &= !features::RESUME;

@@ -51,6 +51,10 @@ pub struct SendOptions {
     pub resume_window: Duration,
     /// Whether the guest may move before all its pages ([`PostcopyMode`]).
     pub postcopy: PostcopyMode,
+    /// Send `Commit` only after the destination's `Ready` (the classic
+    /// two-phase commit): a round trip more of downtime, and the source is
+    /// in doubt only from the commit on, not from the device state on.
+    pub commit_after_ready: bool,
 }
 
 /// When the guest moves in post-copy (`send --postcopy`).
@@ -108,6 +112,7 @@ impl SendOptions {
             state_dir,
             resume_window: Duration::from_secs(600),
             postcopy: PostcopyMode::default(),
+            commit_after_ready: false,
         }
     }
 }

@@ -24,6 +24,10 @@ enum Phase {
     },
     AwaitReady,
     ReadyToCommit,
+    /// `Commit` went with the device state, before `Ready` (the feature
+    /// `EARLY_COMMIT`): the destination decides; its `Ready` or its
+    /// `Abort` comes next.
+    CommittedEarly,
     CommitSent,
     /// Post-copy, acknowledged: the guest runs at the destination, which
     /// still needs pages from here.
@@ -41,6 +45,7 @@ impl Phase {
             Phase::Transfer { paused: true } => "in stop-and-copy",
             Phase::AwaitReady => "waiting for Ready",
             Phase::ReadyToCommit => "ready to commit",
+            Phase::CommittedEarly => "committed early, waiting for the destination's decision",
             Phase::CommitSent => "waiting for CommitAck",
             Phase::Postcopy => "in post-copy",
             Phase::Done => "done",
@@ -331,7 +336,7 @@ impl SourceSession {
                 self.phase = Phase::Aborted(format!("refused: {reason}"));
                 Ok(SourceEvent::Refused(reason.clone()))
             }
-            (Phase::Transfer { .. } | Phase::AwaitReady, Message::RoundApplied { round }) => {
+            (Phase::Transfer { .. } | Phase::AwaitReady | Phase::CommittedEarly, Message::RoundApplied { round }) => {
                 match self.unapplied.front() {
                     Some(r) if r == round => {
                         self.unapplied.pop_front();
@@ -341,19 +346,28 @@ impl SourceSession {
                 }
             }
             (Phase::Transfer { .. }, Message::DiskNeed(n)) => self.on_need(n.disk, n.seq, &n.chunks),
-            (Phase::AwaitReady, Message::Ready) => {
+            (Phase::AwaitReady | Phase::CommittedEarly, Message::Ready) => {
                 if !self.unapplied.is_empty() {
                     return Err(violation(format!("Ready before rounds {:?} were applied", self.unapplied)));
                 }
-                self.phase = Phase::ReadyToCommit;
+                self.phase = match self.phase {
+                    Phase::CommittedEarly => Phase::CommitSent,
+                    _ => Phase::ReadyToCommit,
+                };
                 Ok(SourceEvent::Ready)
             }
             (Phase::CommitSent, Message::CommitAck) => {
                 self.phase = Phase::Done;
                 Ok(SourceEvent::CommitAcked)
             }
+            // An early commit is the destination's to decide: its Abort
+            // (journalled there first) means it never commits.
             (
-                Phase::HelloSent { .. } | Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit,
+                Phase::HelloSent { .. }
+                | Phase::Transfer { .. }
+                | Phase::AwaitReady
+                | Phase::ReadyToCommit
+                | Phase::CommittedEarly,
                 Message::Abort { reason },
             ) => {
                 self.phase = Phase::Aborted(format!("destination aborted: {reason}"));
@@ -553,18 +567,23 @@ impl SourceSession {
         Ok(Message::DeviceState { state })
     }
 
-    /// The commit point: after this the source never runs the guest again.
+    /// The commit point: after this the source never runs the guest again
+    /// (unless the destination aborts an early commit). After `Ready`; or,
+    /// with `EARLY_COMMIT` agreed, right after the device state, leaving
+    /// the decision to the destination, which saves the round trip that
+    /// waiting for `Ready` costs the guest's downtime.
     pub fn commit(&mut self) -> Result<Message, ProtocolError> {
-        if self.phase != Phase::ReadyToCommit {
-            return Err(self.unexpected("Commit"));
-        }
-        self.phase = Phase::CommitSent;
+        self.phase = match self.phase {
+            Phase::ReadyToCommit => Phase::CommitSent,
+            Phase::AwaitReady if self.features & features::EARLY_COMMIT != 0 => Phase::CommittedEarly,
+            _ => return Err(self.unexpected("Commit")),
+        };
         Ok(Message::Commit)
     }
 
     /// Gives up (before commit): the `Abort` to send, if the link still works.
     pub fn abort(&mut self, reason: &str) -> Result<Message, ProtocolError> {
-        if matches!(self.phase, Phase::CommitSent | Phase::Postcopy | Phase::Done) {
+        if self.committed() {
             return Err(self.unexpected("Abort"));
         }
         self.phase = Phase::Aborted(reason.into());
@@ -581,7 +600,7 @@ impl SourceSession {
 
     /// Whether `Commit` was sent (the source must never run the VM again).
     pub fn committed(&self) -> bool {
-        matches!(self.phase, Phase::CommitSent | Phase::Postcopy | Phase::Done)
+        matches!(self.phase, Phase::CommittedEarly | Phase::CommitSent | Phase::Postcopy | Phase::Done)
     }
 
     /// Whether the destination acknowledged the commit.
@@ -592,7 +611,7 @@ impl SourceSession {
     /// What any failure in this state means.
     pub fn on_failure(&self) -> FailureOutcome {
         match self.phase {
-            Phase::CommitSent => FailureOutcome::InDoubt,
+            Phase::CommittedEarly | Phase::CommitSent => FailureOutcome::InDoubt,
             Phase::Postcopy => FailureOutcome::Postcopy,
             Phase::Done => FailureOutcome::Done,
             _ => FailureOutcome::ResumeSource,

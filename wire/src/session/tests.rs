@@ -36,9 +36,10 @@ enum Step {
 }
 
 /// Drives both machines through a whole migration with disks, the link
-/// failing before message `fail_at` crosses. Returns what the failure means
+/// failing before message `fail_at` crosses; with `early`, the source
+/// commits right behind the device state. Returns what the failure means
 /// for the source and whether the destination owns the VM.
-fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
+fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
     let mut src = SourceSession::new();
     let mut dst = DestSession::new();
     let mut crossed = 0usize;
@@ -103,23 +104,40 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
     cross!(Step::ToDst(last));
     dst.on_bulk_end().expect("bulk ends");
     let state = src.device_state(vec![1, 2, 3]).expect("state");
-    cross!(Step::ToDst(state));
-    cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
-    let ready = dst.ready().expect("ready");
-    cross!(Step::ToSrc(ready));
-    let commit = src.commit().expect("commit");
-    cross!(Step::ToDst(commit));
+    if early {
+        // The Commit travels behind the state; the destination's driver
+        // reads it only once it is ready itself.
+        let commit = src.commit().expect("early commit");
+        cross!(Step::ToDst(state));
+        let ready = dst.ready().expect("ready");
+        cross!(Step::ToDst(commit));
+        cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
+        cross!(Step::ToSrc(ready));
+    } else {
+        cross!(Step::ToDst(state));
+        cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
+        let ready = dst.ready().expect("ready");
+        cross!(Step::ToSrc(ready));
+        let commit = src.commit().expect("commit");
+        cross!(Step::ToDst(commit));
+    }
     cross!(Step::ToSrc(Message::CommitAck));
     (src.on_failure(), dst.owns_vm(), crossed)
 }
 
 #[test]
 fn exactly_one_side_runs_the_vm_whatever_fails() {
-    let (_, _, total) = run(usize::MAX);
+    for early in [false, true] {
+        one_side_runs_the_vm(early);
+    }
+}
+
+fn one_side_runs_the_vm(early: bool) {
+    let (_, _, total) = run(usize::MAX, early);
     assert_eq!(total, 17, "the whole exchange");
     let mut outcomes = Vec::new();
     for fail_at in 0..=total {
-        let (src, dst_owns, _) = run(fail_at);
+        let (src, dst_owns, _) = run(fail_at, early);
         match src {
             // Before commit: the source resumes and the destination must not run it.
             FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
@@ -160,6 +178,45 @@ fn receiving() -> DestSession {
     assert_eq!(dst.on_message(Stream::Control, &Message::DiskManifest(m)), Ok(DestAction::AnswerManifest));
     dst.need(0, vec![0]).expect("need");
     dst
+}
+
+/// A source at the end of its stop-and-copy, its device state sent, having
+/// agreed `features` with the destination.
+fn state_sent(features: u64) -> SourceSession {
+    let mut src = SourceSession::new();
+    let shape = VmShape { disks: Vec::new(), ..shape() };
+    src.hello(MigrationId([3; 16]), shape, features, ChunkParams::DEFAULT, [7; 32]).expect("hello");
+    let accept = Message::Accept { features, chunking: ChunkParams::DEFAULT };
+    src.on_message(Stream::Control, &accept).expect("accept");
+    src.stop_and_copy().expect("pause");
+    src.device_state(Vec::new()).expect("state");
+    src
+}
+
+#[test]
+fn an_early_commit_is_the_destinations_to_decide() {
+    // Not agreed: Commit only after Ready.
+    let mut src = state_sent(features::ALL & !features::EARLY_COMMIT);
+    assert!(src.commit().is_err(), "a commit before Ready without EARLY_COMMIT");
+    // Agreed: the source commits at once and is in doubt until it hears.
+    let mut src = state_sent(features::ALL & !features::SYNC_ONLY);
+    src.commit().expect("early commit");
+    assert!(src.committed());
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+    assert!(src.abort("too late").is_err(), "no abort after a commit");
+    assert!(src.resume_request().is_none(), "no resume after a commit");
+    assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err(), "an ack before Ready");
+    // The destination aborts: it never commits, and the guest is ours again.
+    let mut aborted = src.clone();
+    let abort = Message::Abort { reason: "disk 0 does not match".into() };
+    assert!(matches!(aborted.on_message(Stream::Control, &abort), Ok(SourceEvent::Aborted(_))));
+    assert_eq!(aborted.on_failure(), FailureOutcome::ResumeSource);
+    // Or it is ready and runs the guest.
+    assert_eq!(src.on_message(Stream::Control, &Message::Ready), Ok(SourceEvent::Ready));
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+    assert!(src.on_message(Stream::Control, &abort).is_err(), "an abort after Ready");
+    assert_eq!(src.on_message(Stream::Control, &Message::CommitAck), Ok(SourceEvent::CommitAcked));
+    assert_eq!(src.on_failure(), FailureOutcome::Done);
 }
 
 #[test]
