@@ -236,10 +236,14 @@ mod qemu {
         let dir = tempfile::tempdir().expect("tmp");
         let guest = dir.path().join("guest.elf");
         std::fs::write(&guest, wanmig_vmm::testguest::IMAGE).expect("guest");
-        let mut src = qemu(wan.a().name(), dir.path(), "src", &guest, false);
-        let mut dst = qemu(wan.b().name(), dir.path(), "dst", &guest, true);
+        let _running = Kill(vec![
+            qemu(wan.a().name(), dir.path(), "src", &guest, false),
+            qemu(wan.b().name(), dir.path(), "dst", &guest, true),
+        ]);
         let serial = dir.path().join("src.serial");
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // The guest computes its incompressible pool first: long on a
+        // loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(600);
         while !std::fs::read_to_string(&serial).unwrap_or_default().contains("wanmig-testguest: t=3s") {
             assert!(Instant::now() < deadline, "the guest under QEMU never ran 3 s");
             std::thread::sleep(Duration::from_millis(100));
@@ -294,9 +298,17 @@ mod qemu {
             d["postcopy-blocktime"],
             blocked.join(", ")
         );
-        for c in [&mut src, &mut dst] {
-            let _ = c.kill();
-            let _ = c.wait();
+    }
+
+    /// QEMU processes, killed however the scenario ends.
+    struct Kill(Vec<Child>);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
