@@ -10,7 +10,7 @@
 //!   `postcopy-ram`, switched at once (`migrate-start-postcopy`), over the
 //!   same emulated links: total time, downtime, page requests, and the
 //!   destination's `postcopy-blocktime`;
-//! - on loopback capped at 40 Mbit/s, the same flat-out guest with
+//! - on loopback capped at 20 Mbit/s, the same flat-out guest with
 //!   `--postcopy auto` (hybrid) and `--postcopy off` (pre-copy with
 //!   auto-converge): total time, downtime, rounds, highest throttle.
 //!
@@ -90,19 +90,19 @@ fn across(tag: &str, rtt: Duration) {
     drop(dst);
 }
 
-/// The flat-out guest over loopback capped at 40 Mbit/s, with `mode`.
+/// The flat-out guest over loopback capped at 20 Mbit/s, with `mode`.
 fn flat_out(mode: &str) {
     let vm = VmDir::new(128, 1, "ws_mib = 32\nflat_out = true\nmem_entropy = 100");
     let keys = Keys::new(vm.dir.path());
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(300), |g| g.phase == 2 && g.steps > 10_000);
     let dst = Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[]);
-    let v = send(None, &vm, &dst.addr, &keys, &["--postcopy", mode, "--max-bandwidth", "40Mbit", "--timeout", "300s"]);
+    let v = send(None, &vm, &dst.addr, &keys, &["--postcopy", mode, "--max-bandwidth", "20Mbit", "--timeout", "300s"]);
     let s = &v["summary"];
     let pc = &s["postcopy"];
     println!(
         "{:<22} {:>9} {:>8.2} {:>9.2} {:>8.1} {:>7} {:>9}%  wire {:.1} MiB{}",
-        format!("{mode}, 40 Mbit"),
+        format!("{mode}, 20 Mbit"),
         v["outcome"].as_str().unwrap_or("?"),
         f(&s["total_ms"]) / 1e3,
         f(&pc["postcopy_ms"]) / 1e3,
@@ -236,11 +236,22 @@ mod qemu {
         let dir = tempfile::tempdir().expect("tmp");
         let guest = dir.path().join("guest.elf");
         std::fs::write(&guest, wanmig_vmm::testguest::IMAGE).expect("guest");
-        let mut src = qemu(wan.a().name(), dir.path(), "src", &guest, false);
-        let mut dst = qemu(wan.b().name(), dir.path(), "dst", &guest, true);
+        let _running = Kill(vec![
+            qemu(wan.a().name(), dir.path(), "src", &guest, false),
+            qemu(wan.b().name(), dir.path(), "dst", &guest, true),
+        ]);
         let serial = dir.path().join("src.serial");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !std::fs::read_to_string(&serial).unwrap_or_default().contains("wanmig-testguest: t=3s") {
+        // The guest computes its incompressible pool first: long on a
+        // loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        // Its progress lines ("wanmig-testguest: t=Ns ...") come every few
+        // seconds: wait until one says 3 s or more.
+        let ran = |log: &str| {
+            log.lines()
+                .filter_map(|l| l.strip_prefix("wanmig-testguest: t=")?.split('s').next()?.parse::<u64>().ok())
+                .any(|t| t >= 3)
+        };
+        while !ran(&std::fs::read_to_string(&serial).unwrap_or_default()) {
             assert!(Instant::now() < deadline, "the guest under QEMU never ran 3 s");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -294,9 +305,17 @@ mod qemu {
             d["postcopy-blocktime"],
             blocked.join(", ")
         );
-        for c in [&mut src, &mut dst] {
-            let _ = c.kill();
-            let _ = c.wait();
+    }
+
+    /// QEMU processes, killed however the scenario ends.
+    struct Kill(Vec<Child>);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }

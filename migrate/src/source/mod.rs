@@ -413,8 +413,13 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
                 false => Stage::Precopy(None),
             }),
             // Every page is missing there (no dirty log ran to say less).
-            Stage::Precopy(_) if run.opts.postcopy == PostcopyMode::Now && postcopy_agreed(run) => {
-                Ok(Stage::Postcopy(vm::all_pages(&*run.vm), "asked for (--postcopy now)".into()))
+            Stage::Precopy(_) if run.opts.postcopy == PostcopyMode::Now && !run.opts.sync => {
+                match postcopy_agreed(run) {
+                    true => Ok(Stage::Postcopy(vm::all_pages(&*run.vm), "asked for (--postcopy now)".into())),
+                    false => {
+                        Err(SendError::Refused("--postcopy now, but the destination does not take post-copy".into()))
+                    }
+                }
             }
             Stage::Precopy(resend) => memory::precopy(run, resend).await.map(|(pending, switch)| match switch {
                 Some(why) => Stage::Postcopy(pending, why),
