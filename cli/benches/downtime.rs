@@ -69,7 +69,7 @@ fn run(name: &str, gib: u64, wan: Option<&WanPair>, rtt_ms: f64) {
     // guest if it has to, which the last column shows).
     let goal = 50f64.max(rtt_ms + 30.0);
     let budget = std::env::var("WANMIG_BENCH_BUDGET_MS").ok().and_then(|b| b.parse().ok()).unwrap_or(goal);
-    cmd.args(["--downtime", &format!("{budget}ms")]);
+    cmd.args(["--downtime", &format!("{budget}ms"), "--early-commit"]);
     if wan.is_some() {
         cmd.args(["--link-bandwidth", "200Mbit", "--rtt", "50ms"]);
     }

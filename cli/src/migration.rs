@@ -245,13 +245,13 @@ pub struct SendArgs {
     /// destination holds (0: an outage fails the migration at once).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resume_window: Duration,
-    /// Send the commit only after the destination says it is ready (the
-    /// classic two-phase commit). By default it follows the device state
-    /// and the destination decides: a round trip less of downtime, but a
-    /// failure during the last moments leaves the source paused in doubt
-    /// (`wanmig settle`) instead of running on.
+    /// Send the commit right behind the device state and let the
+    /// destination decide: a round trip less of downtime, but a failure or
+    /// an outage after the state leaves the source paused in doubt (`wanmig
+    /// settle`) instead of running on or resuming. By default the commit
+    /// waits for the destination's Ready (the classic two-phase commit).
     #[arg(long)]
-    commit_after_ready: bool,
+    early_commit: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -328,7 +328,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         store: a.store.as_deref().map(std::path::absolute).transpose()?,
         sync,
         resume_window_s: a.resume_window.as_secs(),
-        commit_after_ready: a.commit_after_ready,
+        early_commit: a.early_commit,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {

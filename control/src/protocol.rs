@@ -151,10 +151,11 @@ pub struct MigrateRequest {
     /// migration failing (it resumes on a new connection), s; 0: fail at once.
     #[serde(default = "default_resume_window_s")]
     pub resume_window_s: u64,
-    /// Commit only after the destination's Ready (the classic two-phase
-    /// commit), not right behind the device state.
+    /// Send the commit right behind the device state and let the
+    /// destination decide (a round trip less of downtime), instead of after
+    /// its Ready.
     #[serde(default)]
-    pub commit_after_ready: bool,
+    pub early_commit: bool,
 }
 
 fn default_resume_window_s() -> u64 {

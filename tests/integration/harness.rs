@@ -330,7 +330,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             sync,
             tunnel: None,
             resume_window_s: 0,
-            commit_after_ready: false,
+            early_commit: false,
         },
     }
 }

@@ -49,10 +49,11 @@ pub struct SendOptions {
     /// How long a link that fails before the commit may stay down before
     /// the migration gives up (0: it fails at once).
     pub resume_window: Duration,
-    /// Send `Commit` only after the destination's `Ready` (the classic
-    /// two-phase commit): a round trip more of downtime, and the source is
-    /// in doubt only from the commit on, not from the device state on.
-    pub commit_after_ready: bool,
+    /// Send `Commit` right behind the device state, before the
+    /// destination's `Ready`, and let it decide: a round trip less of
+    /// downtime, but the source is in doubt from the device state on (an
+    /// outage then is not resumed), not only from the commit on.
+    pub early_commit: bool,
 }
 
 impl SendOptions {
@@ -83,7 +84,7 @@ impl SendOptions {
             tunnel: None,
             state_dir,
             resume_window: Duration::from_secs(600),
-            commit_after_ready: false,
+            early_commit: false,
         }
     }
 }
