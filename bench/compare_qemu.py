@@ -775,14 +775,19 @@ class Bench:
             rec["dest_check"] = {"passed": False, "what": "not migrated"}
             self.finish_probe(rec, t0, t1)
             return
-        text = open(recv_log).read()
-        dcfg = None
-        for line in text.splitlines():
-            if "its configuration: " in line:
-                dcfg = line.split("its configuration: ", 1)[1].strip()
         # `send` exits at the commit acknowledgement, the end of the
         # downtime it reports (pause to CommitAck): the middle of that.
         self.finish_probe(rec, t0, t1, t1 - (rec["tool_downtime_ms"] or 0) / 2e3)
+        # `receive` says where it wrote the VM's configuration once it
+        # serves the VM, a moment after the acknowledgement.
+        dcfg, deadline = None, mono() + 30
+        while dcfg is None and mono() < deadline:
+            text = open(recv_log).read()
+            for line in text.splitlines():
+                if "its configuration: " in line:
+                    dcfg = line.split("its configuration: ", 1)[1].strip()
+            if dcfg is None:
+                time.sleep(0.2)
         if not dcfg or not os.path.exists(dcfg):
             rec["dest_check"] = {"passed": False, "what": "the destination wrote no configuration: " + text[-500:]}
             return
@@ -1038,18 +1043,21 @@ def row_cells(r):
     byt = (r.get("wire") or {}).get("bytes")
     conv = r.get("converged")
     check = r.get("dest_check", {})
+    oracle = check.get("oracle") or ""
     if r.get("error"):
         verdict = "error"
     elif check.get("passed"):
         verdict = "oracle passed"
+    elif check.get("runs_on") and not oracle.startswith("oracle"):
+        verdict = f"runs on, {check.get('guest_errors', 0)} errors; oracle not run ({oracle.split(': ', 1)[-1]})"
     elif check.get("runs_on"):
-        verdict = "runs, oracle FAILED"
+        verdict = "runs on, oracle FAILED"
     else:
         verdict = "–" if not conv else "FAILED"
     rates_b = r.get("guest_rates_before") or {}
     rates_d = r.get("guest_during") or {}
     return [
-        r["tool"],
+        r["tool"] + (" (re-run)" if r.get("rerun") else ""),
         "yes" if conv else ("ERROR" if r.get("error") else "no"),
         fmt(r.get("total_s"), 1),
         fmt(r.get("users_downtime_ms"), 0),
@@ -1093,6 +1101,24 @@ def goals(rows, profile):
     return out
 
 
+def goals_text(g):
+    parts = []
+    if "time_ratio" in g:
+        t, b = g["qemu_best_time"], g["qemu_best_bytes"]
+        parts.append(f"total time {g['time_ratio']:.2f}× QEMU's best ({t[0]}, {t[1]:.1f} s; goal ≤ 0.35×)")
+        parts.append(f"bytes {g['bytes_ratio']:.2f}× QEMU's fewest ({b[0]}, {b[1] / 2**20:.0f} MiB; goal ≤ 0.35×)")
+    elif not g.get("wanmig_converged"):
+        parts.append("wanmig did not converge")
+    else:
+        parts.append("no QEMU variant converged")
+    if g.get("wanmig_users_downtime_ms") is not None:
+        parts.append(f"users' downtime {g['wanmig_users_downtime_ms']:.0f} ms (wanmig says "
+                     f"{g['wanmig_tool_downtime_ms']:.0f} ms; goal ≤ {g['downtime_goal_ms']} ms)")
+    nc = g.get("qemu_not_converged") or []
+    parts.append("QEMU did not converge with " + ", ".join(nc) if nc else "every QEMU variant converged too")
+    return "; ".join(parts) + "."
+
+
 def write_markdown(path, meta, results):
     lines = [f"# wanmig vs QEMU {meta['qemu_version']}: side by side ({meta['date']})", ""]
     lines += [
@@ -1119,6 +1145,9 @@ def write_markdown(path, meta, results):
         "back the guest's 2 GiB with fresh memory as pages arrive (neither pre-faults).",
         "",
     ]
+    for rr in meta.get("reruns", []):
+        lines.insert(-1, f"- Re-run on {rr['at']} (`--merge` {rr['args']}): "
+                     + ", ".join(" / ".join(x) for x in rr["rows"]) + " (marked \"re-run\" below).")
     for prof in meta["profiles"]:
         for gk in meta["guest_keys"]:
             rows = [r for r in results if r["profile"] == prof and r["guest"] == gk]
@@ -1136,7 +1165,7 @@ def write_markdown(path, meta, results):
             if gk == "busy":
                 gl = goals(rows, prof)
                 if gl:
-                    lines.append(f"- Goals (first move, busy guest): {json.dumps(gl)}")
+                    lines.append("- The issue's goals for this first move of a busy guest: " + goals_text(gl))
             lines.append("")
     lines += [
         "## What the columns measure",
@@ -1215,16 +1244,17 @@ def write_chart(path, meta, results):
                 ys.append(v if v is not None else 0)
                 hatch.append(not r.get("converged"))
             bars = ax.bar(xs, ys, width, label=t, color=colors(ti))
-            for b, h in zip(bars, hatch):
+            for b, h, y in zip(bars, hatch, ys):
                 if h:
                     b.set_hatch("//")
                     b.set_alpha(0.5)
+                txt = "no conv." if h else (f"{y:.0f}" if y >= 10 else f"{y:.1f}")
+                ax.annotate(txt, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                            fontsize=5.5, rotation=90 if h else 0, xytext=(0, 1), textcoords="offset points")
         ax.set_ylabel(label)
         ax.set_xticks(range(len(scen)))
         ax.set_xticklabels([f"{PROFILES[p]['label']}\n{g}" for p, g in scen], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        if key == "users_downtime_ms":
-            ax.set_yscale("symlog", linthresh=100)
     axes[0].legend(fontsize=8, ncol=3)
     axes[0].set_title(f"wanmig vs QEMU {meta['qemu_version']} (hatched: did not converge; bar = time until "
                       "it gave up)", fontsize=10)
@@ -1265,10 +1295,21 @@ def main():
     ap.add_argument("--timeout", type=int, default=600, help="s; wanmig's own default is 10 min")
     ap.add_argument("--keep", action="store_true", help="keep each run's directory")
     ap.add_argument("--tag", default="", help="appended to the results' file names (compare-DATE-TAG)")
+    ap.add_argument("--merge", metavar="JSON", help="run the rows asked for again and put them in place of "
+                    "theirs in this earlier run's JSON (and its markdown and chart)")
+    ap.add_argument("--report", metavar="JSON", help="only rewrite the markdown and chart of an earlier run's JSON")
     ap.add_argument("--invocation", default="", help="the options compare-qemu.sh was given (for the report)")
     a = ap.parse_args()
     if a.cmd == "probe":
         probe_main(a)
+        return
+    if a.report:
+        with open(a.report) as f:
+            saved = json.load(f)
+        base = a.report[:-len(".json")] if a.report.endswith(".json") else a.report
+        write_markdown(base + ".md", saved["meta"], saved["results"])
+        write_chart(base + ".png", saved["meta"], saved["results"])
+        log(f"rewrote {base}.md and .png")
         return
     if a.quick:
         a.profiles, a.guests, a.tools = "1g-1ms", "idle", "wanmig,qemu-multifd-zstd"
@@ -1311,6 +1352,18 @@ def main():
     loads = [os.getloadavg()[0]]
     name = f"compare-{date}" + (f"-{a.tag}" if a.tag else "")
     os.makedirs(a.out, exist_ok=True)
+    if a.merge:
+        with open(a.merge) as f:
+            saved = json.load(f)
+        new_meta = meta
+        meta, results = saved["meta"], saved["results"]
+        meta.setdefault("reruns", []).append(
+            {"at": datetime.datetime.now().isoformat(timespec="seconds"), "args": a.invocation,
+             "first_touch_s_per_gib": new_meta["first_touch_s_per_gib"], "rows": []})
+        a.out = os.path.dirname(os.path.abspath(a.merge))
+        name = os.path.basename(a.merge)[:-len(".json")]
+        started -= meta.get("wall_min", 0) * 60
+        loads += [meta.get("load_min", loads[0]), meta.get("load_max", loads[0])]
     for prof in profiles:
         for gk in a.guests_list:
             for tool in tools:
@@ -1320,7 +1373,16 @@ def main():
                 r = bench.run_one(prof, gk, tool)
                 loads += [r["loadavg_before"][0], r["loadavg_after"][0]]
                 log("  " + " | ".join(f"{h}: {c}" for h, c in zip(HEADER[1:], row_cells(r)[1:])))
-                results.append(r)
+                if a.merge:
+                    r["rerun"] = True
+                    meta["reruns"][-1]["rows"].append([prof, gk, tool])
+                    at = [i for i, x in enumerate(results) if (x["profile"], x["guest"], x["tool"]) == (prof, gk, tool)]
+                    if at:
+                        results[at[0]] = r
+                    else:
+                        results.append(r)
+                else:
+                    results.append(r)
                 meta["wall_min"] = (mono() - started) / 60
                 meta["load_min"], meta["load_max"] = min(loads), max(loads)
                 with open(os.path.join(a.out, name + ".json"), "w") as f:
