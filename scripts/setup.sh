@@ -17,6 +17,9 @@ command -v iasl >/dev/null || need_apt+=(acpica-tools)
 command -v g++ >/dev/null || need_apt+=(g++)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 dpkg -s librocksdb-dev >/dev/null 2>&1 || need_apt+=(librocksdb-dev)
+# systemd-analyze checks the shipped timer units (deploy/systemd); it
+# works on unit files whether or not systemd runs this machine.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # The Linux test guest (scripts/guest-assets.sh): BusyBox and a static C
 # library for its initramfs and workload, depmod for its modules, lz4 for
 # Debian's kernel payload (xz and zstd for kernels and modules packed with

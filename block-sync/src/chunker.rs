@@ -65,8 +65,16 @@ impl<'a> ImageChunker<'a> {
     /// A chunker over the first `size` bytes of `file`, reading about
     /// `batch_bytes` (at least two maximal chunks) at a time.
     pub fn new(file: &'a File, size: u64, params: ChunkParams, batch_bytes: usize) -> Self {
+        Self::starting_at(file, size, params, batch_bytes, 0)
+    }
+
+    /// Like [`ImageChunker::new`], from `offset` on (a chunk boundary of an
+    /// earlier pass: fastcdc's cuts depend only on the bytes from a chunk's
+    /// start, so the cuts after it are those a whole pass would make).
+    pub fn starting_at(file: &'a File, size: u64, params: ChunkParams, batch_bytes: usize, offset: u64) -> Self {
         let batch_bytes = batch_bytes.max(2 * params.max as usize);
-        ImageChunker { file, size, params, batch_bytes, read_at: 0, carry: Vec::new(), carry_at: 0 }
+        let at = offset.min(size);
+        ImageChunker { file, size, params, batch_bytes, read_at: at, carry: Vec::new(), carry_at: at }
     }
 
     /// The next batch, or `None` at the end. Every byte read is also fed to
@@ -173,5 +181,29 @@ mod tests {
         let b = cut_all(&shifted, 1 << 20);
         let new = b.iter().filter(|c| !a.contains(&c.2)).count();
         assert!(new <= 3, "{new} of {} chunks changed after a 3-byte insert", b.len());
+    }
+
+    #[test]
+    fn a_pass_started_over_at_a_cut_cuts_and_digests_like_one_pass() {
+        let data = pseudo_random(3 << 20, 11);
+        let f = tempfile::tempfile().expect("tmp");
+        f.write_all_at(&data, 0).expect("write");
+        let whole = cut_all(&data, 1 << 20);
+        // Start over from the end of the 5th chunk (not block-aligned).
+        let (at, len, _) = whole[4];
+        let restart = at + u64::from(len);
+        assert_ne!(restart % crate::BLOCK, 0);
+        let mut d = BlockDigest::new(data.len() as u64);
+        let mut first = ImageChunker::new(&f, data.len() as u64, ChunkParams::DEFAULT, 1 << 20);
+        first.next_batch(&mut d).expect("a first batch");
+        let block_start = restart - restart % crate::BLOCK;
+        d.refeed_at(restart, data[block_start as usize..restart as usize].to_vec());
+        let mut again = ImageChunker::starting_at(&f, data.len() as u64, ChunkParams::DEFAULT, 1 << 20, restart);
+        let mut cuts = Vec::new();
+        while let Some(b) = again.next_batch(&mut d).expect("read") {
+            cuts.extend(b.chunks.iter().map(|c| (b.offset + c.start as u64, c.len, c.id)));
+        }
+        assert_eq!(cuts, whole[5..], "the cuts after the restart are one pass's");
+        assert_eq!(d.digest(), BlockDigest::of_bytes(&data), "and the digest too");
     }
 }

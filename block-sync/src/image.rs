@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::BlockDigest;
 
+/// Bytes written after which write-back of the image is started (without
+/// waiting for it), so that dirty data never piles up in the page cache for
+/// the final flush, which the guest's downtime waits for.
+pub const WRITEBACK_BYTES: u64 = 8 << 20;
+
 /// An image being assembled.
 #[derive(Debug)]
 pub struct ImageWriter {
@@ -18,6 +23,11 @@ pub struct ImageWriter {
     file: File,
     size: u64,
     digest: BlockDigest,
+    /// Bytes written since write-back was last started.
+    unflushed: u64,
+    /// Written since the last flush to stable storage; `None`: never
+    /// flushed (its size is not durable yet either).
+    unsynced: Option<bool>,
 }
 
 impl ImageWriter {
@@ -25,7 +35,15 @@ impl ImageWriter {
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         file.set_len(size)?;
-        Ok(ImageWriter { path: path.to_owned(), file, size, digest: BlockDigest::new(size) })
+        // Just created: all holes, so every block is known to be zero.
+        Ok(ImageWriter {
+            path: path.to_owned(),
+            file,
+            size,
+            digest: BlockDigest::zeroed(size),
+            unflushed: 0,
+            unsynced: None,
+        })
     }
 
     /// Where it is.
@@ -49,20 +67,55 @@ impl ImageWriter {
         }
         self.file.write_all_at(data, offset)?;
         self.digest.mark(offset, data.len() as u64);
+        if self.unsynced == Some(false) {
+            self.unsynced = Some(true);
+        }
+        self.unflushed += data.len() as u64;
+        if self.unflushed >= WRITEBACK_BYTES {
+            self.unflushed = 0;
+            start_writeback(&self.file)?;
+        }
         Ok(())
     }
 
-    /// Re-hashes the blocks written since the last call (done between
-    /// rounds, so that little is left for the final check).
+    /// Between rounds: re-hashes the blocks written since the last call and
+    /// flushes them to stable storage, so that little is left for the final
+    /// check and flush (both inside the guest's downtime).
     pub fn refresh_digest(&mut self) -> io::Result<usize> {
-        self.digest.refresh(&self.file)
+        let n = self.digest.refresh(&self.file)?;
+        self.sync()?;
+        Ok(n)
     }
 
     /// Flushes the image to stable storage and returns its digest.
     pub fn finish(&mut self) -> io::Result<[u8; 32]> {
         self.digest.refresh(&self.file)?;
-        self.file.sync_all()?;
+        self.sync()?;
         Ok(self.digest.digest())
+    }
+
+    /// Flushes what was written since the last flush (the first flush
+    /// also makes the file's size durable).
+    fn sync(&mut self) -> io::Result<()> {
+        match self.unsynced {
+            None => self.file.sync_all()?,
+            Some(true) => self.file.sync_data()?,
+            Some(false) => return Ok(()),
+        }
+        (self.unsynced, self.unflushed) = (Some(false), 0);
+        Ok(())
+    }
+}
+
+/// Starts writing the file's dirty pages back, without waiting for them.
+fn start_writeback(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor; offset 0 with length 0 means the whole
+    // file; the call only schedules I/O and touches no memory of ours.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

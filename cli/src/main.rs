@@ -2,6 +2,8 @@
 //! calls into the library crates; `demo` chains the other commands.
 
 mod demo;
+mod dr;
+mod keep;
 mod migration;
 mod settle;
 mod signals;
@@ -171,6 +173,28 @@ enum Command {
         #[command(subcommand)]
         action: store::StoreAction,
     },
+    /// Disaster recovery: the last sync against an RPO, scheduled syncs
+    /// with retries, a drill, a failover.
+    Dr {
+        #[command(subcommand)]
+        action: dr::DrAction,
+    },
+    /// Show the VM's write-tracking maps (the blocks each disk's guest wrote
+    /// since the last sync to each destination; kept across a clean
+    /// restart), or add, reset or remove one.
+    Tracking {
+        /// The VM's configuration.
+        config: PathBuf,
+        /// Add a map (invalid until reset or synced).
+        #[arg(long)]
+        add: Option<String>,
+        /// Clear a map and declare it valid.
+        #[arg(long)]
+        reset: Option<String>,
+        /// Remove a map.
+        #[arg(long)]
+        remove: Option<String>,
+    },
     /// Boot the test guest, live-migrate it to a second process over
     /// loopback QUIC, and check it there with its oracle.
     Demo {
@@ -193,6 +217,7 @@ fn main() -> ExitCode {
             | Command::Demo { .. }
             | Command::Send(_)
             | Command::Sync(_)
+            | Command::Dr { action: dr::DrAction::Failover(_) | dr::DrAction::Sync { .. } }
     ) {
         // Commands that print and exit die quietly when their output pipe
         // closes (`wanmig status vm.toml | head`), like other tools. Not the
@@ -288,6 +313,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 "vm": r.status,
                 "migration": r.migration,
                 "tunnel": r.tunnel,
+                "tracking": r.tracking,
             }))?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
@@ -317,6 +343,12 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Send(args) => migration::send(args, false),
         Command::Sync(args) => migration::send(args, true),
         Command::Store { dir, action } => store::run(&dir, action),
+        Command::Dr { action } => dr::run(action),
+        Command::Tracking { config, add, reset, remove } => {
+            let r = ask(&config, &Request::Tracking { add, reset, remove })?;
+            println!("{}", serde_json::to_string_pretty(&r.tracking)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

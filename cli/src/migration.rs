@@ -119,6 +119,20 @@ pub struct ReceiveArgs {
     /// Expected round-trip time, for flow-control windows (e.g. 100ms).
     #[arg(long, value_parser = parse_duration)]
     rtt: Option<Duration>,
+    /// Drop a source that sends nothing for this long while it transfers
+    /// (default 120s: 4 times the longest a working source waits for an
+    /// answer), freeing this host for the next one.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// How long an attempt whose link failed waits for its source to
+    /// reconnect and resume it from where it was (default 10m, the source's
+    /// own `--resume-window`; 0 discards it at once).
+    #[arg(long, value_parser = parse_duration)]
+    resume_window: Option<Duration>,
+    /// Retention of the epochs each sync leaves (given: stored in the chunk
+    /// store as its default for every VM; see `wanmig store DIR retention`).
+    #[command(flatten)]
+    keep: crate::keep::KeepArgs,
 }
 
 /// `wanmig receive`: waits for one VM, then runs it and serves its control socket.
@@ -134,6 +148,9 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     let disk_dir = std::path::absolute(a.disk_dir.as_deref().unwrap_or(&dir))?;
     std::fs::create_dir_all(&disk_dir).with_context(|| format!("cannot create {}", disk_dir.display()))?;
     let store = std::path::absolute(a.store.unwrap_or_else(|| dir.join("chunks")))?;
+    if let Some(rules) = a.keep.rules() {
+        crate::keep::set_store_rules(&store, None, &rules)?;
+    }
     let mut tuning = LinkTuning::default();
     if let Some(b) = a.link_bandwidth {
         tuning.bandwidth_bps = b;
@@ -152,6 +169,8 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         paused: a.paused,
         taps: a.taps,
         tuning,
+        idle_timeout: a.idle_timeout.unwrap_or(destination::DEFAULT_IDLE_TIMEOUT),
+        resume_window: a.resume_window.unwrap_or(destination::DEFAULT_RESUME_WINDOW),
     };
     let mut host = ServeHost { dir: opts.dir.clone() };
     let received = destination::receive(&opts, &mut host, &mut |line| eprintln!("wanmig receive: {line}"))
@@ -167,22 +186,22 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     let _listener = received.listener;
     let mut cfg = cfg;
     cfg.disks = received.vm.vm.config().disks.clone();
-    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener, received.tunnel)
+    crate::serve_vm(received.vm.vm, &cfg, received.vm.listener.take(), received.tunnel)
 }
 
 /// Options of `wanmig send`.
 #[derive(clap::Args)]
 pub struct SendArgs {
     /// The VM's configuration (names its control socket).
-    config: PathBuf,
+    pub config: PathBuf,
     /// Destination host:port.
-    dest: String,
+    pub dest: String,
     /// This host's identity directory.
     #[arg(long)]
-    identity: PathBuf,
+    pub identity: PathBuf,
     /// The destination's fingerprint.
     #[arg(long)]
-    peer: String,
+    pub peer: String,
     /// Downtime budget.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     downtime: Duration,
@@ -221,6 +240,18 @@ pub struct SendArgs {
     /// Keep the tunnel for good (a disaster-recovery move whose address stays).
     #[arg(long, requires = "tunnel_via")]
     tunnel_forever: bool,
+    /// How long the link may stay down before the commit: the guest runs on
+    /// here while the migration reconnects, then goes on from what the
+    /// destination holds (0: an outage fails the migration at once).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    resume_window: Duration,
+    /// Send the commit only after the destination says it is ready (the
+    /// classic two-phase commit). By default it follows the device state
+    /// and the destination decides: a round trip less of downtime, but a
+    /// failure during the last moments leaves the source paused in doubt
+    /// (`wanmig settle`) instead of running on.
+    #[arg(long)]
+    commit_after_ready: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -232,7 +263,24 @@ fn mib(b: f64) -> String {
 /// SIGTERM before the commit cancels it; after the commit they are too late,
 /// and it waits for the outcome.
 pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
+    check_send_args(&a, sync)?;
     let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
+    crate::signals::cancel_on_interrupt(cfg.control_socket.clone());
+    Ok(exit_code(send_once(&a, sync)?))
+}
+
+/// The exit status for a migration's outcome.
+pub fn exit_code(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
+        Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
+        Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
+    }
+}
+
+/// What `send` (or `sync`) checks before it asks the VM's process.
+pub fn check_send_args(a: &SendArgs, sync: bool) -> Result<()> {
+    let _ = wanmig_vmm::VmConfig::load(&a.config)?;
     // Fail fast, here, on what the VM process would refuse anyway.
     a.peer.parse::<Fingerprint>()?;
     if a.min_bandwidth.is_some() && a.max_bandwidth.is_none() {
@@ -242,8 +290,14 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     if sync && a.tunnel_via.is_some() {
         bail!("a sync hands no VM over: it has no tunnel to leave behind");
     }
-    let req = Request::Migrate { migration: migrate_request(&a, sync)? };
-    crate::signals::cancel_on_interrupt(cfg.control_socket.clone());
+    Ok(())
+}
+
+/// One migration (or sync) through the VM's process: its outcome, after
+/// printing progress and the summary (or the JSON).
+pub fn send_once(a: &SendArgs, sync: bool) -> Result<Outcome> {
+    let cfg = wanmig_vmm::VmConfig::load(&a.config)?;
+    let req = Request::Migrate { migration: migrate_request(a, sync)? };
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
@@ -257,11 +311,7 @@ pub fn send(a: SendArgs, sync: bool) -> Result<ExitCode> {
     } else {
         print_summary(outcome, &summary);
     }
-    Ok(match outcome {
-        Outcome::Migrated | Outcome::Synced => ExitCode::SUCCESS,
-        Outcome::FailedSourceRunning => ExitCode::from(EXIT_FAILED),
-        Outcome::InDoubt => ExitCode::from(EXIT_IN_DOUBT),
-    })
+    Ok(outcome)
 }
 
 fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
@@ -277,6 +327,8 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         rtt_ms: a.rtt.map(|r| r.as_millis() as u64),
         store: a.store.as_deref().map(std::path::absolute).transpose()?,
         sync,
+        resume_window_s: a.resume_window.as_secs(),
+        commit_after_ready: a.commit_after_ready,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {
@@ -322,6 +374,10 @@ pub fn progress_line(p: &Progress) -> String {
         (Phase::StopAndCopy, _) => "stop-and-copy: guest paused".into(),
         (Phase::Committing, _) => "committing: the destination verifies".into(),
         (Phase::Committed, _) => "commit sent: waiting for the destination's acknowledgement".into(),
+        (Phase::Reconnecting, _) => format!(
+            "link down, reconnecting (attempt {}, {:.0} s left of the resume window); the VM runs on here",
+            p.reconnect_attempt, p.resume_left_s
+        ),
     }
 }
 

@@ -3,6 +3,11 @@
 //! late (after it), and `send` goes on waiting for the outcome either way.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once SIGINT or SIGTERM arrived (after [`cancel_on_interrupt`]):
+/// a command that waits between attempts stops waiting.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 use wanmig_control::{self as control, ControlError, Request};
 
@@ -26,6 +31,7 @@ pub fn cancel_on_interrupt(socket: PathBuf) {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 return;
             }
+            INTERRUPTED.store(true, Ordering::Release);
             let name = if sig == libc::SIGINT { "interrupted" } else { "terminated" };
             match control::request(&socket, &Request::Cancel) {
                 Ok(_) => eprintln!("\nwanmig: {name}: cancelling the migration; the VM runs on here"),

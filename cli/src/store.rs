@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use wanmig_dedup::{ChunkStore, Retention};
+use wanmig_dr::epoch;
 
 use crate::migration::parse_duration;
 
@@ -28,10 +29,39 @@ pub enum StoreAction {
         #[arg(long, default_value = "1h", value_parser = parse_age)]
         grace: Duration,
     },
+    /// List the epochs (verified points in time each sync left) of one VM
+    /// or of all.
+    Epochs {
+        /// Only this VM's.
+        vm: Option<String>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show, or set with --keep-*, the retention rules of a VM's epochs (or,
+    /// without a VM, the store's default for VMs without rules of their own).
+    Retention {
+        /// The VM (default: every VM without rules of its own).
+        #[arg(long)]
+        vm: Option<String>,
+        #[command(flatten)]
+        keep: crate::keep::KeepArgs,
+    },
+    /// Apply a VM's retention rules now (its own, or those given), then
+    /// collect what no epoch holds. (A destination does this after each sync.)
+    Prune {
+        /// The VM.
+        vm: String,
+        #[command(flatten)]
+        keep: crate::keep::KeepArgs,
+        /// Only say which epochs would go.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// A duration that may also be given in hours or days ("12h", "30d").
-fn parse_age(s: &str) -> Result<Duration, String> {
+pub fn parse_age(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     for (unit, secs) in [("d", 86400.0), ("h", 3600.0)] {
         if let Some(n) = s.strip_suffix(unit) {
@@ -54,6 +84,11 @@ pub fn run(dir: &Path, action: StoreAction) -> Result<ExitCode> {
     if !dir.join("index").exists() {
         anyhow::bail!("{} holds no chunk store", dir.display());
     }
+    if let StoreAction::Epochs { vm, json } = &action {
+        // Read-only: works while a `receive` holds the store.
+        let view = wanmig_dedup::StoreView::open(dir).with_context(|| format!("chunk store {}", dir.display()))?;
+        return epochs(&view, vm.as_deref(), *json);
+    }
     let store = ChunkStore::open(dir).with_context(|| format!("chunk store {}", dir.display()))?;
     match action {
         StoreAction::Stats => {
@@ -68,7 +103,8 @@ pub fn run(dir: &Path, action: StoreAction) -> Result<ExitCode> {
                 s.packs
             );
             for r in store.roots()? {
-                println!("  root {}: {} chunks, set at unix time {}", r.name, r.chunks, r.set_unix_secs);
+                let expiry = r.expires_unix_secs.map_or_else(String::new, |t| format!(", expires at unix time {t}"));
+                println!("  root {}: {} chunks, set at unix time {}{expiry}", r.name, r.chunks, r.set_unix_secs);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -81,7 +117,9 @@ pub fn run(dir: &Path, action: StoreAction) -> Result<ExitCode> {
             Ok(if v.bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         StoreAction::Gc { max_root_age, grace } => {
-            let r = store.gc(&Retention { max_root_age, grace, ..Retention::default() })?;
+            // Epochs go by their own retention rules, not by age.
+            let keep_prefixes = vec![epoch::PREFIX.to_string()];
+            let r = store.gc(&Retention { max_root_age, grace, keep_prefixes, ..Retention::default() })?;
             println!(
                 "dropped {} root(s), deleted {} chunk(s), compacted {} pack(s), freed {}",
                 r.roots_dropped,
@@ -91,7 +129,72 @@ pub fn run(dir: &Path, action: StoreAction) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        StoreAction::Epochs { vm, json } => epochs(&store, vm.as_deref(), json),
+        StoreAction::Retention { vm, keep } => {
+            if let Some(rules) = keep.rules() {
+                epoch::set_rules(&store, vm.as_deref(), &rules).map_err(crate::chain)?;
+            }
+            let shown = match &vm {
+                Some(vm) => epoch::rules_for(&store, vm).map_err(crate::chain)?,
+                None => epoch::rules_for(&store, "").map_err(crate::chain)?,
+            };
+            println!("{}: {shown}", vm.as_deref().unwrap_or("default"));
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreAction::Prune { vm, keep, dry_run } => {
+            let rules = match keep.rules() {
+                Some(r) => r,
+                None => epoch::rules_for(&store, &vm).map_err(crate::chain)?,
+            };
+            if dry_run {
+                let all = epoch::list(&store, Some(&vm)).map_err(crate::chain)?;
+                let times: Vec<i64> = all.iter().map(|e| e.id as i64).collect();
+                for (e, k) in all.iter().zip(wanmig_dr::retention::select(&times, &rules)) {
+                    println!("{} epoch {} ({}): {}", vm, e.id, e.time(), if k { "keep" } else { "remove" });
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let r = epoch::prune(&store, &vm, &rules).map_err(crate::chain)?;
+            let keep_prefixes = vec![epoch::PREFIX.to_string()];
+            let g = store.gc(&Retention { keep_prefixes, ..Retention::default() })?;
+            println!(
+                "{vm} ({rules}): kept {} epoch(s), removed {:?}; gc deleted {} chunk(s), freed {}",
+                r.kept.len(),
+                r.removed,
+                g.chunks_deleted,
+                mib(g.bytes_freed)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `store DIR epochs [VM]`.
+fn epochs(src: &impl wanmig_dedup::ChunkSource, vm: Option<&str>, json: bool) -> Result<ExitCode> {
+    let all = epoch::list(src, vm).map_err(crate::chain)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &all {
+        let data: u64 = e.disks.iter().map(|d| d.data_bytes).sum();
+        let size: u64 = e.disks.iter().map(|d| d.size).sum();
+        println!(
+            "{} epoch {} ({}): {} disk(s), {} of data in {}, from sync {} of {}",
+            e.vm,
+            e.id,
+            e.time(),
+            e.disks.len(),
+            mib(data),
+            mib(size),
+            e.migration_id,
+            e.source
+        );
+    }
+    if all.is_empty() {
+        println!("no epochs");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

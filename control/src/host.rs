@@ -2,7 +2,6 @@
 //! socket bound before `Ready` (so it never commits a VM it cannot serve),
 //! and at the commit its disks taken and its configuration written.
 
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use wanmig_migrate::destination::VmHost;
@@ -19,8 +18,8 @@ use crate::socket;
 pub struct HostedVm {
     /// The VM.
     pub vm: Vm,
-    /// Its control socket.
-    pub listener: UnixListener,
+    /// Its control socket (removed if the VM never runs here).
+    pub listener: socket::Bound,
     /// Where its configuration was written at the commit.
     pub config_file: Option<PathBuf>,
 }
@@ -35,12 +34,18 @@ pub struct ServeHost {
 impl VmHost for ServeHost {
     type Vm = HostedVm;
 
-    fn build(&mut self, config: &VmConfig, ram: GuestRam, state: &[u8]) -> Result<HostedVm, String> {
+    fn build(
+        &mut self,
+        config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        disks: Option<Vec<std::fs::File>>,
+    ) -> Result<HostedVm, String> {
         let state: VmState =
             wanmig_vmm::state::decode(state).map_err(|e| format!("device state: {}", error_chain(&e)))?;
-        let vm = Vm::from_incoming(config, ram, &state).map_err(|e| error_chain(&e))?;
-        let listener =
-            socket::bind(&config.control_socket).map_err(|e| format!("cannot serve the VM: {}", error_chain(&e)))?;
+        let vm = Vm::from_incoming(config, ram, &state, disks).map_err(|e| error_chain(&e))?;
+        let listener = socket::Bound::new(&config.control_socket)
+            .map_err(|e| format!("cannot serve the VM: {}", error_chain(&e)))?;
         Ok(HostedVm { vm, listener, config_file: None })
     }
 

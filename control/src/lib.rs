@@ -10,10 +10,13 @@
 //! - [`host`]: how a destination builds a received VM and what it writes
 //!   at the commit (`DIR/NAME.toml`).
 //! - [`settle`]: asking a migration's destination what became of it.
+//! - [`dr`]: a sync's write-tracking map per destination, and the record
+//!   of the last good sync.
 //!
 //! It sits between the CLI and `wanmig-migrate`: the VMM knows nothing of
 //! it, and the migration drivers only see a [`wanmig_migrate::steer::Steering`].
 
+pub mod dr;
 pub mod host;
 pub mod options;
 pub mod protocol;

@@ -29,5 +29,7 @@ pub fn send_options(req: &MigrateRequest, cfg: &VmConfig) -> Result<SendOptions,
     o.store = req.store.clone();
     o.sync = req.sync;
     o.tunnel = req.tunnel.clone();
+    o.resume_window = Duration::from_secs(req.resume_window_s);
+    o.commit_after_ready = req.commit_after_ready;
     Ok(o)
 }

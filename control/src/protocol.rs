@@ -12,6 +12,7 @@
 //! → {"op":"settle","force_resume":false}     ← {"ok":true,"settled":{...}}
 //! → {"op":"routes_converged"}                ← {"ok":true}
 //! → {"op":"shutdown","force":false}          ← {"ok":true}
+//! → {"op":"tracking","add":"dr1"}            ← {"ok":true,"tracking":[{"disk":0,"maps":[...]}]}
 //! ```
 //!
 //! Every type here is read back by the same code that wrote it: a field
@@ -81,6 +82,34 @@ pub enum Request {
     /// The routes to the guest's address have converged: end the network
     /// tunnel of the last migration (at either end).
     RoutesConverged,
+    /// The disks' named write-tracking maps: add, reset or remove one
+    /// (on every disk), then report them all.
+    Tracking {
+        /// Add this map (invalid until reset or a sync succeeds).
+        #[serde(default)]
+        add: Option<String>,
+        /// Clear this map and declare it valid.
+        #[serde(default)]
+        reset: Option<String>,
+        /// Remove this map.
+        #[serde(default)]
+        remove: Option<String>,
+    },
+}
+
+pub use wanmig_dr::sync_map_name;
+
+/// One disk's write-tracking maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskTracking {
+    /// The disk, in configuration order.
+    pub disk: usize,
+    /// Its maps, by name.
+    pub maps: Vec<wanmig_vmm::tracking::MapStatus>,
+    /// What loading the maps from beside the image found, when they could
+    /// not all be trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What `wanmig send` asks of the process running the VM.
@@ -118,6 +147,18 @@ pub struct MigrateRequest {
     /// commit (the network tunnel).
     #[serde(default)]
     pub tunnel: Option<TunnelRequest>,
+    /// How long the link may stay down before the commit without the
+    /// migration failing (it resumes on a new connection), s; 0: fail at once.
+    #[serde(default = "default_resume_window_s")]
+    pub resume_window_s: u64,
+    /// Commit only after the destination's Ready (the classic two-phase
+    /// commit), not right behind the device state.
+    #[serde(default)]
+    pub commit_after_ready: bool,
+}
+
+fn default_resume_window_s() -> u64 {
+    600
 }
 
 /// What `status` reports of the VM.
@@ -231,6 +272,9 @@ pub struct Response {
     /// For `settle`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub settled: Option<SettleReport>,
+    /// For `status` and `tracking`: the disks' write-tracking maps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Vec<DiskTracking>>,
 }
 
 impl Response {
@@ -265,6 +309,7 @@ mod tests {
             Request::Set { downtime_ms: Some(50), max_bandwidth_bps: Some(1_000_000), no_bandwidth_cap: false },
             Request::Settle { force_resume: true },
             Request::Shutdown { force: false },
+            Request::Tracking { add: Some("x".into()), reset: None, remove: None },
         ] {
             let back: Request = serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("back");
             assert_eq!(back, r);

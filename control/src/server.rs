@@ -52,6 +52,8 @@ struct Running {
     thread: JoinHandle<(Vm, SendResult)>,
     /// The VM's memory, to read the test guest's status meanwhile.
     mem: GuestMem,
+    /// For a sync: the destination, and the write-tracking map it took.
+    sync: Option<crate::dr::SyncTarget>,
 }
 
 /// Where the VM is.
@@ -191,6 +193,10 @@ impl VmServer {
                 (Some(r), Ok(s))
             }
             (Request::Shutdown { force }, s) => self.shutdown(force, s),
+            (Request::Tracking { add, reset, remove }, Slot::Here(vm)) => {
+                let r = crate::dr::tracking_request(&vm, add, reset, remove);
+                (Some(r), Ok(Slot::Here(vm)))
+            }
             (req @ (Request::Pause | Request::Resume | Request::Snapshot { .. }), Slot::Here(mut vm)) => {
                 let r = vm_request(&mut vm, req);
                 (Some(r), Ok(Slot::Here(vm)))
@@ -219,10 +225,15 @@ impl VmServer {
             memory_mib: c.memory_mib,
             guest: guest.map(Into::into),
         };
+        let tracking = match slot {
+            Slot::Here(vm) | Slot::InDoubt(vm) => Some(crate::dr::tracking_status(vm)),
+            _ => None,
+        };
         Response {
             status: Some(status),
             migration,
             tunnel: self.tunnel.as_ref().map(TunnelRun::status),
+            tracking,
             ..Response::ok()
         }
     }
@@ -256,8 +267,11 @@ impl VmServer {
         let _ = client.set_write_timeout(Some(Duration::from_secs(5)));
         let steer = Steering::new(Tunables { downtime: opts.downtime, max_bandwidth: opts.max_bandwidth });
         let mem = vm.ram().mem().clone();
+        // Before the sync reads anything: what was written since the last
+        // one to this destination is handed over, and the map restarts.
+        let sync = req.sync.then(|| crate::dr::SyncTarget::begin(&vm, req));
         let thread = spawn_migration(vm, opts, steer.clone(), client.try_clone().ok());
-        Ok(Running { steer, client, thread, mem })
+        Ok(Running { steer, client, thread, mem, sync })
     }
 
     fn finish_migration(&mut self, r: Running) -> Result<Slot, ServeEnd> {
@@ -267,6 +281,9 @@ impl VmServer {
             return Err(ServeEnd::GuestStopped(GuestStop::Failed("migration thread panicked".into())));
         };
         let SendResult { outcome, summary, tunnel } = result;
+        if let Some(sync) = &r.sync {
+            sync.finish(&vm, &self.cfg, outcome, &summary);
+        }
         let ok = matches!(outcome, Outcome::Migrated | Outcome::Synced);
         let error = (!ok).then(|| summary.error.clone().unwrap_or_else(|| "migration failed".into()));
         socket::send_line(

@@ -71,6 +71,35 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// A control socket bound for a VM that may never run here (a destination
+/// binds before `Ready`): its file goes when this is dropped, unless it was
+/// taken to be served.
+#[derive(Debug)]
+pub struct Bound {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl Bound {
+    /// Binds at `path`, as [`bind`] does.
+    pub fn new(path: &Path) -> Result<Self, ControlError> {
+        Ok(Bound { listener: Some(bind(path)?), path: path.into() })
+    }
+
+    /// The listener, to serve: the file stays.
+    pub fn take(mut self) -> UnixListener {
+        self.listener.take().expect("a Bound holds its listener until taken")
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Whether the peer of `stream` may steer this VM: root, or this process's
 /// own user.
 pub fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
@@ -166,5 +195,67 @@ mod tests {
         let _again = bind(&path).expect("a stale socket file is replaced");
         let (a, _b) = UnixStream::pair().expect("pair");
         peer_allowed(&a).expect("this user may");
+    }
+
+    /// What a process of uid 65534 ("nobody") got when it tried `path`:
+    /// the child forks off this process, drops to that uid, connects and
+    /// writes a request, and reports in its exit status (0 connected, 1
+    /// connect refused, 2 could not drop privileges).
+    fn connect_as_nobody(path: &Path) -> i32 {
+        use std::os::unix::ffi::OsStrExt;
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: a zeroed sockaddr_un is valid; the path fits (asserted).
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = cpath.as_bytes_with_nul();
+        assert!(bytes.len() <= addr.sun_path.len(), "socket path too long for the test");
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let line = b"{\"status\":null}\n";
+        // SAFETY: the child calls only async-signal-safe functions (setgid,
+        // setuid, socket, connect, write, _exit) on memory prepared before
+        // the fork, and never returns into the test harness.
+        unsafe {
+            match libc::fork() {
+                0 => {
+                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                        libc::_exit(2);
+                    }
+                    let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                    if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
+                        libc::_exit(1);
+                    }
+                    libc::write(fd, line.as_ptr().cast(), line.len());
+                    libc::_exit(0);
+                }
+                pid => {
+                    assert!(pid > 0, "fork failed");
+                    let mut status = 0;
+                    libc::waitpid(pid, &mut status, 0);
+                    libc::WEXITSTATUS(status)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_user_can_neither_reach_the_socket_nor_be_served() {
+        // SAFETY: geteuid cannot fail.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test drops to uid 65534: run it as root, as the suite is");
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let path = dir.path().join("vm.sock");
+        let listener = bind(&path).expect("bind");
+        listener.set_nonblocking(false).expect("blocking");
+        // The file's mode alone keeps the other user out.
+        assert_eq!(connect_as_nobody(&path), 1, "uid 65534 connected to a 0600 socket");
+        // Were the mode loosened, the credential check still refuses it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod socket");
+        assert_eq!(connect_as_nobody(&path), 0, "uid 65534 could not connect to a 0666 socket");
+        let (stream, _) = listener.accept().expect("accept");
+        let e = read_request(&stream).expect_err("another user's request is refused");
+        assert!(e.contains("uid 65534 may not control this VM"), "{e}");
     }
 }

@@ -13,7 +13,7 @@
 //! | key | value |
 //! |---|---|
 //! | `c` + id (32) | [`ChunkEntry`] (30 bytes) |
-//! | `r` + name | [`RootHeader`] (17 bytes) |
+//! | `r` + name | [`RootHeader`] (29 bytes; version 1: 17) |
 //! | `R` + name length (u32) + name + segment (u32) | up to [`ROOT_SEGMENT`] ids, 32 bytes each |
 //! | `m` + key | a UTF-8 string ([`crate::ChunkStore::meta`]) |
 //! | `p` + pack number (u32) | [`PackState`] (10 bytes): committed length |
@@ -277,33 +277,62 @@ impl PackState {
 /// A root's header: the value of `r` + name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RootHeader {
-    /// Unix seconds when the root was set.
+    /// Unix seconds when the root was set (or last extended).
     pub set_secs: u64,
     /// Number of ids in its segments.
     pub count: u64,
+    /// Unix seconds after which gc drops it whatever its age (0: never).
+    pub expires_secs: u64,
+    /// Number of its segments (the next one appended gets this number).
+    pub segments: u32,
 }
 
-/// Encoded size of a [`RootHeader`].
-pub(crate) const ROOT_HEADER_LEN: usize = 17;
+/// Encoded size of a version 1 [`RootHeader`] (no expiry, full segments).
+pub(crate) const ROOT_HEADER_V1_LEN: usize = 17;
+/// Encoded size of a [`RootHeader`] as this build writes it (version 2).
+pub(crate) const ROOT_HEADER_LEN: usize = 29;
+/// The root header version this build writes.
+const ROOT_VERSION: u8 = 2;
 
 impl RootHeader {
-    /// version u8, set time u64, count u64.
+    /// version u8 (2), set time u64, count u64, expiry u64, segments u32.
+    /// Version 1 (17 bytes: version, set time, count) is still read: its
+    /// segments are all full but the last and it never expires.
     pub fn encode(&self) -> [u8; ROOT_HEADER_LEN] {
         let mut b = [0u8; ROOT_HEADER_LEN];
-        b[0] = VALUE_VERSION;
+        b[0] = ROOT_VERSION;
         b[1..9].copy_from_slice(&self.set_secs.to_le_bytes());
         b[9..17].copy_from_slice(&self.count.to_le_bytes());
+        b[17..25].copy_from_slice(&self.expires_secs.to_le_bytes());
+        b[25..29].copy_from_slice(&self.segments.to_le_bytes());
         b
     }
 
     /// Checks length and version.
     pub fn decode(v: &[u8]) -> Result<RootHeader, String> {
-        let b: &[u8; ROOT_HEADER_LEN] =
-            v.try_into().map_err(|_| format!("root header is {} bytes, not {ROOT_HEADER_LEN}", v.len()))?;
-        if b[0] != VALUE_VERSION {
-            return Err(format!("root header has version {}, not {VALUE_VERSION}", b[0]));
+        let (version, len) = match v.first() {
+            Some(&VALUE_VERSION) => (VALUE_VERSION, ROOT_HEADER_V1_LEN),
+            Some(&ROOT_VERSION) => (ROOT_VERSION, ROOT_HEADER_LEN),
+            Some(other) => {
+                return Err(format!("root header has version {other}, not {VALUE_VERSION} or {ROOT_VERSION}"));
+            }
+            None => return Err("root header is empty".into()),
+        };
+        if v.len() != len {
+            return Err(format!("root header of version {version} is {} bytes, not {len}", v.len()));
         }
-        Ok(RootHeader { set_secs: u64::from_le_bytes(arr(&b[1..9])), count: u64::from_le_bytes(arr(&b[9..17])) })
+        let (set_secs, count) = (u64::from_le_bytes(arr(&v[1..9])), u64::from_le_bytes(arr(&v[9..17])));
+        if version == VALUE_VERSION {
+            let segments =
+                u32::try_from(count.div_ceil(ROOT_SEGMENT as u64)).map_err(|_| "too many ids".to_string())?;
+            return Ok(RootHeader { set_secs, count, expires_secs: 0, segments });
+        }
+        Ok(RootHeader {
+            set_secs,
+            count,
+            expires_secs: u64::from_le_bytes(arr(&v[17..25])),
+            segments: u32::from_le_bytes(arr(&v[25..29])),
+        })
     }
 }
 
@@ -505,8 +534,15 @@ mod tests {
             let live = PackState::Live { len };
             prop_assert_eq!(PackState::decode(&live.encode()), Ok(live));
             prop_assert_eq!(PackState::decode(&PackState::Retired.encode()), Ok(PackState::Retired));
-            let r = RootHeader { set_secs: a, count: b };
+            let r = RootHeader { set_secs: a, count: b, expires_secs: c, segments: (c >> 7) as u32 };
             prop_assert_eq!(RootHeader::decode(&r.encode()), Ok(r));
+            // A version 1 header (as older builds wrote it) still reads.
+            let mut v1 = [0u8; ROOT_HEADER_V1_LEN];
+            v1[0] = 1;
+            v1[1..9].copy_from_slice(&a.to_le_bytes());
+            v1[9..17].copy_from_slice(&(b >> 20).to_le_bytes());
+            let old = RootHeader::decode(&v1).expect("version 1");
+            prop_assert_eq!((old.set_secs, old.count, old.expires_secs), (a, b >> 20, 0));
             let t = Totals { chunks: a, raw_bytes: b, stored_bytes: c };
             prop_assert_eq!(Totals::decode(&t.encode()), Ok(t));
         }

@@ -31,6 +31,11 @@ pub struct Retention {
     /// A pack is compacted when its live bytes fall under this fraction of
     /// its size (default 0.5). Packs with nothing live are always removed.
     pub compact_below: f64,
+    /// Roots whose names start with one of these are never dropped for
+    /// their age: whoever set them removes them ([`ChunkStore::remove_roots`]),
+    /// e.g. points in time kept by retention rules of their own (default:
+    /// none).
+    pub keep_prefixes: Vec<String>,
 }
 
 impl Default for Retention {
@@ -39,6 +44,7 @@ impl Default for Retention {
             max_root_age: Duration::from_secs(30 * 24 * 3600),
             grace: Duration::from_secs(3600),
             compact_below: 0.5,
+            keep_prefixes: Vec::new(),
         }
     }
 }
@@ -64,7 +70,8 @@ fn age(now: u64, then: u64) -> Duration {
 }
 
 impl ChunkStore {
-    /// Applies `rule`: drops roots at least `max_root_age` old; deletes the
+    /// Applies `rule`: drops roots at least `max_root_age` old and roots
+    /// past their expiry ([`ChunkStore::extend_root`]); deletes the
     /// index entries of chunks referenced by no remaining root and stored at
     /// least `grace` ago; then compacts packs whose live bytes fall under
     /// `compact_below` of their size, by copying their live chunks into the
@@ -90,7 +97,9 @@ impl ChunkStore {
             let h = RootHeader::decode(&value).map_err(|why| {
                 corrupt(format!("index {}: root {:?}: {why}", s.index_dir.display(), String::from_utf8_lossy(name)))
             })?;
-            if age(now, h.set_secs) >= rule.max_root_age {
+            let expired = h.expires_secs != 0 && now >= h.expires_secs;
+            let kept = rule.keep_prefixes.iter().any(|p| name.starts_with(p.as_bytes()));
+            if !kept && (expired || age(now, h.set_secs) >= rule.max_root_age) {
                 let prefix = format::root_seg_prefix(name);
                 let mut end = prefix.clone();
                 end.extend_from_slice(&[0xff; 5]);

@@ -34,10 +34,23 @@
 //!
 //! Named roots ([`ChunkStore::set_root`]) list the chunks an image is made of
 //! and keep them alive through [`ChunkStore::gc`]; chunks under no root are
-//! deleted once older than [`Retention::grace`]. A receiver that answers "I
-//! have it" for an old unreferenced chunk relies on it staying; the safe way
-//! is to set a root for the incoming image (e.g. `"vm/disk0.incoming"`) from
-//! its manifest before answering, and replace it when the image is complete.
+//! deleted once older than [`Retention::grace`]. A root may expire
+//! ([`ChunkStore::extend_root`]): gc drops it once past its expiry, whatever
+//! its age. A receiver that answers "I have it" for a chunk relies on it
+//! staying; so it extends an expiring root of its attempt with each
+//! manifest's ids before answering, and replaces that root with the image's
+//! own when the image is complete ([`ChunkStore::replace_roots`]). An
+//! attempt that fails leaves its chunks under its expiring root only: a
+//! retry within the expiry reuses them, the first gc after it drops them.
+//! Roots under a [`Retention::keep_prefixes`] prefix never age out: their
+//! owner removes them ([`ChunkStore::remove_roots`]), as `wanmig-dr` does
+//! with the points in time it keeps by rules of its own.
+//!
+//! # Reading a store another process holds
+//!
+//! [`StoreView`] opens the index read-only (no lock) and reads what was
+//! committed when it opened; [`ChunkSource`] is what both offer to code
+//! that reads images back out.
 //!
 //! # Tunables
 //!
@@ -51,13 +64,16 @@
 
 mod format;
 mod gc;
+mod manage;
 mod pack;
 mod store;
 #[cfg(test)]
 mod tests;
+mod view;
 
 pub use gc::{GcReport, Retention};
 pub use store::{ChunkStore, RootInfo, Stats, StoreOptions, VerifyReport};
+pub use view::{ChunkSource, StoreView};
 
 /// The largest chunk the store accepts (4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;

@@ -52,8 +52,10 @@ pub struct RootInfo {
     pub name: String,
     /// How many chunk ids it lists (repeats included).
     pub chunks: u64,
-    /// Unix seconds when it was set.
+    /// Unix seconds when it was set (or last extended).
     pub set_unix_secs: u64,
+    /// Unix seconds after which [`ChunkStore::gc`] drops it, if it expires.
+    pub expires_unix_secs: Option<u64>,
 }
 
 /// What is in the store, and what this process did with it.
@@ -627,18 +629,46 @@ impl ChunkStore {
     /// their chunks alive through [`ChunkStore::gc`]; the ids need not be in
     /// the store. Commits pending puts in the same batch.
     pub fn set_root(&self, name: &str, ids: &[ChunkId]) -> Result<(), StoreError> {
+        self.replace_roots(&[(name, ids)], &[])
+    }
+
+    /// Sets each root of `set` (as [`ChunkStore::set_root`] does) and drops
+    /// each root named in `drop`, all in one batch with the pending puts:
+    /// e.g. an image's root replacing the expiring root of the attempt that
+    /// received it, with no moment at which neither keeps its chunks.
+    pub fn replace_roots(&self, set: &[(&str, &[ChunkId])], drop: &[&str]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let prefix = format::root_seg_prefix(name.as_bytes());
-        let mut end = prefix.clone();
-        end.extend_from_slice(&[0xff; 5]);
-        batch.delete_range(&prefix, &end);
-        batch.put(format::root_key(name), RootHeader { set_secs: unix_now(), count: ids.len() as u64 }.encode());
-        for (i, seg) in ids.chunks(ROOT_SEGMENT).enumerate() {
-            let seg_no = u32::try_from(i).map_err(|_| StoreError::Index(format!("root {name:?} is too large")))?;
-            batch
-                .put(format::root_seg_key(name.as_bytes(), seg_no), seg.iter().flat_map(|id| id.0).collect::<Vec<_>>());
+        for name in drop {
+            delete_root(&mut batch, name);
+        }
+        for (name, ids) in set {
+            delete_root(&mut batch, name);
+            let header = RootHeader { set_secs: unix_now(), count: 0, expires_secs: 0, segments: 0 };
+            append_segments(&mut batch, name, header, ids)?;
         }
         self.lock().commit(&self.s, Some(batch))
+    }
+
+    /// Adds `ids` to root `name` (creating it), which then expires `ttl`
+    /// from now unless replaced: what keeps the chunks of an image still
+    /// being received (and of an attempt that failed, for a retry to reuse)
+    /// alive through gc, for a while only. Cheap: it appends a segment and
+    /// does not wait for stable storage (the next commit makes it durable).
+    pub fn extend_root(&self, name: &str, ids: &[ChunkId], ttl: std::time::Duration) -> Result<(), StoreError> {
+        let _g = self.lock();
+        let old = match self.s.db.get(format::root_key(name)).map_err(|e| self.s.index_err("reading a root", e))? {
+            Some(v) => Some(
+                RootHeader::decode(&v)
+                    .map_err(|why| corrupt(format!("index {}: root {name:?}: {why}", self.s.index_dir.display())))?,
+            ),
+            None => None,
+        };
+        let (count, segments) = old.map_or((0, 0), |h| (h.count, h.segments));
+        let expires_secs = unix_now().saturating_add(ttl.as_secs()).max(1);
+        let header = RootHeader { set_secs: unix_now(), count, expires_secs, segments };
+        let mut batch = WriteBatch::default();
+        append_segments(&mut batch, name, header, ids)?;
+        self.s.db.write(batch).map_err(|e| self.s.index_err("extending a root", e))
     }
 
     /// The chunk ids of root `name`, if there is one.
@@ -660,7 +690,8 @@ impl ChunkStore {
             let name = String::from_utf8_lossy(&key[1..]).into_owned();
             let h = RootHeader::decode(&value)
                 .map_err(|why| corrupt(format!("index {}: root {name:?}: {why}", self.s.index_dir.display())))?;
-            out.push(RootInfo { name, chunks: h.count, set_unix_secs: h.set_secs });
+            let expires_unix_secs = (h.expires_secs != 0).then_some(h.expires_secs);
+            out.push(RootInfo { name, chunks: h.count, set_unix_secs: h.set_secs, expires_unix_secs });
         }
         Ok(out)
     }
@@ -728,6 +759,36 @@ impl ChunkStore {
     pub fn dir(&self) -> &Path {
         &self.s.dir
     }
+}
+
+/// Deletes root `name` (header and segments) in `batch`.
+fn delete_root(batch: &mut WriteBatch, name: &str) {
+    let prefix = format::root_seg_prefix(name.as_bytes());
+    let mut end = prefix.clone();
+    end.extend_from_slice(&[0xff; 5]);
+    batch.delete_range(&prefix, &end);
+    batch.delete(format::root_key(name));
+}
+
+/// Appends `ids` to root `name` after the segments `header` counts, and
+/// writes its header with the new counts, in `batch`.
+fn append_segments(
+    batch: &mut WriteBatch,
+    name: &str,
+    mut header: RootHeader,
+    ids: &[ChunkId],
+) -> Result<(), StoreError> {
+    let too_large = || StoreError::Index(format!("root {name:?} is too large"));
+    for seg in ids.chunks(ROOT_SEGMENT) {
+        batch.put(
+            format::root_seg_key(name.as_bytes(), header.segments),
+            seg.iter().flat_map(|id| id.0).collect::<Vec<_>>(),
+        );
+        header.segments = header.segments.checked_add(1).ok_or_else(too_large)?;
+    }
+    header.count += ids.len() as u64;
+    batch.put(format::root_key(name), header.encode());
+    Ok(())
 }
 
 impl Shared {

@@ -691,3 +691,124 @@ proptest! {
         prop_assert!(store.verify().unwrap().bad.is_empty());
     }
 }
+
+#[test]
+fn an_attempts_root_grows_expires_and_gives_way_to_the_images_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let data: Vec<Vec<u8>> = (0..4).map(|i| text(100 + i, 5000)).collect();
+    let ids: Vec<ChunkId> = data.iter().map(|d| put_new(&store, d)).collect();
+    let day = Duration::from_secs(24 * 3600);
+    // Grown a manifest part at a time; more ids than a segment holds.
+    let many: Vec<ChunkId> = (0..70_000u64).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+    store.extend_root("attempt/aa", &ids[..2], day).unwrap();
+    store.extend_root("attempt/aa", &many, day).unwrap();
+    store.extend_root("attempt/aa", &ids[2..3], day).unwrap();
+    let mut want = ids[..2].to_vec();
+    want.extend(&many);
+    want.push(ids[2]);
+    assert_eq!(store.root("attempt/aa").unwrap().unwrap(), want);
+    let info = &store.roots().unwrap()[0];
+    let expires = info.expires_unix_secs.expect("it expires");
+    assert!(expires >= info.set_unix_secs + day.as_secs() - 1, "{info:?}");
+    // Alive until it expires: gc keeps its chunks, not the unrooted one.
+    let r = store.gc(&no_grace()).unwrap();
+    assert_eq!((r.roots_dropped, r.chunks_deleted), (0, 1));
+    assert!(store.contains(&ids[2]).unwrap() && !store.contains(&ids[3]).unwrap());
+    // An attempt whose root has expired: the next gc drops it and its chunks.
+    store.extend_root("attempt/bb", &ids[2..3], Duration::ZERO).unwrap();
+    store.replace_roots(&[("vm/disk0", &ids[..2])], &["attempt/aa"]).unwrap();
+    let names: Vec<_> = store.roots().unwrap().into_iter().map(|r| (r.name, r.expires_unix_secs.is_some())).collect();
+    assert_eq!(names, [("attempt/bb".to_string(), true), ("vm/disk0".to_string(), false)]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = store.gc(&no_grace()).unwrap();
+    assert_eq!((r.roots_dropped, r.chunks_deleted), (1, 1));
+    assert!(store.contains(&ids[0]).unwrap() && store.contains(&ids[1]).unwrap() && !store.contains(&ids[2]).unwrap());
+    // Durable across a reopen.
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(store.root("vm/disk0").unwrap().unwrap(), &ids[..2]);
+}
+
+#[test]
+fn roots_under_a_kept_prefix_never_age_out_and_removed_roots_free_their_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let ids: Vec<ChunkId> = (0..3).map(|i| put_new(&store, &text(300 + i, 9000))).collect();
+    store.set_root("epoch/vm/100/disk0", &ids[..1]).unwrap();
+    store.set_root("epoch/vm/200/disk0", &ids[1..2]).unwrap();
+    store.set_root("vm/disk0", &ids[2..]).unwrap();
+    // Every root is older than zero: only the kept prefix survives its age.
+    let rule = Retention { max_root_age: Duration::ZERO, keep_prefixes: vec!["epoch/".into()], ..no_grace() };
+    let r = store.gc(&rule).unwrap();
+    assert_eq!((r.roots_dropped, r.chunks_deleted), (1, 1));
+    assert!(store.contains(&ids[0]).unwrap() && store.contains(&ids[1]).unwrap());
+    // Removed by their owner: gone, and their chunks with the next gc.
+    store.remove_roots(&["epoch/vm/100/disk0", "no/such/root"]).unwrap();
+    assert_eq!(store.roots().unwrap().iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["epoch/vm/200/disk0"]);
+    let r = store.gc(&rule).unwrap();
+    assert_eq!(r.chunks_deleted, 1);
+    assert!(!store.contains(&ids[0]).unwrap() && store.contains(&ids[1]).unwrap());
+}
+
+#[test]
+fn meta_lists_by_prefix_and_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    store.set_meta("epoch/a/2", "two").unwrap();
+    store.set_meta("epoch/a/1", "one").unwrap();
+    store.set_meta("epoch/b/1", "other").unwrap();
+    store.set_meta("epochs", "not under epoch/").unwrap();
+    let a = store.metas("epoch/a/").unwrap();
+    assert_eq!(a, [("epoch/a/1".to_string(), "one".to_string()), ("epoch/a/2".into(), "two".into())]);
+    assert_eq!(store.metas("epoch/").unwrap().len(), 3);
+    store.remove_meta("epoch/a/1").unwrap();
+    store.remove_meta("epoch/none").unwrap();
+    assert_eq!(store.metas("epoch/a/").unwrap().len(), 1);
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(store.meta("epoch/a/1").unwrap(), None);
+    assert_eq!(store.meta("epoch/a/2").unwrap().as_deref(), Some("two"));
+}
+
+#[test]
+fn a_view_reads_what_was_committed_while_the_store_stays_open_and_writes_nothing() {
+    use crate::{ChunkSource, StoreView};
+    let dir = tempfile::tempdir().unwrap();
+    assert!(StoreView::open(dir.path()).is_err(), "no store there");
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| text(400 + i, 20_000)).collect();
+    let ids: Vec<ChunkId> = data.iter().map(|d| put_new(&store, d)).collect();
+    store.set_root("r", &ids).unwrap();
+    store.set_meta("k/1", "v").unwrap();
+    let pending = put_new(&store, &noise(9, 5000));
+    // The store stays open (its RocksDB lock held) while the view reads.
+    let view = StoreView::open(dir.path()).unwrap();
+    assert_eq!(view.root("r").unwrap().unwrap(), ids);
+    for (id, d) in ids.iter().zip(&data) {
+        assert_eq!(view.get(id).unwrap().as_deref(), Some(d.as_slice()));
+    }
+    assert_eq!(view.get(&pending).unwrap(), None, "not committed when the view opened");
+    assert_eq!(view.metas("k/").unwrap(), [("k/1".to_string(), "v".to_string())]);
+    assert_eq!(view.meta("k/2").unwrap(), None);
+    assert_eq!(view.roots().unwrap(), [("r".to_string(), 3)]);
+    // A damaged record is an error, never data.
+    let mut entry = None;
+    for item in store.s.scan(&[format::K_CHUNK]) {
+        let (k, v) = item.unwrap();
+        if format::chunk_key_id(&k) == Some(ids[1]) {
+            entry = Some(format::ChunkEntry::decode(&v).unwrap());
+        }
+    }
+    let e = entry.unwrap();
+    let f = OpenOptions::new().write(true).open(pack_file(dir.path(), e.pack)).unwrap();
+    f.write_all_at(&[0xAA; 8], e.offset + RECORD_HEADER_LEN as u64 + 10).unwrap();
+    let view = StoreView::open(dir.path()).unwrap();
+    assert!(matches!(view.get(&ids[1]), Err(StoreError::Corrupt(_))));
+    drop(view);
+    // The store saw no write from the views: it reopens and its pending
+    // chunk commits.
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert!(store.contains(&pending).unwrap());
+}

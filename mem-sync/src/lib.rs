@@ -17,5 +17,8 @@ pub mod policy;
 pub mod postcopy;
 pub mod xbzrle;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use bitmap::{merge_into, to_ranges};
 pub use wanmig_types::{PAGE_SIZE, PageRange};

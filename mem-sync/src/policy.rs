@@ -28,6 +28,10 @@ pub struct RoundReport {
     pub state_bytes: u64,
     /// Round-trip time of the link.
     pub rtt: Duration,
+    /// What the switch-over costs whatever is left to send: the commit's
+    /// round trips, flushing the last disk writes at both ends, building
+    /// the VM at the destination.
+    pub switch: Duration,
 }
 
 impl RoundReport {
@@ -37,12 +41,12 @@ impl RoundReport {
     }
 
     /// Predicted downtime if the guest were paused now: the dirty pages at
-    /// the page rate, the device state at the link rate, and one round
-    /// trip for the commit.
+    /// the page rate, the device state (and the last disk writes) at the
+    /// link rate, and the switch-over's own cost.
     pub fn predicted_downtime(&self) -> Duration {
         let pages = self.dirty_pages as f64 / self.page_rate.max(1.0);
         let state = self.state_bytes as f64 / self.link_rate.max(1.0);
-        Duration::from_secs_f64(pages + state) + self.rtt
+        Duration::from_secs_f64(pages + state) + self.switch
     }
 }
 
@@ -214,6 +218,7 @@ mod tests {
             link_rate: 100e6,
             state_bytes: 100_000,
             rtt: Duration::from_millis(1),
+            switch: Duration::from_millis(1),
         }
     }
 

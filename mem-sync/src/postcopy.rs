@@ -840,6 +840,7 @@ mod tests {
             link_rate: 10_000.0 * 4096.0,
             state_bytes: 100_000,
             rtt: Duration::from_millis(50),
+            switch: Duration::from_millis(50),
         }
     }
 

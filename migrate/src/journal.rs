@@ -7,9 +7,12 @@
 //!   (`started`), before `Commit` leaves (`commit_sent`: from then on the
 //!   VM must not run here until settled) and after the acknowledgement
 //!   (`migrated`). A migration that fails before the commit removes it.
-//! - The destination keeps one record per migration ([`DestJournal`],
+//! - The destination keeps one record per migration or sync ([`DestJournal`],
 //!   `DIR/journal/ID.json`): `receiving`, `ready`, then `committed` (written
 //!   before the VM runs) or `aborted`. A settle query is answered from it.
+//!   The record also names the process that received ([`Owner`]) and the
+//!   files the attempt created ([`ImageRecord`]), so that a later `receive`
+//!   can tell an attempt whose process died and remove what it left.
 //!
 //! Records are JSON, written to a temporary file, synced, renamed over the
 //! old one and the directory synced: a crash leaves the old record or the
@@ -72,12 +75,15 @@ fn write_atomic(path: &Path, value: &impl Serialize) -> Result<(), JournalError>
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, JournalError> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| JournalError::Corrupt { path: path.into(), reason: e.to_string() }),
+        Ok(b) => parse(path, &b).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(path)(e)),
     }
+}
+
+/// A record's bytes, read from `path`.
+fn parse<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, JournalError> {
+    serde_json::from_slice(bytes).map_err(|e| JournalError::Corrupt { path: path.into(), reason: e.to_string() })
 }
 
 fn remove(path: &Path) -> Result<(), JournalError> {
@@ -171,6 +177,84 @@ pub enum DestPhase {
     Aborted,
 }
 
+/// The process that journalled a destination record: it is gone when no
+/// process with this pid started at this time since this boot runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Its pid.
+    pub pid: u32,
+    /// When it started, in clock ticks after boot (`/proc/PID/stat` field
+    /// 22): a pid reused by another process has another start time.
+    pub start_ticks: u64,
+    /// The boot it ran in (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+}
+
+/// `/proc/PID/stat`'s start time of process `pid`.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces and parentheses):
+    // field 3 (state) onwards; the start time is field 22.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+impl Owner {
+    /// This process.
+    pub fn this_process() -> Owner {
+        let pid = std::process::id();
+        Owner { pid, start_ticks: start_ticks(pid).unwrap_or(0), boot_id: boot_id() }
+    }
+
+    /// Whether that process still runs.
+    pub fn alive(&self) -> bool {
+        self.boot_id == boot_id() && start_ticks(self.pid).is_some_and(|t| t == self.start_ticks)
+    }
+}
+
+/// A file's identity: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of an open file.
+    pub fn of(file: &File) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileId { dev: m.dev(), ino: m.ino() })
+    }
+
+    /// The identity of what `path` names (not following a final link).
+    pub fn at(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).ok().map(|m| FileId { dev: m.dev(), ino: m.ino() })
+    }
+}
+
+/// An image an attempt assembles, as journalled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Where it is assembled (`NAME.<attempt>.incoming`).
+    pub incoming: PathBuf,
+    /// Its final name.
+    pub path: PathBuf,
+    /// What holds the final name meanwhile: the empty file the attempt
+    /// created there, or the replica it will replace.
+    pub reservation: Option<FileId>,
+    /// Whether the reservation is an existing replica (never removed).
+    #[serde(default)]
+    pub replica: bool,
+}
+
 /// The destination's record of one migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestRecord {
@@ -184,18 +268,36 @@ pub struct DestRecord {
     pub phase: DestPhase,
     /// When the phase was recorded, Unix seconds.
     pub updated_unix: u64,
+    /// A disk-only sync rather than a migration.
+    #[serde(default)]
+    pub sync: bool,
+    /// The process receiving it.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    /// The images it creates (emptied once they are installed or removed).
+    #[serde(default)]
+    pub images: Vec<ImageRecord>,
 }
 
 /// The destination's journal: a record per migration under `DIR/journal`.
+/// Clones share one lock, so that a commit and a settle query answered at
+/// the same time (the listener hears queries while an attempt runs) never
+/// both see a record in `ready` and write opposite outcomes.
 #[derive(Debug, Clone)]
 pub struct DestJournal {
     dir: PathBuf,
+    decide: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl DestJournal {
     /// The journal under `dir/journal`.
     pub fn new(dir: &Path) -> Self {
-        DestJournal { dir: dir.join("journal") }
+        DestJournal { dir: dir.join("journal"), decide: Default::default() }
+    }
+
+    /// Held while a record's outcome is decided.
+    fn deciding(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.decide.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn path(&self, id: MigrationId) -> PathBuf {
@@ -206,6 +308,7 @@ impl DestJournal {
     /// settled as not committed (a query answered meanwhile): then it must
     /// not commit, and this fails.
     pub fn commit(&self, rec: &mut DestRecord) -> Result<(), JournalError> {
+        let _decide = self.deciding();
         if self.read(rec.migration_id)?.is_some_and(|r| r.phase == DestPhase::Aborted) {
             return Err(JournalError::SettledNotCommitted(rec.migration_id));
         }
@@ -224,11 +327,21 @@ impl DestJournal {
         read(&self.path(id))
     }
 
+    /// Every record (a record that cannot be read is an error in its place).
+    pub fn records(&self) -> Vec<Result<DestRecord, JournalError>> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut paths: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        paths.sort();
+        paths.iter().filter_map(|p| read(p).transpose()).collect()
+    }
+
     /// What this host says of migration `id`. Only pinned peers reach it,
     /// and only one that knows the id (128 random bits, shared by the two
     /// ends alone) can ask about it. A migration that is not committed is
     /// recorded as aborted first, so the answer can never change.
     pub fn settle(&self, id: MigrationId) -> Result<Settlement, JournalError> {
+        let _decide = self.deciding();
         let Some(mut rec) = self.read(id)? else { return Ok(Settlement::Unknown) };
         match rec.phase {
             DestPhase::Committed => Ok(Settlement::Committed),
@@ -280,6 +393,9 @@ mod tests {
             source: "src".into(),
             phase: DestPhase::Receiving,
             updated_unix: 0,
+            sync: false,
+            owner: None,
+            images: Vec::new(),
         };
         j.record(&mut rec, DestPhase::Ready).expect("write");
         assert_eq!(j.settle(id).expect("settle"), Settlement::NotCommitted);
@@ -288,5 +404,70 @@ mod tests {
         let mut rec = DestRecord { migration_id: other, ..rec };
         j.record(&mut rec, DestPhase::Committed).expect("write");
         assert_eq!(j.settle(other).expect("settle"), Settlement::Committed);
+    }
+
+    #[test]
+    fn a_records_owner_is_alive_only_while_its_process_runs() {
+        let me = Owner::this_process();
+        assert!(me.start_ticks > 0 && !me.boot_id.is_empty(), "{me:?}");
+        assert!(me.alive());
+        assert!(!Owner { start_ticks: me.start_ticks + 1, ..me.clone() }.alive(), "a reused pid");
+        assert!(!Owner { boot_id: "another boot".into(), ..me.clone() }.alive());
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        let theirs = Owner { pid, start_ticks: start_ticks(pid).unwrap_or(0), boot_id: me.boot_id.clone() };
+        child.wait().expect("wait");
+        assert!(!theirs.alive(), "a process that exited");
+        // Records of an older build (no owner, no images) still read.
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = DestJournal::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("journal")).expect("mkdir");
+        let old = r#"{"migration_id":"000102030405060708090a0b0c0d0e0f","vm":"v","source":"s","phase":"ready","updated_unix":1}"#;
+        std::fs::write(dir.path().join("journal/000102030405060708090a0b0c0d0e0f.json"), old).expect("write");
+        let recs = j.records();
+        assert_eq!(recs.len(), 1);
+        let rec = recs[0].as_ref().expect("readable");
+        assert_eq!((rec.phase, rec.owner.as_ref(), rec.images.len()), (DestPhase::Ready, None, 0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Bounded fuzzing of the journal's reader (a record is a file
+        /// anyone with access to the directory could have written): records
+        /// with a few edits read back, or are refused as corrupt (never taken
+        /// as "no migration": `read` maps only a missing file to that);
+        /// never a panic.
+        #[test]
+        fn edited_records_read_or_are_refused(
+            edits in proptest::collection::vec((proptest::prelude::any::<u8>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let rec = DestRecord {
+                migration_id: MigrationId([7; 16]),
+                vm: "vm".into(),
+                source: "10.0.0.1:4750".into(),
+                phase: DestPhase::Ready,
+                updated_unix: 1_700_000_000,
+                sync: false,
+                owner: Some(Owner { pid: 1, start_ticks: 2, boot_id: "b".into() }),
+                images: vec![ImageRecord {
+                    incoming: "/d/disk.img.0707.incoming".into(),
+                    path: "/d/disk.img".into(),
+                    reservation: Some(FileId { dev: 2049, ino: 1234 }),
+                    replica: true,
+                }],
+            };
+            let good = serde_json::to_vec_pretty(&rec).expect("json");
+            let path = Path::new("/journal/07070707070707070707070707070707.json");
+            match parse::<DestRecord>(path, &wanmig_types::fuzz::mutate(&good, &edits)) {
+                Ok(r) => { let _ = (r.owner.map(|o| o.start_ticks), r.images.len()); }
+                Err(JournalError::Corrupt { .. }) => {}
+                Err(e) => proptest::prop_assert!(false, "{e}"),
+            }
+            let source = br#"{"migration_id":"07070707070707070707070707070707","vm":"vm","dest":"b:4750","peer":"fp","identity":"/id","phase":"commit_sent","updated_unix":1}"#;
+            let r = parse::<SourceRecord>(path, &wanmig_types::fuzz::mutate(source, &edits));
+            let refused_or_read = matches!(r, Ok(_) | Err(JournalError::Corrupt { .. }));
+            proptest::prop_assert!(refused_or_read, "{:?}", r.err());
+        }
     }
 }

@@ -9,6 +9,8 @@
 //!   [`destination::VmHost`] build and run it.
 //! - [`journal`]: both ends' durable record of each migration's phase;
 //!   [`settle`]: asking the destination what became of one.
+//! - [`epochs`]: after a sync, the destination's replica becomes an epoch
+//!   (`wanmig-dr`), pruned by the store's retention rules.
 //! - [`handover`]: after the commit, the network tunnel's two ends on the
 //!   migration's own connection (`wanmig-tunnel`).
 //! - [`report`]: live progress and the final summary; [`steer`]: status,
@@ -20,6 +22,7 @@
 #![warn(clippy::too_many_lines)]
 
 pub mod destination;
+pub mod epochs;
 pub mod handover;
 pub mod journal;
 pub mod report;

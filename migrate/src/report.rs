@@ -23,6 +23,9 @@ pub enum Phase {
     Committing,
     /// `Commit` sent: too late to cancel; waiting for the acknowledgement.
     Committed,
+    /// The link failed before the commit: the guest runs on here while the
+    /// source reconnects to resume.
+    Reconnecting,
 }
 
 impl Phase {
@@ -36,6 +39,7 @@ impl Phase {
             Phase::StopAndCopy => "stop-and-copy",
             Phase::Committing => "committing",
             Phase::Committed => "committed",
+            Phase::Reconnecting => "link down, reconnecting",
         }
     }
 }
@@ -73,6 +77,11 @@ pub struct Progress {
     pub downtime_budget_ms: f64,
     /// The bandwidth cap in force, bits/s (`None`: none).
     pub max_bandwidth_bps: Option<u64>,
+    /// While reconnecting: the attempt, and the seconds left of the resume
+    /// window.
+    pub reconnect_attempt: u32,
+    /// Seconds left of the resume window (while reconnecting).
+    pub resume_left_s: f64,
     /// During the disk copy: image bytes read of all, chunks sent and
     /// already at the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,6 +149,8 @@ pub struct RoundStat {
     pub disk_bytes: u64,
     /// Disk bytes the guest wrote while it ran.
     pub disk_dirty_bytes: u64,
+    /// Bytes it put on the wire (pages and disk data, after compression).
+    pub wire_bytes: u64,
     /// How long it took, ms.
     pub ms: f64,
 }
@@ -192,6 +203,15 @@ pub struct Summary {
     pub error: Option<String>,
     /// Whether an operator cancelled it.
     pub cancelled: bool,
+    /// Link outages it rode out (resumed on a new connection).
+    pub outages: u32,
+    /// Time the link was down, ms.
+    pub outage_ms: f64,
+    /// Guest data put on the wire again because an outage cut it
+    /// (uncompressed: the pages of the round that was cut that had not
+    /// arrived, that round's written blocks, and the disks' first copy
+    /// offered again from where the destination had it).
+    pub resent_bytes: u64,
     /// The network tunnel left running after the commit, or why it failed to start.
     pub tunnel: Option<String>,
 }

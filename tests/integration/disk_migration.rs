@@ -14,8 +14,13 @@ use crate::harness::{Keys, Receiver, VmDir, VmProcess, check_guest, migrate_requ
 
 /// A VM whose disk holds, past the `region_mib` the guest writes, 16 MiB
 /// of files (pseudo-random, some duplicated) and zeros, like a filesystem.
-fn vm_with_data(guest: &str, region_mib: u64) -> VmDir {
-    let vm = VmDir::new(64, 1, guest);
+pub(crate) fn vm_with_data(guest: &str, region_mib: u64) -> VmDir {
+    vm_with_data_and(guest, region_mib, "")
+}
+
+/// As [`vm_with_data`], with `extra` (e.g. a `[[net]]`) in its vm.toml.
+pub(crate) fn vm_with_data_and(guest: &str, region_mib: u64, extra: &str) -> VmDir {
+    let vm = VmDir::with_extra(64, 1, guest, extra);
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&vm.disk).expect("disk");
     let start = region_mib + 2;
     f.set_len((start + 20) << 20).expect("size");
@@ -44,7 +49,7 @@ fn vm_with_data(guest: &str, region_mib: u64) -> VmDir {
 }
 
 /// Migrates (or syncs) through the VM's control socket; returns the summary.
-fn move_vm(vm: &VmProcess, req: &Request, want: MigrateOutcome) -> Value {
+pub(crate) fn move_vm(vm: &VmProcess, req: &Request, want: MigrateOutcome) -> Value {
     let resp = control::request_with_progress(vm.socket(), req, &mut |_| {}).expect("the VM process answers");
     assert_eq!(resp.outcome, Some(want), "{resp:?}");
     serde_json::to_value(resp.summary.expect("summary")).expect("a summary serializes")
@@ -56,7 +61,7 @@ fn incoming_images(dir: &Path) -> Vec<std::path::PathBuf> {
     entries.map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "incoming")).collect()
 }
 
-fn disk_wire_bytes(summary: &Value) -> u64 {
+pub(crate) fn disk_wire_bytes(summary: &Value) -> u64 {
     summary["bytes"]["disk"].as_u64().expect("disk bytes")
 }
 
@@ -212,7 +217,13 @@ fn a_full_destination_disk_fails_cleanly_and_the_source_runs_on() {
             .expect("answer");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     let error = resp.summary.as_ref().and_then(|s| s.error.clone()).unwrap_or_default();
-    assert!(error.contains("No space left on device"), "the source is told why: {error}");
+    // Refused at the hello, before anything moved, with the figures (a
+    // 23 MiB image, a 4 MiB filesystem).
+    assert!(
+        error.contains("not enough disk space: the VM's disk images need 23 MiB under")
+            && error.contains(", 4 MiB free"),
+        "the source is told why: {error}"
+    );
     dst.wait_log("failed, discarded", Duration::from_secs(10));
     assert!(incoming_images(&small).is_empty(), "the partial image is removed");
     // The source runs on, unharmed.

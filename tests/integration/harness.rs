@@ -147,9 +147,19 @@ impl VmProcess {
         Self::spawn_in(None, vm, args)
     }
 
+    /// `wanmig run` with `env` set (e.g. a failpoint).
+    pub fn run_with_env(vm: &VmDir, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(None, vm, &["run"], env)
+    }
+
     fn spawn_in(netns: Option<&str>, vm: &VmDir, args: &[&str]) -> Self {
+        Self::spawn_with(netns, vm, args, &[])
+    }
+
+    fn spawn_with(netns: Option<&str>, vm: &VmDir, args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = wanmig_in(netns)
             .args(args)
+            .envs(env.iter().copied())
             .arg(&vm.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -291,7 +301,9 @@ pub fn check_guest(vm: &VmProcess, dir: &Path, disk: &Path) -> testguest::Memory
 }
 
 /// A `migrate` request from `keys.src` to `dest` with the defaults of
-/// `wanmig send` (300 ms downtime budget, a 120 s timeout).
+/// `wanmig send` (300 ms downtime budget) but a 120 s timeout and no
+/// resume window (a test that kills the destination wants the failure at
+/// once; the resume tests set their own window).
 pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool) -> Request {
     Request::Migrate {
         migration: MigrateRequest {
@@ -307,6 +319,8 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             store: store.map(Path::to_path_buf),
             sync,
             tunnel: None,
+            resume_window_s: 0,
+            commit_after_ready: false,
         },
     }
 }
@@ -365,6 +379,19 @@ impl Receiver {
     /// store in `dir/chunks` unless `args` say otherwise).
     pub fn copying(keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
         Self::start_with(None, "127.0.0.1:0", keys, peer, dir, args, &[])
+    }
+
+    /// As [`Receiver::start`] (shared disks), listening on `listen` (e.g.
+    /// the address of one that was killed).
+    pub fn start_at_addr(listen: &str, keys: &Keys, peer: &str, dir: &Path) -> Self {
+        let shared = dir.parent().unwrap_or(dir);
+        Self::start_with(None, listen, keys, peer, dir, &[OsStr::new("--shared-disks"), shared.as_os_str()], &[])
+    }
+
+    /// As [`Receiver::copying`], listening on `listen` (e.g. the address
+    /// of one that was killed).
+    pub fn copying_at(listen: &str, keys: &Keys, peer: &str, dir: &Path, args: &[&OsStr]) -> Self {
+        Self::start_with(None, listen, keys, peer, dir, args, &[])
     }
 
     fn start_with(

@@ -2,8 +2,11 @@
 //! `wanmig` processes. Each test fails (never skips) without /dev/kvm.
 
 mod bad_input;
+mod control;
 mod dirty_tracking;
 mod disk_migration;
+mod dr;
+mod hardening;
 mod harness;
 mod layering;
 mod linux;
@@ -14,3 +17,4 @@ mod qemu;
 mod realism;
 mod snapshot_restore;
 mod tunnel;
+mod wan;

@@ -24,7 +24,10 @@ fn send_args<'a>(vm: &'a VmDir, to: &'a Receiver, keys: &'a Keys, peer: &'a str)
 
 /// Migrates through the control socket, calling `on_event` with each progress event.
 fn migrate(src: &VmProcess, dest: &str, keys: &Keys, on_event: &mut dyn FnMut(&str)) -> control::Response {
-    let req = migrate_request(dest, keys, None, false);
+    migrate_with(src, migrate_request(dest, keys, None, false), on_event)
+}
+
+fn migrate_with(src: &VmProcess, req: Request, on_event: &mut dyn FnMut(&str)) -> control::Response {
     control::request_with_progress(src.socket(), &req, &mut |p| {
         let phase = serde_json::to_value(p.phase).expect("a phase serializes");
         on_event(phase.as_str().unwrap_or(""))
@@ -86,15 +89,46 @@ fn destination_lost_in_stop_and_copy_before_commit_resumes_the_source() {
     let keys = Keys::new(vm.dir.path());
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
-    // The destination dies after receiving the device state, before Ready.
+    // The destination dies after receiving the device state, before Ready;
+    // the source waits for Ready before it commits.
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
     let mut events = Vec::new();
-    let resp = migrate(&src, &dst.addr, &keys, &mut |e| events.push(e.to_string()));
+    let mut req = migrate_request(&dst.addr, &keys, None, false);
+    let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
+    migration.commit_after_ready = true;
+    let resp = migrate_with(&src, req, &mut |e| events.push(e.to_string()));
     assert!(events.iter().any(|e| e == "stop_and_copy"), "{events:?}");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
     let p = src.progress().expect("status");
+    let q = src.wait_for("the source guest to resume", Duration::from_secs(10), |g| g.steps > p.steps + 100);
+    assert_eq!(q.errors, 0);
+    check_guest(&src, &vm.path("snap"), &vm.disk);
+}
+
+#[test]
+fn destination_lost_before_deciding_an_early_commit_leaves_the_source_in_doubt_until_settled() {
+    require_kvm();
+    let vm = VmDir::new(64, 1, "ws_mib = 4\nrate_mib = 16\ndisk_kib = 64");
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
+    // By default the commit follows the device state: the destination
+    // dies with both in hand, before it decided.
+    let dst =
+        Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
+    let resp = migrate(&src, &dst.addr, &keys, &mut |_| {});
+    assert_eq!(resp.outcome, Some(MigrateOutcome::InDoubt), "{resp:?}");
+    assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
+    let p = src.progress().expect("status");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(src.progress().expect("status").steps, p.steps, "a guest in doubt stays paused");
+    // The destination comes back at its address; settle asks it.
+    let back = Receiver::start_at_addr(&dst.addr, &keys, &keys.src_fp, &vm.path("dst"));
+    let out = crate::harness::wanmig().args(["settle"]).arg(&vm.config).output().expect("settle");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.contains("not committed"), "settle: {said}\n{}", back.log());
     let q = src.wait_for("the source guest to resume", Duration::from_secs(10), |g| g.steps > p.steps + 100);
     assert_eq!(q.errors, 0);
     check_guest(&src, &vm.path("snap"), &vm.disk);

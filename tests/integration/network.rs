@@ -18,20 +18,20 @@ use wanmig_vmm::testguest::{UDP_SEQ_MAX_ECHO, UDP_SEQ_PORT};
 
 use crate::harness::{Keys, Receiver, VmDir, VmProcess, migrate_request, require_kvm};
 
-const TAP: &str = "wmtap0";
+pub(crate) const TAP: &str = "wmtap0";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+pub(crate) const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A network namespace with a persistent TAP holding the host's address;
 /// deleted on drop (also when the test fails).
-struct NetNs {
-    name: String,
+pub(crate) struct NetNs {
+    pub(crate) name: String,
 }
 
 impl NetNs {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let name = format!("wanmig-{tag}-{}", std::process::id());
         run_ip(&["netns", "add", &name]);
         let ns = NetNs { name };
@@ -50,7 +50,7 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered the namespace. Sockets made
     /// there stay in it wherever they are used afterwards.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub(crate) fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {

@@ -192,6 +192,10 @@ impl Listener {
             .with_io(tuning.io(addr).map_err(|e| start(e.to_string()))?)
             .map_err(|e| start(e.to_string()))?
             .with_limits(tuning.limits()?)
+            .map_err(|e| start(e.to_string()))?
+            .with_endpoint_limits(crate::limits::HandshakeLimits)
+            .map_err(|e| start(e.to_string()))?
+            .with_event(crate::peer::PeerCert)
             .map_err(|e| start(e.to_string()))?;
         let server = match tuning.congestion {
             CongestionControl::Cubic => builder.with_congestion_controller(Cubic::default()).map(|b| b.start()),
@@ -300,6 +304,18 @@ impl Conn {
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         match &self.inner {
             ConnInner::Quic { handle, .. } => handle.remote_addr().ok(),
+            ConnInner::Mem(_) => None,
+        }
+    }
+
+    /// The fingerprint of the certificate the peer authenticated with (the
+    /// pin it matched): known on a listener's connections, `None` on a
+    /// client's and on an in-memory pair.
+    pub fn peer_fingerprint(&self) -> Option<Fingerprint> {
+        match &self.inner {
+            ConnInner::Quic { handle, .. } => {
+                handle.query_event_context(|c: &crate::peer::PeerFingerprint| c.0).ok().flatten()
+            }
             ConnInner::Mem(_) => None,
         }
     }

@@ -54,7 +54,7 @@ pub const PEER_CANCELLED: &str = "the peer cancelled the migration";
 /// first stream operation, as a TLS alert: say so.
 pub(crate) fn lost(e: impl std::fmt::Display) -> TransportError {
     let s = e.to_string();
-    if s.contains(&format!("application::Error({CLOSE_CANCELLED}) by remote")) {
+    if s.contains(&format!("application::Error({CLOSE_CANCELLED})")) && s.contains("remote") {
         return TransportError::Lost(PEER_CANCELLED.into());
     }
     if s.contains("HANDSHAKE_FAILURE") || s.contains("certificate") || s.contains("crypto") || s.contains("alert") {

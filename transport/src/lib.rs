@@ -7,7 +7,9 @@
 //! configurable idle timeout.
 //!
 //! - [`identity`]: host keys (`wanmig keygen`) and fingerprints.
-//! - [`tls`]: the pinned-peer verifiers.
+//! - [`tls`]: the pinned-peer verifiers; [`peer`]: which pin a
+//!   connection's peer matched.
+//! - [`limits`]: what a listener admits before handshakes complete.
 //! - [`endpoint`]: listener, connect, connections and their streams.
 //! - [`frames`]: framed streams of `wanmig-wire` messages; [`error`].
 //! - [`mem`]: an in-memory connection pair with a link that can be cut, for
@@ -17,7 +19,9 @@ pub mod endpoint;
 pub mod error;
 pub mod frames;
 pub mod identity;
+pub mod limits;
 pub mod mem;
+pub mod peer;
 pub mod tls;
 
 pub use endpoint::{CongestionControl, Conn, LinkTuning, Listener, connect};

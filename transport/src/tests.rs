@@ -139,3 +139,22 @@ fn a_zero_idle_timeout_is_refused() {
     let err = Listener::bind(local(), &dst, &[], tuning).expect_err("zero idle timeout");
     assert!(err.to_string().contains("idle timeout"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_knows_which_pinned_peer_connected() {
+    let (a, dst) = ids();
+    let (b, _, _) = Identity::generate("b").expect("gen");
+    let mut listener =
+        Listener::bind(local(), &dst, &[a.fingerprint(), b.fingerprint()], LinkTuning::default()).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    for who in [&b, &a] {
+        let mut conn = connect(addr, who, &[dst.fingerprint()], LinkTuning::default()).await.expect("connect");
+        assert_eq!(conn.peer_fingerprint(), None, "a client does not record it");
+        let (mut tx, _rx) = conn.open_control().await.expect("control");
+        tx.send(&Message::Ready).await.expect("send");
+        let mut accepted = listener.accept().await.expect("accepted");
+        let (_tx, mut rx) = accepted.accept_control().await.expect("control");
+        assert_eq!(rx.recv().await.expect("recv"), Some(Message::Ready));
+        assert_eq!(accepted.peer_fingerprint(), Some(who.fingerprint()));
+    }
+}

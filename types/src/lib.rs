@@ -1,10 +1,12 @@
 //! The small types every wanmig crate speaks, defined once: the guest page
 //! size and runs of pages, MAC addresses, chunk and migration ids, the
-//! protocol's feature bits, and how an error and its causes are printed.
+//! protocol's feature bits, and how an error and its causes are printed;
+//! and [`fuzz`], the input mutations of the bounded fuzz tests.
 //!
 //! This crate is the bottom of the workspace: it depends on no other
 //! wanmig crate, and every other may depend on it.
 
+pub mod fuzz;
 mod ids;
 pub mod mac;
 
@@ -50,8 +52,15 @@ pub mod features {
     /// After the commit, the source opens a second two-way stream and both
     /// hosts run the network tunnel on it (`wanmig-tunnel`).
     pub const TUNNEL: u64 = 1 << 4;
+    /// A migration whose link fails before its commit may go on over a new
+    /// connection (`Resume`), from what the destination holds.
+    pub const RESUME: u64 = 1 << 5;
+    /// The source may send `Commit` right behind the device state, before
+    /// the destination's `Ready`: the destination then decides (commits, or
+    /// aborts and the source runs on), a round trip less of downtime.
+    pub const EARLY_COMMIT: u64 = 1 << 7;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | EARLY_COMMIT;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -102,7 +111,15 @@ mod tests {
 
     #[test]
     fn features_are_distinct_bits() {
-        let all = [features::XBZRLE, features::ZSTD, features::DISK_COPY, features::SYNC_ONLY, features::TUNNEL];
+        let all = [
+            features::XBZRLE,
+            features::ZSTD,
+            features::DISK_COPY,
+            features::SYNC_ONLY,
+            features::TUNNEL,
+            features::RESUME,
+            features::EARLY_COMMIT,
+        ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));
         assert_eq!(all.iter().map(|f| f.count_ones()).sum::<u32>(), features::ALL.count_ones());

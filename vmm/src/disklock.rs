@@ -50,6 +50,16 @@ impl DiskLock {
     pub fn acquire(path: &Path, write: bool) -> Result<DiskLock, LockError> {
         let io_err = |source| LockError::Io { path: path.into(), source };
         let file = OpenOptions::new().read(true).write(write).open(path).map_err(io_err)?;
+        Self::on_file(file, path, write)
+    }
+
+    /// Locks the image open as `file` (named `path` in messages), as
+    /// [`DiskLock::acquire`] does: for a file opened once and checked, whose
+    /// path may since name something else. `file` must be open for writing
+    /// when `write`. The lock belongs to `file`'s open file description, so
+    /// a duplicate of a descriptor the VM uses holds it for that very image.
+    pub fn on_file(file: File, path: &Path, write: bool) -> Result<DiskLock, LockError> {
+        let io_err = |source| LockError::Io { path: path.into(), source };
         // SAFETY: a zeroed flock is a valid value of this plain C struct.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;

@@ -17,7 +17,10 @@
 //!   loader; [`testguest`]: the built-in guest and its oracle.
 //! - [`cpuid`]: the CPU features a guest sees (and hiding some).
 //! - [`state`] and [`snapshot`]: the on-disk format of saved VMs.
-//! - [`disklock`]: one owner per disk image (OFD locks).
+//! - [`disklock`]: one owner per disk image (OFD locks); [`files`]: opening,
+//!   creating and renaming files without following planted links.
+//! - [`tracking`]: named write-tracking bitmaps per disk that survive a
+//!   clean restart (QEMU's persistent dirty bitmaps), for incremental syncs.
 //! - [`layout`]: the guest's physical and port map.
 //!
 //! It knows nothing about migration: it exposes a VM to drive (memory,
@@ -30,6 +33,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod disklock;
+pub mod files;
 pub mod layout;
 pub mod linux;
 pub mod memory;
@@ -37,6 +41,7 @@ pub mod postcopy;
 pub mod snapshot;
 pub mod state;
 pub mod testguest;
+pub mod tracking;
 pub mod vcpu;
 pub mod vm;
 

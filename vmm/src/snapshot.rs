@@ -8,11 +8,18 @@
 //!
 //! Disk images are not copied: the snapshot names their sizes and expects
 //! the same images, unmodified, at restore.
+//!
+//! A snapshot is written into a directory that holds none yet
+//! ([`SnapshotDir`]): the directory itself may not be a symbolic link, and
+//! every file is created relative to it with `O_EXCL | O_NOFOLLOW` and
+//! renamed with `RENAME_NOREPLACE`, so whoever may ask for a snapshot (a
+//! control-socket client) can neither overwrite a file nor write through a
+//! link someone planted.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
@@ -93,7 +100,11 @@ unsafe fn region_bytes(ram: &GuestRam, start: GuestAddress, len: u64) -> &[u8] {
 /// waiting for stable storage (see [`sync_file`]). Returns the number of
 /// bytes of data written.
 pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> {
-    let file = create_direct(path)?;
+    save_memory_to(ram, &create_direct(path)?)
+}
+
+/// Writes guest RAM to `file` (empty, open for writing) as [`save_memory`] does.
+pub fn save_memory_to(ram: &GuestRam, file: &File) -> Result<u64, MemoryFileError> {
     let mut offset = 0u64;
     let mut written = 0u64;
     for (start, len) in ram.regions() {
@@ -106,14 +117,14 @@ pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> 
             match (run, zero) {
                 (None, false) => run = Some(i),
                 (Some(r), true) => {
-                    written += write_run(&file, bytes, r, i, offset)?;
+                    written += write_run(file, bytes, r, i, offset)?;
                     run = None;
                 }
                 _ => {}
             }
         }
         if let Some(r) = run {
-            written += write_run(&file, bytes, r, bytes.len().div_ceil(PAGE_SIZE as usize), offset)?;
+            written += write_run(file, bytes, r, bytes.len().div_ceil(PAGE_SIZE as usize), offset)?;
         }
         offset += len;
     }
@@ -138,6 +149,102 @@ fn create_direct(path: &Path) -> Result<File, MemoryFileError> {
         Ok(f) => Ok(f),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => opts.open(path).map_err(io("create")),
         Err(e) => Err(io("create")(e)),
+    }
+}
+
+/// Why a snapshot could not be written into its directory.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDirError {
+    /// The directory cannot take a new snapshot.
+    #[error("cannot save a snapshot in {path}: {reason}")]
+    Refused {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Writing a snapshot file failed.
+    #[error("cannot write snapshot file {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A directory being filled with one new snapshot: not a symbolic link,
+/// holding no snapshot file yet; files are created in it exclusively and
+/// renamed without replacing anything.
+#[derive(Debug)]
+pub struct SnapshotDir {
+    dir: File,
+    path: PathBuf,
+}
+
+/// Every name a snapshot (or an interrupted save) leaves in its directory.
+const SNAPSHOT_NAMES: [&str; 4] = [STATE_FILE, MEMORY_FILE, "state.bin.tmp", "memory.bin.partial"];
+
+impl SnapshotDir {
+    /// Creates `path` if missing (its parents too) and opens it, refusing a
+    /// symbolic link, a non-directory, and a directory that already holds a
+    /// snapshot or part of one.
+    pub fn open(path: &Path) -> Result<SnapshotDir, SnapshotDirError> {
+        let refuse = |reason: String| SnapshotDirError::Refused { path: path.into(), reason };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| refuse(format!("cannot create its parent: {e}")))?;
+        }
+        match std::fs::create_dir(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(refuse(format!("cannot create it: {e}"))),
+        }
+        let dir = crate::files::open_dir_nofollow(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR)
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                refuse("it is a symbolic link".into())
+            }
+            Some(libc::ENOTDIR) => refuse("it is not a directory".into()),
+            _ => refuse(e.to_string()),
+        })?;
+        for name in SNAPSHOT_NAMES {
+            if crate::files::exists_at(&dir, name).map_err(|e| refuse(e.to_string()))? {
+                return Err(refuse(format!("it already holds {name} (a snapshot is never overwritten)")));
+            }
+        }
+        Ok(SnapshotDir { dir, path: path.into() })
+    }
+
+    /// Creates file `name` (owner-only), which must not exist; for O_DIRECT
+    /// writes where the filesystem supports them when `direct` (guest RAM
+    /// is page-aligned and written in whole pages: no double buffering of
+    /// gigabytes, nothing left to write back at sync).
+    pub fn create_file(&self, name: &str, direct: bool) -> Result<File, SnapshotDirError> {
+        let err = |source| SnapshotDirError::Write { path: self.path.join(name), source };
+        let file = crate::files::create_new_at(&self.dir, name, 0o600, 0).map_err(err)?;
+        if direct {
+            // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+            unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                // Refused on tmpfs and others: buffered I/O then.
+                let _ = libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT);
+            }
+        }
+        Ok(file)
+    }
+
+    /// Renames `from` to `to` within the directory; `to` must not exist.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), SnapshotDirError> {
+        let (d, f, t) = (Some(&self.dir), Path::new(from), Path::new(to));
+        crate::files::rename_at(d, f, d, t, crate::files::Rename::NoReplace)
+            .map_err(|source| SnapshotDirError::Write { path: self.path.join(to), source })
+    }
+
+    /// Makes the directory's entries durable.
+    pub fn sync(&self) -> Result<(), SnapshotDirError> {
+        self.dir.sync_all().map_err(|source| SnapshotDirError::Write { path: self.path.clone(), source })
     }
 }
 
@@ -275,5 +382,35 @@ mod tests {
         }
         let small = GuestRam::new(32 << 20).expect("map");
         assert!(matches!(load_memory(&small, &path), Err(MemoryFileError::Size { .. })));
+    }
+
+    #[test]
+    fn a_snapshot_never_goes_through_a_link_nor_over_a_file() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().expect("tmp");
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).expect("mkdir");
+        let linked = root.path().join("linked");
+        symlink(&elsewhere, &linked).expect("link");
+        let e = SnapshotDir::open(&linked).expect_err("a symlinked directory");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // A directory with a state file (or a link where one would go) already.
+        let used = root.path().join("used");
+        std::fs::create_dir(&used).expect("mkdir");
+        std::fs::write(used.join(STATE_FILE), b"old").expect("write");
+        let e = SnapshotDir::open(&used).expect_err("holds a snapshot");
+        assert!(e.to_string().contains("already holds state.bin"), "{e}");
+        let planted = root.path().join("planted");
+        std::fs::create_dir(&planted).expect("mkdir");
+        symlink(root.path().join("victim"), planted.join(MEMORY_FILE)).expect("link");
+        assert!(SnapshotDir::open(&planted).is_err(), "a planted link");
+        assert!(!root.path().join("victim").exists());
+        // A fresh directory: files are created once, renamed without replacing.
+        let fresh = SnapshotDir::open(&root.path().join("a/b")).expect("fresh");
+        fresh.create_file("x", true).expect("create");
+        assert!(fresh.create_file("x", false).is_err(), "exclusive");
+        fresh.create_file("y", false).expect("create");
+        assert!(fresh.rename("x", "y").is_err(), "no replace");
+        fresh.rename("x", "z").expect("rename");
     }
 }

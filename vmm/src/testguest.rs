@@ -657,9 +657,68 @@ pub fn check_disk(image: &[u8], status: &GuestStatus) -> Result<u64, OracleError
     Ok(done + landed)
 }
 
+/// Checks a disk image the guest wrote up to some unknown moment (a
+/// replica synced while it ran, or an epoch of one): it must hold exactly
+/// the writes `0..D` for some `D`, with at most [`DISK_QUEUE_DEPTH`] writes
+/// after `D` that may have landed or not, and zeros elsewhere in the
+/// region. `status` gives the guest's disk parameters (blocks, stride,
+/// entropy, pool) — those of a guest booted from the same configuration
+/// serve; its counters are ignored. Returns `D`.
+pub fn check_disk_prefix(image: &[u8], status: &GuestStatus) -> Result<u64, OracleError> {
+    let n = status.disk_blocks;
+    if n == 0 {
+        return Ok(0);
+    }
+    // The newest write the image holds: every block names its write, and
+    // the full check below proves the name right.
+    let newest = image
+        .chunks(BLOCK)
+        .take(n as usize)
+        .filter(|b| b.len() >= 16 && word_at(b, 0) == DISK_MAGIC)
+        .map(|b| word_at(b, 1))
+        .max();
+    let issued = newest.map_or(0, |s| s.saturating_add(1));
+    let mut last = Err(OracleError::Disk { block: 0, done: issued });
+    for done in (issued.saturating_sub(DISK_QUEUE_DEPTH)..=issued).rev() {
+        let s = GuestStatus { disk_done: done, disk_issued: issued, ..*status };
+        match check_disk(image, &s) {
+            Ok(_) => return Ok(done),
+            Err(e) => last = Err(e),
+        }
+    }
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_of_the_guests_writes_is_recognised_and_anything_else_is_not() {
+        let status = GuestStatus { disk_blocks: 64, disk_stride: 5, disk_entropy: 0, ..GuestStatus::default() };
+        let pool = Pool::new(0);
+        let mut image = vec![0u8; 64 * BLOCK + 4096];
+        assert_eq!(check_disk_prefix(&image, &status).expect("nothing written"), 0);
+        // 100 writes (wrapping the 64-block region), the last three in
+        // flight and only one of those landed.
+        for seq in 0..98u64 {
+            let b = block_of(seq, 64, 5) as usize;
+            image[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(&pool, 0, seq, 64, 5));
+        }
+        let b = block_of(99, 64, 5) as usize;
+        image[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(&pool, 0, 99, 64, 5));
+        assert_eq!(check_disk_prefix(&image, &status).expect("a prefix"), 98);
+        // A block from the future, or a damaged one, is no prefix.
+        let mut torn = image.clone();
+        torn[3 * BLOCK + 100] ^= 1;
+        assert!(check_disk_prefix(&torn, &status).is_err());
+        let mut gap = image.clone();
+        let b = block_of(10, 64, 5) as usize;
+        let b2 = block_of(74, 64, 5) as usize;
+        assert_eq!(b, b2);
+        gap[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&disk_block(&pool, 0, 10, 64, 5));
+        assert!(check_disk_prefix(&gap, &status).is_err(), "write 74 lost while 99 landed");
+    }
 
     #[test]
     fn image_matches_the_abi() {

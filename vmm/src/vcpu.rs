@@ -85,6 +85,28 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+#[cfg(test)]
+impl VcpuState {
+    /// A vCPU with zeroed registers and a little of everything else, for
+    /// tests of the state file's decoder.
+    pub(crate) fn for_tests(id: u8) -> Self {
+        VcpuState {
+            id,
+            cpuid: (0..3).map(|f| Pod(kvm_cpuid_entry2 { function: f, eax: 0x806f8, ..Default::default() })).collect(),
+            msrs: vec![(0x10, 12345), (0xc000_0080, 0xd01)],
+            regs: Pod(kvm_regs { rip: 0x10_0000, ..Default::default() }),
+            sregs: Pod(kvm_sregs::default()),
+            xsave: Pod(kvm_xsave::default()),
+            xcrs: Pod(kvm_xcrs::default()),
+            debugregs: Pod(kvm_debugregs::default()),
+            lapic: Pod(kvm_lapic_state::default()),
+            mp_state: Pod(kvm_mp_state::default()),
+            events: Pod(kvm_vcpu_events::default()),
+            tsc_khz: Some(2_000_000),
+        }
+    }
+}
+
 /// MSRs that change with wall-clock time while a vCPU is stopped.
 const TIME_MSRS: [u32; 1] = [0x10 /* IA32_TSC */];
 /// LAPIC timer current-count register: computed from the host clock.

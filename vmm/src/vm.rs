@@ -126,6 +126,20 @@ pub enum VmError {
     /// A disk image is in use (or could not be locked).
     #[error(transparent)]
     DiskLock(#[from] crate::disklock::LockError),
+    /// Pre-opened disk images do not match the configured disks.
+    #[error("{given} pre-opened disk image(s) for {configured} configured disk(s)")]
+    DiskFiles {
+        /// Files given.
+        given: usize,
+        /// Disks configured.
+        configured: usize,
+    },
+    /// The snapshot could not be written into its directory.
+    #[error(transparent)]
+    SnapshotDir(#[from] snapshot::SnapshotDirError),
+    /// A disk's write-tracking maps could not be used or saved.
+    #[error(transparent)]
+    Tracking(#[from] crate::tracking::TrackingError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -169,6 +183,13 @@ pub struct Vm {
     disk_logs: Vec<Arc<DiskWriteLog>>,
     /// One lock per disk image while this process owns the images.
     disk_locks: Vec<crate::disklock::DiskLock>,
+    /// A descriptor of each disk image the devices use (sharing their open
+    /// file description): locks and flushes go to the very files the guest
+    /// writes, whatever their paths now name.
+    disk_files: Vec<File>,
+    /// Whether the disks' write-tracking maps are loaded from and saved to
+    /// the files beside the images (while this process owns them).
+    tracking_attached: bool,
     nics: Vec<Nic>,
     rx_threads: Vec<RxThread>,
     /// Set on a restored or received VM: its first resume announces its
@@ -221,7 +242,13 @@ fn lock_all(config: &VmConfig) -> Result<Vec<crate::disklock::DiskLock>, VmError
     Ok(locks.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn open_disks(config: &VmConfig) -> Result<Vec<File>, VmError> {
+fn open_disks(config: &VmConfig, given: Option<Vec<File>>) -> Result<Vec<File>, VmError> {
+    if let Some(files) = given {
+        if files.len() != config.disks.len() {
+            return Err(VmError::DiskFiles { given: files.len(), configured: config.disks.len() });
+        }
+        return Ok(files);
+    }
     config
         .disks
         .iter()
@@ -243,6 +270,7 @@ impl Vm {
         saved: Option<&VmState>,
         ram: Option<GuestRam>,
         own_disks: bool,
+        disk_files: Option<Vec<File>>,
     ) -> Result<Self, VmError> {
         // Before anything is built: a VM that cannot own its disks fails
         // here, naming who has them.
@@ -275,9 +303,11 @@ impl Vm {
         };
         let mut virtio = Vec::new();
         let mut disk_logs = Vec::new();
-        for (slot, (file, disk)) in open_disks(config)?.into_iter().zip(&config.disks).enumerate() {
+        let mut kept = Vec::new();
+        for (slot, (file, disk)) in open_disks(config, disk_files)?.into_iter().zip(&config.disks).enumerate() {
             let id = format!("{}-disk{slot}", config.name);
             let block_err = |source| VmError::Block { path: disk.path.clone(), source };
+            kept.push(file.try_clone().map_err(|source| VmError::Disk { path: disk.path.clone(), source })?);
             let irq = irqfd(layout::VIRTIO_IRQ_BASE + slot as u32)?;
             let transport = match saved.map(|s| &s.virtio[slot]) {
                 None => {
@@ -339,6 +369,8 @@ impl Vm {
             devices,
             disk_logs,
             disk_locks,
+            disk_files: kept,
+            tracking_attached: false,
             nics,
             rx_threads: Vec::new(),
             announce: saved.is_some(),
@@ -360,13 +392,16 @@ impl Vm {
         }
         // The CPUID decides which MSRs exist: probe after it is set.
         vm.msr_indices = vcpu::readable_msrs(&vm.kvm, &lock(&vm.vcpus[0]))?;
+        if own_disks {
+            vm.attach_tracking();
+        }
         Ok(vm)
     }
 
     /// Creates a VM, writes its ACPI tables and loads its guest, ready to
     /// run (paused).
     pub fn boot(config: &VmConfig) -> Result<Self, VmError> {
-        let mut vm = Self::build(config, None, None, true)?;
+        let mut vm = Self::build(config, None, None, true, None)?;
         // Every guest gets the tables: Linux finds its virtio-mmio devices
         // there, the test guest its power registers.
         let rsdp = acpi::write_tables(vm.ram.mem(), &vm.acpi_spec())?;
@@ -393,14 +428,24 @@ impl Vm {
     pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmError> {
         let state: VmState = crate::state::read_file(&dir.join(snapshot::STATE_FILE))?;
         check_shape(config, &state)?;
-        let vm = Self::build(config, Some(&state), None, true)?;
+        let vm = Self::build(config, Some(&state), None, true, None)?;
         snapshot::load_memory(&vm.ram, &dir.join(snapshot::MEMORY_FILE))?;
         vm.spawn_threads()
     }
 
     /// Creates a VM, paused, from RAM filled by a migration and the state
-    /// that ended it. The configuration supplies host resources.
-    pub fn from_incoming(config: &VmConfig, ram: GuestRam, state: &VmState) -> Result<Self, VmError> {
+    /// that ended it. The configuration supplies host resources. With
+    /// `disks`, the images are these already open files (one per configured
+    /// disk, in order, opened with the access the disk needs) and their
+    /// configured paths are only names: whoever checked the files when it
+    /// opened them need not trust the paths again. Its disks are not locked
+    /// until [`Vm::lock_disks`].
+    pub fn from_incoming(
+        config: &VmConfig,
+        ram: GuestRam,
+        state: &VmState,
+        disks: Option<Vec<File>>,
+    ) -> Result<Self, VmError> {
         check_shape(config, state)?;
         if ram.size() != config.memory_bytes() {
             return Err(VmError::Shape(format!(
@@ -409,7 +454,7 @@ impl Vm {
                 config.memory_bytes()
             )));
         }
-        Self::build(config, Some(state), Some(ram), false)?.spawn_threads()
+        Self::build(config, Some(state), Some(ram), false, disks)?.spawn_threads()
     }
 
     /// Takes this VM's disk images (an exclusive lock on each writable one,
@@ -418,14 +463,25 @@ impl Vm {
     /// that failed once it had let go.
     pub fn lock_disks(&mut self) -> Result<(), VmError> {
         if self.disk_locks.is_empty() {
-            self.disk_locks = lock_all(&self.config)?;
+            // The files the devices use, not whatever the paths name now.
+            let mut locks = Vec::new();
+            for (file, d) in self.disk_files.iter().zip(&self.config.disks) {
+                let dup = file.try_clone().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
+                locks.push(crate::disklock::DiskLock::on_file(dup, &d.path, !d.read_only)?);
+            }
+            self.disk_locks = locks;
         }
+        self.attach_tracking();
         Ok(())
     }
 
     /// Lets go of the disk images (just before a migration's commit: the
-    /// destination may open the same images on shared storage).
+    /// destination may open the same images on shared storage), saving
+    /// their write-tracking maps first, while they are still ours.
     pub fn unlock_disks(&mut self) {
+        if let Err(e) = self.save_tracking() {
+            eprintln!("wanmig: {}", wanmig_types::error_chain(&e));
+        }
         self.disk_locks.clear();
     }
 
@@ -673,38 +729,40 @@ impl Vm {
     /// Flushes every writable disk image to stable storage (before a
     /// snapshot, and before a migration hands the disks over).
     pub fn sync_disks(&self) -> Result<(), VmError> {
-        for d in self.config.disks.iter().filter(|d| !d.read_only) {
-            let disk_err = |source| VmError::Disk { path: d.path.clone(), source };
-            File::open(&d.path).and_then(|f| f.sync_all()).map_err(disk_err)?;
+        for (file, d) in self.disk_files.iter().zip(&self.config.disks).filter(|(_, d)| !d.read_only) {
+            file.sync_all().map_err(|source| VmError::Disk { path: d.path.clone(), source })?;
         }
         Ok(())
     }
 
-    /// Saves the paused VM into `dir` (created if missing). RAM goes first,
-    /// to a temporary name, synced and renamed; the state file is written
-    /// last and marks the snapshot complete, so a failure part-way never
-    /// leaves a state file beside a partial memory file.
+    /// Saves the paused VM into `dir` (created if missing), which must be
+    /// a directory, not a symbolic link, and hold no snapshot (nor the
+    /// pieces of one) yet: a snapshot never replaces a file, and no file is
+    /// created through a link (see [`snapshot::SnapshotDir`]). RAM goes
+    /// first, to a temporary name, synced and renamed; the state file is
+    /// written last and marks the snapshot complete, so a failure part-way
+    /// never leaves a state file beside a partial memory file.
     pub fn save(&self, dir: &Path) -> Result<SaveReport, VmError> {
         let t0 = Instant::now();
         let state = self.save_state()?;
         lock(&self.devices.serial).flush();
         self.sync_disks()?;
-        let io = |e| VmError::State(crate::state::StateError::Io(e));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        // An older snapshot here stops being one from this moment.
-        match std::fs::remove_file(dir.join(snapshot::STATE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
+        let d = snapshot::SnapshotDir::open(dir)?;
         let t1 = Instant::now();
-        let partial = dir.join(format!("{}.partial", snapshot::MEMORY_FILE));
-        let memory_bytes = snapshot::save_memory(&self.ram, &partial)?;
+        let partial = format!("{}.partial", snapshot::MEMORY_FILE);
+        let file = d.create_file(&partial, true)?;
+        let memory_bytes = snapshot::save_memory_to(&self.ram, &file)?;
         let t2 = Instant::now();
-        snapshot::sync_file(&partial)?;
-        std::fs::rename(&partial, dir.join(snapshot::MEMORY_FILE)).map_err(io)?;
+        file.sync_all().map_err(|source| snapshot::SnapshotDirError::Write { path: dir.join(&partial), source })?;
+        d.rename(&partial, snapshot::MEMORY_FILE)?;
         let t3 = Instant::now();
-        crate::state::write_file(&dir.join(snapshot::STATE_FILE), &state)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let tmp = format!("{}.tmp", snapshot::STATE_FILE);
+        let mut file = d.create_file(&tmp, false)?;
+        let write =
+            |f: &mut File| std::io::Write::write_all(f, &crate::state::encode(&state)).and_then(|()| f.sync_all());
+        write(&mut file).map_err(|source| snapshot::SnapshotDirError::Write { path: dir.join(&tmp), source })?;
+        d.rename(&tmp, snapshot::STATE_FILE)?;
+        d.sync()?;
         Ok(SaveReport {
             state_ms: ((t1 - t0) + t3.elapsed()).as_secs_f64() * 1e3,
             memory_ms: (t2 - t1).as_secs_f64() * 1e3,
@@ -848,6 +906,11 @@ impl Drop for Vm {
             let _ = t.join();
         }
         lock(&self.devices.serial).flush();
+        // No vCPU runs: the maps hold every write. A crash never gets here,
+        // and leaves them marked in use.
+        if let Err(e) = self.save_tracking() {
+            eprintln!("wanmig: {}", wanmig_types::error_chain(&e));
+        }
     }
 }
 
@@ -863,6 +926,75 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
+    }
+}
+
+/// Write tracking: named maps of the blocks each disk's guest wrote
+/// ([`crate::tracking`]), kept beside the images while this process owns
+/// them.
+impl Vm {
+    /// Loads each writable disk's maps from beside its image and marks the
+    /// file in use. A file that cannot be written leaves the maps loaded
+    /// (as the file vouched for them) and a note on the disk.
+    fn attach_tracking(&mut self) {
+        if self.tracking_attached {
+            return;
+        }
+        for ((d, log), file) in self.config.disks.iter().zip(&self.disk_logs).zip(&self.disk_files) {
+            if d.read_only {
+                continue;
+            }
+            if let Err(e) = crate::tracking::attach(&d.path, file, log.tracking()) {
+                log.tracking()
+                    .add_note(format!("cannot keep the maps beside the image: {}", wanmig_types::error_chain(&e)));
+            }
+        }
+        self.tracking_attached = true;
+    }
+
+    /// Saves each writable disk's maps beside its image, "in use" clear
+    /// (the VM must not be writing: paused, or stopped). Done when the
+    /// process lets go of its disks (a migration's commit) and when the
+    /// VM is dropped; afterwards nothing is saved again until the disks
+    /// are taken back.
+    pub fn save_tracking(&mut self) -> Result<(), VmError> {
+        if !std::mem::take(&mut self.tracking_attached) {
+            return Ok(());
+        }
+        let mut first = Ok(());
+        for ((d, log), file) in self.config.disks.iter().zip(&self.disk_logs).zip(&self.disk_files) {
+            if !d.read_only
+                && let Err(e) = crate::tracking::save(&d.path, file, log.tracking())
+                && first.is_ok()
+            {
+                first = Err(e.into());
+            }
+        }
+        first
+    }
+
+    /// The named write-tracking maps of disk `disk` (in configuration order).
+    pub fn disk_tracking(&self, disk: usize) -> Option<&crate::tracking::NamedMaps> {
+        self.disk_logs.get(disk).map(|l| l.tracking())
+    }
+
+    /// The blocks of disk `disk` written since map `name` was last reset
+    /// or synced (bit i = bytes `[4096 i, 4096 (i + 1))`); `None` when
+    /// unknown or invalid: compare digests instead.
+    pub fn tracked_writes(&self, disk: usize, name: &str) -> Option<Vec<u64>> {
+        self.disk_tracking(disk)?.tracked_writes(name)
+    }
+
+    /// Adds map `name` to disk `disk` (invalid until reset or synced).
+    pub fn add_tracking(&self, disk: usize, name: &str) -> Result<(), VmError> {
+        let maps = self.disk_tracking(disk).ok_or(VmError::WrongState("without that disk"))?;
+        Ok(maps.add(name)?)
+    }
+
+    /// Clears map `name` of disk `disk` and declares it valid (the other
+    /// side holds the image as it is now); whether it exists.
+    pub fn reset_tracking(&self, disk: usize, name: &str) -> bool {
+        self.disk_tracking(disk).is_some_and(|m| m.reset(name))
     }
 }
 
@@ -905,6 +1037,68 @@ mod tests {
                 MmioTransport::new(device, irq(), ram.mem().clone()).save()
             })
             .collect()
+    }
+
+    /// A VM's state with two vCPUs, a disk and a NIC.
+    fn sample_state() -> VmState {
+        use kvm_bindings::{kvm_clock_data, kvm_pit_state2};
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        VmState {
+            name: "t".into(),
+            memory: layout::ram_regions(16 << 20).into_iter().map(|(a, l)| (a.0, l)).collect(),
+            vcpus: vec![vcpu::VcpuState::for_tests(0), vcpu::VcpuState::for_tests(1)],
+            irqchips: (0..3).map(|_| Pod(kvm_irqchip::default())).collect(),
+            pit: Pod(kvm_pit_state2::default()),
+            clock: Pod(kvm_clock_data::default()),
+            serial: SerialConsole::new(irq, Box::new(std::io::sink())).save(),
+            virtio: saved(&[None, Some(MAC)]),
+        }
+    }
+
+    /// A state container around `payload`, with a right checksum.
+    fn seal(payload: &[u8]) -> Vec<u8> {
+        let mut out = crate::state::STATE_MAGIC.to_vec();
+        out.extend_from_slice(&crate::state::STATE_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(payload);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Bounded fuzzing of the state file decoder on stable: a real
+        /// state's payload with a few edits and a right checksum (so the
+        /// edits reach the payload decoder: every vCPU, chip, device and
+        /// queue field, and the exact-length KVM structures), and the whole
+        /// container with edits. It decodes or is refused; never a panic.
+        #[test]
+        fn edited_state_files_decode_or_are_refused(
+            edits in proptest::collection::vec((proptest::prelude::any::<u8>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let good = crate::state::encode(&sample_state());
+            let payload = &good[20..good.len() - 32];
+            let edited = wanmig_types::fuzz::mutate(payload, &edits);
+            if let Ok(s) = crate::state::decode::<VmState>(&seal(&edited)) {
+                // What decodes is checked against a VM before it is used.
+                let _ = check_shape(&config(1, &[MAC]), &s);
+                let _ = check_devices(&config(1, &[MAC]), &s.virtio);
+            }
+            let _ = crate::state::decode::<VmState>(&wanmig_types::fuzz::mutate(&good, &edits));
+        }
+    }
+
+    #[test]
+    fn the_sample_state_round_trips() {
+        let s = sample_state();
+        let back: VmState = crate::state::decode(&crate::state::encode(&s)).expect("decode");
+        assert_eq!(back, s);
+        let good = crate::state::encode(&s);
+        let payload = &good[20..good.len() - 32];
+        assert_eq!(seal(payload), good, "seal() frames a payload as encode() does");
+        assert!(crate::state::decode::<VmState>(&seal(&payload[..payload.len() - 1])).is_err(), "a payload cut short");
     }
 
     fn refusal(config: &VmConfig, saved: &[MmioSnapshot]) -> String {

@@ -118,7 +118,7 @@ fn a_test_guest_runs_on_ram_that_arrives_by_post_copy_and_passes_its_oracle() {
 
     // Build the VM on the missing RAM (loading device state may fault too)
     // and run it.
-    let mut vm = Vm::from_incoming(&cfg, ram, &state).expect("build the VM on post-copy RAM");
+    let mut vm = Vm::from_incoming(&cfg, ram, &state, None).expect("build the VM on post-copy RAM");
     let while_building = pc.stats().faults;
     // A VMM thread (this one) reads the status page before the guest runs:
     // a user-mode fault, served like the vCPU's.

@@ -10,17 +10,22 @@
 pub mod codec;
 pub mod disk;
 pub mod message;
+pub mod resume;
 pub mod session;
 
 pub use codec::DecodeError;
 pub use disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, ManifestChunk, Need};
 pub use message::{DiskInfo, Message, NicInfo, PageData, PageRef, Pages, PagesBuilder, VmShape, features, frame_len};
+pub use resume::{DiskPoint, ResumePoint};
 pub use session::{
-    DestAction, DestSession, FailureOutcome, ProtocolError, Settlement, SourceEvent, SourceSession, Stream, stream_of,
+    DestAction, DestSession, FailureOutcome, ProtocolError, Rewind, Settlement, SourceEvent, SourceSession, Stream,
+    stream_of,
 };
 
 /// ALPN protocol id of this protocol version on QUIC.
 pub const ALPN: &[u8] = b"wanmig/1";
 
+#[cfg(test)]
+mod fuzz_tests;
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,8 @@
 //! | 20 | `TunnelKeepalive`: nothing to carry, the tunnel lives | either way |
 //! | 21 | `SettleQuery`: did this migration commit here? | source → destination |
 //! | 22 | `SettleAnswer`: committed, not committed, or unknown | destination → source |
+//! | 23 | `Resume`: take migration X up again on this connection | source → destination |
+//! | 24 | `Resumed`: what the destination holds ([`crate::resume`]) | destination → source |
 //!
 //! Control-stream messages: 1–3 and 7–14. Bulk-stream messages: 4–6 and 15–17;
 //! a `Compressed` decodes to the body (type byte included) of 4, 15 or 16.
@@ -39,6 +41,7 @@
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::disk::{Chunk, ChunkParams, DiskDone, DiskWrites, Manifest, Need};
+use crate::resume::ResumePoint;
 
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 3;
@@ -326,6 +329,8 @@ pub enum Message {
         shape: VmShape,
         /// How the source proposes to cut disk images.
         chunking: ChunkParams,
+        /// A secret of this migration's two ends: a `Resume` must carry it.
+        resume_secret: [u8; 32],
     },
     /// The destination will host the VM with these features.
     Accept {
@@ -419,6 +424,16 @@ pub enum Message {
         /// What became of it here.
         outcome: Settlement,
     },
+    /// Resumes migration `migration_id` on this new connection (its first
+    /// message, instead of `Hello`).
+    Resume {
+        /// The migration.
+        migration_id: MigrationId,
+        /// The secret of its hello.
+        secret: [u8; 32],
+    },
+    /// The destination takes the migration up again from this point.
+    Resumed(ResumePoint),
 }
 
 /// Reads a frame header: the body length, checked against [`MAX_FRAME`].
@@ -435,7 +450,7 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer { buf: vec![0; 4] };
         match self {
-            Message::Hello { version, features, page_size, migration_id, shape, chunking } => {
+            Message::Hello { version, features, page_size, migration_id, shape, chunking, resume_secret } => {
                 w.u8(1);
                 w.u16(*version);
                 w.u64(*features);
@@ -467,6 +482,7 @@ impl Message {
                     }
                 }
                 chunking.write(&mut w);
+                w.bytes(resume_secret);
             }
             Message::Accept { features, chunking } => {
                 w.u8(2);
@@ -552,6 +568,15 @@ impl Message {
                     Settlement::Unknown => 3,
                 });
             }
+            Message::Resume { migration_id, secret } => {
+                w.u8(23);
+                w.bytes(&migration_id.0);
+                w.bytes(secret);
+            }
+            Message::Resumed(point) => {
+                w.u8(24);
+                point.write(&mut w);
+            }
         }
         let body = u32::try_from(w.buf.len() - 4).expect("frames are far below 4 GiB");
         w.buf[..4].copy_from_slice(&body.to_le_bytes());
@@ -622,6 +647,7 @@ impl Message {
                     migration_id,
                     shape: VmShape { name, memory, vcpus, disks, nics },
                     chunking: ChunkParams::read(&mut r)?,
+                    resume_secret: r.bytes("resume secret", 32)?.try_into().expect("32 bytes read"),
                 }
             }
             2 => Message::Accept { features: r.u64("features")?, chunking: ChunkParams::read(&mut r)? },
@@ -695,6 +721,11 @@ impl Message {
                     tag => return Err(DecodeError::UnknownTag { what: "settlement", tag: tag.into() }),
                 },
             },
+            23 => Message::Resume {
+                migration_id: MigrationId(r.id16("migration id")?),
+                secret: r.bytes("resume secret", 32)?.try_into().expect("32 bytes read"),
+            },
+            24 => Message::Resumed(ResumePoint::read(&mut r, MAX_DISKS)?),
             tag => return Err(DecodeError::UnknownTag { what: "message type", tag: tag.into() }),
         };
         r.finish()?;
@@ -736,6 +767,8 @@ impl Message {
             Message::TunnelKeepalive => "TunnelKeepalive",
             Message::SettleQuery { .. } => "SettleQuery",
             Message::SettleAnswer { .. } => "SettleAnswer",
+            Message::Resume { .. } => "Resume",
+            Message::Resumed(_) => "Resumed",
         }
     }
 }

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use crate::message::{
     MAX_BATCH_PAGES, MAX_FRAME, MAX_NICS, MAX_TUNNEL_PACKET, MIN_TUNNEL_PACKET, PAGE_SIZE, PROTOCOL_VERSION,
 };
+use crate::resume::{DiskPoint, ResumePoint};
 use crate::*;
 use wanmig_types::{ChunkId, MigrationId};
 
@@ -55,6 +56,7 @@ pub(crate) fn hello(version: u16) -> Message {
         migration_id: MigrationId([0; 16]),
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
+        resume_secret: [7; 32],
     }
 }
 
@@ -76,6 +78,7 @@ pub(crate) fn samples() -> Vec<Message> {
             migration_id: MigrationId([9; 16]),
             shape: shape(),
             chunking: ChunkParams::DEFAULT,
+            resume_secret: [7; 32],
         },
         Message::Accept { features: features::ZSTD, chunking: ChunkParams::DEFAULT },
         Message::Refuse { reason: "no room".into() },
@@ -98,6 +101,15 @@ pub(crate) fn samples() -> Vec<Message> {
         Message::TunnelKeepalive,
         Message::SettleQuery { migration_id: MigrationId([4; 16]) },
         Message::SettleAnswer { migration_id: MigrationId([4; 16]), outcome: Settlement::NotCommitted },
+        Message::Resume { migration_id: MigrationId([4; 16]), secret: [9; 32] },
+        Message::Resumed(ResumePoint {
+            round: 7,
+            received: vec![
+                wanmig_types::PageRange { first: 3, count: 2 },
+                wanmig_types::PageRange { first: 900, count: 1 },
+            ],
+            disks: vec![DiskPoint { next_seq: 2, next_offset: 16 << 20 }],
+        }),
     ]
 }
 

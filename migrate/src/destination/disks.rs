@@ -1,7 +1,7 @@
 //! The destination's half of disk migration: where the images are
 //! assembled and what is written into them. What may arrive when (manifest
-//! order, chunks asked for, nothing after a disk's digest) the session
-//! machine has already checked.
+//! order, chunks asked for, nothing after a disk's digest, the chunk quota)
+//! the session machine has already checked.
 //!
 //! Each disk is assembled in `<disk-dir>/<name>.<attempt>.incoming`
 //! (the attempt named by the migration id), created sparse:
@@ -10,35 +10,109 @@
 //! store), written extents follow. Before `Ready`, every image must match
 //! the digest the source sent at pause. Only after `Commit` does an image
 //! take its final name; a failed attempt removes what it created.
+//!
+//! # The final name
+//!
+//! Admission reserves each final name before anything moves: it creates
+//! an empty file there (`O_EXCL`, so a second `receive` sharing the
+//! directory, or anyone else, finds it taken), or, for a replica a `sync`
+//! left, takes the existing image. Either way it holds an exclusive lock on
+//! that file and remembers its identity (device, inode). The commit
+//! installs with `renameat2(RENAME_EXCHANGE)` of the incoming image and the
+//! reservation, checks that what came out is the reservation it made (or
+//! swaps back and fails), and removes it: the final name is never free in
+//! between, so nothing that appeared there meanwhile can be replaced, and
+//! the name never shows anything but the reservation or the new image.
+//!
+//! # Replicas
+//!
+//! A replica left by `sync` carries a marker `NAME.replica` that binds it to
+//! the VM's name and the fingerprint of the source key that sent it: only
+//! that VM, from that source, may replace it. A crash may leave a replica
+//! without its marker (it is then refused like any foreign image, never
+//! overwritten: an operator removes it), never a marker on something else:
+//! a sync writes the new marker under a temporary name, exchanges the
+//! image, then renames the marker into place (the old marker, if any, said
+//! the same); a migration onto a replica removes the marker first and then
+//! exchanges the image.
+//!
+//! # Chunks
+//!
+//! Every manifest's chunk ids go under an expiring root of the attempt
+//! (`attempt/VM/ID`, 24 hours) before they are answered, so that gc keeps
+//! them (those the store had and those that arrive) while the attempt runs
+//! and, if it fails, for a retry to reuse; the commit replaces that root
+//! with each image's own (`VM/diskN`). The store's chunking parameters are
+//! recorded with the first chunk kept, not at the hello.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use wanmig_block_sync::ImageWriter;
 use wanmig_dedup::{ChunkId, ChunkStore, Put, StoreError};
-use wanmig_wire::{Chunk, DiskDone, DiskInfo, DiskWrites, Manifest};
+use wanmig_vmm::disklock::DiskLock;
+use wanmig_vmm::files::{self, Rename};
+use wanmig_wire::{Chunk, ChunkParams, DiskDone, DiskInfo, DiskPoint, DiskWrites, Manifest};
 
 use super::error::ReceiveError;
+use crate::journal::{FileId, ImageRecord};
 
 /// Suffix of an image being received.
 pub const INCOMING: &str = "incoming";
 /// Largest disk this host copies: the digest keeps 33 bytes per 64 KiB
 /// (2.2 GB of memory for 4 TiB).
 pub const MAX_DISK_BYTES: u64 = 4 << 40;
+/// Suffix of the marker that says an image is a replica kept by `sync`
+/// (which a later sync or migration of the same VM from the same source
+/// may replace).
+pub const REPLICA: &str = "replica";
+/// How long the chunks of an attempt stay in the store under its own root
+/// if it never completes: a retry within this reuses them.
+pub const ATTEMPT_ROOT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Where attempt `attempt` assembles the image that goes to `path`.
 pub fn incoming(path: &Path, attempt: &str) -> PathBuf {
     with_suffix(&with_suffix(path, attempt), INCOMING)
 }
 
-/// What a replica marker of VM `vm` says.
-fn marker_text(vm: &str) -> String {
-    format!("a replica of VM {vm} kept by `wanmig sync`; a later sync or migration of that VM replaces it\n")
+/// Whom a replica belongs to: a VM, as sent by one source key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The VM's name.
+    pub vm: String,
+    /// The fingerprint of the source's key ("unknown" without one).
+    pub source: String,
 }
-/// Suffix of the marker that says an image is a replica kept by `sync`
-/// (which a later sync or migration may replace).
-pub const REPLICA: &str = "replica";
+
+impl Binding {
+    /// What a replica marker of this VM from this source says.
+    fn marker_text(&self) -> String {
+        format!(
+            "a replica of VM {} from the source whose key is {}, kept by `wanmig sync`; \
+             a later sync or migration of that VM from that source replaces it\n",
+            self.vm, self.source
+        )
+    }
+
+    /// Whether the image at `path` is a replica of this VM from this source.
+    fn owns_replica(&self, path: &Path) -> bool {
+        std::fs::read_to_string(with_suffix(path, REPLICA)).is_ok_and(|m| m == self.marker_text())
+    }
+}
+
+/// What holds an image's final name until the commit.
+#[derive(Debug)]
+struct Reservation {
+    /// The exclusive lock on it (on its own open file).
+    _lock: DiskLock,
+    id: FileId,
+    /// An existing replica (kept if the attempt fails), not an empty file
+    /// of ours.
+    replica: bool,
+}
 
 /// One disk being received.
 #[derive(Debug)]
@@ -46,10 +120,14 @@ struct DestDisk {
     image: ImageWriter,
     /// Where it goes once committed.
     path: PathBuf,
+    reservation: Reservation,
     /// The first copy's chunk ids, for the store's root.
     ids: Vec<ChunkId>,
-    /// Digest checked (`DiskDone` received and matched).
-    verified: bool,
+    /// Where each manifest part started, and how many ids came before it
+    /// (to go back to a part after a resume).
+    parts: Vec<(u64, usize)>,
+    /// The digest the source sent, once the image matched it.
+    verified: Option<[u8; 32]>,
 }
 
 /// What the destination counted.
@@ -68,10 +146,21 @@ pub struct DestStats {
 pub struct DestDisks {
     disks: Vec<DestDisk>,
     store: Arc<ChunkStore>,
-    vm_name: String,
+    binding: Binding,
+    attempt: String,
+    /// The chunking parameters to record with the first chunk kept (a
+    /// store filled for the first time).
+    record_chunking: Option<ChunkParams>,
+    /// Chunk bytes received since the store last committed.
+    uncommitted: u64,
     /// What happened.
     pub stats: DestStats,
 }
+
+/// Chunk bytes received between two commits of the store during the first
+/// copy: what a crash of this process (or of the host) loses, and a retry
+/// sends again.
+pub const COMMIT_EVERY: u64 = 4 << 20;
 
 fn bad(msg: String) -> ReceiveError {
     ReceiveError::BadInput(msg)
@@ -87,23 +176,14 @@ fn store_err(e: StoreError) -> ReceiveError {
 
 /// Where the image of a source disk goes under `dir`: its file name, which
 /// must be a plain name (no path of the source's choosing is honoured).
-pub fn image_path(dir: &Path, disk: &DiskInfo, vm: &str) -> Result<PathBuf, String> {
+/// Whether the name is free is decided when it is reserved.
+pub fn image_path(dir: &Path, disk: &DiskInfo) -> Result<PathBuf, String> {
     let name = Path::new(&disk.path).file_name().and_then(|n| n.to_str()).unwrap_or("");
     let plain = !name.is_empty() && name != "." && name != ".." && !name.starts_with('.');
-    if !plain || name.ends_with(INCOMING) || name.ends_with(REPLICA) {
+    if !plain || name.ends_with(INCOMING) || name.ends_with(REPLICA) || name.ends_with(".tmp") {
         return Err(format!("disk {:?} has no usable file name", disk.path));
     }
-    let path = dir.join(name);
-    if path.exists() {
-        let marker = std::fs::read_to_string(with_suffix(&path, REPLICA)).unwrap_or_default();
-        if marker != marker_text(vm) {
-            return Err(format!(
-                "disk image {} already exists here (and is not a replica of VM {vm} from `wanmig sync`)",
-                path.display()
-            ));
-        }
-    }
-    Ok(path)
+    Ok(dir.join(name))
 }
 
 /// `path` with `.suffix` appended.
@@ -114,22 +194,101 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+fn parent(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Reserves `path` for an attempt of `binding` (see the module docs); the
+/// error is the refusal's reason.
+fn reserve(path: &Path, binding: &Binding) -> Result<Reservation, String> {
+    let dir = files::open_dir_nofollow(parent(path)).map_err(|e| format!("{}: {e}", parent(path).display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| format!("{}: no file name", path.display()))?;
+    let taken = |why: &str| format!("disk image {} already exists here ({why})", path.display());
+    match files::create_new_at(&dir, name, 0o600, 0) {
+        Ok(file) => {
+            let id = FileId::of(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+            // Open for reading too: an OFD write lock needs a writable file only.
+            let lock = DiskLock::on_file(file, path, true).map_err(|e| e.to_string())?;
+            let _ = dir.sync_all();
+            Ok(Reservation { _lock: lock, id, replica: false })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            if !binding.owns_replica(path) {
+                return Err(taken(&format!(
+                    "and is not a replica of VM {} from this source left by `wanmig sync`",
+                    binding.vm
+                )));
+            }
+            let file = files::open_beneath(&dir, Path::new(name), true).map_err(|e| taken(&e.to_string()))?;
+            let id = FileId::of(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+            // A replica something runs (`dr test`, say) is not replaced.
+            let lock = DiskLock::on_file(file, path, true).map_err(|e| e.to_string())?;
+            Ok(Reservation { _lock: lock, id, replica: true })
+        }
+        Err(e) => Err(format!("cannot reserve {}: {e}", path.display())),
+    }
+}
+
 impl DestDisks {
-    /// Creates the incoming images (sparse) for `disks` at `paths`.
+    /// Reserves the final names `paths` of `disks` for `binding` and
+    /// creates their incoming images (sparse). `record_chunking`: the
+    /// parameters to record in the store with the first chunk (a new store).
+    /// An error is a reason to refuse the VM.
     pub fn create(
-        vm_name: &str,
         disks: &[DiskInfo],
         paths: &[PathBuf],
         store: Arc<ChunkStore>,
         attempt: &str,
-    ) -> Result<Self, ReceiveError> {
-        let mut out = DestDisks { disks: Vec::new(), store, vm_name: vm_name.into(), stats: DestStats::default() };
+        binding: Binding,
+        record_chunking: Option<ChunkParams>,
+    ) -> Result<Self, String> {
+        let mut out = DestDisks {
+            disks: Vec::new(),
+            store,
+            attempt: attempt.into(),
+            binding,
+            record_chunking,
+            uncommitted: 0,
+            stats: DestStats::default(),
+        };
         for (d, path) in disks.iter().zip(paths) {
+            // What this attempt creates is removed (on drop) if a later one fails.
+            let reservation = reserve(path, &out.binding)?;
             let incoming = incoming(path, attempt);
-            let image = ImageWriter::create(&incoming, d.size).map_err(|e| disk_io(&incoming, "cannot create", e))?;
-            out.disks.push(DestDisk { image, path: path.clone(), ids: Vec::new(), verified: false });
+            let image = match ImageWriter::create(&incoming, d.size) {
+                Ok(i) => i,
+                Err(e) => {
+                    unreserve(path, &reservation);
+                    return Err(format!("cannot create {}: {e}", incoming.display()));
+                }
+            };
+            out.disks.push(DestDisk {
+                image,
+                path: path.clone(),
+                reservation,
+                ids: Vec::new(),
+                parts: Vec::new(),
+                verified: None,
+            });
         }
         Ok(out)
+    }
+
+    /// The images as the journal records them.
+    pub fn records(&self) -> Vec<ImageRecord> {
+        self.disks
+            .iter()
+            .map(|d| ImageRecord {
+                incoming: d.image.path().into(),
+                path: d.path.clone(),
+                reservation: Some(d.reservation.id),
+                replica: d.reservation.replica,
+            })
+            .collect()
+    }
+
+    fn root(&self) -> String {
+        format!("attempt/{}/{}", self.binding.vm, self.attempt)
     }
 
     fn disk(&mut self, index: u8) -> Result<&mut DestDisk, ReceiveError> {
@@ -138,12 +297,15 @@ impl DestDisks {
     }
 
     /// A manifest part (in its place, within the image: checked by the
-    /// session): copies what the store holds; returns the indices of the
-    /// chunks to ask the source for.
+    /// session): puts its ids under the attempt's root, copies what the
+    /// store holds; returns the indices of the chunks to ask the source for.
     pub fn on_manifest(&mut self, m: &Manifest) -> Result<Vec<u32>, ReceiveError> {
         let store = self.store.clone();
-        let d = self.disk(m.disk)?;
         let ids: Vec<ChunkId> = m.chunks.iter().filter_map(|c| c.id).collect();
+        // Before answering "I have it": gc must not take it meanwhile.
+        store.extend_root(&self.root(), &ids, ATTEMPT_ROOT_TTL).map_err(store_err)?;
+        let d = self.disk(m.disk)?;
+        d.parts.push((m.offset, d.ids.len()));
         let have = store.contains_many(&ids).map_err(store_err)?;
         let mut have = have.into_iter();
         let (mut need, mut offset) = (Vec::new(), m.offset);
@@ -177,7 +339,8 @@ impl DestDisks {
         Ok(need)
     }
 
-    /// A chunk from the source: checked against its id, kept, written.
+    /// A chunk from the source (asked for, within the quota: checked by the
+    /// session): checked against its id, kept, written.
     pub fn on_chunk(&mut self, c: &Chunk) -> Result<(), ReceiveError> {
         let store = self.store.clone();
         match store.put(&c.id, &c.data) {
@@ -187,9 +350,43 @@ impl DestDisks {
             }
             Err(e) => return Err(store_err(e)),
         }
+        // A new store keeps the parameters of its first chunk (not those of
+        // a hello that was refused, or of an attempt that sent nothing).
+        if let Some(p) = self.record_chunking.take() {
+            store.set_meta("chunking", &format!("{}/{}/{}", p.min, p.avg, p.max)).map_err(store_err)?;
+        }
         self.stats.received += 1;
+        self.uncommitted += c.data.len() as u64;
         let d = self.disk(c.disk)?;
         d.image.write(c.offset, &c.data).map_err(|e| disk_io(d.image.path(), "writing", e))
+    }
+
+    /// After a resume: each disk's first copy goes on from its part at
+    /// `points` (what came of later parts is data in the image and chunks
+    /// in the store, both sent again as they were); its digest comes again.
+    pub fn rewind(&mut self, points: &[DiskPoint]) {
+        for (d, at) in self.disks.iter_mut().zip(points) {
+            let keep = d.parts.iter().position(|&(offset, _)| offset >= at.next_offset).unwrap_or(d.parts.len());
+            if let Some(&(_, ids)) = d.parts.get(keep) {
+                d.ids.truncate(ids);
+            }
+            d.parts.truncate(keep);
+            d.verified = None;
+        }
+    }
+
+    /// Whether [`COMMIT_EVERY`] chunk bytes arrived since the last commit.
+    pub fn commit_due(&self) -> bool {
+        self.uncommitted >= COMMIT_EVERY
+    }
+
+    /// Makes what arrived so far durable: after a crash, a retry finds it
+    /// (under the attempt's root) and does not ask for it again. (An fsync:
+    /// run it off the connection's task.)
+    pub fn commit(&mut self) -> Result<(), ReceiveError> {
+        self.store.commit().map_err(store_err)?;
+        self.uncommitted = 0;
+        Ok(())
     }
 
     /// Extents the guest wrote.
@@ -204,15 +401,20 @@ impl DestDisks {
         Ok(())
     }
 
-    /// Between rounds: hash what was written, so little is left for the end.
+    /// Between rounds: hash what was written and flush it (the images and
+    /// the chunks kept), so little is left for the end, inside the guest's
+    /// downtime. Reads only written blocks (never holes): the work follows
+    /// the data received, not the sizes declared. Slow for big rounds: run
+    /// it off the connection's task.
     pub fn refresh(&mut self) -> Result<(), ReceiveError> {
         for d in &mut self.disks {
             d.image.refresh_digest().map_err(|e| disk_io(d.image.path(), "reading", e))?;
         }
-        Ok(())
+        self.store.commit().map_err(store_err)
     }
 
-    /// The source's last word on a disk: its image must match.
+    /// The source's last word on a disk: its image must match. (As slow as
+    /// [`DestDisks::refresh`].)
     pub fn on_done(&mut self, done: &DiskDone) -> Result<(), ReceiveError> {
         let d = self.disk(done.disk)?;
         if done.size != d.image.size() {
@@ -227,41 +429,95 @@ impl DestDisks {
                 hex(&done.digest)
             )));
         }
-        d.verified = true;
+        d.verified = Some(done.digest);
         Ok(())
     }
 
-    /// Every disk verified; the chunks kept durable under a root per disk.
-    pub fn check_complete(&self) -> Result<(), ReceiveError> {
-        if let Some(i) = self.disks.iter().position(|d| !d.verified) {
-            return Err(bad(format!("disk {i} was never completed")));
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            self.store.set_root(&format!("{}/disk{i}", self.vm_name), &d.ids).map_err(store_err)?;
+    /// Before `Ready`: every image, as it is now, has the digest its source
+    /// sent (read from the image's block hashes, not from a flag: anything
+    /// written since would show); the chunks received are durable.
+    pub fn check_complete(&mut self) -> Result<(), ReceiveError> {
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            let Some(want) = d.verified else { return Err(bad(format!("disk {i} was never completed"))) };
+            let now = d.image.finish().map_err(|e| disk_io(d.image.path(), "flushing", e))?;
+            if now != want {
+                return Err(ReceiveError::Disk(format!("disk {i} changed after its digest was checked")));
+            }
         }
         self.store.commit().map_err(store_err)
     }
 
-    /// After the commit: the images take their final names (replacing a
-    /// replica there). With `replica`, each is marked as a sync replica.
+    /// After the commit: each image takes its final name, exchanged with
+    /// its reservation (see the module docs); with `replica`, it is marked
+    /// as a sync replica of this VM from this source. The attempt's root
+    /// gives way to the images' own.
     pub fn install(mut self, replica: bool) -> Result<Vec<PathBuf>, ReceiveError> {
+        let roots: Vec<(String, Vec<ChunkId>)> = (self.disks.iter().enumerate())
+            .map(|(i, d)| (format!("{}/disk{i}", self.binding.vm), d.ids.clone()))
+            .collect();
+        let set: Vec<(&str, &[ChunkId])> = roots.iter().map(|(n, ids)| (n.as_str(), ids.as_slice())).collect();
+        let dropped = self.store.replace_roots(&set, &[&self.root()]).map_err(store_err);
         let mut paths = Vec::new();
         for d in std::mem::take(&mut self.disks) {
-            std::fs::rename(d.image.path(), &d.path).map_err(|e| disk_io(&d.path, "cannot install", e))?;
-            let marker = with_suffix(&d.path, REPLICA);
-            if replica {
-                std::fs::write(&marker, marker_text(&self.vm_name)).map_err(|e| disk_io(&marker, "cannot write", e))?;
-            } else {
-                let _ = std::fs::remove_file(&marker);
-            }
-            // The renames must survive a crash: the source has let go.
-            if let Some(dir) = d.path.parent() {
-                let synced = File::open(dir).and_then(|f| f.sync_all());
-                synced.map_err(|e| disk_io(dir, "cannot sync", e))?;
-            }
+            self.install_one(&d, replica)?;
             paths.push(d.path.clone());
         }
+        dropped?;
         Ok(paths)
+    }
+
+    fn install_one(&self, d: &DestDisk, replica: bool) -> Result<(), ReceiveError> {
+        let (path, incoming) = (&d.path, d.image.path());
+        let dir = File::open(parent(path)).map_err(|e| disk_io(parent(path), "cannot open", e))?;
+        let sync_dir = || dir.sync_all().map_err(|e| disk_io(parent(path), "cannot sync", e));
+        let marker = with_suffix(path, REPLICA);
+        let staged = with_suffix(&with_suffix(&marker, &self.attempt), "tmp");
+        if replica {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staged)
+                .map_err(|e| disk_io(&staged, "cannot create", e))?;
+            f.write_all(self.binding.marker_text().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| disk_io(&staged, "cannot write", e))?;
+        } else if d.reservation.replica {
+            // A VM's own image is never marked as a replica, even for a moment.
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(disk_io(&marker, "cannot remove", e));
+                }
+                _ => sync_dir()?,
+            }
+        }
+        files::rename_at(None, incoming, None, path, Rename::Exchange)
+            .map_err(|e| disk_io(path, "cannot install", e))?;
+        if FileId::at(incoming) != Some(d.reservation.id) {
+            // Not what we reserved: put it back, keep ours at its incoming name
+            // (and the replica's marker, if this took it away).
+            let _ = files::rename_at(None, incoming, None, path, Rename::Exchange);
+            if d.reservation.replica && !replica {
+                let _ = std::fs::write(&marker, self.binding.marker_text());
+            }
+            return Err(ReceiveError::Disk(format!(
+                "{} is no longer the file this migration reserved; the image stays at {}",
+                path.display(),
+                incoming.display()
+            )));
+        }
+        std::fs::remove_file(incoming).map_err(|e| disk_io(incoming, "cannot remove", e))?;
+        if replica {
+            std::fs::rename(&staged, &marker).map_err(|e| disk_io(&marker, "cannot write", e))?;
+        }
+        // The source has let go: the names must survive a crash.
+        sync_dir()
+    }
+}
+
+/// Removes the empty file that reserved `path`, if it is still the one.
+fn unreserve(path: &Path, r: &Reservation) {
+    if !r.replica && FileId::at(path) == Some(r.id) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -269,7 +525,10 @@ impl Drop for DestDisks {
     fn drop(&mut self) {
         for d in &self.disks {
             let _ = std::fs::remove_file(d.image.path());
+            unreserve(&d.path, &d.reservation);
         }
+        // The attempt's root (its chunks, for a retry) survives a crash.
+        let _ = self.store.commit();
     }
 }
 
@@ -283,11 +542,15 @@ mod tests {
 
     use super::*;
 
+    fn binding(source: &str) -> Binding {
+        Binding { vm: "vm".into(), source: source.into() }
+    }
+
     fn setup(dir: &Path) -> (DestDisks, Arc<ChunkStore>) {
         let store = Arc::new(ChunkStore::open(&dir.join("chunks")).expect("store"));
         let info = DiskInfo { size: 1 << 20, path: "/elsewhere/disk.img".into(), read_only: false };
-        let path = image_path(dir, &info, "vm").expect("path");
-        let disks = DestDisks::create("vm", &[info], &[path], store.clone(), "0a0b").expect("create");
+        let path = image_path(dir, &info).expect("path");
+        let disks = DestDisks::create(&[info], &[path], store.clone(), "0a0b", binding("fp"), None).expect("create");
         (disks, store)
     }
 
@@ -308,8 +571,10 @@ mod tests {
         assert!(e.is_err());
         assert!(disks.on_chunk(&Chunk { disk: 1, offset: 0, id, data: good }).is_err(), "no disk 1");
         assert!(dir.path().join("disk.img.0a0b.incoming").exists());
+        assert!(dir.path().join("disk.img").exists(), "the final name is reserved");
         drop(disks);
         assert!(!dir.path().join("disk.img.0a0b.incoming").exists());
+        assert!(!dir.path().join("disk.img").exists(), "and given back");
     }
 
     #[test]
@@ -340,6 +605,109 @@ mod tests {
         disks.check_complete().expect("complete");
         let paths = disks.install(false).expect("install");
         assert_eq!(std::fs::read(&paths[0]).expect("read"), want);
-        assert_eq!(store.roots().expect("roots").len(), 1);
+        let roots: Vec<String> = store.roots().expect("roots").into_iter().map(|r| r.name).collect();
+        assert_eq!(roots, ["vm/disk0"], "the attempt's root gave way to the image's");
+    }
+
+    /// A complete, verified one-disk attempt of `binding` into `dir`, of an
+    /// image of `byte`s.
+    fn complete(dir: &Path, store: &Arc<ChunkStore>, attempt: &str, b: Binding, byte: u8) -> Result<DestDisks, String> {
+        let info = DiskInfo { size: 65536, path: "/src/disk.img".into(), read_only: false };
+        let path = image_path(dir, &info).expect("path");
+        let mut disks = DestDisks::create(&[info], &[path], store.clone(), attempt, b, None)?;
+        let data = vec![byte; 65536];
+        let id = ChunkId::of(&data);
+        let m = Manifest { disk: 0, seq: 0, offset: 0, chunks: vec![ManifestChunk { len: 65536, id: Some(id) }] };
+        if disks.on_manifest(&m).expect("manifest") == [0] {
+            disks.on_chunk(&Chunk { disk: 0, offset: 0, id, data: data.clone() }).expect("chunk");
+        }
+        let digest = wanmig_block_sync::BlockDigest::of_bytes(&data);
+        disks.on_done(&DiskDone { disk: 0, size: 65536, digest }).expect("done");
+        disks.check_complete().expect("complete");
+        Ok(disks)
+    }
+
+    #[test]
+    fn the_final_check_reads_the_images_digest_not_a_flag() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(ChunkStore::open(&dir.path().join("chunks")).expect("store"));
+        let mut disks = complete(dir.path(), &store, "abab", binding("fp"), 1).expect("verified");
+        // Were anything to write the image after its digest matched (the
+        // session refuses such messages; this goes around it), the check
+        // before Ready would see it.
+        disks.on_writes(&DiskWrites { disk: 0, extents: vec![(4096, 4096)], data: vec![9; 4096] }).expect("write");
+        let e = disks.check_complete().expect_err("changed");
+        assert!(e.to_string().contains("changed after its digest was checked"), "{e}");
+    }
+
+    #[test]
+    fn a_final_name_is_reserved_until_the_commit_and_replicas_are_bound_to_their_source() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(ChunkStore::open(&dir.path().join("chunks")).expect("store"));
+        let img = dir.path().join("disk.img");
+        // Two receives sharing the directory: the second is refused at its
+        // hello while the first holds the name, and the first installs.
+        let first = complete(dir.path(), &store, "1111", binding("fp-a"), 1).expect("first");
+        let e = complete(dir.path(), &store, "2222", binding("fp-a"), 2).expect_err("the name is taken");
+        assert!(e.contains("already exists"), "{e}");
+        first.install(true).expect("install a replica");
+        assert_eq!(std::fs::read(&img).expect("read"), vec![1; 65536]);
+        let marker = std::fs::read_to_string(with_suffix(&img, REPLICA)).expect("marker");
+        assert!(marker.contains("fp-a") && marker.contains("VM vm"), "{marker}");
+        // Another source key may not replace that replica; its own may.
+        let e = complete(dir.path(), &store, "3333", binding("fp-b"), 3).expect_err("another source");
+        assert!(e.contains("not a replica of VM vm from this source"), "{e}");
+        let again = complete(dir.path(), &store, "4444", binding("fp-a"), 4).expect("the same source");
+        // Something that appears at the reserved name meanwhile is never
+        // replaced: here the reservation (the replica) is swapped for another file.
+        std::fs::rename(&img, dir.path().join("moved")).expect("move");
+        std::fs::write(&img, b"someone else's").expect("write");
+        let e = again.install(false).expect_err("not ours");
+        assert!(e.to_string().contains("no longer the file this migration reserved"), "{e}");
+        assert_eq!(std::fs::read(&img).expect("read"), b"someone else's");
+        assert!(dir.path().join("disk.img.4444.incoming").exists(), "ours is kept");
+        // A migration (not a sync) onto a replica leaves no marker behind.
+        std::fs::remove_file(&img).expect("rm");
+        std::fs::rename(dir.path().join("moved"), &img).expect("back");
+        let m = complete(dir.path(), &store, "5555", binding("fp-a"), 5).expect("migration");
+        m.install(false).expect("install");
+        assert_eq!(std::fs::read(&img).expect("read"), vec![5; 65536]);
+        assert!(!with_suffix(&img, REPLICA).exists(), "a VM's own image is no replica");
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("disk.img"))
+            .collect();
+        let mut left = left;
+        left.sort();
+        assert_eq!(left, ["disk.img", "disk.img.4444.incoming"]);
+    }
+
+    #[test]
+    fn a_failed_attempts_chunks_stay_under_its_expiring_root_and_the_chunking_waits_for_a_chunk() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(ChunkStore::open(&dir.path().join("chunks")).expect("store"));
+        let info = DiskInfo { size: 65536, path: "/src/disk.img".into(), read_only: false };
+        let path = image_path(dir.path(), &info).expect("path");
+        let params = ChunkParams::DEFAULT;
+        let mut disks =
+            DestDisks::create(&[info], &[path], store.clone(), "abcd", binding("fp"), Some(params)).expect("create");
+        assert_eq!(store.meta("chunking").expect("meta"), None, "nothing recorded before a chunk is");
+        let data = vec![7u8; 65536];
+        let id = ChunkId::of(&data);
+        let m = Manifest { disk: 0, seq: 0, offset: 0, chunks: vec![ManifestChunk { len: 65536, id: Some(id) }] };
+        disks.on_manifest(&m).expect("manifest");
+        disks.on_chunk(&Chunk { disk: 0, offset: 0, id, data }).expect("chunk");
+        assert_eq!(store.meta("chunking").expect("meta").as_deref(), Some("16384/65536/262144"));
+        drop(disks); // the attempt fails
+        let roots = store.roots().expect("roots");
+        assert_eq!(roots.len(), 1);
+        assert_eq!(roots[0].name, "attempt/vm/abcd");
+        let ttl = roots[0].expires_unix_secs.expect("expires") - roots[0].set_unix_secs;
+        assert!(ttl.abs_diff(ATTEMPT_ROOT_TTL.as_secs()) <= 1, "{ttl}");
+        let no_grace = wanmig_dedup::Retention { grace: Duration::ZERO, ..Default::default() };
+        store.gc(&no_grace).expect("gc");
+        assert!(store.contains(&id).expect("lookup"), "kept for a retry until the root expires");
     }
 }

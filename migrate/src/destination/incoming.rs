@@ -20,15 +20,24 @@ pub struct Incoming {
     zstd: compress::StreamDecompressor,
     /// The disks being copied.
     pub disks: Option<DestDisks>,
+    /// Pages of the round in progress applied so far, one bit per guest
+    /// page frame (what a resume need not have sent again).
+    round_received: Vec<u64>,
 }
 
 /// What a bulk-stream message amounted to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bulk {
     /// Data applied.
     Applied,
-    /// A round is complete and applied: tell the source.
+    /// A round is complete and applied: hash what it wrote, then tell the
+    /// source.
     RoundDone(u32),
+    /// A disk's last word: compare the image with its digest (the disk
+    /// takes no more data).
+    CheckDisk(wanmig_wire::DiskDone),
+    /// Enough chunks arrived since the store last committed: commit it.
+    Commit,
     /// The source ended the stream.
     End,
 }
@@ -41,7 +50,24 @@ impl Incoming {
     /// Keeps `ram` and `disks` for the data to come.
     pub fn new(ram: Option<GuestRam>, disks: Option<DestDisks>) -> Result<Self, ReceiveError> {
         let zstd = compress::StreamDecompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
-        Ok(Incoming { ram, zstd, disks })
+        let frames = ram
+            .as_ref()
+            .map_or(0, |r| r.regions().iter().map(|(s, l)| (s.0 + l) / PAGE_SIZE as u64).max().unwrap_or(0));
+        Ok(Incoming { ram, zstd, disks, round_received: vec![0; frames.div_ceil(64) as usize] })
+    }
+
+    /// The pages of the round in progress applied so far, as runs of page
+    /// frame numbers.
+    pub fn round_received(&self) -> Vec<wanmig_types::PageRange> {
+        wanmig_mem_sync::to_ranges(&self.round_received, self.round_received.len() as u64 * 64)
+    }
+
+    /// After a resume: a new connection brings a new zstd stream, and the
+    /// round starts over.
+    pub fn reset_stream(&mut self) -> Result<(), ReceiveError> {
+        self.zstd = compress::StreamDecompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
+        self.round_received.fill(0);
+        Ok(())
     }
 
     fn disks(&mut self) -> Result<&mut DestDisks, ReceiveError> {
@@ -66,6 +92,13 @@ impl Incoming {
             (DestAction::ApplyPages, Message::Pages(p)) => {
                 let ram = self.ram.as_ref().ok_or_else(|| bad("pages, but no memory is being received"))?;
                 apply(ram, &p)?;
+                for page in p.iter() {
+                    let frame = page.gpa / PAGE_SIZE as u64;
+                    // Within RAM: `apply` checked every address.
+                    if let Some(w) = self.round_received.get_mut((frame / 64) as usize) {
+                        *w |= 1 << (frame % 64);
+                    }
+                }
             }
             (DestAction::Decompress, Message::Compressed { raw_len, data }) => {
                 let body = self.zstd.decompress(&data, raw_len as usize).map_err(bad)?;
@@ -73,15 +106,21 @@ impl Incoming {
                 let action = session.on_decompressed(&inner)?;
                 return self.carry_out(session, action, inner);
             }
-            (DestAction::StoreChunk, Message::DiskChunk(c)) => self.disks()?.on_chunk(&c)?,
-            (DestAction::WriteExtents, Message::DiskWrites(w)) => self.disks()?.on_writes(&w)?,
-            (DestAction::CheckDisk, Message::DiskDone(d)) => self.disks()?.on_done(&d)?,
-            (DestAction::RoundComplete(round), Message::RoundDone { .. }) => {
-                // Hash what the round wrote now, so the check before Ready
-                // reads only what the stop-and-copy writes.
-                if let Some(d) = &mut self.disks {
-                    d.refresh()?;
+            (DestAction::StoreChunk, Message::DiskChunk(c)) => {
+                let disks = self.disks()?;
+                disks.on_chunk(&c)?;
+                if disks.commit_due() {
+                    return Ok(Bulk::Commit);
                 }
+            }
+            (DestAction::WriteExtents, Message::DiskWrites(w)) => self.disks()?.on_writes(&w)?,
+            // Hashing is the driver's, off the connection's task.
+            (DestAction::CheckDisk, Message::DiskDone(d)) => {
+                self.disks()?;
+                return Ok(Bulk::CheckDisk(d));
+            }
+            (DestAction::RoundComplete(round), Message::RoundDone { .. }) => {
+                self.round_received.fill(0);
                 return Ok(Bulk::RoundDone(round));
             }
             (a, m) => return Err(bad(format!("{} on the bulk stream ({a:?})", m.name()))),

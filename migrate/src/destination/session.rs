@@ -3,29 +3,51 @@
 //! commit, a failure removes what the attempt created and tells the source
 //! why; after it, the VM is this host's whatever happens.
 
+use std::cell::RefCell;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::UnboundedReceiver;
 use wanmig_dedup::ChunkStore;
 use wanmig_mem_sync::compress;
-use wanmig_transport::{Conn, FrameReceiver, FrameSender, TransportError};
-use wanmig_types::{error_chain, features};
+use wanmig_transport::{Conn, FrameReceiver, FrameSender, PEER_CANCELLED, TransportError};
+use wanmig_types::{MigrationId, error_chain, features};
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::memory::GuestRam;
-use wanmig_wire::{ChunkParams, DestAction, DestSession, Message, Stream};
+use wanmig_wire::{ChunkParams, DestAction, DestSession, Message, Stream, VmShape};
 
-use super::admit::host_config;
-use super::disks::DestDisks;
+use super::admit::{Admission, HostFacts, check_resources, host_config};
+use super::disks::{Binding, DestDisks};
 use super::error::ReceiveError;
 use super::host::VmHost;
 use super::incoming::{Bulk, Incoming};
 use super::options::ReceiveOptions;
 use crate::handover;
-use crate::journal::{DestJournal, DestPhase, DestRecord};
+use crate::journal::{DestJournal, DestPhase, DestRecord, ImageRecord, Owner};
+
+/// How many link failures one attempt rides out: a source whose link
+/// keeps failing is given up on, so that it cannot hold this host forever.
+const MAX_PARKS: u32 = 32;
 
 /// How long the destination waits for `Commit` after `Ready`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A source come back for its attempt after the link failed: a new
+/// connection whose first message was `Resume`.
+pub struct Rejoin {
+    /// The new connection.
+    pub conn: Conn,
+    /// Its control stream's two halves.
+    pub tx: FrameSender,
+    /// Its control stream's two halves.
+    pub rx: FrameReceiver,
+    /// The `Resume` it sent.
+    pub first: Message,
+    /// Who it came from.
+    pub peer: String,
+}
 
 /// One attempt's connection and what it works with.
 pub struct Attempt<'a> {
@@ -41,6 +63,11 @@ pub struct Attempt<'a> {
     pub store: Option<Arc<ChunkStore>>,
     /// The journal.
     pub journal: &'a DestJournal,
+    /// Sources that come back to resume this attempt (none: it cannot be
+    /// resumed).
+    pub rejoins: Option<UnboundedReceiver<Rejoin>>,
+    /// A rejoin heard while the attempt still served the old connection.
+    pub early: Option<Rejoin>,
 }
 
 /// An admitted VM: what the attempt receives into.
@@ -50,11 +77,33 @@ struct Admitted {
     incoming: Incoming,
     sync: bool,
     tunnel: bool,
-    record: Option<DestRecord>,
+    record: DestRecord,
+    /// Shared disks, opened and checked at admission, for the VM.
+    shared: Option<Vec<File>>,
+    /// Times the link failed and the attempt waited for its source.
+    parks: u32,
 }
 
 /// A received VM, its configuration and the tunnel's end.
 type Arrived<V> = (V, VmConfig, Option<handover::Started>);
+
+/// Runs `f` on the disks on a blocking thread, off the connection's task:
+/// hashing and copying scale with what was received and may take seconds.
+async fn off_task<T: Send + 'static>(
+    slot: &mut Option<DestDisks>,
+    f: impl FnOnce(&mut DestDisks) -> Result<T, ReceiveError> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    let mut disks =
+        slot.take().ok_or_else(|| ReceiveError::BadInput("disk data, but no disk is being copied".into()))?;
+    let (disks, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut disks);
+        (disks, r)
+    })
+    .await
+    .map_err(|e| ReceiveError::Disk(format!("the disk task failed: {e}")))?;
+    *slot = Some(disks);
+    r
+}
 
 impl Attempt<'_> {
     /// Runs the attempt whose first message is `hello`. `Some` with the VM
@@ -62,8 +111,8 @@ impl Attempt<'_> {
     pub async fn run<H: VmHost>(
         mut self,
         hello: Message,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<Arrived<H::Vm>>, ReceiveError> {
         let mut adm = self.admit(&hello).await?;
         let result = self.transfer(&mut adm, host, log).await;
@@ -82,68 +131,145 @@ impl Attempt<'_> {
         Ok(())
     }
 
-    /// The hello: checks it, admits or refuses the VM, sets up where it goes.
+    /// The hello: checks it, admits or refuses the VM, sets up where it
+    /// goes. Whatever fails before `Accept` is a refusal the source hears.
     async fn admit(&mut self, hello: &Message) -> Result<Admitted, ReceiveError> {
         let mut session = DestSession::new();
         if let Err(e) = session.on_message(Stream::Control, hello) {
             let _ = self.send(&Message::Refuse { reason: e.to_string() }).await;
             return Err(ReceiveError::Refused(e.to_string()));
         }
-        let Message::Hello { shape, features: offered, chunking: proposed, migration_id, .. } = hello else {
+        let Message::Hello { shape, features: offered, chunking: proposed, .. } = hello else {
             return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
         };
-        // Names this attempt's incoming images: never another attempt's.
-        let attempt = migration_id.short();
-        let sync = offered & features::SYNC_ONLY != 0;
-        let setup = match host_config(shape, self.opts, &attempt) {
-            Ok(_) if sync && self.store.is_none() => {
-                Err("this host keeps no disk copies (it runs with --shared-disks)".into())
+        match self.prepare(&mut session, shape, *offered, *proposed) {
+            Ok(adm) => {
+                let accept = session.accept(adm.1, adm.2)?;
+                let mut adm = adm.0;
+                adm.tunnel = session.features() & features::TUNNEL != 0;
+                adm.session = session;
+                if let Err(e) = self.send(&accept).await {
+                    self.fail(&mut adm, &e).await;
+                    return Err(e);
+                }
+                Ok(adm)
             }
-            other => other,
-        };
-        let (config, finals) = match setup {
-            Ok(c) => c,
             Err(reason) => {
                 let refuse = session.refuse(&reason)?;
                 let _ = self.send(&refuse).await;
-                return Err(ReceiveError::Refused(reason));
+                Err(ReceiveError::Refused(reason))
+            }
+        }
+    }
+
+    /// Everything admission decides, before anything moves: the VM's
+    /// configuration here, the host's resources, the disks' reserved names
+    /// and incoming images, the journal record; with the features this
+    /// host speaks and the chunking to use. The error is the refusal.
+    fn prepare(
+        &mut self,
+        session: &mut DestSession,
+        shape: &VmShape,
+        offered: u64,
+        proposed: ChunkParams,
+    ) -> Result<(Admitted, u64, ChunkParams), String> {
+        let id = session.id();
+        // Names this attempt's incoming images: never another attempt's.
+        let attempt = id.short();
+        let sync = offered & features::SYNC_ONLY != 0;
+        if sync && self.store.is_none() {
+            return Err("this host keeps no disk copies (it runs with --shared-disks)".into());
+        }
+        let facts = HostFacts::probe(self.opts)?;
+        check_resources(shape, self.store.is_some(), &facts, self.opts)?;
+        let admission = host_config(shape, self.opts, &attempt)?;
+        let (mut local, params, record_chunking) = match &self.store {
+            Some(st) => {
+                let (params, new) = chunking(st, proposed).map_err(|e| error_chain(&e))?;
+                (features::ALL, params, new.then_some(params))
+            }
+            None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, proposed, None),
+        };
+        // Journalled before any file is created, so that a crash from here
+        // on leaves a record naming what to remove.
+        let mut record = self.plan(id, shape, sync, &admission)?;
+        let (disks, ram) = match self.set_up(&mut record, shape, &admission, sync, record_chunking) {
+            Ok(made) => made,
+            Err(e) => {
+                record.images.clear();
+                let _ = self.journal.record(&mut record, DestPhase::Aborted);
+                return Err(e);
             }
         };
-        let (mut local, params) = match &self.store {
-            Some(st) => (features::ALL, chunking(st, *proposed)?),
-            None => (features::ALL & !features::DISK_COPY & !features::SYNC_ONLY, *proposed),
-        };
-        let disks = match (&self.store, shape.disks.is_empty()) {
-            (Some(st), false) => Some(DestDisks::create(&shape.name, &shape.disks, &finals, st.clone(), &attempt)?),
-            _ => None,
-        };
-        let ram =
-            if sync { None } else { Some(GuestRam::new(config.memory_bytes()).map_err(wanmig_vmm::VmError::from)?) };
         // This host runs the tunnel's end if the guest's first NIC has an
         // address and a TAP here.
-        if handover::destination_config(&config.nets).is_err() {
+        if handover::destination_config(&admission.config.nets).is_err() {
             local &= !features::TUNNEL;
         }
-        let accept = session.accept(local, params)?;
-        let tunnel = session.features() & features::TUNNEL != 0;
-        let record = match sync {
-            true => None,
-            false => {
-                let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
-                let mut rec = DestRecord {
-                    migration_id: *migration_id,
-                    vm: shape.name.clone(),
-                    source,
-                    phase: DestPhase::Receiving,
-                    updated_unix: 0,
-                };
-                self.journal.record(&mut rec, DestPhase::Receiving)?;
-                Some(rec)
-            }
+        let incoming = Incoming::new(ram, disks).map_err(|e| error_chain(&e))?;
+        let adm = Admitted {
+            session: DestSession::new(),
+            config: admission.config,
+            incoming,
+            sync,
+            tunnel: false,
+            record,
+            shared: admission.shared,
+            parks: 0,
         };
-        let incoming = Incoming::new(ram, disks)?;
-        self.send(&accept).await?;
-        Ok(Admitted { session, config, incoming, sync, tunnel, record })
+        Ok((adm, local, params))
+    }
+
+    /// The attempt's journal record, written: who receives, and the files
+    /// it will create.
+    fn plan(&self, id: MigrationId, shape: &VmShape, sync: bool, admission: &Admission) -> Result<DestRecord, String> {
+        let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+        let images = (admission.finals.iter().zip(&admission.config.disks))
+            .map(|(f, d)| ImageRecord { incoming: d.path.clone(), path: f.clone(), reservation: None, replica: false })
+            .collect();
+        let mut record = DestRecord {
+            migration_id: id,
+            vm: shape.name.clone(),
+            source,
+            phase: DestPhase::Receiving,
+            updated_unix: 0,
+            sync,
+            owner: Some(Owner::this_process()),
+            images,
+        };
+        self.journal.record(&mut record, DestPhase::Receiving).map_err(journal_err)?;
+        Ok(record)
+    }
+
+    /// Reserves the images' names and creates them (copied disks), records
+    /// them in the journal, and maps guest RAM (a migration). What it made
+    /// goes again if it fails.
+    fn set_up(
+        &self,
+        record: &mut DestRecord,
+        shape: &VmShape,
+        admission: &Admission,
+        sync: bool,
+        record_chunking: Option<ChunkParams>,
+    ) -> Result<(Option<DestDisks>, Option<GuestRam>), String> {
+        let disks = match (&self.store, shape.disks.is_empty()) {
+            (Some(st), false) => {
+                let fingerprint = self.conn.peer_fingerprint().map_or_else(|| "unknown".into(), |f| f.to_string());
+                let binding = Binding { vm: shape.name.clone(), source: fingerprint };
+                let attempt = record.migration_id.short();
+                let d =
+                    DestDisks::create(&shape.disks, &admission.finals, st.clone(), &attempt, binding, record_chunking)?;
+                record.images = d.records();
+                self.journal.record(record, DestPhase::Receiving).map_err(journal_err)?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let ram = match sync {
+            true => None,
+            false => Some(GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?),
+        };
+        Ok((disks, ram))
     }
 
     /// From `Accept` to `Ready`: receives everything, has the host build
@@ -151,14 +277,20 @@ impl Attempt<'_> {
     async fn transfer<H: VmHost>(
         &mut self,
         adm: &mut Admitted,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<H::Vm>, ReceiveError> {
-        let state = self.receive_all(adm).await?;
+        let state = loop {
+            match self.receive_all(adm).await {
+                Ok(state) => break state,
+                Err(e) if self.resumable(adm, &e) => self.park(adm, &e, log).await?,
+                Err(e) => return Err(e),
+            }
+        };
         let t_state = Instant::now();
-        if let Some(d) = &adm.incoming.disks {
-            d.check_complete()?;
-            let s = d.stats;
+        if adm.incoming.disks.is_some() {
+            off_task(&mut adm.incoming.disks, |d| d.check_complete()).await?;
+            let s = adm.incoming.disks.as_ref().map(|d| d.stats).unwrap_or_default();
             log(format!(
                 "disks verified: {} chunks copied from the local store, {} received, {} found corrupt in the store and fetched again",
                 s.from_store, s.received, s.corrupt
@@ -174,14 +306,17 @@ impl Attempt<'_> {
             t_state.elapsed().as_secs_f64() * 1e3
         ));
         let ready = adm.session.ready()?;
-        if let Some(rec) = &mut adm.record {
-            self.journal.record(rec, DestPhase::Ready)?;
-        }
+        self.journal.record(&mut adm.record, DestPhase::Ready)?;
         self.send(&ready).await?;
         Ok(vm)
     }
 
-    fn build<H: VmHost>(&self, adm: &mut Admitted, host: &mut H, state: &[u8]) -> Result<H::Vm, ReceiveError> {
+    fn build<H: VmHost>(
+        &self,
+        adm: &mut Admitted,
+        host: &RefCell<&mut H>,
+        state: &[u8],
+    ) -> Result<H::Vm, ReceiveError> {
         let state = match adm.session.features() & features::ZSTD != 0 {
             true => {
                 let max = (wanmig_vmm::state::MAX_STATE_BYTES + 64) as usize;
@@ -191,49 +326,147 @@ impl Attempt<'_> {
             false => state.to_vec(),
         };
         let ram = adm.incoming.ram.take().ok_or_else(|| ReceiveError::BadInput("no memory was received".into()))?;
-        host.build(&adm.config, ram, &state).map_err(ReceiveError::Host)
+        host.borrow_mut().build(&adm.config, ram, &state, adm.shared.take()).map_err(ReceiveError::Host)
     }
 
     /// Serves both streams until the device state has arrived and the bulk
-    /// stream has ended; returns the state.
+    /// stream has ended; returns the state. A source that sends no whole
+    /// message on either stream for the idle timeout is dropped.
     async fn receive_all(&mut self, adm: &mut Admitted) -> Result<Vec<u8>, ReceiveError> {
         // The bulk stream shows up with its first byte, which may come after
         // manifests on the control stream have been answered: accept it while
         // serving those.
         let mut bulk: Option<FrameReceiver> = None;
         let (mut bulk_open, mut state) = (true, None);
+        let idle = self.opts.idle_timeout;
+        let mut deadline = tokio::time::Instant::now() + idle;
         while bulk_open || state.is_none() {
             tokio::select! {
                 b = self.conn.accept_bulk(), if bulk.is_none() => bulk = Some(b?),
                 m = async { bulk.as_mut().expect("guarded").recv().await }, if bulk_open && bulk.is_some() => {
-                    match adm.incoming.on_bulk(&mut adm.session, m?)? {
+                    let m = m?;
+                    match adm.incoming.on_bulk(&mut adm.session, m)? {
                         Bulk::Applied => {}
-                        // Rounds are acknowledged once applied, so the source
-                        // measures the rate at which data really land.
-                        Bulk::RoundDone(round) => self.send(&Message::RoundApplied { round }).await?,
+                        // Rounds are acknowledged once applied (and hashed),
+                        // so the source measures the rate at which data
+                        // really land.
+                        Bulk::RoundDone(round) => {
+                            if adm.incoming.disks.is_some() {
+                                off_task(&mut adm.incoming.disks, |d| d.refresh()).await?;
+                            }
+                            self.send(&Message::RoundApplied { round }).await?;
+                        }
+                        Bulk::CheckDisk(done) => off_task(&mut adm.incoming.disks, move |d| d.on_done(&done)).await?,
+                        Bulk::Commit => off_task(&mut adm.incoming.disks, DestDisks::commit).await?,
                         Bulk::End => bulk_open = false,
                     }
+                    deadline = tokio::time::Instant::now() + idle;
                 }
                 m = self.rx.recv(), if state.is_none() => {
                     let m = m?.ok_or(TransportError::Lost("the source closed the control stream".into()))?;
                     state = self.on_control(adm, m).await?;
+                    deadline = tokio::time::Instant::now() + idle;
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(TransportError::Timeout(idle).into()),
+                r = async { self.rejoins.as_mut().expect("guarded").recv().await }, if self.rejoins.is_some() => {
+                    // The source saw the link fail before this side did.
+                    let Some(r) = r else {
+                        self.rejoins = None;
+                        continue;
+                    };
+                    self.early = Some(r);
+                    return Err(TransportError::Lost("the source reconnected on a new connection".into()).into());
                 }
             }
         }
         Ok(state.unwrap_or_default())
     }
 
+    /// Whether the attempt can wait for its source to come back after `e`:
+    /// a lost link, not a source that cancelled nor one that holds a live
+    /// connection and sends nothing (a stall is no outage: it keeps the slot
+    /// only for the idle timeout), and not more than [`MAX_PARKS`] times.
+    fn resumable(&self, adm: &Admitted, e: &ReceiveError) -> bool {
+        let lost = matches!(e, ReceiveError::Transport(TransportError::Lost(why)) if why != PEER_CANCELLED);
+        lost && adm.parks < MAX_PARKS
+            && self.rejoins.is_some()
+            && !self.opts.resume_window.is_zero()
+            && adm.session.can_resume()
+    }
+
+    /// After the link failed with `why`: holds what arrived for the resume
+    /// window, until the source reconnects with this migration's secret;
+    /// then says where it stands (`Resumed`) and goes on with the new
+    /// connection. A window that ends fails the attempt.
+    async fn park(&mut self, adm: &mut Admitted, why: &ReceiveError, log: &dyn Fn(String)) -> Result<(), ReceiveError> {
+        let window = self.opts.resume_window;
+        adm.parks += 1;
+        // Whatever is left of the old connection goes: a source still on it
+        // learns that it must reconnect.
+        self.conn.close(0);
+        log(format!(
+            "link to the source lost ({}); keeping migration {} for {window:?} for it to resume",
+            error_chain(why),
+            adm.session.id()
+        ));
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let r = match self.early.take() {
+                Some(r) => r,
+                None => {
+                    let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
+                    match tokio::time::timeout_at(deadline, rejoins.recv()).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(TransportError::Lost("the listener is gone".into()).into()),
+                        Err(_) => {
+                            return Err(ReceiveError::Aborted(format!(
+                                "the source did not come back within the resume window ({window:?}) after: {}",
+                                error_chain(why)
+                            )));
+                        }
+                    }
+                }
+            };
+            match self.rejoin(adm, r).await {
+                Ok(peer) => {
+                    log(format!("source reconnected from {peer}: migration {} resumed", adm.session.id()));
+                    return Ok(());
+                }
+                Err(e) => log(format!("a resume failed, still waiting: {}", error_chain(&e))),
+            }
+        }
+    }
+
+    /// Takes the attempt up on `r`'s connection if it proves to be this
+    /// migration's source; tells it where this side stands. A stranger is
+    /// refused and the old state kept.
+    async fn rejoin(&mut self, adm: &mut Admitted, mut r: Rejoin) -> Result<String, ReceiveError> {
+        let Message::Resume { migration_id, secret } = &r.first else {
+            return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
+        };
+        if *migration_id != adm.session.id() || !adm.session.is_secret(secret) {
+            let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
+            let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
+            return Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)));
+        }
+        let point = adm.session.resume(adm.incoming.round_received())?;
+        adm.incoming.reset_stream()?;
+        if let Some(d) = adm.incoming.disks.as_mut() {
+            d.rewind(&point.disks);
+        }
+        r.tx.send(&Message::Resumed(point)).await?;
+        (self.conn, self.tx, self.rx) = (r.conn, r.tx, r.rx);
+        Ok(r.peer)
+    }
+
     /// A control message during the transfer; the device state when it is one.
     async fn on_control(&mut self, adm: &mut Admitted, m: Message) -> Result<Option<Vec<u8>>, ReceiveError> {
         match (adm.session.on_message(Stream::Control, &m)?, m) {
             (DestAction::AnswerManifest, Message::DiskManifest(manifest)) => {
-                let disks = adm
-                    .incoming
-                    .disks
-                    .as_mut()
-                    .ok_or_else(|| ReceiveError::BadInput("a manifest, but no disk is being copied".into()))?;
-                let needed = disks.on_manifest(&manifest)?;
-                let need = adm.session.need(manifest.disk, needed)?;
+                let disk = manifest.disk;
+                let needed = off_task(&mut adm.incoming.disks, move |d| d.on_manifest(&manifest)).await?;
+                let need = adm.session.need(disk, needed)?;
                 self.send(&need).await?;
                 Ok(None)
             }
@@ -249,9 +482,7 @@ impl Attempt<'_> {
     /// source that is gone must not hold us up) and journals the end; the
     /// incoming images go when `adm` is dropped.
     async fn fail(&mut self, adm: &mut Admitted, e: &ReceiveError) {
-        if let Some(rec) = &mut adm.record {
-            let _ = self.journal.record(rec, DestPhase::Aborted);
-        }
+        let _ = self.journal.record(&mut adm.record, DestPhase::Aborted);
         let reason = error_chain(e);
         let tell = async {
             let _ = self.tx.send(&Message::Abort { reason }).await;
@@ -265,8 +496,8 @@ impl Attempt<'_> {
         mut self,
         mut adm: Admitted,
         vm: Option<H::Vm>,
-        host: &mut H,
-        log: &mut dyn FnMut(String),
+        host: &RefCell<&mut H>,
+        log: &dyn Fn(String),
     ) -> Result<Option<Arrived<H::Vm>>, ReceiveError> {
         let commit = self
             .rx
@@ -277,10 +508,7 @@ impl Attempt<'_> {
             Err(e) => Err(ReceiveError::from(e)),
             Ok(m) => match adm.session.on_message(Stream::Control, &m) {
                 Err(e) => Err(e.into()),
-                Ok(DestAction::Commit) => match &mut adm.record {
-                    Some(rec) => self.journal.commit(rec).map_err(ReceiveError::from),
-                    None => Ok(()),
-                },
+                Ok(DestAction::Commit) => self.journal.commit(&mut adm.record).map_err(ReceiveError::from),
                 Ok(_) => Err(ReceiveError::Aborted(format!("{} instead of Commit", m.name()))),
             },
         };
@@ -294,9 +522,19 @@ impl Attempt<'_> {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
         };
+        if installed.is_ok() {
+            adm.record.images.clear();
+            let _ = self.journal.record(&mut adm.record, DestPhase::Committed);
+        }
         let Some(mut vm) = vm else {
-            installed?;
-            self.acknowledge().await;
+            let images = installed?;
+            let source = self.conn.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            let Attempt { conn, tx, store, .. } = self;
+            acknowledge(tx, Some(conn)).await;
+            // Disaster recovery (wanmig-dr): the replica becomes an epoch.
+            if let Some(store) = store {
+                crate::epochs::after_sync(store, &adm.config, images, adm.session.id(), source, log).await;
+            }
             return Ok(None);
         };
         let paths = installed.unwrap_or_else(|e| {
@@ -306,46 +544,67 @@ impl Attempt<'_> {
         for (d, p) in adm.config.disks.iter_mut().zip(&paths) {
             d.path = p.clone();
         }
-        if let Err(e) = host.start(&mut vm, &paths, self.opts.paused) {
+        if let Err(e) = host.borrow_mut().start(&mut vm, &paths, self.opts.paused) {
             log(format!("committed, but the VM could not be started here: {e}"));
         }
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        self.acknowledge().await;
+        let Attempt { conn, tx, .. } = self;
         let started = match adm.tunnel {
-            true => start_tunnel(self.conn, &adm.config, log).await,
-            false => None,
+            true => {
+                acknowledge(tx, None).await;
+                start_tunnel(conn, &adm.config, log).await
+            }
+            false => {
+                acknowledge(tx, Some(conn)).await;
+                None
+            }
         };
         Ok(Some((vm, adm.config, started)))
     }
+}
 
-    async fn acknowledge(&mut self) {
-        let _ = self.tx.send(&Message::CommitAck).await;
-        let _ = self.tx.finish().await;
-    }
+/// How long the acknowledgement's delivery is waited for, in the
+/// background, before its connection is let go.
+const ACK_LINGER: Duration = Duration::from_secs(30);
+
+/// Sends `CommitAck`; then, on a task of its own, ends the stream once the
+/// source has it (a source that got it and went away leaves that wait to
+/// the idle timeout: nothing here waits for it) and keeps `conn` open until
+/// then, so closing it cannot cut the acknowledgement short.
+async fn acknowledge(mut tx: FrameSender, conn: Option<Conn>) {
+    let _ = tx.send(&Message::CommitAck).await;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(ACK_LINGER, tx.finish()).await;
+        drop(conn);
+    });
+}
+
+fn journal_err(e: crate::journal::JournalError) -> String {
+    format!("cannot journal the migration: {}", error_chain(&e))
 }
 
 /// The chunking this host's store was filled with, or (for a new store)
-/// the source's proposal, which it keeps from now on.
-fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<ChunkParams, ReceiveError> {
+/// the source's proposal, with `true`: it is recorded with the first
+/// chunk kept, so a refused or empty attempt leaves the store unbound.
+fn chunking(store: &ChunkStore, proposed: ChunkParams) -> Result<(ChunkParams, bool), ReceiveError> {
     let err = |e: wanmig_dedup::StoreError| ReceiveError::Disk(format!("chunk store: {e}"));
     if let Some(v) = store.meta("chunking").map_err(err)? {
         let n: Vec<u32> = v.split('/').filter_map(|x| x.parse().ok()).collect();
         if let [min, avg, max] = n[..] {
             let p = ChunkParams { min, avg, max };
             if p.check().is_ok() {
-                return Ok(p);
+                return Ok((p, false));
             }
         }
         return Err(ReceiveError::Disk(format!("chunk store: unreadable chunking parameters {v:?}")));
     }
-    store.set_meta("chunking", &format!("{}/{}/{}", proposed.min, proposed.avg, proposed.max)).map_err(err)?;
-    Ok(proposed)
+    Ok((proposed, true))
 }
 
 /// Starts this host's end of the network tunnel on the stream the source
 /// opens after the commit. The VM runs here whatever happens: a failure is
 /// logged, not returned.
-async fn start_tunnel(mut conn: Conn, config: &VmConfig, log: &mut dyn FnMut(String)) -> Option<handover::Started> {
+async fn start_tunnel(mut conn: Conn, config: &VmConfig, log: &dyn Fn(String)) -> Option<handover::Started> {
     let started = async {
         let cfg = handover::destination_config(&config.nets)?;
         let (tx, rx) = tokio::time::timeout(handover::OPEN_TIMEOUT, conn.accept_control())

@@ -49,8 +49,20 @@ struct SourceDisk {
     pending: Vec<u64>,
     /// The chunk ids of the first copy, for the local store's root.
     ids: Vec<ChunkId>,
-    /// The next manifest part's number.
+    /// How many ids there were when each manifest part began.
+    ids_at_part: Vec<usize>,
+    /// Chunk bytes sent for each manifest part (sent again after a resume
+    /// from an earlier part).
+    sent_at_part: Vec<u64>,
+    /// The next manifest part's number, and where it starts.
     next_seq: u32,
+    next_offset: u64,
+    /// The first copy has reached the end of the image.
+    first_done: bool,
+    /// Write-log words sent in the round in flight (sent again if the
+    /// round is cut), and that round's number.
+    round_words: Vec<u64>,
+    words_round: Option<u32>,
 }
 
 /// The disks of a migrating VM.
@@ -88,7 +100,22 @@ impl DiskCopy {
             }
             let digest = BlockDigest::new(size);
             let (pending, ids) = (Vec::new(), Vec::new());
-            disks.push(SourceDisk { index: i as u8, file, size, digest, log: log.clone(), pending, ids, next_seq: 0 });
+            disks.push(SourceDisk {
+                index: i as u8,
+                file,
+                size,
+                digest,
+                log: log.clone(),
+                pending,
+                ids,
+                ids_at_part: Vec::new(),
+                sent_at_part: Vec::new(),
+                next_seq: 0,
+                next_offset: 0,
+                first_done: size == 0,
+                round_words: Vec::new(),
+                words_round: None,
+            });
         }
         let image_bytes = disks.iter().map(|d| d.size).sum();
         let stats = DiskStats { disks: disks.len() as u32, image_bytes, ..DiskStats::default() };
@@ -96,8 +123,9 @@ impl DiskCopy {
         Ok(DiskCopy { disks, store, vm_name, best_rate: 0.0, last_pending: None, stats })
     }
 
-    /// The first copy of every disk: manifests, the chunks the destination
-    /// lacks, and (with a local store) every chunk kept here.
+    /// The first copy of every disk (or, after a resume, what is left of
+    /// it): manifests, the chunks the destination lacks, and (with a local
+    /// store) every chunk kept here.
     pub async fn first_copy(
         &mut self,
         link: &mut Link,
@@ -107,13 +135,18 @@ impl DiskCopy {
         steer: &Steering,
     ) -> Result<(), SendError> {
         let started = Instant::now();
-        let mut done = 0u64;
         for i in 0..self.disks.len() {
-            // Track writes from before the first byte is read.
-            self.disks[i].log.take();
-            let mut window: VecDeque<Batch> = VecDeque::new();
+            if self.disks[i].first_done {
+                continue;
+            }
+            if self.disks[i].next_offset == 0 {
+                // Track writes from before the first byte is read.
+                self.disks[i].log.take();
+            }
             let file = self.disks[i].file.try_clone().map_err(|e| disk_err(i as u8, e))?;
-            let mut chunker = ImageChunker::new(&file, self.disks[i].size, chunking, BATCH_BYTES);
+            let (size, from) = (self.disks[i].size, self.disks[i].next_offset);
+            let mut chunker = ImageChunker::starting_at(&file, size, chunking, BATCH_BYTES, from);
+            let mut window: VecDeque<Batch> = VecDeque::new();
             loop {
                 while window.len() < WINDOW {
                     let Some(batch) =
@@ -128,14 +161,61 @@ impl DiskCopy {
                 // A cap changed by an operator applies from the next batch.
                 link.bulk.set_rate(steer.tunables().max_bandwidth);
                 self.send_needed(i, &batch, link, wire).await?;
-                done += batch.data.len() as u64;
-                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let done = self.copied();
+                let rate = wire.disk as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 report.disk(self.progress(done), wire.total, rate);
             }
+            self.disks[i].first_done = true;
         }
         self.keep_roots()?;
-        self.stats.first_copy_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.stats.first_copy_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// Image bytes the first copy has offered so far.
+    fn copied(&self) -> u64 {
+        self.disks.iter().map(|d| if d.first_done { d.size } else { d.next_offset }).sum()
+    }
+
+    /// After a resume: each disk's first copy goes on from where the
+    /// destination has it (`points`, checked by the session machine), and
+    /// the written blocks of the round that was cut go again. Returns the
+    /// bytes that go again.
+    pub fn rewind(&mut self, points: &[wanmig_wire::DiskPoint]) -> Result<u64, SendError> {
+        let mut again = 0u64;
+        for (d, p) in self.disks.iter_mut().zip(points) {
+            let words = std::mem::take(&mut d.round_words);
+            again += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * wanmig_wire::disk::EXTENT_GRANULE;
+            if d.pending.len() < words.len() {
+                d.pending.resize(words.len(), 0);
+            }
+            for (w, x) in d.pending.iter_mut().zip(words) {
+                *w |= x;
+            }
+            d.words_round = None;
+            if p.next_offset >= d.size && d.first_done {
+                continue;
+            }
+            let part = p.next_seq as usize;
+            again += d.sent_at_part.get(part..).map_or(0, |s| s.iter().sum());
+            d.sent_at_part.truncate(part);
+            d.ids.truncate(d.ids_at_part.get(part).copied().unwrap_or(d.ids.len()));
+            d.ids_at_part.truncate(part);
+            (d.next_seq, d.next_offset, d.first_done) = (p.next_seq, p.next_offset, p.next_offset >= d.size);
+            // The digest is fed again from there: it needs the start of
+            // that offset's block.
+            let block_start = p.next_offset - p.next_offset % wanmig_block_sync::BLOCK;
+            let mut prefix = vec![0u8; (p.next_offset - block_start) as usize];
+            wanmig_block_sync::io::read_exact_at(&d.file, &mut prefix, block_start)
+                .map_err(|e| disk_err(d.index, e))?;
+            d.digest.refeed_at(p.next_offset, prefix);
+        }
+        Ok(again)
+    }
+
+    /// Whether every disk's first copy is complete.
+    pub fn first_copy_done(&self) -> bool {
+        self.disks.iter().all(|d| d.first_done)
     }
 
     fn progress(&self, done: u64) -> DiskProgress {
@@ -152,7 +232,11 @@ impl DiskCopy {
         let (index, seq) = (self.disks[i].index, self.disks[i].next_seq);
         let chunks: Vec<(u32, Option<ChunkId>)> = batch.chunks.iter().map(|c| (c.len, c.id)).collect();
         let msg = link.session.manifest(index, seq, batch.offset, &chunks)?;
+        let ids = self.disks[i].ids.len();
+        self.disks[i].ids_at_part.push(ids);
+        self.disks[i].sent_at_part.push(0);
         self.disks[i].next_seq += 1;
+        self.disks[i].next_offset = batch.offset + batch.data.len() as u64;
         let n = link.send_ctl(&msg, wire).await? as u64;
         self.stats.manifest_bytes += n;
         wire.disk += n;
@@ -182,8 +266,8 @@ impl DiskCopy {
         wire: &mut WireBytes,
     ) -> Result<(), SendError> {
         let index = self.disks[i].index;
-        let chunks = match link.next_event().await? {
-            SourceEvent::Need { disk, chunks, .. } if disk == index => chunks,
+        let (seq, chunks) = match link.next_event().await? {
+            SourceEvent::Need { disk, seq, chunks } if disk == index => (seq, chunks),
             e => return Err(SendError::Peer(format!("{e:?} during the disk copy"))),
         };
         for &k in &chunks {
@@ -195,6 +279,9 @@ impl DiskCopy {
             link.bulk.send(&msg, wire).await?;
             self.stats.chunks_sent += 1;
             self.stats.chunk_bytes_sent += u64::from(c.len);
+            if let Some(sent) = self.disks[i].sent_at_part.get_mut(seq as usize) {
+                *sent += u64::from(c.len);
+            }
         }
         let with_id = batch.chunks.iter().filter(|c| c.id.is_some()).count();
         self.stats.chunks_present += (with_id - chunks.len()) as u64;
@@ -235,8 +322,19 @@ impl DiskCopy {
     /// Sends every pending extent; returns the bytes of disk data sent.
     pub async fn send_pending(&mut self, link: &mut Link, wire: &mut WireBytes) -> Result<u64, SendError> {
         let mut sent = 0u64;
+        let round = link.session.round();
         for d in &mut self.disks {
             let words = std::mem::take(&mut d.pending);
+            // What a round that is cut carried goes again after a resume.
+            if d.words_round != Some(round) {
+                (d.round_words, d.words_round) = (Vec::new(), Some(round));
+            }
+            if d.round_words.len() < words.len() {
+                d.round_words.resize(words.len(), 0);
+            }
+            for (r, w) in d.round_words.iter_mut().zip(&words) {
+                *r |= w;
+            }
             let mut reader = DirtyReader::new(&d.file, d.size, &words);
             while let Some(w) = reader.next_batch(d.index, &mut d.digest).map_err(|e| disk_err(d.index, e))? {
                 sent += w.data.len() as u64;

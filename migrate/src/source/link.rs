@@ -27,6 +27,10 @@ pub const BATCH_BYTES: usize = 4 << 20;
 /// least how long for any later answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an `Abort` may take to reach the destination before the
+/// connection is closed anyway.
+const ABORT_DELIVERY: Duration = Duration::from_secs(2);
+
 /// The destination's reason, when it aborted: an `Abort` it sent just
 /// before dropping the connection may arrive after the failure it causes
 /// here (a reset stream), and says much more.
@@ -55,6 +59,9 @@ pub struct BulkSender {
     limit: Option<RateLimit>,
     last_send: Instant,
     page: [u8; wanmig_types::PAGE_SIZE],
+    /// Pages of the round in progress handed to the stream so far (in the
+    /// round's order): what a cut may have lost of it.
+    pub handed: u64,
 }
 
 impl std::fmt::Debug for BulkSender {
@@ -81,6 +88,7 @@ impl BulkSender {
             limit: rate.map(RateLimit::new),
             last_send: Instant::now(),
             page: [0; wanmig_types::PAGE_SIZE],
+            handed: 0,
         })
     }
 
@@ -103,6 +111,7 @@ impl BulkSender {
         let mem = ram.mem();
         let (mut sent_pages, mut sent_bytes) = (0u64, 0u64);
         let mut b = PagesBuilder::new(round);
+        self.handed = 0;
         for region in &pages.regions {
             for range in &region.ranges {
                 for p in range.first..range.end() {
@@ -118,6 +127,7 @@ impl BulkSender {
                     b.push(PageRef { gpa, data });
                     if b.is_full() || b.bytes() >= BATCH_BYTES {
                         sent_pages += u64::from(b.len());
+                        self.handed = sent_pages;
                         let full = std::mem::replace(&mut b, PagesBuilder::new(round));
                         sent_bytes += self.send(&Message::Pages(full.finish()), wire).await? as u64;
                     }
@@ -126,6 +136,7 @@ impl BulkSender {
         }
         if !b.is_empty() {
             sent_pages += u64::from(b.len());
+            self.handed = sent_pages;
             sent_bytes += self.send(&Message::Pages(b.finish()), wire).await? as u64;
         }
         let enc = self.encoder.stats;
@@ -269,11 +280,17 @@ impl Link {
         }
     }
 
-    /// Tells the destination why we give up (best effort, bounded: the link
-    /// may be what failed).
+    /// Tells the destination why we give up and waits for it to have heard
+    /// (best effort, bounded: the link may be what failed). Closing the
+    /// connection right after a send would drop what is still in flight.
     pub async fn abort(&mut self, reason: &str) {
         if let Ok(abort) = self.session.abort(reason) {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.ctl.send(&abort)).await;
+            let ctl = &mut self.ctl;
+            let _ = tokio::time::timeout(ABORT_DELIVERY, async {
+                ctl.send(&abort).await?;
+                ctl.finish().await
+            })
+            .await;
         }
     }
 

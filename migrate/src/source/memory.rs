@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use wanmig_mem_sync::policy::{ConvergencePolicy, Decision, DowntimeBudget, RoundReport};
 use wanmig_vmm::memory::DirtyPages;
+use wanmig_types::features;
 
 use super::error::SendError;
 use super::run::Run;
@@ -74,6 +75,7 @@ struct Sent {
 
 /// One round: the disks' written blocks, then the pages in `to_send`.
 async fn send_round(run: &mut Run<'_>, to_send: &DirtyPages) -> Result<Sent, SendError> {
+    run.start_round(to_send);
     let round = run.link.session.round();
     let on_wire = run.summary.bytes.disk;
     let disk_sent = match &mut run.disks {
@@ -96,16 +98,33 @@ struct Rates {
     link: f64,
 }
 
-/// Iterative memory pre-copy. Returns the pages still to send inside the
-/// stop-and-copy.
-pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
+/// Iterative memory pre-copy, from every page or (after a resume) from
+/// `resend`. Returns the pages still to send inside the stop-and-copy.
+pub async fn precopy(run: &mut Run<'_>, resend: Option<DirtyPages>) -> Result<DirtyPages, SendError> {
     run.report.phase(Phase::Precopy);
-    // Track writes from before the first page is read.
-    run.vm.set_dirty_logging(true)?;
-    run.vm.harvest_dirty()?;
-    let mut policy = DowntimeBudget::new(run.steer.tunables().downtime);
-    let mut to_send = all_pages(&*run.vm);
-    let first_round = run.link.session.round();
+    let mut to_send = match resend {
+        Some(pages) => pages,
+        None => {
+            // Track writes from before the first page is read.
+            run.vm.set_dirty_logging(true)?;
+            run.vm.harvest_dirty()?;
+            all_pages(&*run.vm)
+        }
+    };
+    let mut policy = run.policy.take().unwrap_or_else(|| DowntimeBudget::new(run.steer.tunables().downtime));
+    let first_round = *run.first_round.get_or_insert(run.link.session.round());
+    let result = rounds(run, &mut policy, &mut to_send, first_round).await;
+    run.policy = Some(policy);
+    result.map(|()| to_send)
+}
+
+/// Rounds until the policy says stop (leaving in `to_send` what is left).
+async fn rounds(
+    run: &mut Run<'_>,
+    policy: &mut DowntimeBudget,
+    to_send: &mut DirtyPages,
+    first_round: u32,
+) -> Result<(), SendError> {
     let mut rates = Rates::default();
     let mut dirty_rate = None;
     loop {
@@ -115,7 +134,7 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         let t = Instant::now();
         let left = run.link.deadline.saturating_duration_since(t);
         // A round, however large, is bounded by the migration's deadline.
-        let sent = tokio::time::timeout(left, send_round(run, &to_send))
+        let sent = tokio::time::timeout(left, send_round(run, to_send))
             .await
             .map_err(|_| SendError::Timeout(run.opts.timeout))??;
         let elapsed = t.elapsed();
@@ -124,9 +143,9 @@ pub async fn precopy(run: &mut Run<'_>) -> Result<DirtyPages, SendError> {
         dirty_rate = Some(report.dirty_rate() * report.bytes_per_page);
         let decision = policy.decide(&report);
         record_round(run, &report, &sent, first_round);
-        to_send = dirty;
+        *to_send = dirty;
         match decision {
-            Decision::StopAndCopy => return Ok(to_send),
+            Decision::StopAndCopy => return Ok(()),
             Decision::Continue => {}
             Decision::Throttle(p) => {
                 run.vm.set_throttle(p);
@@ -152,6 +171,7 @@ fn round_report(
     rates.page = rates.page.max(sent.pages as f64 / secs);
     rates.link = rates.link.max(sent.bytes as f64 / secs);
     let capacity = run.capacity();
+    let cap = run.steer.tunables().max_bandwidth;
     let disk_dirty = match &mut run.disks {
         Some(d) => {
             let written = d.harvest();
@@ -161,6 +181,7 @@ fn round_report(
         None => 0,
     };
     let state_estimate = 64 * 1024 * u64::from(run.vm.config().vcpus);
+    let rtt = run.opts.tuning.rtt.min(elapsed);
     RoundReport {
         round: run.link.session.round().saturating_sub(1),
         pages_sent: sent.pages,
@@ -171,13 +192,37 @@ fn round_report(
         page_rate: rates.page,
         // Compressed rounds rarely fill the link, so what they achieved
         // says little about its capacity: take the expected bandwidth
-        // when it is higher (it only prices the small device state).
-        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0),
+        // when it is higher (it only prices the small device state); never
+        // more than the cap in force (an operator may have lowered it).
+        link_rate: rates.link.max(run.opts.tuning.bandwidth_bps as f64 / 8.0).min(cap.unwrap_or(f64::INFINITY)),
         // Disk extents still to write go out inside the downtime too.
         state_bytes: state_estimate + disk_dirty,
-        rtt: run.opts.tuning.rtt.min(elapsed),
+        rtt,
+        switch: switch_cost(run, rtt, disk_dirty),
     }
 }
+
+/// The switch-over's cost beyond what it sends (measured on loopback,
+/// where sending is nearly free: see `SWITCH_FLOOR`): the commit's round
+/// trips (one when the destination decides an early commit: the device
+/// state's way there and the acknowledgement's way back; two when the
+/// source waits for `Ready`), and flushing the last disk writes, which
+/// the destination does before it commits (the rest were flushed between
+/// rounds) at [`FLUSH_RATE`].
+fn switch_cost(run: &Run<'_>, rtt: Duration, disk_dirty: u64) -> Duration {
+    let early = run.link.session.features() & features::EARLY_COMMIT != 0;
+    let trips = if early { 1 } else { 2 };
+    rtt * trips + SWITCH_FLOOR + Duration::from_secs_f64(disk_dirty as f64 / FLUSH_RATE)
+}
+
+/// The switch-over's fixed cost at zero RTT with nothing left to send:
+/// the final dirty harvest, device state, the destination's checks and
+/// build of the VM, the journal records at both ends.
+const SWITCH_FLOOR: Duration = Duration::from_millis(10);
+
+/// Bytes per second a disk image is taken to flush at (the last disk
+/// writes, inside the downtime).
+const FLUSH_RATE: f64 = 100e6;
 
 /// Reports a round and adds it to the summary.
 fn record_round(run: &mut Run<'_>, r: &RoundReport, sent: &Sent, first_round: u32) {
@@ -200,6 +245,7 @@ fn record_round(run: &mut Run<'_>, r: &RoundReport, sent: &Sent, first_round: u3
         dirty_pages: r.dirty_pages,
         disk_bytes: sent.disk_sent,
         disk_dirty_bytes: disk_dirty,
+        wire_bytes: sent.bytes + sent.disk_wire,
         ms: r.elapsed.as_secs_f64() * 1e3,
     });
 }

@@ -13,12 +13,14 @@
 //! (one migration's state), `disk.rs` (the disks' copy), `memory.rs` (the
 //! pre-copy rounds), `switchover.rs` (stop-and-copy and commit).
 
+pub mod connector;
 mod disk;
 mod error;
 mod link;
 mod memory;
 pub mod options;
 mod progress;
+mod resume;
 mod run;
 mod switchover;
 pub mod vm;
@@ -28,9 +30,11 @@ use std::time::{Duration, Instant};
 
 use wanmig_transport::Conn;
 use wanmig_types::{MigrationId, error_chain, features};
+use wanmig_vmm::memory::DirtyPages;
 use wanmig_wire::{FailureOutcome, SourceEvent, SourceSession, Stream};
 
 pub use crate::handover::{TunnelLifetime, TunnelRequest};
+pub use connector::Connector;
 pub use error::SendError;
 pub use link::BATCH_BYTES;
 pub use options::SendOptions;
@@ -39,7 +43,7 @@ pub use vm::{SourceVm, shape_of};
 use self::disk::DiskCopy;
 use self::link::{ANSWER_TIMEOUT, BulkSender, Link};
 use self::progress::Reporter;
-use self::run::Run;
+use self::run::{Run, Stage};
 use crate::handover;
 use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
 use crate::report::{Outcome, Progress, Summary};
@@ -80,8 +84,14 @@ pub fn send(
             c = connect => c.map_err(SendError::from),
             c = steer.cancelled() => Err(SendError::Cancelled(c.0)),
         };
+        let mut connector = Connector::Quic {
+            dest: opts.dest,
+            identity: opts.identity_dir.clone(),
+            peer: opts.peer,
+            tuning: opts.tuning,
+        };
         match conn {
-            Ok(conn) => send_on(conn, vm, opts, steer, progress).await,
+            Ok(conn) => send_on(conn, &mut connector, vm, opts, steer, progress).await,
             Err(e) => {
                 let summary = Summary {
                     error: Some(error_chain(&e)),
@@ -104,10 +114,12 @@ pub fn send(
 }
 
 /// [`send`] on a connection already made (QUIC, or an in-memory pair in
-/// tests). Returns the outcome, the summary and, after a migration that
-/// asked for it, the tunnel's source end started on the connection.
+/// tests), making new ones with `connector` to resume after an outage.
+/// Returns the outcome, the summary and, after a migration that asked for
+/// it, the tunnel's source end started on the connection.
 pub async fn send_on(
     mut conn: Conn,
+    connector: &mut Connector,
     vm: &mut dyn SourceVm,
     opts: &SendOptions,
     steer: &Steering,
@@ -118,11 +130,9 @@ pub async fn send_on(
     let mut summary = Summary { memory_bytes: vm.ram().size(), ..Summary::default() };
     let mut session = None;
     let result = {
-        let attempt = attempt(&mut conn, vm, opts, steer, progress, &journal, &mut summary, &mut session);
-        tokio::select! {
-            r = attempt => r,
-            c = steer.cancelled(), if !steer.committed() => Err(SendError::Cancelled(c.0)),
-        }
+        let ends = Ends { conn: &mut conn, connector };
+        // A cancel is the attempt's to handle: it tells the destination.
+        attempt(ends, vm, opts, steer, progress, &journal, &mut summary, &mut session).await
     };
     finish_summary(&mut summary, start);
     let outcome = settle_locally(vm, opts, &journal, session.as_ref(), &result, &mut summary, &conn).await;
@@ -147,10 +157,16 @@ fn finish_summary(summary: &mut Summary, start: Instant) {
 /// failure or a cancel at any await point can be judged by it.
 type SessionSlot = Option<SourceSession>;
 
+/// The connection in use and how to make another.
+struct Ends<'a> {
+    conn: &'a mut Conn,
+    connector: &'a mut Connector,
+}
+
 /// Everything from the hello to the commit acknowledgement.
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
-    conn: &mut Conn,
+    ends: Ends<'_>,
     vm: &mut dyn SourceVm,
     opts: &SendOptions,
     steer: &Steering,
@@ -163,18 +179,36 @@ async fn attempt(
         return Err(SendError::Refused("the VM has no disks to sync".into()));
     }
     let report = Reporter::new(steer, progress, opts.dest.to_string());
-    let (mut rec, link) = negotiate(conn, &*vm, opts, journal, summary, slot).await?;
+    // Cancelled before the transfer: the connection's close says so.
+    let (mut rec, link) = tokio::select! {
+        r = negotiate(ends.conn, &*vm, opts, journal, summary, slot) => r?,
+        c = steer.cancelled() => return Err(SendError::Cancelled(c.0)),
+    };
     let copy_disks = link.session.features() & features::DISK_COPY != 0 && !vm.config().disks.is_empty();
     let disks = match copy_disks {
         true => Some(DiskCopy::new(&*vm, open_store(opts)?)?),
         false => None,
     };
-    let chunking = link.session.chunking();
-    let mut run = Run { vm, opts, link, summary, report, steer, disks };
-    let result = transfer(&mut run, chunking, journal, &mut rec).await;
+    let mut run = Run::new(vm, opts, link, summary, report, steer, disks, ends.conn, ends.connector);
+    // A cancel stops the transfer wherever it is, and the destination hears
+    // it on the control stream (a closed stream alone would look like an
+    // outage to a destination that keeps attempts for a resume).
+    let result = tokio::select! {
+        r = transfer(&mut run, journal, &mut rec) => Some(r),
+        _ = steer.cancelled(), if !steer.committed() => None,
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            let why = steer.cancel_requested().unwrap_or_default();
+            run.link.abort(&format!("cancelled: {why}")).await;
+            Err(SendError::Cancelled(why))
+        }
+    };
     *slot = Some(run.link.session.clone());
     run.unthrottle_disks();
     match result {
+        Err(e) if matches!(e, SendError::Cancelled(_)) => Err(e),
         Err(e) => match run.link.peer_reason().await {
             Some(reason) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
             None => Err(e),
@@ -210,6 +244,13 @@ async fn negotiate(
     if tunnel.is_none() {
         offer &= !features::TUNNEL;
     }
+    // A sync pauses nothing: it keeps the classic commit after Ready.
+    if opts.sync || opts.commit_after_ready {
+        offer &= !features::EARLY_COMMIT;
+    }
+    if opts.resume_window.is_zero() {
+        offer &= !features::RESUME;
+    }
     let id = MigrationId::new();
     summary.migration_id = id.to_string();
     let mut rec = SourceRecord {
@@ -226,7 +267,7 @@ async fn negotiate(
     }
     let (mut ctl, mut rx) = conn.open_control().await?;
     let mut session = SourceSession::new();
-    let hello = session.hello(id, shape_of(vm), offer, opts.chunking)?;
+    let hello = session.hello(id, shape_of(vm), offer, opts.chunking, resume::secret()?)?;
     summary.bytes.total += ctl.send(&hello).await? as u64;
     let answer = rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
     let event = session.on_message(Stream::Control, &answer);
@@ -346,28 +387,48 @@ async fn handover_tunnel(
     }
 }
 
-/// The disks, the memory, the stop-and-copy and the commit.
-async fn transfer(
-    run: &mut Run<'_>,
-    chunking: wanmig_wire::ChunkParams,
-    journal: &SourceJournal,
-    rec: &mut SourceRecord,
-) -> Result<(), SendError> {
-    if let Some(mut d) = run.disks.take() {
-        run.report.phase(crate::report::Phase::DiskCopy);
-        let r = d.first_copy(&mut run.link, &mut run.summary.bytes, chunking, &mut run.report, run.steer).await;
-        run.disks = Some(d);
-        r?;
-        // A round boundary: the destination hashes what the first copy
-        // wrote now, not inside the stop-and-copy.
-        run.link.end_round(0, &mut run.summary.bytes).await?;
-        memory::disk_rounds(run).await?;
-    }
-    let pending = match run.opts.sync {
-        true => wanmig_vmm::memory::DirtyPages { regions: Vec::new() },
-        false => memory::precopy(run).await?,
+/// The disks, the memory, the stop-and-copy and the commit, stage by
+/// stage; a link that fails before the commit is resumed (within the
+/// window) and the migration goes on from what the destination holds.
+async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRecord) -> Result<(), SendError> {
+    let mut stage = match &run.disks {
+        Some(_) => Stage::FirstCopy,
+        None if run.opts.sync => Stage::StopAndCopy(DirtyPages { regions: Vec::new() }),
+        None => Stage::Precopy(None),
     };
-    let paused_at = switchover::stop_and_copy(run, pending).await?;
-    run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
-    switchover::commit(run, journal, rec, paused_at).await
+    loop {
+        let next = match std::mem::replace(&mut stage, Stage::Done) {
+            Stage::FirstCopy => first_copy(run).await,
+            Stage::DiskRounds => memory::disk_rounds(run).await.map(|()| match run.opts.sync {
+                true => Stage::StopAndCopy(DirtyPages { regions: Vec::new() }),
+                false => Stage::Precopy(None),
+            }),
+            Stage::Precopy(resend) => memory::precopy(run, resend).await.map(Stage::StopAndCopy),
+            Stage::StopAndCopy(pending) => switchover::stop_and_copy(run, pending).await.map(Stage::Commit),
+            Stage::Commit(paused_at) => {
+                run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
+                switchover::commit(run, journal, rec, paused_at).await.map(|()| Stage::Done)
+            }
+            Stage::Done => return Ok(()),
+        };
+        stage = match next {
+            Ok(Stage::Done) => return Ok(()),
+            Ok(s) => s,
+            Err(e) if resume::resumable(run, &e) => resume::after_outage(run, e).await?,
+            Err(e) => return Err(e),
+        };
+    }
+}
+
+/// The first copy of the disks, then the round boundary that makes the
+/// destination hash what it wrote.
+async fn first_copy(run: &mut Run<'_>) -> Result<Stage, SendError> {
+    let Some(mut d) = run.disks.take() else { return Ok(Stage::DiskRounds) };
+    run.report.phase(crate::report::Phase::DiskCopy);
+    let chunking = run.link.session.chunking();
+    let r = d.first_copy(&mut run.link, &mut run.summary.bytes, chunking, &mut run.report, run.steer).await;
+    run.disks = Some(d);
+    r?;
+    run.link.end_round(0, &mut run.summary.bytes).await?;
+    Ok(Stage::DiskRounds)
 }

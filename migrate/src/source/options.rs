@@ -46,6 +46,13 @@ pub struct SendOptions {
     pub tunnel: Option<TunnelRequest>,
     /// Where the migration's journal goes (the VM's state directory).
     pub state_dir: PathBuf,
+    /// How long a link that fails before the commit may stay down before
+    /// the migration gives up (0: it fails at once).
+    pub resume_window: Duration,
+    /// Send `Commit` only after the destination's `Ready` (the classic
+    /// two-phase commit): a round trip more of downtime, and the source is
+    /// in doubt only from the commit on, not from the device state on.
+    pub commit_after_ready: bool,
 }
 
 impl SendOptions {
@@ -75,6 +82,8 @@ impl SendOptions {
             sync: false,
             tunnel: None,
             state_dir,
+            resume_window: Duration::from_secs(600),
+            commit_after_ready: false,
         }
     }
 }

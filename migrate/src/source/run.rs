@@ -1,8 +1,13 @@
 //! One migration in progress at the source: the VM, the link, what it has
 //! sent so far, and who watches and steers it.
 
-use wanmig_mem_sync::policy::next_round_rate;
+use std::time::Instant;
 
+use wanmig_mem_sync::policy::{DowntimeBudget, next_round_rate};
+use wanmig_transport::Conn;
+use wanmig_vmm::memory::DirtyPages;
+
+use super::connector::Connector;
 use super::disk::DiskCopy;
 use super::link::Link;
 use super::options::SendOptions;
@@ -27,11 +32,72 @@ pub struct Run<'a> {
     pub steer: &'a Steering,
     /// The disks, when they are copied.
     pub disks: Option<DiskCopy>,
+    /// The connection in use (replaced when a resume makes a new one).
+    pub conn: &'a mut Conn,
+    /// How to make a new one.
+    pub connector: &'a mut Connector,
+    /// The pages of the round in flight: its number and what it sends (a
+    /// resume sends again what of it the destination lacks).
+    pub round_pages: Option<(u32, DirtyPages)>,
+    /// The convergence policy, kept across a resume.
+    pub policy: Option<DowntimeBudget>,
+    /// The first memory round.
+    pub first_round: Option<u32>,
+    /// Whether the guest is paused by this migration (stop-and-copy).
+    pub paused: bool,
 }
 
 impl std::fmt::Debug for Run<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Run").field("link", &self.link).finish_non_exhaustive()
+    }
+}
+
+/// Where a migration is, so that a resume knows where to go on.
+pub(crate) enum Stage {
+    /// The disks' first copy.
+    FirstCopy,
+    /// Rounds of the blocks written during the first copy.
+    DiskRounds,
+    /// Memory pre-copy, from all pages or (after a resume) these.
+    Precopy(Option<DirtyPages>),
+    /// Pausing and sending the rest.
+    StopAndCopy(DirtyPages),
+    /// The commit, for a guest paused since then.
+    Commit(Instant),
+    /// Acknowledged.
+    Done,
+}
+
+impl<'a> Run<'a> {
+    /// A migration that has just agreed its session.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: &'a mut dyn SourceVm,
+        opts: &'a SendOptions,
+        link: Link,
+        summary: &'a mut Summary,
+        report: Reporter<'a>,
+        steer: &'a Steering,
+        disks: Option<DiskCopy>,
+        conn: &'a mut Conn,
+        connector: &'a mut Connector,
+    ) -> Self {
+        Run {
+            vm,
+            opts,
+            link,
+            summary,
+            report,
+            steer,
+            disks,
+            conn,
+            connector,
+            round_pages: None,
+            policy: None,
+            first_round: None,
+            paused: false,
+        }
     }
 }
 
@@ -58,5 +124,10 @@ impl Run<'_> {
     /// Lifts the disk write caps (the migration ends, or pauses the guest).
     pub fn unthrottle_disks(&self) {
         DiskCopy::unthrottle(&*self.vm);
+    }
+
+    /// Remembers the pages of the round that starts now.
+    pub fn start_round(&mut self, pages: &DirtyPages) {
+        self.round_pages = Some((self.link.session.round(), pages.clone()));
     }
 }

@@ -20,8 +20,12 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     // A throttled disk write must not hold up the pause.
     run.unthrottle_disks();
     run.report.phase(Phase::StopAndCopy);
+    // Flushed while the guest runs, so that the flush in the pause covers
+    // only the writes of the last moments.
+    run.vm.sync_disks()?;
     let paused_at = Instant::now();
     run.vm.pause()?;
+    run.paused = true;
     // Disk writes the guest saw complete must be on the images before
     // they are read for the last time (or another host opens them).
     run.vm.sync_disks()?;
@@ -30,6 +34,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     let mut last_pages = 0;
     if !run.opts.sync {
         let last = run.vm.harvest_dirty()?;
+        run.start_round(&union(&pending, &last));
         let ram = run.vm.ram();
         let (p1, _) = run.link.bulk.send_pages(ram, &pending, round, &mut run.summary.bytes).await?;
         let (p2, _) = run.link.bulk.send_pages(ram, &last, round, &mut run.summary.bytes).await?;
@@ -41,7 +46,6 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     // The round's acknowledgement arrives before Ready; not waited for here.
     let done = run.link.session.round_done(last_pages)?;
     run.link.bulk.send(&done, &mut run.summary.bytes).await?;
-    run.link.bulk.finish().await?;
     run.summary.downtime_breakdown.last_pages_ms = ms_since(paused_at);
     let state = if run.opts.sync {
         // A sync hands over no VM: its "device state" is empty.
@@ -60,13 +64,33 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     Ok(paused_at)
 }
 
+/// The pages of `a` and `b` (same regions, in the same order).
+pub fn union(a: &DirtyPages, b: &DirtyPages) -> DirtyPages {
+    let mut out = a.clone();
+    for r in &b.regions {
+        match out.regions.iter_mut().find(|o| o.start == r.start) {
+            Some(o) => {
+                o.ranges.extend_from_slice(&r.ranges);
+                o.ranges.sort_by_key(|x| x.first);
+            }
+            None => out.regions.push(r.clone()),
+        }
+    }
+    out
+}
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The two-phase commit: waits for Ready, records `commit_sent` in the
-/// journal, lets go of the disks and sends `Commit` (the point of no
-/// return), then waits for the acknowledgement.
+/// The two-phase commit. With `EARLY_COMMIT` agreed, `Commit` follows the
+/// device state at once and the destination decides: it commits when it
+/// holds everything, or aborts (and the guest runs on here); the guest's
+/// downtime is a round trip shorter, and a failure from here on leaves the
+/// source in doubt until it hears. Otherwise: waits for `Ready`, then
+/// commits. Either way `commit_sent` is journalled and the disks let go
+/// before `Commit` leaves (the point of no return); then it waits for the
+/// acknowledgement.
 pub async fn commit(
     run: &mut Run<'_>,
     journal: &SourceJournal,
@@ -74,6 +98,14 @@ pub async fn commit(
     paused_at: Instant,
 ) -> Result<(), SendError> {
     run.report.phase(Phase::Committing);
+    let early = run.link.session.features() & features::EARLY_COMMIT != 0;
+    if early {
+        decide(run, journal, rec).await?;
+    }
+    // The bulk stream ends behind the state (and the commit), not before
+    // them: waiting for its last bytes to be acknowledged first would put
+    // a round trip between them (the destination takes them in any order).
+    run.link.bulk.finish().await?;
     loop {
         match run.link.next_event().await? {
             SourceEvent::Ready => break,
@@ -82,7 +114,26 @@ pub async fn commit(
         }
     }
     run.summary.downtime_breakdown.ready_ms = ms_since(paused_at);
-    // From here on a cancel is refused; one that came first wins.
+    if !early {
+        decide(run, journal, rec).await?;
+    }
+    // Long enough for the Commit to leave this host.
+    crate::failpoint("send-exit-after-commit", std::time::Duration::from_millis(300));
+    match run.link.next_event().await? {
+        SourceEvent::CommitAcked => {}
+        e => return Err(SendError::Peer(format!("{e:?} instead of CommitAck"))),
+    }
+    run.summary.downtime_ms = ms_since(paused_at);
+    run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
+    if !run.opts.sync {
+        journal.record(rec, SourcePhase::Migrated)?;
+    }
+    Ok(())
+}
+
+/// The point of no return: a cancel that came first wins; then
+/// `commit_sent` is journalled, the disks let go and `Commit` sent.
+async fn decide(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRecord) -> Result<(), SendError> {
     run.steer.try_commit().map_err(|c| SendError::Cancelled(c.0))?;
     // A sync hands no VM over: nothing to journal.
     if !run.opts.sync {
@@ -95,16 +146,5 @@ pub async fn commit(
     let commit = run.link.session.commit()?;
     run.report.phase(Phase::Committed);
     run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
-    // Long enough for the Commit to leave this host.
-    crate::failpoint("send-exit-after-commit", std::time::Duration::from_millis(300));
-    match run.link.next_event().await? {
-        SourceEvent::CommitAcked => {}
-        e => return Err(SendError::Peer(format!("{e:?} instead of CommitAck"))),
-    }
-    run.summary.downtime_ms = ms_since(paused_at);
-    run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
-    if !run.opts.sync {
-        journal.record(rec, SourcePhase::Migrated)?;
-    }
     Ok(())
 }

@@ -40,6 +40,9 @@ const IO_CHUNK: usize = 64 * 1024;
 pub struct DiskWriteLog {
     bits: AtomicBitmap,
     limit: std::sync::Mutex<Option<Pacer>>,
+    /// The disk's named, persistent maps ([`crate::tracking`]): each
+    /// write is recorded there too.
+    tracked: crate::tracking::NamedMaps,
 }
 
 /// A token bucket for guest writes.
@@ -61,12 +64,23 @@ impl DiskWriteLog {
     pub fn new(bytes: u64) -> Self {
         let len = usize::try_from(bytes).expect("image sizes fit usize on 64-bit hosts");
         let granule = std::num::NonZeroUsize::new(WRITE_LOG_GRANULE).expect("non-zero");
-        DiskWriteLog { bits: AtomicBitmap::new(len.max(1), granule), limit: std::sync::Mutex::new(None) }
+        DiskWriteLog {
+            bits: AtomicBitmap::new(len.max(1), granule),
+            limit: std::sync::Mutex::new(None),
+            tracked: crate::tracking::NamedMaps::new(bytes),
+        }
     }
 
-    /// Records that `len` bytes at `offset` were written.
+    /// Records that `len` bytes at `offset` were written (in the named
+    /// maps too).
     pub fn record(&self, offset: u64, len: usize) {
         self.bits.set_addr_range(offset as usize, len);
+        self.tracked.record(offset, len);
+    }
+
+    /// The disk's named, persistent write-tracking maps.
+    pub fn tracking(&self) -> &crate::tracking::NamedMaps {
+        &self.tracked
     }
 
     /// Takes the bitmap (bit i = bytes `[i * 4096, (i + 1) * 4096)` written)

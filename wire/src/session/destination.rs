@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
+use std::collections::VecDeque;
+
+use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, PageRange, features};
 
 use super::rules::{ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, Manifest, Need};
 use crate::message::{Message, PROTOCOL_VERSION, VmShape};
+use crate::resume::{DiskPoint, ResumePoint};
 
 /// Most chunks asked for and not yet received at once: far above what the
 /// source's manifest window (8 parts of 8 MiB, chunks of 16 KiB or more)
@@ -54,7 +57,21 @@ struct Disk {
     next_offset: u64,
     /// The manifest part received and not yet answered.
     unanswered: Option<Unanswered>,
+    /// Parts answered whose chunks have not all arrived, oldest first:
+    /// (number, start offset, chunks still to come).
+    incomplete: VecDeque<(u32, u64, usize)>,
     done: bool,
+}
+
+impl Disk {
+    /// Where everything before is here: the oldest part not complete.
+    fn frontier(&self) -> DiskPoint {
+        match (self.incomplete.front(), &self.unanswered) {
+            (Some(&(seq, at, _)), _) => DiskPoint { next_seq: seq, next_offset: at },
+            (None, Some((seq, at, _))) => DiskPoint { next_seq: *seq, next_offset: *at },
+            (None, None) => DiskPoint { next_seq: self.next_seq, next_offset: self.next_offset },
+        }
+    }
 }
 
 /// What the destination's driver must do with a message it received.
@@ -97,7 +114,11 @@ pub struct DestSession {
     round: u32,
     round_pages: u64,
     /// Chunks asked for and not yet received: (disk, offset) → (id, length).
-    requested: BTreeMap<(u8, u64), (ChunkId, u32)>,
+    requested: BTreeMap<(u8, u64), (ChunkId, u32, u32)>,
+    /// The secret of the hello, which a `Resume` must carry.
+    secret: [u8; 32],
+    /// Chunk bytes received, against [`DestSession::chunk_quota`].
+    chunk_bytes: u64,
     bulk_ended: bool,
 }
 
@@ -119,6 +140,8 @@ impl DestSession {
             round: 0,
             round_pages: 0,
             requested: BTreeMap::new(),
+            chunk_bytes: 0,
+            secret: [0; 32],
             bulk_ended: false,
         }
     }
@@ -135,13 +158,17 @@ impl DestSession {
     pub fn on_message(&mut self, stream: Stream, msg: &Message) -> Result<DestAction, ProtocolError> {
         check_stream(stream, msg)?;
         match (&self.phase, msg) {
-            (Phase::AwaitHello, Message::Hello { version, page_size, features: f, migration_id, shape, .. }) => {
+            (
+                Phase::AwaitHello,
+                Message::Hello { version, page_size, features: f, migration_id, shape, resume_secret, .. },
+            ) => {
                 if *version != PROTOCOL_VERSION || *page_size as usize != PAGE_SIZE {
                     return Err(violation(format!(
                         "protocol version {version} / page size {page_size} not supported (this host: {PROTOCOL_VERSION} / {PAGE_SIZE})"
                     )));
                 }
                 self.id = *migration_id;
+                self.secret = *resume_secret;
                 self.disks = disks_of(shape);
                 self.phase = Phase::Deciding { offered: *f };
                 Ok(DestAction::Decide)
@@ -253,13 +280,42 @@ impl DestSession {
 
     fn on_chunk(&mut self, disk: u8, offset: u64, id: ChunkId, len: usize) -> Result<DestAction, ProtocolError> {
         self.open_disk(disk)?;
-        match self.requested.get(&(disk, offset)) {
-            Some(&(want, l)) if want == id && l as usize == len => {
+        match self.requested.get(&(disk, offset)).copied() {
+            Some((want, l, seq)) if want == id && l as usize == len => {
+                let total = self.chunk_bytes + len as u64;
+                if total > self.chunk_quota() {
+                    return Err(violation(format!(
+                        "{total} bytes of chunks exceed this migration's quota of {} (its disks' declared sizes)",
+                        self.chunk_quota()
+                    )));
+                }
+                self.chunk_bytes = total;
                 self.requested.remove(&(disk, offset));
+                let d = &mut self.disks[disk as usize];
+                if let Some(part) = d.incomplete.iter_mut().find(|p| p.0 == seq) {
+                    part.2 -= 1;
+                }
+                while d.incomplete.front().is_some_and(|p| p.2 == 0) {
+                    d.incomplete.pop_front();
+                }
                 Ok(DestAction::StoreChunk)
             }
             _ => Err(violation(format!("chunk {id:?} at {offset} of disk {disk} was not asked for"))),
         }
+    }
+
+    /// Most chunk bytes this migration may deliver: the sum of its disks'
+    /// declared sizes. Each byte of an image is described once, by one
+    /// manifest, and only chunks asked for from those manifests are taken,
+    /// so an honest source never comes near it; the bound holds whatever
+    /// the bookkeeping above ever allows (a re-request, say).
+    pub fn chunk_quota(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).fold(0, u64::saturating_add)
+    }
+
+    /// Chunk bytes received so far.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes
     }
 
     fn on_manifest(&mut self, m: &Manifest) -> Result<DestAction, ProtocolError> {
@@ -274,6 +330,16 @@ impl DestSession {
                 m.seq, m.disk, m.offset, d.next_seq, d.next_offset
             )));
         }
+        // A chunk with data is cut with the agreed parameters (a hole may be
+        // any length: it costs nothing).
+        let max = self.chunking.max;
+        if let Some(c) = m.chunks.iter().find(|c| c.len == 0 || (c.id.is_some() && c.len > max)) {
+            return Err(violation(format!(
+                "manifest {} of disk {} has a chunk of {} bytes (agreed: at most {max})",
+                m.seq, m.disk, c.len
+            )));
+        }
+        let d = &mut self.disks[m.disk as usize];
         let end = m.offset.checked_add(m.len()).filter(|&e| e <= d.size);
         let end =
             end.ok_or_else(|| violation(format!("manifest {} of disk {} goes past the image's end", m.seq, m.disk)))?;
@@ -306,9 +372,48 @@ impl DestSession {
             if self.requested.len() >= MAX_REQUESTED {
                 return Err(violation(format!("more than {MAX_REQUESTED} chunks asked for at once")));
             }
-            self.requested.insert((disk, start), (id, len));
+            self.requested.insert((disk, start), (id, len, seq));
+        }
+        if !needed.is_empty() {
+            d.incomplete.push_back((seq, offset, needed.len()));
         }
         Ok(Message::DiskNeed(Need { disk, seq, chunks: needed }))
+    }
+
+    /// Whether `secret` is this migration's (compared in constant time).
+    pub fn is_secret(&self, secret: &[u8; 32]) -> bool {
+        self.secret.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// Whether the session can go on over a new connection: resuming was
+    /// agreed, and the device state has not been taken up (before `Ready`).
+    pub fn can_resume(&self) -> bool {
+        self.agreed(features::RESUME) && matches!(self.phase, Phase::Receiving | Phase::HaveState)
+    }
+
+    /// Takes the session up again after the link failed: what this side
+    /// holds (the round it is in, `received`: the pages of that round it
+    /// applied, as page-frame runs; each disk's first copy up to its oldest
+    /// incomplete part), and the session goes back to receiving from there
+    /// (a device state or disk digests that came are forgotten: they come
+    /// again).
+    pub fn resume(&mut self, received: Vec<PageRange>) -> Result<ResumePoint, ProtocolError> {
+        if !self.can_resume() {
+            return Err(self.unexpected("Resume"));
+        }
+        let disks = self.disks.iter().map(Disk::frontier).collect();
+        for d in &mut self.disks {
+            let at = d.frontier();
+            (d.next_seq, d.next_offset) = (at.next_seq, at.next_offset);
+            d.unanswered = None;
+            d.incomplete.clear();
+            d.done = false;
+        }
+        self.requested.clear();
+        self.round_pages = 0;
+        self.bulk_ended = false;
+        self.phase = Phase::Receiving;
+        Ok(ResumePoint { round: self.round, received, disks })
     }
 
     /// Accepts the VM: the `Accept` to send, with the features both sides
@@ -398,6 +503,13 @@ fn disks_of(shape: &VmShape) -> Vec<Disk> {
     shape
         .disks
         .iter()
-        .map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, unanswered: None, done: false })
+        .map(|d| Disk {
+            size: d.size,
+            next_seq: 0,
+            next_offset: 0,
+            unanswered: None,
+            incomplete: VecDeque::new(),
+            done: false,
+        })
         .collect()
 }

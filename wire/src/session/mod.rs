@@ -47,7 +47,7 @@ mod source;
 
 pub use destination::{DestAction, DestSession};
 pub use rules::{FailureOutcome, ProtocolError, Stream, stream_of};
-pub use source::{SourceEvent, SourceSession};
+pub use source::{Rewind, SourceEvent, SourceSession};
 
 pub use crate::message::Settlement;
 

@@ -48,7 +48,9 @@ pub fn stream_of(msg: &Message) -> Option<Stream> {
         | Message::TunnelClose { .. }
         | Message::TunnelKeepalive
         | Message::SettleQuery { .. }
-        | Message::SettleAnswer { .. } => None,
+        | Message::SettleAnswer { .. }
+        | Message::Resume { .. }
+        | Message::Resumed(_) => None,
     }
 }
 

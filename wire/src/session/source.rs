@@ -21,6 +21,10 @@ enum Phase {
     },
     AwaitReady,
     ReadyToCommit,
+    /// `Commit` went with the device state, before `Ready` (the feature
+    /// `EARLY_COMMIT`): the destination decides; its `Ready` or its
+    /// `Abort` comes next.
+    CommittedEarly,
     CommitSent,
     Done,
     Aborted(String),
@@ -35,6 +39,7 @@ impl Phase {
             Phase::Transfer { paused: true } => "in stop-and-copy",
             Phase::AwaitReady => "waiting for Ready",
             Phase::ReadyToCommit => "ready to commit",
+            Phase::CommittedEarly => "committed early, waiting for the destination's decision",
             Phase::CommitSent => "waiting for CommitAck",
             Phase::Done => "done",
             Phase::Aborted(_) => "aborted",
@@ -107,6 +112,20 @@ pub struct SourceSession {
     unapplied: VecDeque<u32>,
     /// Manifest parts awaiting their answer, in the order sent.
     pending: VecDeque<Pending>,
+    /// The secret a `Resume` of this migration carries.
+    secret: [u8; 32],
+}
+
+/// Where a resumed migration goes on from, as the source's machine agreed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewind {
+    /// The round to (re)send: the destination has every round before it.
+    pub round: u32,
+    /// Whether that round had already ended here (its `RoundDone` sent):
+    /// what it carried must go again, less what the destination has.
+    pub round_was_ended: bool,
+    /// Per disk, where its first copy goes on.
+    pub disks: Vec<crate::resume::DiskPoint>,
 }
 
 impl Default for SourceSession {
@@ -127,6 +146,7 @@ impl SourceSession {
             round: 0,
             unapplied: VecDeque::new(),
             pending: VecDeque::new(),
+            secret: [0; 32],
         }
     }
 
@@ -142,11 +162,13 @@ impl SourceSession {
         shape: VmShape,
         offered: u64,
         chunking: ChunkParams,
+        resume_secret: [u8; 32],
     ) -> Result<Message, ProtocolError> {
         if self.phase != Phase::Start {
             return Err(self.unexpected("Hello"));
         }
         self.id = migration_id;
+        self.secret = resume_secret;
         self.chunking = chunking;
         self.disks =
             shape.disks.iter().map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, done: false }).collect();
@@ -158,7 +180,55 @@ impl SourceSession {
             migration_id,
             shape,
             chunking,
+            resume_secret,
         })
+    }
+
+    /// The `Resume` that opens a new connection for this migration, after
+    /// the link failed before the commit; `None` when it cannot resume
+    /// (not agreed, or past the commit, or ended).
+    pub fn resume_request(&self) -> Option<Message> {
+        let live = matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit);
+        (live && self.features & features::RESUME != 0)
+            .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
+    }
+
+    /// The destination's answer to a `Resume`: checked against what was
+    /// sent, it moves the session back to pre-copy at the round the
+    /// destination is in, with each disk's first copy at its point there.
+    pub fn on_resumed(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
+        if self.resume_request().is_none() {
+            return Err(self.unexpected("Resumed"));
+        }
+        // The destination is in the oldest round not acknowledged here, or
+        // (having applied it) in the next; never elsewhere.
+        let oldest = self.unapplied.front().copied().unwrap_or(self.round);
+        if point.round < oldest || point.round > self.round {
+            return Err(violation(format!(
+                "resumed at round {} while {oldest}..={} was possible",
+                point.round, self.round
+            )));
+        }
+        if point.disks.len() != self.disks.len() {
+            return Err(violation(format!("resumed with {} disks of {}", point.disks.len(), self.disks.len())));
+        }
+        for (i, (p, d)) in point.disks.iter().zip(&self.disks).enumerate() {
+            if p.next_seq > d.next_seq || p.next_offset > d.next_offset || (p.next_seq == 0) != (p.next_offset == 0) {
+                return Err(violation(format!(
+                    "disk {i} resumed at part {} / {}, past what was sent",
+                    p.next_seq, p.next_offset
+                )));
+            }
+        }
+        let round_was_ended = point.round < self.round;
+        self.round = point.round;
+        self.unapplied.clear();
+        self.pending.clear();
+        for (p, d) in point.disks.iter().zip(&mut self.disks) {
+            (d.next_seq, d.next_offset, d.done) = (p.next_seq, p.next_offset, false);
+        }
+        self.phase = Phase::Transfer { paused: false };
+        Ok(Rewind { round: point.round, round_was_ended, disks: point.disks.clone() })
     }
 
     /// A message from the destination, on `stream`.
@@ -180,7 +250,7 @@ impl SourceSession {
                 self.phase = Phase::Aborted(format!("refused: {reason}"));
                 Ok(SourceEvent::Refused(reason.clone()))
             }
-            (Phase::Transfer { .. } | Phase::AwaitReady, Message::RoundApplied { round }) => {
+            (Phase::Transfer { .. } | Phase::AwaitReady | Phase::CommittedEarly, Message::RoundApplied { round }) => {
                 match self.unapplied.front() {
                     Some(r) if r == round => {
                         self.unapplied.pop_front();
@@ -190,19 +260,28 @@ impl SourceSession {
                 }
             }
             (Phase::Transfer { .. }, Message::DiskNeed(n)) => self.on_need(n.disk, n.seq, &n.chunks),
-            (Phase::AwaitReady, Message::Ready) => {
+            (Phase::AwaitReady | Phase::CommittedEarly, Message::Ready) => {
                 if !self.unapplied.is_empty() {
                     return Err(violation(format!("Ready before rounds {:?} were applied", self.unapplied)));
                 }
-                self.phase = Phase::ReadyToCommit;
+                self.phase = match self.phase {
+                    Phase::CommittedEarly => Phase::CommitSent,
+                    _ => Phase::ReadyToCommit,
+                };
                 Ok(SourceEvent::Ready)
             }
             (Phase::CommitSent, Message::CommitAck) => {
                 self.phase = Phase::Done;
                 Ok(SourceEvent::CommitAcked)
             }
+            // An early commit is the destination's to decide: its Abort
+            // (journalled there first) means it never commits.
             (
-                Phase::HelloSent { .. } | Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit,
+                Phase::HelloSent { .. }
+                | Phase::Transfer { .. }
+                | Phase::AwaitReady
+                | Phase::ReadyToCommit
+                | Phase::CommittedEarly,
                 Message::Abort { reason },
             ) => {
                 self.phase = Phase::Aborted(format!("destination aborted: {reason}"));
@@ -341,18 +420,23 @@ impl SourceSession {
         Ok(Message::DeviceState { state })
     }
 
-    /// The commit point: after this the source never runs the guest again.
+    /// The commit point: after this the source never runs the guest again
+    /// (unless the destination aborts an early commit). After `Ready`; or,
+    /// with `EARLY_COMMIT` agreed, right after the device state, leaving
+    /// the decision to the destination, which saves the round trip that
+    /// waiting for `Ready` costs the guest's downtime.
     pub fn commit(&mut self) -> Result<Message, ProtocolError> {
-        if self.phase != Phase::ReadyToCommit {
-            return Err(self.unexpected("Commit"));
-        }
-        self.phase = Phase::CommitSent;
+        self.phase = match self.phase {
+            Phase::ReadyToCommit => Phase::CommitSent,
+            Phase::AwaitReady if self.features & features::EARLY_COMMIT != 0 => Phase::CommittedEarly,
+            _ => return Err(self.unexpected("Commit")),
+        };
         Ok(Message::Commit)
     }
 
     /// Gives up (before commit): the `Abort` to send, if the link still works.
     pub fn abort(&mut self, reason: &str) -> Result<Message, ProtocolError> {
-        if matches!(self.phase, Phase::CommitSent | Phase::Done) {
+        if self.committed() {
             return Err(self.unexpected("Abort"));
         }
         self.phase = Phase::Aborted(reason.into());
@@ -369,7 +453,7 @@ impl SourceSession {
 
     /// Whether `Commit` was sent (the source must never run the VM again).
     pub fn committed(&self) -> bool {
-        matches!(self.phase, Phase::CommitSent | Phase::Done)
+        matches!(self.phase, Phase::CommittedEarly | Phase::CommitSent | Phase::Done)
     }
 
     /// Whether the destination acknowledged the commit.
@@ -380,7 +464,7 @@ impl SourceSession {
     /// What any failure in this state means.
     pub fn on_failure(&self) -> FailureOutcome {
         match self.phase {
-            Phase::CommitSent => FailureOutcome::InDoubt,
+            Phase::CommittedEarly | Phase::CommitSent => FailureOutcome::InDoubt,
             Phase::Done => FailureOutcome::Done,
             _ => FailureOutcome::ResumeSource,
         }

@@ -36,9 +36,10 @@ enum Step {
 }
 
 /// Drives both machines through a whole migration with disks, the link
-/// failing before message `fail_at` crosses. Returns what the failure means
+/// failing before message `fail_at` crosses; with `early`, the source
+/// commits right behind the device state. Returns what the failure means
 /// for the source and whether the destination owns the VM.
-fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
+fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
     let mut src = SourceSession::new();
     let mut dst = DestSession::new();
     let mut crossed = 0usize;
@@ -68,11 +69,12 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
             }
         };
     }
-    let hello = src
-        .hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, ChunkParams::DEFAULT)
-        .expect("hello");
+    // Chunks of up to half the test disk.
+    let params = ChunkParams { max: (DISK / 2) as u32, ..ChunkParams::DEFAULT };
+    let hello =
+        src.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params, [7; 32]).expect("hello");
     cross!(Step::ToDst(hello));
-    let accept = dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    let accept = dst.accept(features::ALL, params).expect("accept");
     cross!(Step::ToSrc(accept));
     // The first copy: two chunks cover the disk; the destination has the first.
     let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
@@ -102,23 +104,40 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
     cross!(Step::ToDst(last));
     dst.on_bulk_end().expect("bulk ends");
     let state = src.device_state(vec![1, 2, 3]).expect("state");
-    cross!(Step::ToDst(state));
-    cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
-    let ready = dst.ready().expect("ready");
-    cross!(Step::ToSrc(ready));
-    let commit = src.commit().expect("commit");
-    cross!(Step::ToDst(commit));
+    if early {
+        // The Commit travels behind the state; the destination's driver
+        // reads it only once it is ready itself.
+        let commit = src.commit().expect("early commit");
+        cross!(Step::ToDst(state));
+        let ready = dst.ready().expect("ready");
+        cross!(Step::ToDst(commit));
+        cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
+        cross!(Step::ToSrc(ready));
+    } else {
+        cross!(Step::ToDst(state));
+        cross!(Step::ToSrc(Message::RoundApplied { round: 1 }));
+        let ready = dst.ready().expect("ready");
+        cross!(Step::ToSrc(ready));
+        let commit = src.commit().expect("commit");
+        cross!(Step::ToDst(commit));
+    }
     cross!(Step::ToSrc(Message::CommitAck));
     (src.on_failure(), dst.owns_vm(), crossed)
 }
 
 #[test]
 fn exactly_one_side_runs_the_vm_whatever_fails() {
-    let (_, _, total) = run(usize::MAX);
+    for early in [false, true] {
+        one_side_runs_the_vm(early);
+    }
+}
+
+fn one_side_runs_the_vm(early: bool) {
+    let (_, _, total) = run(usize::MAX, early);
     assert_eq!(total, 17, "the whole exchange");
     let mut outcomes = Vec::new();
     for fail_at in 0..=total {
-        let (src, dst_owns, _) = run(fail_at);
+        let (src, dst_owns, _) = run(fail_at, early);
         match src {
             // Before commit: the source resumes and the destination must not run it.
             FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
@@ -144,6 +163,7 @@ fn receiving() -> DestSession {
         migration_id: MigrationId([2; 16]),
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
+        resume_secret: [7; 32],
     };
     dst.on_message(Stream::Control, &hello).expect("hello");
     dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
@@ -156,6 +176,45 @@ fn receiving() -> DestSession {
     assert_eq!(dst.on_message(Stream::Control, &Message::DiskManifest(m)), Ok(DestAction::AnswerManifest));
     dst.need(0, vec![0]).expect("need");
     dst
+}
+
+/// A source at the end of its stop-and-copy, its device state sent, having
+/// agreed `features` with the destination.
+fn state_sent(features: u64) -> SourceSession {
+    let mut src = SourceSession::new();
+    let shape = VmShape { disks: Vec::new(), ..shape() };
+    src.hello(MigrationId([3; 16]), shape, features, ChunkParams::DEFAULT, [7; 32]).expect("hello");
+    let accept = Message::Accept { features, chunking: ChunkParams::DEFAULT };
+    src.on_message(Stream::Control, &accept).expect("accept");
+    src.stop_and_copy().expect("pause");
+    src.device_state(Vec::new()).expect("state");
+    src
+}
+
+#[test]
+fn an_early_commit_is_the_destinations_to_decide() {
+    // Not agreed: Commit only after Ready.
+    let mut src = state_sent(features::ALL & !features::EARLY_COMMIT);
+    assert!(src.commit().is_err(), "a commit before Ready without EARLY_COMMIT");
+    // Agreed: the source commits at once and is in doubt until it hears.
+    let mut src = state_sent(features::ALL & !features::SYNC_ONLY);
+    src.commit().expect("early commit");
+    assert!(src.committed());
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+    assert!(src.abort("too late").is_err(), "no abort after a commit");
+    assert!(src.resume_request().is_none(), "no resume after a commit");
+    assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err(), "an ack before Ready");
+    // The destination aborts: it never commits, and the guest is ours again.
+    let mut aborted = src.clone();
+    let abort = Message::Abort { reason: "disk 0 does not match".into() };
+    assert!(matches!(aborted.on_message(Stream::Control, &abort), Ok(SourceEvent::Aborted(_))));
+    assert_eq!(aborted.on_failure(), FailureOutcome::ResumeSource);
+    // Or it is ready and runs the guest.
+    assert_eq!(src.on_message(Stream::Control, &Message::Ready), Ok(SourceEvent::Ready));
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+    assert!(src.on_message(Stream::Control, &abort).is_err(), "an abort after Ready");
+    assert_eq!(src.on_message(Stream::Control, &Message::CommitAck), Ok(SourceEvent::CommitAcked));
+    assert_eq!(src.on_failure(), FailureOutcome::Done);
 }
 
 #[test]
@@ -245,7 +304,7 @@ fn a_disk_closed_early_or_a_ready_too_soon_is_refused() {
 #[test]
 fn the_source_checks_every_answer_against_what_it_sent() {
     let mut src = SourceSession::new();
-    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT)
+    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT, [7; 32])
         .expect("hello");
     // Features never offered.
     let mut s = src.clone();
@@ -302,7 +361,7 @@ fn messages_out_of_order_are_errors_and_abort_works_until_the_commit() {
     }
     let mut src = SourceSession::new();
     assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err());
-    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT).expect("hello");
+    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT, [7; 32]).expect("hello");
     src.on_message(Stream::Control, &Message::Accept { features: 0, chunking: ChunkParams::DEFAULT }).expect("accept");
     src.stop_and_copy().expect("pause");
     src.device_state(Vec::new()).expect("state");
@@ -323,4 +382,140 @@ fn a_sync_carries_no_pages_and_no_state() {
     d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
     assert!(d.clone().on_message(Stream::Bulk, &pages(0, 1)).is_err());
     assert!(d.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).is_err());
+}
+
+#[test]
+fn a_resume_point_is_checked_against_what_was_sent() {
+    use crate::resume::{DiskPoint, ResumePoint};
+    let mut src = SourceSession::new();
+    src.hello(MigrationId([1; 16]), shape(), features::DISK_COPY | features::RESUME, ChunkParams::DEFAULT, [7; 32])
+        .expect("hello");
+    assert!(src.resume_request().is_none(), "nothing to resume before the destination accepted");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: features::DISK_COPY | features::RESUME, chunking: ChunkParams::DEFAULT },
+    )
+    .expect("accept");
+    let id = ChunkId([1; 32]);
+    src.manifest(0, 0, 0, &[(4096, Some(id))]).expect("manifest");
+    src.on_message(Stream::Control, &Message::DiskNeed(Need { disk: 0, seq: 0, chunks: vec![0] })).expect("need");
+    src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("manifest");
+    src.round_done(0).expect("round 0 ended");
+    let point = |round, seq, offset| ResumePoint {
+        round,
+        received: Vec::new(),
+        disks: vec![DiskPoint { next_seq: seq, next_offset: offset }],
+    };
+    for (bad, why) in [
+        (point(2, 1, 4096), "a round never sent"),
+        (point(1, 3, 12288), "a part never sent"),
+        (point(0, 1, 0), "a part without its offset"),
+    ] {
+        assert!(src.clone().on_resumed(&bad).is_err(), "{why}");
+    }
+    assert_eq!(src.resume_request(), Some(Message::Resume { migration_id: MigrationId([1; 16]), secret: [7; 32] }));
+    let rewind = src.on_resumed(&point(0, 1, 4096)).expect("a point within what was sent");
+    assert_eq!((rewind.round, rewind.round_was_ended), (0, true));
+    assert_eq!(src.round(), 0);
+    // The second part goes again, under its number.
+    src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("re-sent");
+    // After the commit there is nothing to resume.
+    let mut late = SourceSession::new();
+    late.hello(MigrationId([1; 16]), shape(), features::RESUME, ChunkParams::DEFAULT, [7; 32]).expect("hello");
+    late.on_message(Stream::Control, &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT })
+        .expect("accept");
+    late.stop_and_copy().expect("pause");
+    late.device_state(Vec::new()).expect("state");
+    late.on_message(Stream::Control, &Message::Ready).expect("ready");
+    late.commit().expect("commit");
+    assert!(late.resume_request().is_none());
+}
+
+#[test]
+fn chunks_are_held_to_the_agreed_size_and_the_migrations_quota() {
+    let mut d = receiving();
+    assert_eq!(d.chunk_quota(), DISK, "the quota is the declared disk sizes");
+    d.on_message(
+        Stream::Bulk,
+        &Message::DiskChunk(Chunk { disk: 0, offset: 0, id: ChunkId([5; 32]), data: vec![0; 65536] }),
+    )
+    .expect("chunk");
+    assert_eq!(d.chunk_bytes(), 65536);
+    // A chunk with data longer than the agreed maximum (256 KiB), or of no
+    // length at all, is refused with its manifest.
+    for len in [ChunkParams::DEFAULT.max + 1, 0] {
+        let mut d = receiving();
+        d.on_message(
+            Stream::Bulk,
+            &Message::DiskChunk(Chunk { disk: 0, offset: 0, id: ChunkId([5; 32]), data: vec![0; 65536] }),
+        )
+        .expect("chunk");
+        let big = crate::disk::Manifest {
+            disk: 0,
+            seq: 1,
+            offset: 65536,
+            chunks: vec![crate::disk::ManifestChunk { len, id: Some(ChunkId([6; 32])) }],
+        };
+        let e = d.on_message(Stream::Control, &Message::DiskManifest(big)).expect_err("too long");
+        assert!(e.to_string().contains("agreed: at most"), "{e}");
+    }
+}
+
+#[test]
+fn a_destination_resumes_from_what_it_holds() {
+    let mut d = receiving();
+    d.accept(features::ALL, ChunkParams::DEFAULT).expect_err("accepted already");
+    let mut d2 = DestSession::new();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        features: features::DISK_COPY | features::RESUME | features::ZSTD,
+        page_size: 4096,
+        migration_id: MigrationId([2; 16]),
+        shape: shape(),
+        chunking: ChunkParams::DEFAULT,
+        resume_secret: [9; 32],
+    };
+    d2.on_message(Stream::Control, &hello).expect("hello");
+    d2.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    assert!(d2.is_secret(&[9; 32]) && !d2.is_secret(&[8; 32]));
+    let part = |seq, offset, id: u8| crate::disk::Manifest {
+        disk: 0,
+        seq,
+        offset,
+        chunks: vec![crate::disk::ManifestChunk { len: 65536, id: Some(ChunkId([id; 32])) }],
+    };
+    // Part 0 complete, part 1 asked for and not arrived, part 2 unanswered.
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(0, 0, 1))).expect("part 0");
+    d2.need(0, vec![0]).expect("need 0");
+    let chunk =
+        |offset, id: u8| Message::DiskChunk(Chunk { disk: 0, offset, id: ChunkId([id; 32]), data: vec![0; 65536] });
+    d2.on_message(Stream::Bulk, &chunk(0, 1)).expect("chunk 0");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(1, 65536, 2))).expect("part 1");
+    d2.need(0, vec![0]).expect("need 1");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(2, 131072, 3))).expect("part 2");
+    d2.on_message(Stream::Bulk, &pages(0, 2)).expect("pages");
+    let received = vec![wanmig_types::PageRange { first: 0, count: 2 }];
+    let point = d2.resume(received.clone()).expect("resume");
+    assert_eq!(point.round, 0);
+    assert_eq!(point.received, received);
+    assert_eq!(point.disks, vec![crate::resume::DiskPoint { next_seq: 1, next_offset: 65536 }]);
+    // The source goes on from there: part 1 again, round 0's pages again.
+    assert!(d2.on_message(Stream::Bulk, &chunk(65536, 2)).is_err(), "nothing is asked for any more");
+    d2.on_message(Stream::Control, &Message::DiskManifest(part(1, 65536, 2))).expect("part 1 again");
+    d2.need(0, Vec::new()).expect("it came from the store meanwhile");
+    d2.on_message(Stream::Bulk, &pages(0, 3)).expect("pages again");
+    d2.on_message(Stream::Bulk, &Message::RoundDone { round: 0, pages: 3 }).expect("the round's count starts over");
+    // Not once the device state was taken up and Ready sent.
+    let mut late = d2.clone();
+    late.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).expect("state");
+    assert!(late.can_resume(), "a device state that came is sent again");
+    // Without RESUME agreed there is nothing to take up.
+    let mut no = DestSession::new();
+    let mut hello = crate::tests::hello(PROTOCOL_VERSION);
+    if let Message::Hello { features: f, .. } = &mut hello {
+        *f = features::DISK_COPY;
+    }
+    no.on_message(Stream::Control, &hello).expect("hello");
+    no.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    assert!(!no.can_resume() && no.resume(Vec::new()).is_err());
 }
