@@ -1146,7 +1146,10 @@ def write_markdown(path, meta, results):
         "",
     ]
     for rr in meta.get("reruns", []):
-        lines.insert(-1, f"- Re-run on {rr['at']} (`--merge` {rr['args']}): "
+        load = (f"; load average {rr['load_min']:.1f}–{rr['load_max']:.1f}, first touch "
+                f"{rr['first_touch_s_per_gib']} s/GiB" if "load_min" in rr else "")
+        lines.insert(-1, f"- Re-run on {rr['at']} at wanmig {rr.get('wanmig_commit', '?')} "
+                     f"(`scripts/compare-qemu.sh {rr['args']}`{load}): "
                      + ", ".join(" / ".join(x) for x in rr["rows"]) + " (marked \"re-run\" below).")
     for prof in meta["profiles"]:
         for gk in meta["guest_keys"]:
@@ -1359,7 +1362,13 @@ def main():
         meta, results = saved["meta"], saved["results"]
         meta.setdefault("reruns", []).append(
             {"at": datetime.datetime.now().isoformat(timespec="seconds"), "args": a.invocation,
-             "first_touch_s_per_gib": new_meta["first_touch_s_per_gib"], "rows": []})
+             "wanmig_commit": new_meta["wanmig_commit"], "first_touch_s_per_gib": new_meta["first_touch_s_per_gib"],
+             "rows": []})
+        # Rows of a profile or guest the earlier run did not have are added.
+        meta["profiles"] += [p for p in profiles if p not in meta["profiles"]]
+        meta["guest_keys"] += [g for g in a.guests_list if g not in meta["guest_keys"]]
+        for g in a.guests_list:
+            meta["guests"].setdefault(g, new_meta["guests"][g])
         a.out = os.path.dirname(os.path.abspath(a.merge))
         name = os.path.basename(a.merge)[:-len(".json")]
         started -= meta.get("wall_min", 0) * 60
@@ -1375,7 +1384,10 @@ def main():
                 log("  " + " | ".join(f"{h}: {c}" for h, c in zip(HEADER[1:], row_cells(r)[1:])))
                 if a.merge:
                     r["rerun"] = True
-                    meta["reruns"][-1]["rows"].append([prof, gk, tool])
+                    rr = meta["reruns"][-1]
+                    rr["rows"].append([prof, gk, tool])
+                    rr["load_min"] = min(rr.get("load_min", 1e9), r["loadavg_before"][0], r["loadavg_after"][0])
+                    rr["load_max"] = max(rr.get("load_max", 0), r["loadavg_before"][0], r["loadavg_after"][0])
                     at = [i for i, x in enumerate(results) if (x["profile"], x["guest"], x["tool"]) == (prof, gk, tool)]
                     if at:
                         results[at[0]] = r
