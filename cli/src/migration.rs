@@ -256,13 +256,13 @@ pub struct SendArgs {
     /// are copied). Disks are always copied whole before the guest moves.
     #[arg(long, default_value = "auto")]
     postcopy: wanmig_migrate::source::options::PostcopyMode,
-    /// Send the commit only after the destination says it is ready (the
-    /// classic two-phase commit). By default it follows the device state
-    /// and the destination decides: a round trip less of downtime, but a
-    /// failure during the last moments leaves the source paused in doubt
-    /// (`wanmig settle`) instead of running on.
+    /// Send the commit right behind the device state and let the
+    /// destination decide: a round trip less of downtime, but a failure or
+    /// an outage after the state leaves the source paused in doubt (`wanmig
+    /// settle`) instead of running on or resuming. By default the commit
+    /// waits for the destination's Ready (the classic two-phase commit).
     #[arg(long)]
-    commit_after_ready: bool,
+    early_commit: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -341,7 +341,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         sync,
         resume_window_s: a.resume_window.as_secs(),
         postcopy: a.postcopy,
-        commit_after_ready: a.commit_after_ready,
+        early_commit: a.early_commit,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {

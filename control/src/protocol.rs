@@ -154,10 +154,11 @@ pub struct MigrateRequest {
     /// Whether the guest may move before all its pages (post-copy).
     #[serde(default)]
     pub postcopy: wanmig_migrate::source::options::PostcopyMode,
-    /// Commit only after the destination's Ready (the classic two-phase
-    /// commit), not right behind the device state.
+    /// Send the commit right behind the device state and let the
+    /// destination decide (a round trip less of downtime), instead of after
+    /// its Ready.
     #[serde(default)]
-    pub commit_after_ready: bool,
+    pub early_commit: bool,
 }
 
 fn default_resume_window_s() -> u64 {

@@ -90,14 +90,11 @@ fn destination_lost_in_stop_and_copy_before_commit_resumes_the_source() {
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
     // The destination dies after receiving the device state, before Ready;
-    // the source waits for Ready before it commits.
+    // the source waits for Ready before it commits (the default).
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
     let mut events = Vec::new();
-    let mut req = migrate_request(&dst.addr, &keys, None, false);
-    let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
-    migration.commit_after_ready = true;
-    let resp = migrate_with(&src, req, &mut |e| events.push(e.to_string()));
+    let resp = migrate(&src, &dst.addr, &keys, &mut |e| events.push(e.to_string()));
     assert!(events.iter().any(|e| e == "stop_and_copy"), "{events:?}");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
@@ -114,11 +111,14 @@ fn destination_lost_before_deciding_an_early_commit_leaves_the_source_in_doubt_u
     let keys = Keys::new(vm.dir.path());
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
-    // By default the commit follows the device state: the destination
-    // dies with both in hand, before it decided.
+    // With --early-commit the commit follows the device state: the
+    // destination dies with both in hand, before it decided.
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
-    let resp = migrate(&src, &dst.addr, &keys, &mut |_| {});
+    let mut req = migrate_request(&dst.addr, &keys, None, false);
+    let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
+    migration.early_commit = true;
+    let resp = migrate_with(&src, req, &mut |_| {});
     assert_eq!(resp.outcome, Some(MigrateOutcome::InDoubt), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
     let p = src.progress().expect("status");

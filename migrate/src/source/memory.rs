@@ -225,13 +225,12 @@ fn round_report(
     }
 }
 
-/// The switch-over's cost beyond what it sends (measured on loopback,
-/// where sending is nearly free: see `SWITCH_FLOOR`): the commit's round
-/// trips (one when the destination decides an early commit: the device
-/// state's way there and the acknowledgement's way back; two when the
-/// source waits for `Ready`), and flushing the last disk writes, which
-/// the destination does before it commits (the rest were flushed between
-/// rounds) at [`FLUSH_RATE`].
+/// The switch-over's cost beyond what it sends: a fixed part
+/// ([`SWITCH_FLOOR`]), the commit's round trips (one when the destination
+/// decides an early commit: the device state's way there and the
+/// acknowledgement's way back; two when the source waits for `Ready`), and
+/// flushing the last disk writes, which the destination does before it
+/// commits (the rest were flushed between rounds) at [`FLUSH_RATE`].
 fn switch_cost(run: &Run<'_>, rtt: Duration, disk_dirty: u64) -> Duration {
     let early = run.link.session.features() & features::EARLY_COMMIT != 0;
     let trips = if early { 1 } else { 2 };
@@ -239,9 +238,15 @@ fn switch_cost(run: &Run<'_>, rtt: Duration, disk_dirty: u64) -> Duration {
 }
 
 /// The switch-over's fixed cost at zero RTT with nothing left to send:
-/// the final dirty harvest, device state, the destination's checks and
-/// build of the VM, the journal records at both ends.
-const SWITCH_FLOOR: Duration = Duration::from_millis(10);
+/// the source's last flush and dirty harvest, the device state, the
+/// destination's checks and build of the VM, the journal records and the
+/// images' installation. Measured with `cargo bench -p wanmig --bench
+/// downtime` on a 2-core VM: 30–70 ms from the pause to the
+/// acknowledgement on loopback for a last round of 25–250 pages, of which
+/// sending took 2–15 ms; the destination's share alone (logged by
+/// `receive`) 10–25 ms. Taken at the low end: an estimate that is too high
+/// throttles the guest for nothing.
+const SWITCH_FLOOR: Duration = Duration::from_millis(25);
 
 /// Bytes per second a disk image is taken to flush at (the last disk
 /// writes, inside the downtime).

@@ -246,7 +246,7 @@ async fn negotiate(
         offer &= !features::TUNNEL;
     }
     // A sync pauses nothing: it keeps the classic commit after Ready.
-    if opts.sync || opts.commit_after_ready {
+    if opts.sync || !opts.early_commit {
         offer &= !features::EARLY_COMMIT;
     }
     if opts.resume_window.is_zero() {

@@ -51,10 +51,11 @@ pub struct SendOptions {
     pub resume_window: Duration,
     /// Whether the guest may move before all its pages ([`PostcopyMode`]).
     pub postcopy: PostcopyMode,
-    /// Send `Commit` only after the destination's `Ready` (the classic
-    /// two-phase commit): a round trip more of downtime, and the source is
-    /// in doubt only from the commit on, not from the device state on.
-    pub commit_after_ready: bool,
+    /// Send `Commit` right behind the device state, before the
+    /// destination's `Ready`, and let it decide: a round trip less of
+    /// downtime, but the source is in doubt from the device state on (an
+    /// outage then is not resumed), not only from the commit on.
+    pub early_commit: bool,
 }
 
 /// When the guest moves in post-copy (`send --postcopy`).
@@ -112,7 +113,7 @@ impl SendOptions {
             state_dir,
             resume_window: Duration::from_secs(600),
             postcopy: PostcopyMode::default(),
-            commit_after_ready: false,
+            early_commit: false,
         }
     }
 }

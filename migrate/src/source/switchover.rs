@@ -26,9 +26,13 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     let paused_at = Instant::now();
     run.vm.pause()?;
     run.paused = true;
-    // Disk writes the guest saw complete must be on the images before
-    // they are read for the last time (or another host opens them).
-    run.vm.sync_disks()?;
+    // On shared storage the destination opens these very images: the
+    // writes the guest saw complete must be on them first. A copied disk
+    // is read here through the page cache, which holds them already; its
+    // flush is no business of the guest's downtime.
+    if run.disks.is_none() {
+        run.vm.sync_disks()?;
+    }
     run.link.session.stop_and_copy()?;
     let round = run.link.session.round();
     let mut last_pages = 0;
