@@ -411,8 +411,6 @@ impl Attempt<'_> {
         DestPostcopy::start(ram, flow, bulk, zstd, urgent, requests)
     }
 
-    /// Whether the attempt can wait for its source to come back after `e`.
-
     /// Whether the attempt can wait for its source to come back after `e`:
     /// a lost link, not a source that cancelled nor one that holds a live
     /// connection and sends nothing (a stall is no outage: it keeps the slot
@@ -724,8 +722,19 @@ impl Attempt<'_> {
             ms(t_installed, Instant::now())
         ));
         crate::failpoint("receive-exit-before-commit-ack", Duration::ZERO);
-        // Post-copy acknowledges the commit itself, then brings the pages
-        // the guest still lacks.
+        self.hand_over(adm, vm, log).await
+    }
+
+    /// The guest runs here: acknowledges the commit (post-copy first
+    /// brings the pages the guest still lacks), then starts the network
+    /// tunnel's end when asked for.
+    async fn hand_over<V>(
+        mut self,
+        mut adm: Admitted,
+        vm: V,
+        log: &dyn Fn(String),
+    ) -> Result<Option<Arrived<V>>, ReceiveError> {
+        // Post-copy acknowledges the commit itself.
         let acked = match adm.postcopy.take() {
             Some(pc) => {
                 self.finish_postcopy(&mut adm, pc, log).await?;
