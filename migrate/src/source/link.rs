@@ -76,7 +76,7 @@ impl BulkSender {
     pub fn new(stream: FrameSender, xbzrle_cache: usize, zstd: bool, rate: Option<f64>) -> Result<Self, SendError> {
         let zstd = match zstd {
             true => Some(
-                compress::StreamCompressor::new(compress::DEFAULT_LEVEL)
+                compress::StreamCompressor::with_workers(compress::DEFAULT_LEVEL, compress::default_workers())
                     .map_err(|e| SendError::Refused(format!("zstd: {e}")))?,
             ),
             false => None,
@@ -309,15 +309,16 @@ impl Link {
     /// Tells the destination why we give up and waits for it to have heard
     /// (best effort, bounded: the link may be what failed). Closing the
     /// connection right after a send would drop what is still in flight.
-    pub async fn abort(&mut self, reason: &str) {
-        if let Ok(abort) = self.session.abort(reason) {
-            let ctl = &mut self.ctl;
-            let _ = tokio::time::timeout(ABORT_DELIVERY, async {
-                ctl.send(&abort).await?;
-                ctl.finish().await
-            })
-            .await;
-        }
+    /// Returns whether it was delivered.
+    pub async fn abort(&mut self, reason: &str) -> bool {
+        let Ok(abort) = self.session.abort(reason) else { return false };
+        let ctl = &mut self.ctl;
+        let told = tokio::time::timeout(ABORT_DELIVERY, async {
+            ctl.send(&abort).await?;
+            ctl.finish().await
+        })
+        .await;
+        matches!(told, Ok(Ok(())))
     }
 
     /// The destination's own reason, if it aborted (waiting briefly for it

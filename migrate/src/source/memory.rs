@@ -175,7 +175,7 @@ async fn rounds(
                 run.summary.max_throttle = run.summary.max_throttle.max(p);
             }
             Decision::GiveUp(reason) => {
-                run.link.abort(&reason).await;
+                let _ = run.link.abort(&reason).await;
                 return Err(SendError::NoConvergence(reason));
             }
         }

@@ -202,7 +202,12 @@ async fn attempt(
         Some(r) => r,
         None => {
             let why = steer.cancel_requested().unwrap_or_default();
-            run.link.abort(&format!("cancelled: {why}")).await;
+            // Not delivered (a send the cancel cut short tore the stream):
+            // the connection's close says it, before the stream's end could
+            // pass for an outage.
+            if !run.link.abort(&format!("cancelled: {why}")).await {
+                run.conn.close(wanmig_transport::CLOSE_CANCELLED);
+            }
             Err(SendError::Cancelled(why))
         }
     };
