@@ -182,26 +182,11 @@ fn answer_settle(mut h: Heard, journal: DestJournal, notes: tokio::sync::mpsc::U
     });
 }
 
-/// A settle query about the attempt running here, decided before it is
-/// answered; `true` when it was settled as not committed: the attempt (its
-/// source gave up on it) never may commit now, and ends at once rather than
-/// at its next deadline.
-fn settle_running(h: Heard, id: MigrationId, journal: &DestJournal, vm: &str, say: &dyn Fn(String)) -> bool {
-    match journal.settle(id) {
-        Ok(outcome) => {
-            let end = outcome == Settlement::NotCommitted;
-            if end {
-                say(format!("migration {id} of VM {vm} was settled as not committed: discarded"));
-            }
-            say(format!("settle query for migration {id}: {outcome:?}"));
-            reply_settled(h, id, outcome);
-            end
-        }
-        Err(e) => {
-            say(format!("settle query for {id}: {}", error_chain(&e)));
-            false
-        }
-    }
+/// A settle query about the attempt running here, decided (not yet
+/// answered): `NotCommitted` means its source gave up on it, and it never
+/// may commit now; the caller ends it, then answers.
+fn settle_running(id: MigrationId, journal: &DestJournal, say: &dyn Fn(String)) -> Option<Settlement> {
+    journal.settle(id).map_err(|e| say(format!("settle query for {id}: {}", error_chain(&e)))).ok()
 }
 
 /// A source coming back to resume: handed to the running attempt (which
@@ -293,9 +278,15 @@ async fn accept_until_received<H: VmHost>(
                 };
                 match (&h.first, running.is_some()) {
                     (&Message::SettleQuery { migration_id: id }, true) if id == running_id => {
-                        let ended = settle_running(h, id, journal, &vm_name, &say);
-                        if ended {
-                            (running, rejoin) = (None, None);
+                        if let Some(outcome) = settle_running(id, journal, &say) {
+                            // Ended (its VM, socket and images with it)
+                            // before the answer goes out.
+                            if outcome == Settlement::NotCommitted {
+                                (running, rejoin) = (None, None);
+                                say(format!("migration {id} of VM {vm_name} was settled as not committed: discarded"));
+                            }
+                            say(format!("settle query for migration {id}: {outcome:?}"));
+                            reply_settled(h, id, outcome);
                         }
                     }
                     (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),

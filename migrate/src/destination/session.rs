@@ -441,22 +441,7 @@ impl Attempt<'_> {
         ));
         let deadline = tokio::time::Instant::now() + window;
         loop {
-            let r = match self.early.take() {
-                Some(r) => r,
-                None => {
-                    let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
-                    match tokio::time::timeout_at(deadline, rejoins.recv()).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Err(TransportError::Lost("the listener is gone".into()).into()),
-                        Err(_) => {
-                            return Err(ReceiveError::Aborted(format!(
-                                "the source did not come back within the resume window ({window:?}) after: {}",
-                                error_chain(why)
-                            )));
-                        }
-                    }
-                }
-            };
+            let r = self.next_rejoin(deadline, why, "").await?;
             match self.rejoin(adm, r).await {
                 Ok(peer) => {
                     log(format!("source reconnected from {peer}: migration {} resumed", adm.session.id()));
@@ -536,22 +521,7 @@ impl Attempt<'_> {
         ));
         let deadline = tokio::time::Instant::now() + window;
         loop {
-            let r = match self.early.take() {
-                Some(r) => r,
-                None => {
-                    let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
-                    match tokio::time::timeout_at(deadline, rejoins.recv()).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Err(TransportError::Lost("the listener is gone".into()).into()),
-                        Err(_) => {
-                            return Err(ReceiveError::Aborted(format!(
-                                "post-copy lost: the source did not come back within the resume window ({window:?}) after: {}",
-                                error_chain(why)
-                            )));
-                        }
-                    }
-                }
-            };
+            let r = self.next_rejoin(deadline, why, "post-copy lost: ").await?;
             match self.rejoin_postcopy(adm, pc, r).await {
                 Ok(peer) => {
                     log(format!("source reconnected from {peer}: post-copy of {} resumed", adm.session.id()));
@@ -595,6 +565,31 @@ impl Attempt<'_> {
         pc.restart(bulk, zstd, urgent, requests);
         (self.conn, self.tx, self.rx) = (r.conn, r.tx, r.rx);
         Ok(r.peer)
+    }
+
+    /// The next connection that claims to resume this attempt (heard while
+    /// the old one still served, or since), until `deadline`: then the
+    /// attempt fails, its message led by `lost` and naming `why` the link
+    /// went.
+    async fn next_rejoin(
+        &mut self,
+        deadline: tokio::time::Instant,
+        why: &ReceiveError,
+        lost: &str,
+    ) -> Result<Rejoin, ReceiveError> {
+        if let Some(r) = self.early.take() {
+            return Ok(r);
+        }
+        let rejoins = self.rejoins.as_mut().ok_or(TransportError::Lost("no way to resume".into()))?;
+        match tokio::time::timeout_at(deadline, rejoins.recv()).await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(TransportError::Lost("the listener is gone".into()).into()),
+            Err(_) => Err(ReceiveError::Aborted(format!(
+                "{lost}the source did not come back within the resume window ({:?}) after: {}",
+                self.opts.resume_window,
+                error_chain(why)
+            ))),
+        }
     }
 
     /// Takes the attempt up on `r`'s connection if it proves to be this

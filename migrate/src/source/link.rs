@@ -76,7 +76,9 @@ impl BulkSender {
     pub fn new(stream: FrameSender, xbzrle_cache: usize, zstd: bool, rate: Option<f64>) -> Result<Self, SendError> {
         let zstd = match zstd {
             true => Some(
+                // zstd's threads where its build has them; else on this one.
                 compress::StreamCompressor::with_workers(compress::DEFAULT_LEVEL, compress::default_workers())
+                    .or_else(|_| compress::StreamCompressor::new(compress::DEFAULT_LEVEL))
                     .map_err(|e| SendError::Refused(format!("zstd: {e}")))?,
             ),
             false => None,
