@@ -515,7 +515,10 @@ fn a_cancel_before_the_commit_resumes_the_source_at_any_point() {
 fn a_lowered_bandwidth_cap_applies_from_the_next_round() {
     let s = setup();
     let mut vm = FakeVm::new(&s.src_dir);
-    let steer = tunables();
+    // A budget the capped rounds can meet on a loaded machine (the
+    // switch-over's own cost alone is counted at 125 ms): the test is about
+    // the cap, not about converging.
+    let steer = Steering::new(Tunables { downtime: Duration::from_secs(2), max_bandwidth: None });
     let rt = runtime();
     let mut rates = Vec::new();
     let ends = rt.block_on(async {
@@ -540,6 +543,7 @@ fn a_lowered_bandwidth_cap_applies_from_the_next_round() {
     });
     assert_eq!(ends.0.0, Outcome::Migrated, "{:?}", ends.0.1.error);
     // The cap shows in the progress from the round after the change on.
+    assert!(rates.len() >= 2, "the change was seen in a later round: {rates:?}");
     assert!(rates.iter().skip(1).all(|(_, cap)| *cap == Some(16_000_000)), "{rates:?}");
 }
 
