@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo run --release --locked -- demo "$@"
+cargo run --release --locked -p wanmig --bin wanmig -- demo "$@"
