@@ -19,7 +19,6 @@
 #[path = "../../tests/integration/harness.rs"]
 mod harness;
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,20 +30,7 @@ const GUEST: &str = "ws_mib = 256\nrate_mib = 32\ndisk_kib = 256\ndisk_mib = 512
 /// The guest's disk: 1 GiB, of which the 256 MiB past the guest's own
 /// region are pseudo-random.
 fn fill_disk(vm: &VmDir) {
-    let f = std::fs::OpenOptions::new().write(true).open(&vm.disk).expect("disk");
-    f.set_len(1 << 30).expect("size");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for mib in 512..768u64 {
-        let block: Vec<u8> = (0..1 << 17)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect();
-        f.write_all_at(&block, mib << 20).expect("fill");
-    }
+    harness::fill_incompressible(&vm.disk, 1 << 30, 512..768, 0x9e37_79b9_7f4a_7c15);
 }
 
 fn run(name: &str, gib: u64, wan: Option<&WanPair>, rtt_ms: f64) {

@@ -10,11 +10,10 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use wanmig_control::{self as control, Request};
-use wanmig_migrate::report::{Phase, Summary};
+use wanmig_migrate::report::Phase;
 
 use crate::harness::*;
 
@@ -41,34 +40,6 @@ fn busy_vm() -> VmDir {
         f.write_all_at(&b, i << 20).expect("fill");
     }
     vm
-}
-
-/// `wanmig send` of `config` to `dest`, as a child process, with extra args.
-fn send_child(config: &Path, dest: &str, keys: &Keys, extra: &[&str]) -> Child {
-    wanmig()
-        .arg("send")
-        .arg(config)
-        .arg(dest)
-        .arg("--identity")
-        .arg(&keys.src)
-        .args(["--peer", &keys.dst_fp, "--json"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wanmig send")
-}
-
-/// The send's exit code and its JSON summary.
-fn finish_send(child: Child) -> (i32, Summary, String) {
-    let out = child.wait_with_output().expect("send ends");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("no JSON from send ({e}): {stdout}\n{stderr}"));
-    let summary: Summary = serde_json::from_value(v["summary"].clone()).expect("a summary");
-    (out.status.code().unwrap_or(-1), summary, stderr)
 }
 
 /// The migration's phase as `wanmig status` reports it, if one runs.

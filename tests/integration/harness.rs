@@ -336,6 +336,55 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
     }
 }
 
+/// `wanmig send` of `config` to `dest` with `--json` and `extra` options,
+/// started (its output captured).
+pub fn send_child(config: &Path, dest: &str, keys: &Keys, extra: &[&str]) -> Child {
+    wanmig()
+        .arg("send")
+        .arg(config)
+        .arg(dest)
+        .arg("--identity")
+        .arg(&keys.src)
+        .args(["--peer", &keys.dst_fp, "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wanmig send")
+}
+
+/// A [`send_child`]'s exit code, its JSON summary and its stderr.
+pub fn finish_send(child: Child) -> (i32, wanmig_migrate::report::Summary, String) {
+    let out = child.wait_with_output().expect("send ends");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("no JSON from send ({e}): {stdout}\n{stderr}"));
+    let summary = serde_json::from_value(v["summary"].clone()).expect("a summary");
+    (out.status.code().unwrap_or(-1), summary, stderr)
+}
+
+/// Makes `disk` `size` bytes long and fills the MiBs of `mibs` with
+/// xorshift output from `seed`: data that neither compresses nor dedups.
+pub fn fill_incompressible(disk: &Path, size: u64, mibs: std::ops::Range<u64>, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(disk).expect("disk");
+    f.set_len(size).expect("size");
+    let mut x = seed;
+    for mib in mibs {
+        let block: Vec<u8> = (0..1 << 17)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        f.write_all_at(&block, mib << 20).expect("fill");
+    }
+}
+
 /// Identities for a source and a destination, in `dir`.
 pub struct Keys {
     pub src: PathBuf,

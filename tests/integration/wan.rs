@@ -8,9 +8,7 @@
 //! destination killed mid-copy and restarted keeps what it had received.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use wanmig_control::{self as control, Request};
@@ -36,20 +34,7 @@ fn guest() -> VmDir {
 /// own first 4 MiB pseudo-random (it does not compress or deduplicate).
 fn guest_with_disk(mib: u64) -> VmDir {
     let vm = VmDir::new(128, 1, "ws_mib = 8\nrate_mib = 4\ndisk_kib = 64\ndisk_mib = 4");
-    let f = std::fs::OpenOptions::new().write(true).open(&vm.disk).expect("disk");
-    f.set_len(mib << 20).expect("size");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for m in 4..mib {
-        let block: Vec<u8> = (0..1 << 17)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect();
-        f.write_all_at(&block, m << 20).expect("fill");
-    }
+    fill_incompressible(&vm.disk, mib << 20, 4..mib, 0x2545_f491_4f6c_dd1d);
     vm
 }
 
@@ -81,7 +66,7 @@ fn migrate_across(tag: &str, at: At, outage: Duration, window: &str) -> (i32, Su
     if matches!(at, At::Postcopy) {
         extra.extend(["--postcopy", "now"]);
     }
-    let send = send(&vm.config, &dst.addr, &keys, &extra);
+    let send = send_child(&vm.config, &dst.addr, &keys, &extra);
     let want = match at {
         At::Nowhere => None,
         At::DiskCopy => Some(Phase::DiskCopy),
@@ -94,7 +79,7 @@ fn migrate_across(tag: &str, at: At, outage: Duration, window: &str) -> (i32, Su
         wan.control().outage_for(outage);
         eprintln!("{tag}: link down for {outage:?} in {phase:?}");
     }
-    let (code, summary, stderr) = finish(send);
+    let (code, summary, stderr) = finish_send(send);
     if code == 0 {
         let moved = VmProcess::at_socket(dst_dir.join("wanmig-it.sock"));
         let p = moved.wait_for_progress(Duration::from_secs(30), |g| g.steps > 0);
@@ -126,32 +111,6 @@ fn migrate_across(tag: &str, at: At, outage: Duration, window: &str) -> (i32, Su
         summary.resent_bytes
     );
     (code, summary, format!("{stderr}\n{}", dst.log()))
-}
-
-fn send(config: &Path, dest: &str, keys: &Keys, extra: &[&str]) -> Child {
-    wanmig()
-        .arg("send")
-        .arg(config)
-        .arg(dest)
-        .arg("--identity")
-        .arg(&keys.src)
-        .args(["--peer", &keys.dst_fp, "--json"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wanmig send")
-}
-
-fn finish(child: Child) -> (i32, Summary, String) {
-    let out = child.wait_with_output().expect("send ends");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("no JSON from send ({e}): {stdout}\n{stderr}"));
-    let summary: Summary = serde_json::from_value(v["summary"].clone()).expect("a summary");
-    (out.status.code().unwrap_or(-1), summary, stderr)
 }
 
 fn wait_phase(socket: &Path, want: Phase, timeout: Duration) {
@@ -255,7 +214,7 @@ fn a_destination_killed_mid_copy_keeps_what_it_received() {
     let addr = dst.addr.clone();
     // Slow enough to kill it at a known point; a short window, so that the
     // source gives up on the first attempt (its destination forgot it).
-    let first = send(&vm.config, &addr, &keys, &["--max-bandwidth", "200Mbit", "--resume-window", "20s"]);
+    let first = send_child(&vm.config, &addr, &keys, &["--max-bandwidth", "200Mbit", "--resume-window", "20s"]);
     let status = || control::request(src.socket(), &Request::Status).ok().and_then(|r| r.migration);
     let start = Instant::now();
     while status().is_none_or(|p| p.bytes_sent < 80 << 20) {
@@ -266,9 +225,9 @@ fn a_destination_killed_mid_copy_keeps_what_it_received() {
     std::thread::sleep(Duration::from_millis(500));
     let sent = status().expect("the source is still migrating").bytes_sent;
     let dst = Receiver::copying_at(&addr, &keys, &keys.src_fp, &dst_dir, &[]);
-    let (code, failed, log) = finish(first);
+    let (code, failed, log) = finish_send(first);
     assert_eq!(code, 1, "the first attempt cannot be resumed: {log}");
-    let (code, second, log) = finish(send(&vm.config, &dst.addr, &keys, &[]));
+    let (code, second, log) = finish_send(send_child(&vm.config, &dst.addr, &keys, &[]));
     assert_eq!(code, 0, "{:?}\n{log}\n{}", second.error, dst.log());
     let disk = second.disk.expect("disk stats");
     let undelivered = disk.data_bytes.saturating_sub(sent);

@@ -540,15 +540,7 @@ impl Attempt<'_> {
         pc: &mut DestPostcopy,
         mut r: Rejoin,
     ) -> Result<String, ReceiveError> {
-        let Message::Resume { migration_id, secret } = &r.first else {
-            return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
-        };
-        if *migration_id != adm.session.id() || !adm.session.is_secret(secret) {
-            let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
-            let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
-            return Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)));
-        }
+        proves_its_source(&adm.session, &mut r).await?;
         let point = adm.session.resume(pc.arrived_runs())?;
         r.tx.send(&Message::Resumed(point)).await?;
         let open = async {
@@ -596,15 +588,7 @@ impl Attempt<'_> {
     /// migration's source; tells it where this side stands. A stranger is
     /// refused and the old state kept.
     async fn rejoin(&mut self, adm: &mut Admitted, mut r: Rejoin) -> Result<String, ReceiveError> {
-        let Message::Resume { migration_id, secret } = &r.first else {
-            return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
-        };
-        if *migration_id != adm.session.id() || !adm.session.is_secret(secret) {
-            let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
-            let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
-            return Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)));
-        }
+        proves_its_source(&adm.session, &mut r).await?;
         let point = adm.session.resume(adm.incoming.round_received())?;
         adm.incoming.reset_stream()?;
         if let Some(d) = adm.incoming.disks.as_mut() {
@@ -758,6 +742,21 @@ impl Attempt<'_> {
         };
         Ok(Some((vm, adm.config, started)))
     }
+}
+
+/// Whether `r` is this migration's source coming back (its `Resume` names
+/// the migration and carries its secret); a stranger is refused, told why.
+async fn proves_its_source(session: &DestSession, r: &mut Rejoin) -> Result<(), ReceiveError> {
+    let Message::Resume { migration_id, secret } = &r.first else {
+        return Err(ReceiveError::BadInput(format!("{} instead of Resume", r.first.name())));
+    };
+    if *migration_id == session.id() && session.is_secret(secret) {
+        return Ok(());
+    }
+    let reason = format!("migration {migration_id} is not waiting here, or the secret is wrong");
+    let _ = r.tx.send(&Message::Refuse { reason: reason.clone() }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), r.tx.finish()).await;
+    Err(ReceiveError::Refused(format!("a resume from {}: {reason}", r.peer)))
 }
 
 /// How long the acknowledgement's delivery is waited for, in the
