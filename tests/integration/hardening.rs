@@ -50,6 +50,8 @@ impl RawSource {
 
     /// Sends a hello for `shape` offering `offered`; returns the answer.
     fn hello(&mut self, shape: VmShape, offered: u64) -> Message {
+        // Offering every feature, it names no base for any disk.
+        let bases = vec![None; shape.disks.len()];
         let hello = Message::Hello {
             version: wanmig_wire::message::PROTOCOL_VERSION,
             features: offered,
@@ -58,6 +60,7 @@ impl RawSource {
             shape,
             chunking: ChunkParams::DEFAULT,
             resume_secret: [3; 32],
+            bases,
         };
         self.send(&hello);
         self.recv(Duration::from_secs(20)).expect("an answer to the hello")

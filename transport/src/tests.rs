@@ -24,7 +24,9 @@ async fn pinned_peers_exchange_frames() {
         let mut conn = listener.accept().await.expect("a connection");
         let (mut tx, mut rx) = conn.accept_control().await.expect("control");
         let hello = rx.recv().await.expect("recv").expect("a frame");
-        tx.send(&Message::Accept { features: 0, chunking: wanmig_wire::ChunkParams::DEFAULT }).await.expect("send");
+        tx.send(&Message::Accept { features: 0, chunking: wanmig_wire::ChunkParams::DEFAULT, based: Vec::new() })
+            .await
+            .expect("send");
         let mut bulk = conn.accept_bulk().await.expect("bulk");
         let mut pages = 0;
         while let Some(m) = bulk.recv().await.expect("bulk frame") {
@@ -39,7 +41,7 @@ async fn pinned_peers_exchange_frames() {
     tx.send(&Message::Abort { reason: "hello stand-in".into() }).await.expect("send");
     assert_eq!(
         rx.recv().await.expect("recv"),
-        Some(Message::Accept { features: 0, chunking: wanmig_wire::ChunkParams::DEFAULT })
+        Some(Message::Accept { features: 0, chunking: wanmig_wire::ChunkParams::DEFAULT, based: Vec::new() })
     );
     let mut bulk = conn.open_bulk().await.expect("bulk");
     let page = [1u8; 4096];

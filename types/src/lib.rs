@@ -63,8 +63,13 @@ pub mod features {
     /// the destination's `Ready`: the destination then decides (commits, or
     /// aborts and the source runs on), a round trip less of downtime.
     pub const EARLY_COMMIT: u64 = 1 << 7;
+    /// A disk may start from an earlier sync's replica the destination
+    /// holds: the hello names the sync each disk's write tracking counts
+    /// from, the accept says which disks start from it, and those get only
+    /// the blocks written since, no first copy.
+    pub const DISK_BASE: u64 = 1 << 8;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY | EARLY_COMMIT;
+    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY | EARLY_COMMIT | DISK_BASE;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -124,6 +129,7 @@ mod tests {
             features::RESUME,
             features::POSTCOPY,
             features::EARLY_COMMIT,
+            features::DISK_BASE,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);
         assert!(all.iter().all(|f| f.count_ones() == 1));

@@ -18,6 +18,9 @@
 //!   failure the handed-over blocks are merged back and the map is as
 //!   trustworthy as before. The take happens before the sync reads
 //!   anything, so no write can fall between the replica and the map.
+//!   A success names the sync (its *base*, for wanmig the migration id):
+//!   a later sync to a destination that still holds that sync's replica
+//!   sends only the map's blocks ([`NamedMaps::taken_since`]).
 //! - [`NamedMaps::reset`] clears a map and declares it valid (the owner
 //!   knows the other side matches the image now).
 //!
@@ -37,7 +40,7 @@
 //! ```text
 //! offset  size  field
 //! 0       8     magic "WMBITMAP"
-//! 8       4     format version (le u32), currently 1
+//! 8       4     format version (le u32), currently 2
 //! 12      8     payload length (le u64), at most max_file_bytes(image size)
 //! 20      n     payload: postcard-encoded `SavedMaps`
 //! 20+n    32    blake3 of bytes 0..20+n
@@ -62,7 +65,8 @@ pub const MAX_MAPS: usize = 64;
 pub const MAX_NAME: usize = 255;
 
 const MAGIC: [u8; 8] = *b"WMBITMAP";
-const VERSION: u32 = 1;
+/// Version 2 added each map's base; a version 1 file is not trusted.
+const VERSION: u32 = 2;
 const HEADER: usize = 20;
 const CHECKSUM: usize = 32;
 
@@ -148,6 +152,7 @@ impl WordMap {
 struct Pending {
     bits: Vec<u64>,
     was_valid: bool,
+    was_base: Option<String>,
 }
 
 #[derive(Debug)]
@@ -155,6 +160,10 @@ struct Named {
     name: String,
     map: WordMap,
     valid: bool,
+    /// The sync the map counts from, as its owner named it at
+    /// [`NamedMaps::finish`] (none after a reset): what the other side
+    /// must hold for the map's blocks to be all it lacks.
+    base: Option<String>,
     pending: Option<Pending>,
 }
 
@@ -212,7 +221,7 @@ impl NamedMaps {
         if maps.len() >= MAX_MAPS {
             return Err(TrackingError::Refused(format!("a disk keeps at most {MAX_MAPS} maps")));
         }
-        maps.push(Named { name: name.into(), map: WordMap::new(self.words), valid: false, pending: None });
+        maps.push(Named { name: name.into(), map: WordMap::new(self.words), valid: false, base: None, pending: None });
         Ok(())
     }
 
@@ -257,12 +266,12 @@ impl NamedMaps {
             .with(name, |m| {
                 if let Some(p) = m.pending.take() {
                     m.map.or_in(&p.bits);
-                    m.valid = p.was_valid;
+                    (m.valid, m.base) = (p.was_valid, p.was_base);
                 }
                 let bits = m.map.take();
                 let was_valid = m.valid;
                 let out = was_valid.then(|| bits.clone());
-                m.pending = Some(Pending { bits, was_valid });
+                m.pending = Some(Pending { bits, was_valid, was_base: m.base.take() });
                 // Valid again only once the sync has succeeded.
                 m.valid = false;
                 out
@@ -277,17 +286,37 @@ impl NamedMaps {
         self.with(name, |m| m.pending.as_ref().filter(|p| p.was_valid).map(|p| p.bits.clone())).flatten()
     }
 
-    /// Ends the sync that [`NamedMaps::take`] started: after a success the
-    /// map is valid from the take on; after a failure the blocks handed
-    /// over are merged back. Whether a take was pending.
-    pub fn finish(&self, name: &str, synced: bool) -> bool {
+    /// Like [`NamedMaps::taken`], with the sync the blocks count from:
+    /// `None` also when that sync was not named.
+    pub fn taken_since(&self, name: &str) -> Option<(Vec<u64>, String)> {
+        self.with(name, |m| {
+            let p = m.pending.as_ref().filter(|p| p.was_valid)?;
+            Some((p.bits.clone(), p.was_base.clone()?))
+        })
+        .flatten()
+    }
+
+    /// Like [`NamedMaps::tracked_writes`], with the sync the blocks count
+    /// from: `None` also when that sync was not named.
+    pub fn tracked_since(&self, name: &str) -> Option<(Vec<u64>, String)> {
+        let base = self.with(name, |m| m.pending.as_ref().map_or(m.base.clone(), |p| p.was_base.clone())).flatten()?;
+        Some((self.tracked_writes(name)?, base))
+    }
+
+    /// Ends the sync that [`NamedMaps::take`] started. After a success
+    /// (`synced`: the name of that sync, which the other side keeps) the
+    /// map is valid from the take on and counts from that sync; after a
+    /// failure (`None`) the blocks handed over are merged back. Whether a
+    /// take was pending.
+    pub fn finish(&self, name: &str, synced: Option<&str>) -> bool {
         self.with(name, |m| {
             let Some(p) = m.pending.take() else { return false };
-            if synced {
-                m.valid = true;
-            } else {
-                m.map.or_in(&p.bits);
-                m.valid = p.was_valid;
+            match synced {
+                Some(base) => (m.valid, m.base) = (true, Some(base.into())),
+                None => {
+                    m.map.or_in(&p.bits);
+                    (m.valid, m.base) = (p.was_valid, p.was_base);
+                }
             }
             true
         })
@@ -299,7 +328,8 @@ impl NamedMaps {
         self.with(name, |m| {
             m.map.clear();
             m.pending = None;
-            m.valid = true;
+            // Valid, but from no sync the other side could name.
+            (m.valid, m.base) = (true, None);
         })
         .is_some()
     }
@@ -345,26 +375,26 @@ impl NamedMaps {
         maps.iter()
             .map(|m| {
                 let mut bits = m.map.snapshot();
-                let mut valid = m.valid;
+                let (mut valid, mut base) = (m.valid, &m.base);
                 if let Some(p) = &m.pending {
                     bits.iter_mut().zip(&p.bits).for_each(|(a, b)| *a |= b);
-                    valid = p.was_valid;
+                    (valid, base) = (p.was_valid, &p.was_base);
                 }
-                SavedMap { name: m.name.clone(), valid, runs: runs(&bits) }
+                SavedMap { name: m.name.clone(), valid, base: base.clone(), runs: runs(&bits) }
             })
             .collect()
     }
 
     /// Replaces the maps with those loaded from the file.
-    fn install(&self, loaded: Vec<(String, bool, Vec<u64>)>, note: Option<String>) {
+    fn install(&self, loaded: Vec<Loaded>, note: Option<String>) {
         let maps = loaded
             .into_iter()
-            .map(|(name, valid, bits)| {
+            .map(|Loaded { name, valid, base, bits }| {
                 let map = WordMap::new(self.words);
                 if valid {
                     map.or_in(&bits);
                 }
-                Named { name, map, valid, pending: None }
+                Named { name, map, valid, base: base.filter(|_| valid), pending: None }
             })
             .collect();
         *self.maps.write().unwrap_or_else(PoisonError::into_inner) = maps;
@@ -409,7 +439,18 @@ type Run = (u64, Vec<u64>);
 struct SavedMap {
     name: String,
     valid: bool,
+    /// The sync it counts from (format version 2 on).
+    base: Option<String>,
     runs: Vec<Run>,
+}
+
+/// A map as loaded, before it is trusted or not.
+#[derive(Debug)]
+struct Loaded {
+    name: String,
+    valid: bool,
+    base: Option<String>,
+    bits: Vec<u64>,
 }
 
 /// The file's payload (separate from the runtime maps).
@@ -564,7 +605,7 @@ pub fn attach(image: &Path, file: &File, maps: &NamedMaps) -> Result<(), Trackin
                     for (start, run) in &m.runs {
                         bits[*start as usize..*start as usize + run.len()].copy_from_slice(run);
                     }
-                    (m.name, m.valid && why_not.is_none(), bits)
+                    Loaded { name: m.name, valid: m.valid && why_not.is_none(), base: m.base, bits }
                 })
                 .collect();
             (loaded, why_not.map(|w| format!("every map invalid: {w}")))
@@ -677,19 +718,27 @@ mod tests {
         // A sync of an invalid map: compare digests (None), then valid.
         assert_eq!(maps.take("dr").expect("take"), None);
         maps.record(3 * 4096, 4096); // during the sync
-        assert!(maps.finish("dr", true));
+        assert!(maps.finish("dr", Some("s1")));
         assert_eq!(maps.tracked_writes("dr").map(|b| blocks(&b)), Some(vec![3]));
-        // A failed sync merges back what it was handed.
+        assert_eq!(maps.tracked_since("dr").map(|(b, s)| (blocks(&b), s)), Some((vec![3], "s1".into())));
+        // A failed sync merges back what it was handed, and still counts
+        // from the sync before it.
         maps.record(5 * 4096, 8192);
         assert_eq!(maps.take("dr").expect("take").map(|b| blocks(&b)), Some(vec![3, 5, 6]));
         assert_eq!(maps.taken("dr").map(|b| blocks(&b)), Some(vec![3, 5, 6]));
+        assert_eq!(maps.taken_since("dr").map(|(b, s)| (blocks(&b), s)), Some((vec![3, 5, 6], "s1".into())));
         maps.record(9 * 4096, 1);
         assert_eq!(maps.tracked_writes("dr").map(|b| blocks(&b)), Some(vec![3, 5, 6, 9]), "peek during a sync");
-        assert!(maps.finish("dr", false));
-        assert_eq!(maps.tracked_writes("dr").map(|b| blocks(&b)), Some(vec![3, 5, 6, 9]));
-        assert!(!maps.finish("dr", true), "nothing pending");
+        assert_eq!(maps.tracked_since("dr").map(|(_, s)| s), Some("s1".into()));
+        assert!(maps.finish("dr", None));
+        assert_eq!(maps.tracked_since("dr").map(|(b, s)| (blocks(&b), s)), Some((vec![3, 5, 6, 9], "s1".into())));
+        assert!(!maps.finish("dr", Some("s2")), "nothing pending");
+        // A reset map is valid but counts from no sync the other side can name.
         assert!(maps.reset("dr"));
         assert_eq!(maps.tracked_writes("dr"), Some(vec![0; 4]));
+        assert_eq!(maps.tracked_since("dr"), None);
+        assert_eq!(maps.take("dr").expect("take"), Some(vec![0; 4]));
+        assert_eq!(maps.taken_since("dr"), None);
         assert!(maps.remove("dr") && !maps.remove("dr"));
         assert!(maps.add("").is_err());
     }
@@ -726,15 +775,17 @@ mod tests {
         assert!(maps.note().is_some_and(|n| n.contains("no bitmap file")));
         maps.add("a").expect("add");
         maps.add("b").expect("add");
-        maps.reset("a");
+        maps.take("a").expect("take");
+        maps.finish("a", Some("sync-1"));
         maps.record(4096 * 7, 4096);
         save(&img, &open(&img), &maps).expect("save");
 
-        // A clean restart: "a" valid with its block, "b" still invalid.
+        // A clean restart: "a" valid with its block and its base, "b" still invalid.
         let again = NamedMaps::new(1 << 20);
         attach(&img, &open(&img), &again).expect("attach");
         assert_eq!(again.note(), None);
         assert_eq!(again.tracked_writes("a").map(|b| blocks(&b)), Some(vec![7]));
+        assert_eq!(again.tracked_since("a").map(|(_, s)| s), Some("sync-1".into()));
         assert_eq!(again.tracked_writes("b"), None);
         assert_eq!(
             again.status().iter().map(|s| (s.name.as_str(), s.valid)).collect::<Vec<_>>(),
@@ -745,6 +796,7 @@ mod tests {
         let crashed = NamedMaps::new(1 << 20);
         attach(&img, &open(&img), &crashed).expect("attach");
         assert_eq!(crashed.tracked_writes("a"), None);
+        assert_eq!(crashed.tracked_since("a"), None);
         assert!(crashed.note().is_some_and(|n| n.contains("did not stop cleanly")), "{:?}", crashed.note());
         assert_eq!(crashed.status().len(), 2, "the names survive, invalid");
 
@@ -827,11 +879,11 @@ mod tests {
                         taken = Some(std::mem::take(&mut model));
                     }
                     3 => if let Some(t) = taken.take() {
-                        maps.finish("m", false);
+                        maps.finish("m", None);
                         model.extend(t);
                     },
                     _ => if taken.take().is_some() {
-                        maps.finish("m", true);
+                        maps.finish("m", Some("s"));
                     },
                 }
                 let mut want = model.clone();

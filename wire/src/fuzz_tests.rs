@@ -38,17 +38,25 @@ fn destination() -> DestSession {
         shape: VmShape { disks: vec![DiskInfo { size: 1 << 20, path: "/d.img".into(), read_only: false }], ..shape() },
         chunking: ChunkParams::DEFAULT,
         resume_secret: [7; 32],
+        bases: vec![None],
     };
     d.on_message(Stream::Control, &hello).expect("hello");
-    d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    d.accept(features::ALL, ChunkParams::DEFAULT, &[false]).expect("accept");
     d
 }
 
 /// A source that sent its hello and a manifest part.
 fn source() -> SourceSession {
     let mut s = SourceSession::new();
-    s.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, ChunkParams::DEFAULT, [7; 32])
-        .expect("hello");
+    s.hello(
+        MigrationId([1; 16]),
+        shape(),
+        features::ALL & !features::SYNC_ONLY,
+        ChunkParams::DEFAULT,
+        [7; 32],
+        Vec::new(),
+    )
+    .expect("hello");
     s
 }
 

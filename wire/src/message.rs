@@ -347,6 +347,11 @@ pub enum Message {
         chunking: ChunkParams,
         /// A secret of this migration's two ends: a `Resume` must carry it.
         resume_secret: [u8; 32],
+        /// Per disk, the earlier sync since which the source tracked every
+        /// block the guest wrote (`features::DISK_BASE` offered; else
+        /// empty): a destination holding that sync's replica needs only
+        /// those blocks.
+        bases: Vec<Option<MigrationId>>,
     },
     /// The destination will host the VM with these features.
     Accept {
@@ -354,6 +359,10 @@ pub enum Message {
         features: u64,
         /// How to cut disk images: what the destination's chunk store holds.
         chunking: ChunkParams,
+        /// Per disk, whether its image starts from the base the source
+        /// named (`features::DISK_BASE` agreed; else empty): no first copy,
+        /// only the written blocks.
+        based: Vec<bool>,
     },
     /// The destination will not host the VM.
     Refuse {
@@ -488,7 +497,7 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer { buf: vec![0; 4] };
         match self {
-            Message::Hello { version, features, page_size, migration_id, shape, chunking, resume_secret } => {
+            Message::Hello { version, features, page_size, migration_id, shape, chunking, resume_secret, bases } => {
                 w.u8(1);
                 w.u16(*version);
                 w.u64(*features);
@@ -521,11 +530,29 @@ impl Message {
                 }
                 chunking.write(&mut w);
                 w.bytes(resume_secret);
+                if features & features::DISK_BASE != 0 {
+                    w.u32(bases.len() as u32);
+                    for b in bases {
+                        match b {
+                            None => w.u8(0),
+                            Some(id) => {
+                                w.u8(1);
+                                w.bytes(&id.0);
+                            }
+                        }
+                    }
+                }
             }
-            Message::Accept { features, chunking } => {
+            Message::Accept { features, chunking, based } => {
                 w.u8(2);
                 w.u64(*features);
                 chunking.write(&mut w);
+                if features & features::DISK_BASE != 0 {
+                    w.u32(based.len() as u32);
+                    for &b in based {
+                        w.u8(u8::from(b));
+                    }
+                }
             }
             Message::Refuse { reason } => {
                 w.u8(3);
@@ -704,9 +731,32 @@ impl Message {
                     shape: VmShape { name, memory, vcpus, disks, nics },
                     chunking: ChunkParams::read(&mut r)?,
                     resume_secret: r.bytes("resume secret", 32)?.try_into().expect("32 bytes read"),
+                    bases: match features & features::DISK_BASE {
+                        0 => Vec::new(),
+                        _ => read_per_disk(&mut r, "disk base", |r| {
+                            Ok(match r.u8("disk base flag")? {
+                                0 => None,
+                                1 => Some(MigrationId(r.id16("disk base")?)),
+                                _ => {
+                                    return Err(DecodeError::Invalid { field: "disk base flag", reason: "not 0 or 1" });
+                                }
+                            })
+                        })?,
+                    },
                 }
             }
-            2 => Message::Accept { features: r.u64("features")?, chunking: ChunkParams::read(&mut r)? },
+            2 => {
+                let (features, chunking) = (r.u64("features")?, ChunkParams::read(&mut r)?);
+                let based = match features & features::DISK_BASE {
+                    0 => Vec::new(),
+                    _ => read_per_disk(&mut r, "based disk", |r| match r.u8("based disk flag")? {
+                        0 => Ok(false),
+                        1 => Ok(true),
+                        _ => Err(DecodeError::Invalid { field: "based disk flag", reason: "not 0 or 1" }),
+                    })?,
+                };
+                Message::Accept { features, chunking, based }
+            }
             3 => Message::Refuse { reason: r.string("reason", MAX_TEXT)? },
             4 => {
                 let all = r.remaining();
@@ -840,6 +890,17 @@ impl Message {
 }
 
 /// Cuts free text to [`MAX_TEXT`] bytes at a character boundary.
+/// A list with one entry per disk: its count (at most [`MAX_DISKS`]),
+/// then each entry as `item` reads it.
+fn read_per_disk<T>(
+    r: &mut Reader<'_>,
+    field: &'static str,
+    item: impl Fn(&mut Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    let n = r.count(field, MAX_DISKS)?;
+    (0..n).map(|_| item(r)).collect()
+}
+
 fn truncated(s: &str) -> &[u8] {
     let mut end = s.len().min(MAX_TEXT as usize);
     while !s.is_char_boundary(end) {

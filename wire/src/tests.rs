@@ -57,6 +57,7 @@ pub(crate) fn hello(version: u16) -> Message {
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
         resume_secret: [7; 32],
+        bases: Vec::new(),
     }
 }
 
@@ -79,8 +80,14 @@ pub(crate) fn samples() -> Vec<Message> {
             shape: shape(),
             chunking: ChunkParams::DEFAULT,
             resume_secret: [7; 32],
+            bases: vec![Some(MigrationId([4; 16]))],
         },
-        Message::Accept { features: features::ZSTD, chunking: ChunkParams::DEFAULT },
+        Message::Accept { features: features::ZSTD, chunking: ChunkParams::DEFAULT, based: Vec::new() },
+        Message::Accept {
+            features: features::DISK_COPY | features::DISK_BASE,
+            chunking: ChunkParams::DEFAULT,
+            based: vec![true],
+        },
         Message::Refuse { reason: "no room".into() },
         Message::Pages(pages()),
         Message::Compressed { raw_len: 100, data: vec![1, 2, 3] },
@@ -166,7 +173,7 @@ fn disk_messages_refuse_what_cannot_be() {
     m.chunks[0].len = 0;
     assert!(decode(&Message::DiskManifest(m)).is_err());
     let bad = ChunkParams { min: 64 << 10, avg: 16 << 10, max: 256 << 10 };
-    assert!(decode(&Message::Accept { features: 0, chunking: bad }).is_err());
+    assert!(decode(&Message::Accept { features: 0, chunking: bad, based: Vec::new() }).is_err());
     // Only bulk data messages may hide inside a Compressed.
     assert!(Message::decode_compressed_body(&Message::Commit.encode()[4..]).is_err());
     let body = Message::DiskWrites(writes()).encode();

@@ -66,6 +66,10 @@ struct Disk {
     /// (number, start offset, chunks still to come).
     incomplete: VecDeque<(u32, u64, usize)>,
     done: bool,
+    /// The source offered an earlier sync as this disk's base.
+    offered_base: bool,
+    /// Started from that base: whole from the start, no manifest.
+    based: bool,
 }
 
 impl Disk {
@@ -180,16 +184,22 @@ impl DestSession {
         match (&self.phase, msg) {
             (
                 Phase::AwaitHello,
-                Message::Hello { version, page_size, features: f, migration_id, shape, resume_secret, .. },
+                Message::Hello { version, page_size, features: f, migration_id, shape, resume_secret, bases, .. },
             ) => {
                 if *version != PROTOCOL_VERSION || *page_size as usize != PAGE_SIZE {
                     return Err(violation(format!(
                         "protocol version {version} / page size {page_size} not supported (this host: {PROTOCOL_VERSION} / {PAGE_SIZE})"
                     )));
                 }
+                if f & features::DISK_BASE != 0 && bases.len() != shape.disks.len() {
+                    return Err(violation(format!("{} disk bases for {} disks", bases.len(), shape.disks.len())));
+                }
                 self.id = *migration_id;
                 self.secret = *resume_secret;
                 self.disks = disks_of(shape);
+                for (d, b) in self.disks.iter_mut().zip(bases) {
+                    d.offered_base = b.is_some();
+                }
                 self.space = PageSpace::of(&shape.memory);
                 self.phase = Phase::Deciding { offered: *f };
                 Ok(DestAction::Decide)
@@ -396,6 +406,9 @@ impl DestSession {
             return Err(violation(format!("manifest {}/{} before the last one was answered", m.disk, m.seq)));
         }
         let d = &mut self.disks[m.disk as usize];
+        if d.based {
+            return Err(violation(format!("manifest {} of disk {}, which started from its base", m.seq, m.disk)));
+        }
         if m.seq != d.next_seq || m.offset != d.next_offset {
             return Err(violation(format!(
                 "manifest {} of disk {} at {} while {} at {} was due",
@@ -498,13 +511,35 @@ impl DestSession {
     }
 
     /// Accepts the VM: the `Accept` to send, with the features both sides
-    /// speak (of those offered, the ones in `local`) and the chunking to use.
-    pub fn accept(&mut self, local: u64, chunking: ChunkParams) -> Result<Message, ProtocolError> {
+    /// speak (of those offered, the ones in `local`), the chunking to use
+    /// and, per disk, whether its image starts from the base the source
+    /// offered (`based`: empty, or one flag per disk; a disk whose base
+    /// this host does not hold gets a first copy).
+    pub fn accept(&mut self, local: u64, chunking: ChunkParams, based: &[bool]) -> Result<Message, ProtocolError> {
         let Phase::Deciding { offered } = self.phase else { return Err(self.unexpected("Accept")) };
-        self.features = offered & local & features::ALL;
+        let mut agreed = offered & local & features::ALL;
+        if agreed & features::DISK_COPY == 0 || !based.contains(&true) {
+            agreed &= !features::DISK_BASE;
+        }
+        if agreed & features::DISK_BASE != 0 {
+            if based.len() != self.disks.len() {
+                return Err(violation(format!("{} based flags for {} disks", based.len(), self.disks.len())));
+            }
+            if let Some(i) = self.disks.iter().zip(based).position(|(d, &b)| b && !d.offered_base) {
+                return Err(violation(format!("disk {i} has no base offered to start from")));
+            }
+            for (d, &b) in self.disks.iter_mut().zip(based) {
+                (d.based, d.next_offset) = (b, if b { d.size } else { 0 });
+            }
+        }
+        self.features = agreed;
         self.chunking = chunking;
         self.phase = Phase::Receiving;
-        Ok(Message::Accept { features: self.features, chunking })
+        let based = match agreed & features::DISK_BASE {
+            0 => Vec::new(),
+            _ => based.to_vec(),
+        };
+        Ok(Message::Accept { features: self.features, chunking, based })
     }
 
     /// Refuses the VM.
@@ -592,6 +627,8 @@ fn disks_of(shape: &VmShape) -> Vec<Disk> {
             unanswered: None,
             incomplete: VecDeque::new(),
             done: false,
+            offered_base: false,
+            based: false,
         })
         .collect()
 }

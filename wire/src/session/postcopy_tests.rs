@@ -40,9 +40,9 @@ fn agreed() -> (SourceSession, DestSession) {
     let mut src = SourceSession::new();
     let mut dst = DestSession::new();
     let params = ChunkParams { max: DISK as u32, ..ChunkParams::DEFAULT };
-    let hello = src.hello(MigrationId([1; 16]), shape(), ALL, params, [7; 32]).expect("hello");
+    let hello = src.hello(MigrationId([1; 16]), shape(), ALL, params, [7; 32], Vec::new()).expect("hello");
     dst.on_message(Stream::Control, &hello).expect("hello");
-    let accept = dst.accept(features::ALL, params).expect("accept");
+    let accept = dst.accept(features::ALL, params, &[]).expect("accept");
     src.on_message(Stream::Control, &accept).expect("accept");
     let id = ChunkId([1; 32]);
     let m = src.manifest(0, 0, 0, &[(DISK as u32, Some(id))]).expect("manifest");
@@ -231,9 +231,10 @@ fn discards_are_checked_where_they_come() {
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
         resume_secret: [7; 32],
+        bases: Vec::new(),
     };
     d.on_message(Stream::Control, &hello).expect("hello");
-    d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    d.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect("accept");
     assert!(d.on_message(Stream::Bulk, &discard(1, 1)).is_err(), "post-copy was not offered");
 }
 
@@ -241,13 +242,25 @@ fn discards_are_checked_where_they_come() {
 fn the_source_moves_the_guest_only_with_its_disks_whole_and_checks_requests() {
     let mut src = SourceSession::new();
     let params = ChunkParams { max: DISK as u32, ..ChunkParams::DEFAULT };
-    src.hello(MigrationId([1; 16]), shape(), ALL, params, [7; 32]).expect("hello");
-    src.on_message(Stream::Control, &Message::Accept { features: ALL, chunking: params }).expect("accept");
+    src.hello(MigrationId([1; 16]), shape(), ALL, params, [7; 32], Vec::new()).expect("hello");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: ALL & !features::DISK_BASE, chunking: params, based: Vec::new() },
+    )
+    .expect("accept");
     assert!(src.clone().postcopy_switch().is_err(), "the disk's first copy has not started");
     let mut no = SourceSession::new();
-    no.hello(MigrationId([1; 16]), VmShape { disks: Vec::new(), ..shape() }, features::ZSTD, params, [7; 32])
-        .expect("hello");
-    no.on_message(Stream::Control, &Message::Accept { features: features::ZSTD, chunking: params }).expect("accept");
+    no.hello(
+        MigrationId([1; 16]),
+        VmShape { disks: Vec::new(), ..shape() },
+        features::ZSTD,
+        params,
+        [7; 32],
+        Vec::new(),
+    )
+    .expect("hello");
+    no.on_message(Stream::Control, &Message::Accept { features: features::ZSTD, chunking: params, based: Vec::new() })
+        .expect("accept");
     assert!(no.postcopy_switch().is_err(), "post-copy was not agreed");
 
     let (mut src, _) = agreed();

@@ -71,6 +71,11 @@ struct Disk {
     next_seq: u32,
     next_offset: u64,
     done: bool,
+    /// The earlier sync the source offered as this disk's base.
+    offered_base: Option<MigrationId>,
+    /// The destination starts it from that base: no manifest, only
+    /// written blocks.
+    based: bool,
 }
 
 /// What a message from the destination means for the source's driver.
@@ -82,6 +87,9 @@ pub enum SourceEvent {
         features: u64,
         /// How to cut the disks.
         chunking: ChunkParams,
+        /// Per disk, whether it starts from the base offered (see
+        /// `Message::Accept`); empty when `features::DISK_BASE` is not agreed.
+        based: Vec<bool>,
     },
     /// The destination refused the VM.
     Refused(String),
@@ -184,7 +192,8 @@ impl SourceSession {
     }
 
     /// Opens the session: the `Hello` to send, offering `offered` features
-    /// and proposing how to cut disk images.
+    /// and proposing how to cut disk images; `bases`: per disk, the earlier
+    /// sync it can start from (see `Message::Hello`; empty for none).
     pub fn hello(
         &mut self,
         migration_id: MigrationId,
@@ -192,15 +201,30 @@ impl SourceSession {
         offered: u64,
         chunking: ChunkParams,
         resume_secret: [u8; 32],
+        bases: Vec<Option<MigrationId>>,
     ) -> Result<Message, ProtocolError> {
         if self.phase != Phase::Start {
             return Err(self.unexpected("Hello"));
         }
+        let (mut offered, mut bases) = (offered, bases);
+        if bases.iter().all(Option::is_none) {
+            (offered, bases) = (offered & !features::DISK_BASE, Vec::new());
+        } else if bases.len() != shape.disks.len() || offered & features::DISK_BASE == 0 {
+            return Err(violation(format!("{} disk bases for {} disks", bases.len(), shape.disks.len())));
+        }
         self.id = migration_id;
         self.secret = resume_secret;
         self.chunking = chunking;
-        self.disks =
-            shape.disks.iter().map(|d| Disk { size: d.size, next_seq: 0, next_offset: 0, done: false }).collect();
+        self.disks = (shape.disks.iter().enumerate())
+            .map(|(i, d)| Disk {
+                size: d.size,
+                next_seq: 0,
+                next_offset: 0,
+                done: false,
+                offered_base: bases.get(i).copied().flatten(),
+                based: false,
+            })
+            .collect();
         self.space = PageSpace::of(&shape.memory);
         self.phase = Phase::HelloSent { offered };
         Ok(Message::Hello {
@@ -211,6 +235,7 @@ impl SourceSession {
             shape,
             chunking,
             resume_secret,
+            bases,
         })
     }
 
@@ -252,7 +277,16 @@ impl SourceSession {
             return Err(violation(format!("resumed with {} disks of {}", point.disks.len(), self.disks.len())));
         }
         for (i, (p, d)) in point.disks.iter().zip(&self.disks).enumerate() {
-            if p.next_seq > d.next_seq || p.next_offset > d.next_offset || (p.next_seq == 0) != (p.next_offset == 0) {
+            // A disk started from its base has no parts: it is whole from the start.
+            let out_of_place = match d.based {
+                true => (p.next_seq, p.next_offset) != (0, d.size),
+                false => {
+                    p.next_seq > d.next_seq
+                        || p.next_offset > d.next_offset
+                        || (p.next_seq == 0) != (p.next_offset == 0)
+                }
+            };
+            if out_of_place {
                 return Err(violation(format!(
                     "disk {i} resumed at part {} / {}, past what was sent",
                     p.next_seq, p.next_offset
@@ -321,16 +355,17 @@ impl SourceSession {
                 self.phase = Phase::Done;
                 Ok(SourceEvent::PostcopyComplete(report.clone()))
             }
-            (Phase::HelloSent { offered }, Message::Accept { features: f, chunking }) => {
+            (Phase::HelloSent { offered }, Message::Accept { features: f, chunking, based }) => {
                 if f & !offered != 0 {
                     return Err(violation(format!(
                         "the destination accepted features {f:#x} not offered ({offered:#x})"
                     )));
                 }
                 chunking.check().map_err(|e| violation(format!("the destination's chunking: {e}")))?;
+                self.on_based(*f, based)?;
                 (self.features, self.chunking) = (*f, *chunking);
                 self.phase = Phase::Transfer { paused: false };
-                Ok(SourceEvent::Accepted { features: *f, chunking: *chunking })
+                Ok(SourceEvent::Accepted { features: *f, chunking: *chunking, based: based.clone() })
             }
             (Phase::HelloSent { .. }, Message::Refuse { reason }) => {
                 self.phase = Phase::Aborted(format!("refused: {reason}"));
@@ -375,6 +410,27 @@ impl SourceSession {
             }
             (_, m) => Err(self.unexpected(m.name())),
         }
+    }
+
+    /// The disks the destination starts from their bases: only ones offered
+    /// one, and then whole from the start.
+    fn on_based(&mut self, features: u64, based: &[bool]) -> Result<(), ProtocolError> {
+        if features & features::DISK_BASE == 0 {
+            return Ok(());
+        }
+        if based.len() != self.disks.len() || features & features::DISK_COPY == 0 {
+            return Err(violation(format!("{} based flags for {} copied disks", based.len(), self.disks.len())));
+        }
+        for (i, (d, &b)) in self.disks.iter_mut().zip(based).enumerate() {
+            if b && d.offered_base.is_none() {
+                return Err(violation(format!("disk {i} started from a base the source did not offer")));
+            }
+            d.based = b;
+            if b {
+                d.next_offset = d.size;
+            }
+        }
+        Ok(())
     }
 
     fn on_need(&mut self, disk: u8, seq: u32, chunks: &[u32]) -> Result<SourceEvent, ProtocolError> {
@@ -443,7 +499,11 @@ impl SourceSession {
         }
         let d = self.disks.get_mut(disk as usize).ok_or_else(|| violation(format!("no disk {disk}")))?;
         let len: u64 = chunks.iter().map(|(l, _)| u64::from(*l)).sum();
-        if d.done || seq != d.next_seq || offset != d.next_offset || offset.checked_add(len).is_none_or(|e| e > d.size)
+        if d.done
+            || d.based
+            || seq != d.next_seq
+            || offset != d.next_offset
+            || offset.checked_add(len).is_none_or(|e| e > d.size)
         {
             return Err(violation(format!("manifest {disk}/{seq} at {offset} out of place")));
         }

@@ -71,10 +71,11 @@ fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
     }
     // Chunks of up to half the test disk.
     let params = ChunkParams { max: (DISK / 2) as u32, ..ChunkParams::DEFAULT };
-    let hello =
-        src.hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params, [7; 32]).expect("hello");
+    let hello = src
+        .hello(MigrationId([1; 16]), shape(), features::ALL & !features::SYNC_ONLY, params, [7; 32], Vec::new())
+        .expect("hello");
     cross!(Step::ToDst(hello));
-    let accept = dst.accept(features::ALL, params).expect("accept");
+    let accept = dst.accept(features::ALL, params, &[]).expect("accept");
     cross!(Step::ToSrc(accept));
     // The first copy: two chunks cover the disk; the destination has the first.
     let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
@@ -160,15 +161,16 @@ fn receiving() -> DestSession {
     let mut dst = DestSession::new();
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
-        features: features::ALL & !features::SYNC_ONLY,
+        features: features::ALL & !features::SYNC_ONLY & !features::DISK_BASE,
         page_size: 4096,
         migration_id: MigrationId([2; 16]),
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
         resume_secret: [7; 32],
+        bases: Vec::new(),
     };
     dst.on_message(Stream::Control, &hello).expect("hello");
-    dst.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    dst.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect("accept");
     let m = crate::disk::Manifest {
         disk: 0,
         seq: 0,
@@ -185,8 +187,9 @@ fn receiving() -> DestSession {
 fn state_sent(features: u64) -> SourceSession {
     let mut src = SourceSession::new();
     let shape = VmShape { disks: Vec::new(), ..shape() };
-    src.hello(MigrationId([3; 16]), shape, features, ChunkParams::DEFAULT, [7; 32]).expect("hello");
-    let accept = Message::Accept { features, chunking: ChunkParams::DEFAULT };
+    src.hello(MigrationId([3; 16]), shape, features, ChunkParams::DEFAULT, [7; 32], Vec::new()).expect("hello");
+    let features = features & !features::DISK_BASE;
+    let accept = Message::Accept { features, chunking: ChunkParams::DEFAULT, based: Vec::new() };
     src.on_message(Stream::Control, &accept).expect("accept");
     src.stop_and_copy().expect("pause");
     src.device_state(Vec::new()).expect("state");
@@ -306,16 +309,29 @@ fn a_disk_closed_early_or_a_ready_too_soon_is_refused() {
 #[test]
 fn the_source_checks_every_answer_against_what_it_sent() {
     let mut src = SourceSession::new();
-    src.hello(MigrationId([1; 16]), shape(), features::ZSTD | features::DISK_COPY, ChunkParams::DEFAULT, [7; 32])
-        .expect("hello");
+    src.hello(
+        MigrationId([1; 16]),
+        shape(),
+        features::ZSTD | features::DISK_COPY,
+        ChunkParams::DEFAULT,
+        [7; 32],
+        Vec::new(),
+    )
+    .expect("hello");
     // Features never offered.
     let mut s = src.clone();
     assert!(
-        s.on_message(Stream::Control, &Message::Accept { features: features::TUNNEL, chunking: ChunkParams::DEFAULT })
-            .is_err()
+        s.on_message(
+            Stream::Control,
+            &Message::Accept { features: features::TUNNEL, chunking: ChunkParams::DEFAULT, based: Vec::new() }
+        )
+        .is_err()
     );
-    src.on_message(Stream::Control, &Message::Accept { features: features::DISK_COPY, chunking: ChunkParams::DEFAULT })
-        .expect("accept");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: features::DISK_COPY, chunking: ChunkParams::DEFAULT, based: Vec::new() },
+    )
+    .expect("accept");
     let (a, b) = (Some(ChunkId([1; 32])), None);
     src.manifest(0, 0, 0, &[(4096, a), (4096, b)]).expect("manifest");
     let need = |disk, seq, chunks: Vec<u32>| Message::DiskNeed(Need { disk, seq, chunks });
@@ -363,8 +379,12 @@ fn messages_out_of_order_are_errors_and_abort_works_until_the_commit() {
     }
     let mut src = SourceSession::new();
     assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err());
-    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT, [7; 32]).expect("hello");
-    src.on_message(Stream::Control, &Message::Accept { features: 0, chunking: ChunkParams::DEFAULT }).expect("accept");
+    src.hello(MigrationId([1; 16]), shape(), 0, ChunkParams::DEFAULT, [7; 32], Vec::new()).expect("hello");
+    src.on_message(
+        Stream::Control,
+        &Message::Accept { features: 0, chunking: ChunkParams::DEFAULT, based: Vec::new() },
+    )
+    .expect("accept");
     src.stop_and_copy().expect("pause");
     src.device_state(Vec::new()).expect("state");
     src.on_message(Stream::Control, &Message::Ready).expect("ready");
@@ -381,7 +401,7 @@ fn a_sync_carries_no_pages_and_no_state() {
         *f = features::SYNC_ONLY | features::DISK_COPY;
     }
     d.on_message(Stream::Control, &hello).expect("hello");
-    d.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    d.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect("accept");
     assert!(d.clone().on_message(Stream::Bulk, &pages(0, 1)).is_err());
     assert!(d.on_message(Stream::Control, &Message::DeviceState { state: vec![1] }).is_err());
 }
@@ -390,12 +410,23 @@ fn a_sync_carries_no_pages_and_no_state() {
 fn a_resume_point_is_checked_against_what_was_sent() {
     use crate::resume::{DiskPoint, ResumePoint};
     let mut src = SourceSession::new();
-    src.hello(MigrationId([1; 16]), shape(), features::DISK_COPY | features::RESUME, ChunkParams::DEFAULT, [7; 32])
-        .expect("hello");
+    src.hello(
+        MigrationId([1; 16]),
+        shape(),
+        features::DISK_COPY | features::RESUME,
+        ChunkParams::DEFAULT,
+        [7; 32],
+        Vec::new(),
+    )
+    .expect("hello");
     assert!(src.resume_request().is_none(), "nothing to resume before the destination accepted");
     src.on_message(
         Stream::Control,
-        &Message::Accept { features: features::DISK_COPY | features::RESUME, chunking: ChunkParams::DEFAULT },
+        &Message::Accept {
+            features: features::DISK_COPY | features::RESUME,
+            chunking: ChunkParams::DEFAULT,
+            based: Vec::new(),
+        },
     )
     .expect("accept");
     let id = ChunkId([1; 32]);
@@ -423,9 +454,13 @@ fn a_resume_point_is_checked_against_what_was_sent() {
     src.manifest(0, 1, 4096, &[(4096, Some(id))]).expect("re-sent");
     // After the commit there is nothing to resume.
     let mut late = SourceSession::new();
-    late.hello(MigrationId([1; 16]), shape(), features::RESUME, ChunkParams::DEFAULT, [7; 32]).expect("hello");
-    late.on_message(Stream::Control, &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT })
-        .expect("accept");
+    late.hello(MigrationId([1; 16]), shape(), features::RESUME, ChunkParams::DEFAULT, [7; 32], Vec::new())
+        .expect("hello");
+    late.on_message(
+        Stream::Control,
+        &Message::Accept { features: features::RESUME, chunking: ChunkParams::DEFAULT, based: Vec::new() },
+    )
+    .expect("accept");
     late.stop_and_copy().expect("pause");
     late.device_state(Vec::new()).expect("state");
     late.on_message(Stream::Control, &Message::Ready).expect("ready");
@@ -466,7 +501,7 @@ fn chunks_are_held_to_the_agreed_size_and_the_migrations_quota() {
 #[test]
 fn a_destination_resumes_from_what_it_holds() {
     let mut d = receiving();
-    d.accept(features::ALL, ChunkParams::DEFAULT).expect_err("accepted already");
+    d.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect_err("accepted already");
     let mut d2 = DestSession::new();
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -476,9 +511,10 @@ fn a_destination_resumes_from_what_it_holds() {
         shape: shape(),
         chunking: ChunkParams::DEFAULT,
         resume_secret: [9; 32],
+        bases: Vec::new(),
     };
     d2.on_message(Stream::Control, &hello).expect("hello");
-    d2.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    d2.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect("accept");
     assert!(d2.is_secret(&[9; 32]) && !d2.is_secret(&[8; 32]));
     let part = |seq, offset, id: u8| crate::disk::Manifest {
         disk: 0,
@@ -518,6 +554,125 @@ fn a_destination_resumes_from_what_it_holds() {
         *f = features::DISK_COPY;
     }
     no.on_message(Stream::Control, &hello).expect("hello");
-    no.accept(features::ALL, ChunkParams::DEFAULT).expect("accept");
+    no.accept(features::ALL, ChunkParams::DEFAULT, &[]).expect("accept");
     assert!(!no.can_resume() && no.resume(Vec::new()).is_err());
+}
+
+/// Two disks, the source offering a base for the first only.
+fn two_disks() -> VmShape {
+    let d = |p: &str| DiskInfo { size: DISK, path: p.into(), read_only: false };
+    VmShape { disks: vec![d("a.img"), d("b.img")], ..shape() }
+}
+
+#[test]
+fn a_disk_started_from_its_base_gets_only_written_blocks_and_resumes_whole() {
+    let offered = features::DISK_COPY | features::DISK_BASE | features::RESUME | features::SYNC_ONLY;
+    let base = Some(MigrationId([4; 16]));
+    let mut src = SourceSession::new();
+    let hello = src
+        .hello(MigrationId([5; 16]), two_disks(), offered, ChunkParams::DEFAULT, [7; 32], vec![base, None])
+        .expect("hello");
+    let mut dst = DestSession::new();
+    dst.on_message(Stream::Control, &hello).expect("hello");
+    assert!(dst.clone().accept(features::ALL, ChunkParams::DEFAULT, &[true, true]).is_err(), "disk 1 offered none");
+    assert!(dst.clone().accept(features::ALL, ChunkParams::DEFAULT, &[true]).is_err(), "one flag per disk");
+    let accept = dst.accept(features::ALL, ChunkParams::DEFAULT, &[true, false]).expect("accept");
+    assert!(matches!(&accept, Message::Accept { based, .. } if based == &[true, false]));
+    assert_eq!(
+        src.clone().on_message(Stream::Control, &accept),
+        Ok(SourceEvent::Accepted { features: offered, chunking: ChunkParams::DEFAULT, based: vec![true, false] })
+    );
+    // A source that never offered a base for disk 1 refuses to have it based.
+    let forged = Message::Accept { features: offered, chunking: ChunkParams::DEFAULT, based: vec![true, true] };
+    assert!(src.clone().on_message(Stream::Control, &forged).is_err());
+    src.on_message(Stream::Control, &accept).expect("accept");
+
+    // Disk 0 has no first copy: no manifest either way; disk 1 has one.
+    assert!(src.manifest(0, 0, 0, &[(65536, Some(ChunkId([1; 32])))]).is_err(), "disk 0 is based");
+    let m0 = crate::disk::Manifest {
+        disk: 0,
+        seq: 0,
+        offset: 0,
+        chunks: vec![crate::disk::ManifestChunk { len: 65536, id: Some(ChunkId([1; 32])) }],
+    };
+    assert!(dst.clone().on_message(Stream::Control, &Message::DiskManifest(m0)).is_err(), "disk 0 is based");
+    let m1 = src.manifest(1, 0, 0, &[(DISK as u32, None)]).expect("disk 1's first copy");
+    assert_eq!(dst.on_message(Stream::Control, &m1), Ok(DestAction::AnswerManifest));
+    src.on_message(Stream::Control, &dst.need(1, Vec::new()).expect("need")).expect("need");
+    // Written blocks of the based disk arrive anywhere in it.
+    let w = Message::DiskWrites(DiskWrites { disk: 0, extents: vec![(DISK - 4096, 4096)], data: vec![9; 4096] });
+    assert_eq!(dst.on_message(Stream::Bulk, &w), Ok(DestAction::WriteExtents));
+
+    // Cut here: the based disk resumes whole, the other where it stands.
+    let point = dst.resume(Vec::new()).expect("resume");
+    assert_eq!(
+        point.disks,
+        vec![
+            crate::resume::DiskPoint { next_seq: 0, next_offset: DISK },
+            crate::resume::DiskPoint { next_seq: 1, next_offset: DISK },
+        ]
+    );
+    src.on_resumed(&point).expect("the source agrees");
+    let mut wrong = point.clone();
+    wrong.disks[0] = crate::resume::DiskPoint { next_seq: 0, next_offset: 0 };
+    assert!(src.clone().on_resumed(&wrong).is_err(), "a based disk is never partly there");
+
+    // Both disks close with their digests.
+    src.stop_and_copy().expect("pause");
+    for disk in 0..2 {
+        let done = src.disk_done(DiskDone { disk, size: DISK, digest: [disk; 32] }).expect("done");
+        assert_eq!(dst.on_message(Stream::Bulk, &done), Ok(DestAction::CheckDisk));
+    }
+}
+
+#[test]
+fn a_base_is_agreed_only_when_some_disk_starts_from_one() {
+    let offered = features::DISK_COPY | features::DISK_BASE;
+    let mut src = SourceSession::new();
+    let none = src.hello(MigrationId([5; 16]), two_disks(), offered, ChunkParams::DEFAULT, [7; 32], vec![None, None]);
+    let Ok(Message::Hello { features: f, bases, .. }) = none else { panic!("{none:?}") };
+    assert_eq!((f & features::DISK_BASE, bases.len()), (0, 0), "nothing to offer: not offered");
+    let mut short = SourceSession::new();
+    let hello = short.hello(
+        MigrationId([5; 16]),
+        two_disks(),
+        offered,
+        ChunkParams::DEFAULT,
+        [7; 32],
+        vec![Some(MigrationId([4; 16]))],
+    );
+    assert!(hello.is_err(), "one base per disk");
+    let mut dst = DestSession::new();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        features: offered,
+        page_size: 4096,
+        migration_id: MigrationId([5; 16]),
+        shape: two_disks(),
+        chunking: ChunkParams::DEFAULT,
+        resume_secret: [7; 32],
+        bases: vec![Some(MigrationId([4; 16])), None],
+    };
+    dst.on_message(Stream::Control, &hello).expect("hello");
+    // This host holds no base: the feature is dropped, both disks are copied.
+    let accept = dst.accept(features::ALL, ChunkParams::DEFAULT, &[false, false]).expect("accept");
+    assert!(
+        matches!(accept, Message::Accept { features: f, based, .. } if f & features::DISK_BASE == 0 && based.is_empty())
+    );
+    let mut bad = DestSession::new();
+    let Message::Hello { version, features, page_size, migration_id, shape, chunking, resume_secret, .. } = hello
+    else {
+        unreachable!("built above")
+    };
+    let hello = Message::Hello {
+        version,
+        features,
+        page_size,
+        migration_id,
+        shape,
+        chunking,
+        resume_secret,
+        bases: vec![None],
+    };
+    assert!(bad.on_message(Stream::Control, &hello).is_err(), "one base per disk");
 }
