@@ -46,6 +46,28 @@ impl ImageWriter {
         })
     }
 
+    /// Opens `path`, an image of `size` bytes made and flushed by someone
+    /// else (a base to write on): nothing about its content is known, so
+    /// every block is hashed at the next refresh (holes without reading).
+    pub fn open_existing(path: &Path, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        if len != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} holds {len} bytes, not {size}", path.display()),
+            ));
+        }
+        Ok(ImageWriter {
+            path: path.to_owned(),
+            file,
+            size,
+            digest: BlockDigest::new(size),
+            unflushed: 0,
+            unsynced: Some(false),
+        })
+    }
+
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
@@ -139,5 +161,19 @@ mod tests {
         assert!(img.write(u64::MAX - 2, &[1; 100]).is_err());
         assert_eq!(img.finish().expect("finish"), BlockDigest::of_bytes(&want));
         assert_eq!(std::fs::read(&path).expect("read"), want);
+    }
+
+    #[test]
+    fn an_image_opened_on_a_base_hashes_all_of_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("base.img");
+        let mut want = vec![0u8; 1 << 20];
+        want[70_000..80_000].fill(3);
+        std::fs::write(&path, &want).expect("base");
+        assert!(ImageWriter::open_existing(&path, 2 << 20).is_err(), "the size is checked");
+        let mut img = ImageWriter::open_existing(&path, 1 << 20).expect("open");
+        img.write(0, &[5; 4096]).expect("write");
+        want[..4096].fill(5);
+        assert_eq!(img.finish().expect("finish"), BlockDigest::of_bytes(&want));
     }
 }

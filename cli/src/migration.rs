@@ -483,6 +483,13 @@ fn print_summary(outcome: Outcome, s: &Summary) {
                 "complete: every chunk was already there".into()
             },
         );
+        if d.from_base > 0 {
+            println!(
+                "  {} disk(s) started from the destination's copy of the last sync: {} written since then sent instead of a first copy",
+                d.from_base,
+                mib(d.base_written_bytes as f64)
+            );
+        }
         println!(
             "  disk writes re-sent: {} ({} inside the downtime); first copy {:.2} s{}",
             mib(d.extent_bytes as f64),

@@ -8,6 +8,7 @@
 //! after a failure nothing handed over is lost.
 
 use wanmig_migrate::report::{Outcome, Summary};
+use wanmig_migrate::source::DiskBase;
 use wanmig_vmm::config::VmConfig;
 use wanmig_vmm::vm::Vm;
 
@@ -21,15 +22,35 @@ pub struct SyncTarget {
     map: String,
 }
 
+/// The map a sync to `req`'s destination keeps: one per destination key,
+/// however its fingerprint was spelt.
+fn map_for(req: &MigrateRequest) -> String {
+    let peer = req.peer.parse::<wanmig_transport::Fingerprint>().map_or_else(|_| req.peer.clone(), |f| f.to_string());
+    sync_map_name(&peer)
+}
+
+/// Per disk, what its map for `req`'s destination knows: the blocks
+/// written since the last sync there, and that sync. Taken by a sync in
+/// progress (`taken`), else as the map stands (a `send`, which leaves the
+/// map alone: if it commits the VM is gone from here; if not, nothing
+/// changed). `None` for a disk whose map cannot vouch for every write.
+pub fn disk_bases(vm: &Vm, req: &MigrateRequest, taken: bool) -> Vec<Option<DiskBase>> {
+    let map = map_for(req);
+    (0..vm.config().disks.len())
+        .map(|disk| {
+            let maps = vm.disk_tracking(disk)?;
+            let (written, since) = if taken { maps.taken_since(&map) } else { maps.tracked_since(&map) }?;
+            Some(DiskBase { since: since.parse().ok()?, written })
+        })
+        .collect()
+}
+
 impl SyncTarget {
     /// Takes the destination's map on every disk (adding it, invalid, the
-    /// first time). The blocks handed over are what a block-level sync
-    /// would send; today's sync compares digests and does not need them.
+    /// first time): the blocks handed over ([`disk_bases`]) are what the
+    /// sync sends if the destination still holds the last sync's replica.
     pub fn begin(vm: &Vm, req: &MigrateRequest) -> SyncTarget {
-        // One map per destination key, however its fingerprint was spelt.
-        let peer =
-            req.peer.parse::<wanmig_transport::Fingerprint>().map_or_else(|_| req.peer.clone(), |f| f.to_string());
-        let map = sync_map_name(&peer);
+        let map = map_for(req);
         for disk in 0..vm.config().disks.len() {
             if let Some(maps) = vm.disk_tracking(disk)
                 && let Err(e) = maps.take(&map)
@@ -46,7 +67,8 @@ impl SyncTarget {
         let synced = outcome == Outcome::Synced;
         for disk in 0..vm.config().disks.len() {
             if let Some(maps) = vm.disk_tracking(disk) {
-                maps.finish(&self.map, synced);
+                // The map now counts from this sync, which the destination keeps.
+                maps.finish(&self.map, synced.then_some(summary.migration_id.as_str()));
             }
         }
         if !synced {

@@ -256,7 +256,7 @@ impl VmServer {
                 ));
             }
         }
-        let opts = match send_options(req, &self.cfg) {
+        let mut opts = match send_options(req, &self.cfg) {
             Ok(o) => o,
             Err(e) => return Err((vm, e)),
         };
@@ -270,6 +270,7 @@ impl VmServer {
         // Before the sync reads anything: what was written since the last
         // one to this destination is handed over, and the map restarts.
         let sync = req.sync.then(|| crate::dr::SyncTarget::begin(&vm, req));
+        opts.disk_bases = crate::dr::disk_bases(&vm, req, req.sync);
         let thread = spawn_migration(vm, opts, steer.clone(), client.try_clone().ok());
         Ok(Running { steer, client, thread, mem, sync })
     }

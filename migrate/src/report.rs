@@ -322,6 +322,13 @@ pub struct DiskStats {
     pub first_copy_ms: f64,
     /// The lowest guest write cap applied, bytes/s.
     pub write_limit: Option<u64>,
+    /// Disks the destination started from the earlier sync it holds: no
+    /// first copy, only the blocks written since that sync.
+    #[serde(default)]
+    pub from_base: u32,
+    /// The bytes of those blocks (sent with the first round's writes).
+    #[serde(default)]
+    pub base_written_bytes: u64,
 }
 
 #[cfg(test)]

@@ -36,6 +36,17 @@
 //! the same); a migration onto a replica removes the marker first and then
 //! exchanges the image.
 //!
+//! # Bases
+//!
+//! A sync (or migration) onto a replica of this VM from this source may
+//! start an image from an earlier sync's epoch (`wanmig_dr::epoch`) instead
+//! of empty, when the source's write tracking knows every block written
+//! since that sync: the incoming image is that epoch's image (a copy of the
+//! replica while it is still the file the epoch was made from, else written
+//! from the store and checked against the epoch's digest), and only written
+//! blocks arrive. The digest check before `Ready` covers the whole image,
+//! as for any other.
+//!
 //! # Chunks
 //!
 //! Every manifest's chunk ids go under an expiring root of the attempt
@@ -128,6 +139,23 @@ struct DestDisk {
     parts: Vec<(u64, usize)>,
     /// The digest the source sent, once the image matched it.
     verified: Option<[u8; 32]>,
+    /// The epoch the image started from (none: it started empty).
+    base: Option<u64>,
+    /// The 4 KiB blocks written extents touched (bit i = bytes
+    /// `[4096 i, 4096 (i + 1))`): what differs from the base.
+    written: Vec<u64>,
+}
+
+/// How a sync changed the epoch its images all started from: for
+/// `wanmig_dr::epoch::record_incremental`.
+#[derive(Debug, Clone)]
+pub struct SinceBase {
+    /// The epoch.
+    pub epoch: u64,
+    /// Per disk, the blocks written on it.
+    pub written: Vec<Vec<u64>>,
+    /// Per disk, the digest verified.
+    pub digests: Vec<[u8; 32]>,
 }
 
 /// What the destination counted.
@@ -269,6 +297,8 @@ impl DestDisks {
                 ids: Vec::new(),
                 parts: Vec::new(),
                 verified: None,
+                base: None,
+                written: vec![0; d.size.div_ceil(4096 * 64) as usize],
             });
         }
         Ok(out)
@@ -285,6 +315,59 @@ impl DestDisks {
                 replica: d.reservation.replica,
             })
             .collect()
+    }
+
+    /// Starts disk `i` from disk `i` of `epoch` instead of empty (see the
+    /// module docs): only a replica of this VM from this source, reserved
+    /// here, is ever continued, and only from an epoch of the same size.
+    /// Slow (a copy of the image): run it off the connection's task. On an
+    /// error the disk is as it was, empty, for a first copy.
+    pub fn start_from(&mut self, i: usize, epoch: &wanmig_dr::epoch::EpochRecord) -> Result<String, String> {
+        let store = self.store.clone();
+        let d = self.disks.get_mut(i).ok_or_else(|| format!("no disk {i}"))?;
+        let size = d.image.size();
+        if !d.reservation.replica || epoch.vm != self.binding.vm {
+            return Err(format!("{} is not a replica of VM {} from this source", d.path.display(), self.binding.vm));
+        }
+        if epoch.disks.get(i).is_none_or(|e| e.size != size) {
+            return Err(format!("epoch {} has no disk {i} of {size} bytes", epoch.id));
+        }
+        let path = d.image.path().to_owned();
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let made = wanmig_dr::epoch::base_image(&*store, epoch, i, &path)
+            .map_err(|e| wanmig_types::error_chain(&e))
+            .and_then(|from| {
+                let image = ImageWriter::open_existing(&path, size).map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok((from, image))
+            });
+        match made {
+            Ok((from, image)) => {
+                (d.image, d.base) = (image, Some(epoch.id));
+                Ok(match from {
+                    wanmig_dr::epoch::BaseFrom::Replica => "a copy of the replica".into(),
+                    wanmig_dr::epoch::BaseFrom::Store => "written from the chunk store".into(),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                d.image = ImageWriter::create(&path, size).map_err(|c| format!("{e}; and {}: {c}", path.display()))?;
+                Err(e)
+            }
+        }
+    }
+
+    /// When every image started from the same epoch: what changed since,
+    /// for the next epoch. (After every disk was verified.)
+    pub fn since_base(&self) -> Option<SinceBase> {
+        let epoch = self.disks.first()?.base?;
+        if self.disks.iter().any(|d| d.base != Some(epoch) || d.verified.is_none()) {
+            return None;
+        }
+        Some(SinceBase {
+            epoch,
+            written: self.disks.iter().map(|d| d.written.clone()).collect(),
+            digests: self.disks.iter().filter_map(|d| d.verified).collect(),
+        })
     }
 
     fn root(&self) -> String {
@@ -392,6 +475,9 @@ impl DestDisks {
     /// Extents the guest wrote.
     pub fn on_writes(&mut self, w: &DiskWrites) -> Result<(), ReceiveError> {
         let d = self.disk(w.disk)?;
+        for &(offset, len) in &w.extents {
+            mark_blocks(&mut d.written, offset, u64::from(len));
+        }
         for (offset, data) in w.iter() {
             d.image.write(offset, data).map_err(|e| match e.kind() {
                 std::io::ErrorKind::InvalidInput => bad(format!("disk {}: {e}", w.disk)),
@@ -452,7 +538,10 @@ impl DestDisks {
     /// as a sync replica of this VM from this source. The attempt's root
     /// gives way to the images' own.
     pub fn install(mut self, replica: bool) -> Result<Vec<PathBuf>, ReceiveError> {
+        // An image that started from a base had no first copy: its root
+        // (the chunks a later move here dedups against) stays as it was.
         let roots: Vec<(String, Vec<ChunkId>)> = (self.disks.iter().enumerate())
+            .filter(|(_, d)| d.base.is_none())
             .map(|(i, d)| (format!("{}/disk{i}", self.binding.vm), d.ids.clone()))
             .collect();
         let set: Vec<(&str, &[ChunkId])> = roots.iter().map(|(n, ids)| (n.as_str(), ids.as_slice())).collect();
@@ -529,6 +618,19 @@ impl Drop for DestDisks {
         }
         // The attempt's root (its chunks, for a retry) survives a crash.
         let _ = self.store.commit();
+    }
+}
+
+/// Marks the 4 KiB blocks of `[offset, offset + len)` in `bits` (checked
+/// against the image's size by the session before).
+fn mark_blocks(bits: &mut [u64], offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    for b in offset / 4096..=(offset + len - 1) / 4096 {
+        if let Some(w) = bits.get_mut((b / 64) as usize) {
+            *w |= 1 << (b % 64);
+        }
     }
 }
 

@@ -21,7 +21,7 @@
 //! (what a crashed `receive` left, removed at start).
 
 mod admit;
-mod disks;
+pub(crate) mod disks;
 mod error;
 pub mod host;
 mod incoming;

@@ -120,7 +120,7 @@ impl Attempt<'_> {
         host: &RefCell<&mut H>,
         log: &dyn Fn(String),
     ) -> Result<Option<Arrived<H::Vm>>, ReceiveError> {
-        let mut adm = self.admit(&hello).await?;
+        let mut adm = self.admit(&hello, log).await?;
         let result = self.transfer(&mut adm, host, log).await;
         let vm = match result {
             Ok(vm) => vm,
@@ -139,19 +139,19 @@ impl Attempt<'_> {
 
     /// The hello: checks it, admits or refuses the VM, sets up where it
     /// goes. Whatever fails before `Accept` is a refusal the source hears.
-    async fn admit(&mut self, hello: &Message) -> Result<Admitted, ReceiveError> {
+    async fn admit(&mut self, hello: &Message, log: &dyn Fn(String)) -> Result<Admitted, ReceiveError> {
         let mut session = DestSession::new();
         if let Err(e) = session.on_message(Stream::Control, hello) {
             let _ = self.send(&Message::Refuse { reason: e.to_string() }).await;
             return Err(ReceiveError::Refused(e.to_string()));
         }
-        let Message::Hello { shape, features: offered, chunking: proposed, .. } = hello else {
+        let Message::Hello { shape, features: offered, chunking: proposed, bases, .. } = hello else {
             return Err(ReceiveError::BadInput(format!("expected Hello, got {}", hello.name())));
         };
         match self.prepare(&mut session, shape, *offered, *proposed) {
-            Ok(adm) => {
-                let accept = session.accept(adm.1, adm.2)?;
-                let mut adm = adm.0;
+            Ok((mut adm, local, params)) => {
+                let based = self.start_from_bases(&mut adm, bases, log).await;
+                let accept = session.accept(local, params, &based)?;
                 adm.tunnel = session.features() & features::TUNNEL != 0;
                 adm.session = session;
                 if let Err(e) = self.send(&accept).await {
@@ -166,6 +166,53 @@ impl Attempt<'_> {
                 Err(ReceiveError::Refused(reason))
             }
         }
+    }
+
+    /// The disks that start from the earlier sync the source named (see
+    /// `disks.rs`, "Bases"), where this host holds it: one flag per disk.
+    /// A base that cannot be had is no refusal, only a first copy.
+    async fn start_from_bases(
+        &self,
+        adm: &mut Admitted,
+        bases: &[Option<MigrationId>],
+        log: &dyn Fn(String),
+    ) -> Vec<bool> {
+        let mut based = vec![false; bases.len()];
+        let Some(store) = self.store.clone() else { return based };
+        if adm.incoming.disks.is_none() {
+            return based;
+        }
+        for (i, base) in bases.iter().enumerate() {
+            let Some(base) = base else { continue };
+            let vm = adm.config.name.clone();
+            let found = wanmig_dr::epoch::list(&*store, Some(&vm))
+                .map_err(|e| error_chain(&e))
+                .map(|all| all.into_iter().rev().find(|e| e.migration_id == base.to_string()));
+            let epoch = match found {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    log(format!("disk {i}: no epoch of VM {vm} from sync {base} here: a first copy"));
+                    continue;
+                }
+                Err(e) => {
+                    log(format!("disk {i}: cannot list the epochs of VM {vm}: {e}: a first copy"));
+                    continue;
+                }
+            };
+            let t = Instant::now();
+            let started = off_task(&mut adm.incoming.disks, move |d| Ok(d.start_from(i, &epoch))).await;
+            match started.map_err(|e| error_chain(&e)).and_then(|r| r) {
+                Ok(how) => {
+                    based[i] = true;
+                    log(format!(
+                        "disk {i} starts from the epoch of sync {base} ({how}, {:.0} ms): only the blocks written since arrive",
+                        t.elapsed().as_secs_f64() * 1e3
+                    ));
+                }
+                Err(e) => log(format!("disk {i}: cannot start from sync {base}: {e}: a first copy")),
+            }
+        }
+        based
     }
 
     /// Everything admission decides, before anything moves: the VM's
@@ -662,6 +709,7 @@ impl Attempt<'_> {
         // Committed: the VM (or the replica) is ours, whatever happens to
         // the acknowledgement.
         let t_journal = Instant::now();
+        let since_base = adm.incoming.disks.as_ref().and_then(DestDisks::since_base);
         let installed = match adm.incoming.disks.take() {
             Some(d) => d.install(adm.sync),
             None => Ok(Vec::new()),
@@ -678,7 +726,8 @@ impl Attempt<'_> {
             acknowledge(tx, Some(conn)).await;
             // Disaster recovery (wanmig-dr): the replica becomes an epoch.
             if let Some(store) = store {
-                crate::epochs::after_sync(store, &adm.config, images, adm.session.id(), source, log).await;
+                let sync = crate::epochs::Synced { images, migration_id: adm.session.id(), source, since_base };
+                crate::epochs::after_sync(store, &adm.config, sync, log).await;
             }
             return Ok(None);
         };

@@ -12,6 +12,12 @@
 //! 3. Inside the stop-and-copy, the last written extents and a `DiskDone`
 //!    per disk carrying the image digest, which the destination checks
 //!    before it says ready.
+//!
+//! A disk the destination starts from an earlier sync's replica (it holds
+//! it, and the write tracking here knows every block written since: see
+//! `features::DISK_BASE`) skips step 1: those blocks go with the first
+//! round's written extents. Its digest still covers the whole image, read
+//! here (no wire bytes), so a wrong base can never pass the check.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -26,6 +32,7 @@ use wanmig_wire::{Chunk, ChunkParams, DiskDone, Message, SourceEvent};
 
 use super::error::SendError;
 use super::link::Link;
+use super::options::DiskBase;
 use super::progress::Reporter;
 use super::vm::SourceVm;
 use crate::report::{DiskProgress, DiskStats, WireBytes};
@@ -63,6 +70,9 @@ struct SourceDisk {
     /// round is cut), and that round's number.
     round_words: Vec<u64>,
     words_round: Option<u32>,
+    /// Started from the destination's base: the digest must still be
+    /// read from the whole image (`true` until it is).
+    base_digest_due: bool,
 }
 
 /// The disks of a migrating VM.
@@ -78,6 +88,21 @@ pub struct DiskCopy {
     last_pending: Option<u64>,
     /// What happened, for the summary.
     pub stats: DiskStats,
+}
+
+/// `into |= words`, growing `into` as needed.
+fn merge_words(into: &mut Vec<u64>, words: &[u64]) {
+    if into.len() < words.len() {
+        into.resize(words.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(words) {
+        *a |= b;
+    }
+}
+
+/// Bits set in `words`.
+fn count_words(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
 fn disk_err(index: u8, e: std::io::Error) -> SendError {
@@ -115,12 +140,39 @@ impl DiskCopy {
                 first_done: size == 0,
                 round_words: Vec::new(),
                 words_round: None,
+                base_digest_due: false,
             });
         }
         let image_bytes = disks.iter().map(|d| d.size).sum();
         let stats = DiskStats { disks: disks.len() as u32, image_bytes, ..DiskStats::default() };
         let vm_name = vm.config().name.clone();
         Ok(DiskCopy { disks, store, vm_name, best_rate: 0.0, last_pending: None, stats })
+    }
+
+    /// The disks the destination starts from their bases (`based`, as
+    /// agreed): no first copy; the blocks written since the base
+    /// (`bases`) go with the first round's written extents.
+    pub fn start_from_bases(&mut self, based: &[bool], bases: &[Option<DiskBase>]) {
+        for ((d, &b), base) in self.disks.iter_mut().zip(based).zip(bases) {
+            let (true, Some(base)) = (b, base) else { continue };
+            merge_words(&mut d.pending, &base.written);
+            (d.first_done, d.base_digest_due) = (true, true);
+            self.stats.from_base += 1;
+            self.stats.base_written_bytes += count_words(&base.written) * wanmig_wire::disk::EXTENT_GRANULE;
+        }
+    }
+
+    /// A disk started from its base: the guest's writes so far join the
+    /// pending blocks (the write log is a superset of what the tracking
+    /// handed over after it), then the whole image is hashed. Writes from
+    /// now on are in the log again and re-hashed when sent.
+    fn hash_based(&mut self, i: usize) -> Result<(), SendError> {
+        let d = &mut self.disks[i];
+        let words = d.log.take();
+        merge_words(&mut d.pending, &words);
+        d.digest.refresh(&d.file).map_err(|e| disk_err(d.index, e))?;
+        d.base_digest_due = false;
+        Ok(())
     }
 
     /// The first copy of every disk (or, after a resume, what is left of
@@ -136,6 +188,9 @@ impl DiskCopy {
     ) -> Result<(), SendError> {
         let started = Instant::now();
         for i in 0..self.disks.len() {
+            if self.disks[i].base_digest_due {
+                self.hash_based(i)?;
+            }
             if self.disks[i].first_done {
                 continue;
             }
@@ -185,13 +240,8 @@ impl DiskCopy {
         let mut again = 0u64;
         for (d, p) in self.disks.iter_mut().zip(points) {
             let words = std::mem::take(&mut d.round_words);
-            again += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * wanmig_wire::disk::EXTENT_GRANULE;
-            if d.pending.len() < words.len() {
-                d.pending.resize(words.len(), 0);
-            }
-            for (w, x) in d.pending.iter_mut().zip(words) {
-                *w |= x;
-            }
+            again += count_words(&words) * wanmig_wire::disk::EXTENT_GRANULE;
+            merge_words(&mut d.pending, &words);
             d.words_round = None;
             if p.next_offset >= d.size && d.first_done {
                 continue;
@@ -303,19 +353,14 @@ impl DiskCopy {
     pub fn harvest(&mut self) -> u64 {
         for d in &mut self.disks {
             let words = d.log.take();
-            if d.pending.len() < words.len() {
-                d.pending.resize(words.len(), 0);
-            }
-            for (p, w) in d.pending.iter_mut().zip(words) {
-                *p |= w;
-            }
+            merge_words(&mut d.pending, &words);
         }
         self.pending_bytes()
     }
 
     /// Written bytes not yet sent.
     pub fn pending_bytes(&self) -> u64 {
-        let pages: u64 = self.disks.iter().flat_map(|d| &d.pending).map(|w| u64::from(w.count_ones())).sum();
+        let pages: u64 = self.disks.iter().map(|d| count_words(&d.pending)).sum();
         pages * wanmig_wire::disk::EXTENT_GRANULE
     }
 
@@ -329,12 +374,7 @@ impl DiskCopy {
             if d.words_round != Some(round) {
                 (d.round_words, d.words_round) = (Vec::new(), Some(round));
             }
-            if d.round_words.len() < words.len() {
-                d.round_words.resize(words.len(), 0);
-            }
-            for (r, w) in d.round_words.iter_mut().zip(&words) {
-                *r |= w;
-            }
+            merge_words(&mut d.round_words, &words);
             let mut reader = DirtyReader::new(&d.file, d.size, &words);
             while let Some(w) = reader.next_batch(d.index, &mut d.digest).map_err(|e| disk_err(d.index, e))? {
                 sent += w.data.len() as u64;

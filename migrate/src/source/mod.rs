@@ -38,7 +38,7 @@ pub use crate::handover::{TunnelLifetime, TunnelRequest};
 pub use connector::Connector;
 pub use error::SendError;
 pub use link::BATCH_BYTES;
-pub use options::{PostcopyMode, SendOptions};
+pub use options::{DiskBase, PostcopyMode, SendOptions};
 pub use vm::{SourceVm, shape_of};
 
 use self::disk::DiskCopy;
@@ -187,7 +187,11 @@ async fn attempt(
     };
     let copy_disks = link.session.features() & features::DISK_COPY != 0 && !vm.config().disks.is_empty();
     let disks = match copy_disks {
-        true => Some(DiskCopy::new(&*vm, open_store(opts)?)?),
+        true => {
+            let mut d = DiskCopy::new(&*vm, open_store(opts)?)?;
+            d.start_from_bases(&link.session.based(), &opts.disk_bases);
+            Some(d)
+        }
         false => None,
     };
     let mut run = Run::new(vm, opts, link, summary, report, steer, disks, ends.conn, ends.connector);
@@ -273,7 +277,9 @@ async fn negotiate(
     }
     let (mut ctl, mut rx) = conn.open_control().await?;
     let mut session = SourceSession::new();
-    let hello = session.hello(id, shape_of(vm), offer, opts.chunking, resume::secret()?)?;
+    let bases: Vec<Option<MigrationId>> =
+        (0..vm.config().disks.len()).map(|i| opts.disk_bases.get(i).cloned().flatten().map(|b| b.since)).collect();
+    let hello = session.hello(id, shape_of(vm), offer, opts.chunking, resume::secret()?, bases)?;
     summary.bytes.total += ctl.send(&hello).await? as u64;
     let answer = rx.recv_timeout(ANSWER_TIMEOUT).await?.ok_or(SendError::Closed)?;
     let event = session.on_message(Stream::Control, &answer);

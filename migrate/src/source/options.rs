@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use wanmig_transport::{Fingerprint, Identity, LinkTuning};
+use wanmig_types::MigrationId;
 use wanmig_wire::ChunkParams;
 
 use crate::handover::TunnelRequest;
@@ -40,6 +41,11 @@ pub struct SendOptions {
     /// This host's chunk store: keep every chunk of the disks there, so a
     /// later move back here sends only what changed.
     pub store: Option<PathBuf>,
+    /// Per disk, the earlier sync to this destination since which every
+    /// block the guest wrote is known (the disk's write tracking): a
+    /// destination that still holds that sync's replica gets only those
+    /// blocks. Empty: every disk has a first copy.
+    pub disk_bases: Vec<Option<DiskBase>>,
     /// Only copy the disks (`wanmig sync`); the VM keeps running here.
     pub sync: bool,
     /// Leave the network tunnel running after the commit ([`crate::handover`]).
@@ -56,6 +62,16 @@ pub struct SendOptions {
     /// downtime, but the source is in doubt from the device state on (an
     /// outage then is not resumed), not only from the commit on.
     pub early_commit: bool,
+}
+
+/// What a disk's write tracking knows since an earlier sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBase {
+    /// The sync (its migration id).
+    pub since: MigrationId,
+    /// The blocks written since, one bit per 4 KiB (bit i = bytes
+    /// `[4096 i, 4096 (i + 1))`).
+    pub written: Vec<u64>,
 }
 
 /// When the guest moves in post-copy (`send --postcopy`).
@@ -108,6 +124,7 @@ impl SendOptions {
             compress: true,
             chunking: ChunkParams::DEFAULT,
             store: None,
+            disk_bases: Vec::new(),
             sync: false,
             tunnel: None,
             state_dir,

@@ -459,6 +459,12 @@ impl SourceSession {
         self.chunking
     }
 
+    /// Per disk, whether the destination starts it from the base offered
+    /// (all false when none does).
+    pub fn based(&self) -> Vec<bool> {
+        self.disks.iter().map(|d| d.based).collect()
+    }
+
     /// The migration's id.
     pub fn id(&self) -> MigrationId {
         self.id
