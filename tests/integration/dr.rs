@@ -172,6 +172,70 @@ fn write_tracking_survives_a_clean_restart_and_is_not_trusted_after_a_crash_or_a
     assert!(p.shutdown().success());
 }
 
+/// Waits until the destination has logged `n` epochs.
+fn wait_epochs(dst: &Receiver, n: usize) {
+    let start = std::time::Instant::now();
+    while dst.log().matches("recorded").count() < n {
+        assert!(start.elapsed() < Duration::from_secs(30), "no epoch {n}: {}", dst.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_sync_after_a_sync_sends_only_the_blocks_written_since_and_never_trusts_a_map_after_a_crash() {
+    require_kvm();
+    let vm = vm_with_data(GUEST, 1);
+    let keys = Keys::new(vm.dir.path());
+    let mut src = VmProcess::run(&vm);
+    let g0 = running(&mut src);
+    let dr_dir = vm.path("dr");
+    let dst = Receiver::copying(&keys, &keys.src_fp, &dr_dir, &[]);
+    let req = migrate_request(&dst.addr, &keys, None, true);
+    let first = move_vm(&src, &req, MigrateOutcome::Synced);
+    assert_eq!(first["disk"]["from_base"], 0, "nothing to start from yet");
+    wait_epochs(&dst, 1);
+
+    // The guest writes on; the next sync starts from the epoch of the first
+    // and sends the blocks written since, not the chunks around them.
+    let g = src.wait_for("more writes", Duration::from_secs(60), |g| g.disk_done > g0.disk_done + 64);
+    let params = guest_params(&src, &vm.path("snap"));
+    let second = move_vm(&src, &req, MigrateOutcome::Synced);
+    assert_eq!(second["disk"]["from_base"], 1, "{second:#}\n{}", dst.log());
+    assert!(dst.log().contains("disk 0 starts from the epoch of sync"), "{}", dst.log());
+    let written = second["disk"]["base_written_bytes"].as_u64().expect("bytes");
+    assert!(written > 0 && written <= 1 << 20, "only the guest's 1 MiB region was written: {written}");
+    assert_eq!(second["disk"]["chunks_sent"], 0, "no chunk: no first copy");
+    let held =
+        testguest::check_disk_prefix(&region(&dr_dir.join("disk.img")), &params).expect("the replica is a prefix");
+    assert!(held >= g.disk_done, "the replica holds {held} writes, the guest had done {} before", g.disk_done);
+    wait_epochs(&dst, 2);
+    assert!(dst.log().contains("the blocks written since epoch"), "{}", dst.log());
+
+    // A crash: the maps cannot vouch for anything; the next sync copies by
+    // chunks against the store (the digest check holds it to the image).
+    drop(src);
+    let mut src = VmProcess::run(&vm);
+    running(&mut src);
+    let third = move_vm(&src, &req, MigrateOutcome::Synced);
+    assert_eq!(third["disk"]["from_base"], 0, "{third:#}");
+    assert!(third["disk"]["chunks"].as_u64().expect("chunks") > 0, "a first copy");
+    wait_epochs(&dst, 3);
+    // ... after which the map counts from that sync again.
+    let fourth = move_vm(&src, &req, MigrateOutcome::Synced);
+    assert_eq!(fourth["disk"]["from_base"], 1, "{fourth:#}");
+    let (d1, d2, d3, d4) =
+        (disk_wire_bytes(&first), disk_wire_bytes(&second), disk_wire_bytes(&third), disk_wire_bytes(&fourth));
+    eprintln!(
+        "syncs of a {} MiB image: first {d1} disk bytes on the wire; the next from its epoch {d2} ({:.1}%, {written} bytes written); after a crash by chunks {d3} ({:.1}%); then from that epoch {d4} ({:.1}%)",
+        std::fs::metadata(&vm.disk).expect("image").len() >> 20,
+        100.0 * d2 as f64 / d1 as f64,
+        100.0 * d3 as f64 / d1 as f64,
+        100.0 * d4 as f64 / d1 as f64,
+    );
+    assert!(d2 < d1 / 4, "{d2} of {d1}");
+    assert!(src.shutdown().success());
+}
+
 /// `dir`'s files (recursively) with their sizes and modification times.
 fn tree(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
     let mut out = Vec::new();
