@@ -80,6 +80,16 @@ impl<'a> ImageChunker<'a> {
     /// The next batch, or `None` at the end. Every byte read is also fed to
     /// `digest`, in order.
     pub fn next_batch(&mut self, digest: &mut BlockDigest) -> io::Result<Option<Batch>> {
+        self.read_batch(Some(digest))
+    }
+
+    /// The next batch of a pass over part of an image (a chunker whose
+    /// `size` is where the part ends), whose digest is kept elsewhere.
+    pub fn next_batch_unhashed(&mut self) -> io::Result<Option<Batch>> {
+        self.read_batch(None)
+    }
+
+    fn read_batch(&mut self, digest: Option<&mut BlockDigest>) -> io::Result<Option<Batch>> {
         if self.carry_at >= self.size {
             return Ok(None);
         }
@@ -88,7 +98,9 @@ impl<'a> ImageChunker<'a> {
         let old = data.len();
         data.resize(old + want, 0);
         read_exact_at(self.file, &mut data[old..], self.read_at)?;
-        digest.feed(self.read_at, &data[old..]);
+        if let Some(digest) = digest {
+            digest.feed(self.read_at, &data[old..]);
+        }
         self.read_at += want as u64;
         let at_end = self.read_at >= self.size;
 

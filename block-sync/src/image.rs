@@ -100,6 +100,32 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Makes `len` bytes at `offset` zeros (a hole where the file system
+    /// can punch one): a zero chunk on an image that started from a base.
+    pub fn write_zeros(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{len} zeros at {offset} past the end")));
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a valid descriptor; fallocate only changes the file.
+        let punched = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) } == 0;
+        if !punched {
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                self.file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+        }
+        self.digest.mark(offset, len);
+        if self.unsynced == Some(false) {
+            self.unsynced = Some(true);
+        }
+        Ok(())
+    }
+
     /// Between rounds: re-hashes the blocks written since the last call and
     /// flushes them to stable storage, so that little is left for the final
     /// check and flush (both inside the guest's downtime).
@@ -174,6 +200,9 @@ mod tests {
         let mut img = ImageWriter::open_existing(&path, 1 << 20).expect("open");
         img.write(0, &[5; 4096]).expect("write");
         want[..4096].fill(5);
+        img.write_zeros(69_632, 8192).expect("zeros");
+        want[69_632..77_824].fill(0);
+        assert!(img.write_zeros((1 << 20) - 4096, 8192).is_err(), "inside the image only");
         assert_eq!(img.finish().expect("finish"), BlockDigest::of_bytes(&want));
     }
 }

@@ -836,3 +836,88 @@ fn a_link_cut_during_postcopy_is_resumed_and_every_page_arrives() {
     eprintln!("resumed post-copy: {pc:?}, {} bytes sent again", summary.resent_bytes);
     assert!(pc.dest.is_some_and(|d| d.requested + d.pushed >= pc.missing_pages));
 }
+
+/// A pseudo-random MiB (incompressible, no zero chunk).
+fn noise(seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// One sync of `vm` over a fresh in-memory link: its outcome and summary.
+fn sync_once(s: &Setup, vm: &mut FakeVm) -> (Outcome, wanmig_migrate::report::Summary, Option<String>) {
+    runtime().block_on(async {
+        let (src, dst, _link) = Conn::mem_pair();
+        let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+        let mut connector = no_resume();
+        let (mut host, steer) = (FakeHost { refuse: false }, tunables());
+        let sending = send_on(src, &mut connector, vm, &s.send, &steer, &mut quiet_src);
+        let receiving = receive_on(dst, &s.receive, &mut host, &mut quiet_dst);
+        let ((outcome, summary, _), received) = tokio::join!(sending, receiving);
+        (outcome, summary, received.err().map(|e| wanmig_types::error_chain(&e)))
+    })
+}
+
+#[test]
+fn a_sync_from_the_destinations_epoch_sends_written_blocks_and_long_runs_as_chunks_it_may_hold() {
+    let mut s = setup();
+    s.send.sync = true;
+    let mut vm = FakeVm::deterministic(&s.src_dir, 4);
+    // A file the first sync carries (its chunks go into the destination's store).
+    let file = noise(7);
+    vm.guest.disk.write_all_at(&file, 0).expect("write");
+    vm.guest.log.record(0, file.len());
+    let (outcome, first, err) = sync_once(&s, &mut vm);
+    assert_eq!(outcome, Outcome::Synced, "{:?} / {err:?}", first.error);
+    let since: MigrationId = first.migration_id.parse().expect("an id");
+
+    // Then the guest copies that file elsewhere (a long run the store may
+    // hold) and writes a few scattered blocks; the write tracking knows both.
+    let mut written = vec![0u64; (DISK / 4096 / 64) as usize];
+    let mut write = |vm: &FakeVm, at: u64, data: &[u8]| {
+        vm.guest.disk.write_all_at(data, at).expect("write");
+        vm.guest.log.record(at, data.len());
+        for b in at / 4096..(at + data.len() as u64).div_ceil(4096) {
+            written[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    };
+    write(&vm, 2 * MIB, &file);
+    for b in [5u64, 300, 301, 900] {
+        write(&vm, b * 4096, &[0xa5; 4096]);
+    }
+    s.send.disk_bases = vec![Some(wanmig_migrate::source::DiskBase { since, written })];
+    let (outcome, second, err) = sync_once(&s, &mut vm);
+    assert_eq!(outcome, Outcome::Synced, "{:?} / {err:?}", second.error);
+    let d = second.disk.as_ref().expect("disk stats");
+    assert_eq!(d.from_base, 1, "{d:?}");
+    assert!(d.chunks > 0 && d.chunks_present > 0, "the copied file went as chunks, some already there: {d:?}");
+    assert!(d.chunk_bytes_sent < MIB, "{d:?}");
+    let (_, at_pause) = vm.at_pause.clone().expect("paused");
+    assert!(
+        std::fs::read(s.dst_dir.join("disk.img")).expect("replica") == at_pause,
+        "the replica is the source's image"
+    );
+    let first_disk = first.bytes.disk;
+    eprintln!(
+        "first sync {first_disk} disk bytes; from its epoch {} ({} chunks, {} already there, {} bytes of chunks, {} of blocks)",
+        second.bytes.disk, d.chunks, d.chunks_present, d.chunk_bytes_sent, d.extent_bytes
+    );
+    assert!(second.bytes.disk < first_disk / 2, "{} of {first_disk}", second.bytes.disk);
+
+    // A base the destination does not hold: a first copy, still right.
+    s.send.disk_bases = vec![Some(wanmig_migrate::source::DiskBase { since: MigrationId::new(), written: Vec::new() })];
+    let (outcome, third, err) = sync_once(&s, &mut vm);
+    assert_eq!(outcome, Outcome::Synced, "{:?} / {err:?}", third.error);
+    assert_eq!(third.disk.as_ref().expect("disk stats").from_base, 0);
+    let (_, at_pause) = vm.at_pause.clone().expect("paused");
+    assert!(
+        std::fs::read(s.dst_dir.join("disk.img")).expect("replica") == at_pause,
+        "the replica is the source's image"
+    );
+}

@@ -394,6 +394,14 @@ impl DestDisks {
         let (mut need, mut offset) = (Vec::new(), m.offset);
         let (mut from_store, mut corrupt) = (0, 0);
         for (i, c) in m.chunks.iter().enumerate() {
+            if d.base.is_some() {
+                // A run of written blocks on a base: it differs from the
+                // base, and a hole in it must be made one.
+                mark_blocks(&mut d.written, offset, u64::from(c.len));
+                if c.id.is_none() {
+                    d.image.write_zeros(offset, u64::from(c.len)).map_err(|e| disk_io(d.image.path(), "writing", e))?;
+                }
+            }
             if let Some(id) = c.id {
                 d.ids.push(id);
                 let mut wanted = !have.next().unwrap_or(false);
@@ -441,6 +449,7 @@ impl DestDisks {
         self.stats.received += 1;
         self.uncommitted += c.data.len() as u64;
         let d = self.disk(c.disk)?;
+        mark_blocks(&mut d.written, c.offset, c.data.len() as u64);
         d.image.write(c.offset, &c.data).map_err(|e| disk_io(d.image.path(), "writing", e))
     }
 

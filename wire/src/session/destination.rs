@@ -68,7 +68,8 @@ struct Disk {
     done: bool,
     /// The source offered an earlier sync as this disk's base.
     offered_base: bool,
-    /// Started from that base: whole from the start, no manifest.
+    /// Started from that base: whole from the start; manifest parts come
+    /// only for runs of written blocks, in order but with gaps.
     based: bool,
 }
 
@@ -235,7 +236,8 @@ impl DestSession {
             (Phase::Receiving | Phase::HaveState, Message::DiskDone(done)) if !self.bulk_ended => {
                 let (disk, outstanding) = (done.disk, self.requested.keys().any(|k| k.0 == done.disk));
                 let d = self.open_disk(disk)?;
-                if done.size != d.size || d.next_offset != d.size || d.unanswered.is_some() || outstanding {
+                let first_copy_done = d.based || d.next_offset == d.size;
+                if done.size != d.size || !first_copy_done || d.unanswered.is_some() || outstanding {
                     return Err(violation(format!("disk {disk} closed before all of it arrived")));
                 }
                 self.disks[disk as usize].done = true;
@@ -406,10 +408,8 @@ impl DestSession {
             return Err(violation(format!("manifest {}/{} before the last one was answered", m.disk, m.seq)));
         }
         let d = &mut self.disks[m.disk as usize];
-        if d.based {
-            return Err(violation(format!("manifest {} of disk {}, which started from its base", m.seq, m.disk)));
-        }
-        if m.seq != d.next_seq || m.offset != d.next_offset {
+        let in_place = if d.based { m.offset >= d.next_offset } else { m.offset == d.next_offset };
+        if m.seq != d.next_seq || !in_place {
             return Err(violation(format!(
                 "manifest {} of disk {} at {} while {} at {} was due",
                 m.seq, m.disk, m.offset, d.next_seq, d.next_offset
@@ -529,7 +529,7 @@ impl DestSession {
                 return Err(violation(format!("disk {i} has no base offered to start from")));
             }
             for (d, &b) in self.disks.iter_mut().zip(based) {
-                (d.based, d.next_offset) = (b, if b { d.size } else { 0 });
+                d.based = b;
             }
         }
         self.features = agreed;

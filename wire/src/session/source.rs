@@ -73,8 +73,9 @@ struct Disk {
     done: bool,
     /// The earlier sync the source offered as this disk's base.
     offered_base: Option<MigrationId>,
-    /// The destination starts it from that base: no manifest, only
-    /// written blocks.
+    /// The destination starts it from that base: no first copy, only
+    /// written blocks, and manifest parts for some runs of them, in order
+    /// but with gaps (`next_offset`: where the last part ended).
     based: bool,
 }
 
@@ -277,9 +278,10 @@ impl SourceSession {
             return Err(violation(format!("resumed with {} disks of {}", point.disks.len(), self.disks.len())));
         }
         for (i, (p, d)) in point.disks.iter().zip(&self.disks).enumerate() {
-            // A disk started from its base has no parts: it is whole from the start.
+            // A disk started from its base is whole from the start; its
+            // parts (runs of written blocks) leave gaps.
             let out_of_place = match d.based {
-                true => (p.next_seq, p.next_offset) != (0, d.size),
+                true => p.next_seq > d.next_seq || p.next_offset > d.next_offset,
                 false => {
                     p.next_seq > d.next_seq
                         || p.next_offset > d.next_offset
@@ -426,9 +428,6 @@ impl SourceSession {
                 return Err(violation(format!("disk {i} started from a base the source did not offer")));
             }
             d.based = b;
-            if b {
-                d.next_offset = d.size;
-            }
         }
         Ok(())
     }
@@ -505,12 +504,8 @@ impl SourceSession {
         }
         let d = self.disks.get_mut(disk as usize).ok_or_else(|| violation(format!("no disk {disk}")))?;
         let len: u64 = chunks.iter().map(|(l, _)| u64::from(*l)).sum();
-        if d.done
-            || d.based
-            || seq != d.next_seq
-            || offset != d.next_offset
-            || offset.checked_add(len).is_none_or(|e| e > d.size)
-        {
+        let in_place = if d.based { offset >= d.next_offset } else { offset == d.next_offset };
+        if d.done || seq != d.next_seq || !in_place || offset.checked_add(len).is_none_or(|e| e > d.size) {
             return Err(violation(format!("manifest {disk}/{seq} at {offset} out of place")));
         }
         d.next_seq += 1;
@@ -541,7 +536,7 @@ impl SourceSession {
                     && self.features & features::POSTCOPY != 0
                     && self.features & features::SYNC_ONLY == 0 =>
             {
-                if let Some(i) = self.disks.iter().position(|d| copying && d.next_offset != d.size) {
+                if let Some(i) = self.disks.iter().position(|d| copying && !d.based && d.next_offset != d.size) {
                     return Err(violation(format!("post-copy before disk {i}'s first copy was complete")));
                 }
                 self.phase = Phase::Transfer { paused: true };
@@ -604,7 +599,7 @@ impl SourceSession {
             return Err(self.unexpected("DiskDone"));
         }
         let d = self.disks.get_mut(done.disk as usize).ok_or_else(|| violation(format!("no disk {}", done.disk)))?;
-        if d.done || d.size != done.size || d.next_offset != d.size {
+        if d.done || d.size != done.size || (!d.based && d.next_offset != d.size) {
             return Err(violation(format!("disk {} cannot be closed here", done.disk)));
         }
         d.done = true;

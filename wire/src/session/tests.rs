@@ -587,15 +587,21 @@ fn a_disk_started_from_its_base_gets_only_written_blocks_and_resumes_whole() {
     assert!(src.clone().on_message(Stream::Control, &forged).is_err());
     src.on_message(Stream::Control, &accept).expect("accept");
 
-    // Disk 0 has no first copy: no manifest either way; disk 1 has one.
-    assert!(src.manifest(0, 0, 0, &[(65536, Some(ChunkId([1; 32])))]).is_err(), "disk 0 is based");
-    let m0 = crate::disk::Manifest {
+    // Disk 0 has no first copy: a part for a run of written blocks may
+    // leave a gap, but never goes back; disk 1's first copy has no gaps.
+    let run = |seq, offset| crate::disk::Manifest {
         disk: 0,
-        seq: 0,
-        offset: 0,
+        seq,
+        offset,
         chunks: vec![crate::disk::ManifestChunk { len: 65536, id: Some(ChunkId([1; 32])) }],
     };
-    assert!(dst.clone().on_message(Stream::Control, &Message::DiskManifest(m0)).is_err(), "disk 0 is based");
+    assert!(src.clone().manifest(1, 0, 65536, &[(65536, None)]).is_err(), "disk 1 starts at 0");
+    let m0 = src.manifest(0, 0, 131072, &[(65536, Some(ChunkId([1; 32])))]).expect("a run of disk 0");
+    assert_eq!(m0, Message::DiskManifest(run(0, 131072)));
+    assert!(src.clone().manifest(0, 1, 65536, &[(65536, None)]).is_err(), "never back");
+    assert_eq!(dst.on_message(Stream::Control, &m0), Ok(DestAction::AnswerManifest));
+    src.on_message(Stream::Control, &dst.need(0, vec![0]).expect("need")).expect("need");
+    assert!(dst.clone().on_message(Stream::Control, &Message::DiskManifest(run(1, 0))).is_err(), "never back");
     let m1 = src.manifest(1, 0, 0, &[(DISK as u32, None)]).expect("disk 1's first copy");
     assert_eq!(dst.on_message(Stream::Control, &m1), Ok(DestAction::AnswerManifest));
     src.on_message(Stream::Control, &dst.need(1, Vec::new()).expect("need")).expect("need");
@@ -603,19 +609,20 @@ fn a_disk_started_from_its_base_gets_only_written_blocks_and_resumes_whole() {
     let w = Message::DiskWrites(DiskWrites { disk: 0, extents: vec![(DISK - 4096, 4096)], data: vec![9; 4096] });
     assert_eq!(dst.on_message(Stream::Bulk, &w), Ok(DestAction::WriteExtents));
 
-    // Cut here: the based disk resumes whole, the other where it stands.
+    // Cut here, disk 0's part asked for and not arrived: it goes again
+    // from that part; the copied disk is whole.
     let point = dst.resume(Vec::new()).expect("resume");
     assert_eq!(
         point.disks,
         vec![
-            crate::resume::DiskPoint { next_seq: 0, next_offset: DISK },
+            crate::resume::DiskPoint { next_seq: 0, next_offset: 131072 },
             crate::resume::DiskPoint { next_seq: 1, next_offset: DISK },
         ]
     );
-    src.on_resumed(&point).expect("the source agrees");
     let mut wrong = point.clone();
-    wrong.disks[0] = crate::resume::DiskPoint { next_seq: 0, next_offset: 0 };
-    assert!(src.clone().on_resumed(&wrong).is_err(), "a based disk is never partly there");
+    wrong.disks[0] = crate::resume::DiskPoint { next_seq: 2, next_offset: 131072 };
+    assert!(src.clone().on_resumed(&wrong).is_err(), "a part never sent");
+    src.on_resumed(&point).expect("the source agrees");
 
     // Both disks close with their digests.
     src.stop_and_copy().expect("pause");
