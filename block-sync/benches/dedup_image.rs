@@ -1,11 +1,15 @@
 //! Dedup ratio and bytes on the wire for a disk image of real files, on a
 //! first move (empty destination) and a re-move after the guest changed a
 //! little (the destination holds the first move's chunks), and what a
-//! re-move would send if it sent the 4 KiB blocks the guest wrote (a
+//! re-move sends with change tracking: the 4 KiB blocks the guest wrote (a
 //! write-tracking map, `wanmig_vmm::tracking`) instead of the chunks that
-//! hold them, or a hybrid: short runs of written blocks as blocks, long
-//! ones as the chunks over them (content-defined chunking finds what an
-//! insert only shifted).
+//! hold them, or the hybrid `sync` uses onto the destination's epoch
+//! (`features::DISK_BASE`; `wanmig_migrate`'s `RUN_AS_CHUNKS`): short runs
+//! of written blocks as blocks, long ones as the chunks over them
+//! (content-defined chunking finds what an insert only shifted). The rows
+//! model the wire (zstd-1 batches, 16 bytes per extent, 37 per chunk); the
+//! migration's own figures for the test guest are in the tests
+//! `dr::a_sync_after_a_sync_*` and `in_memory::a_sync_from_*`.
 //!
 //! Measured (this machine, release): re-move 22.3% of the first move's
 //! 71.0 MiB; tracked blocks alone 19.3% (the 100-byte insert rewrites a
