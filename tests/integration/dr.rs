@@ -291,11 +291,7 @@ fn each_sync_leaves_an_epoch_kept_by_the_rules_and_a_drill_boots_a_copy_without_
     let mut ids = Vec::new();
     for i in 1..=3 {
         move_vm(&src, &migrate_request(&dst.addr, &keys, None, true), MigrateOutcome::Synced);
-        let start = std::time::Instant::now();
-        while dst.log().matches("recorded").count() < i {
-            assert!(start.elapsed() < Duration::from_secs(30), "no epoch after sync {i}: {}", dst.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_epochs(&dst, i);
         ids.push(epochs(&store).last().expect("an epoch")["id"].as_u64().expect("id"));
         std::thread::sleep(Duration::from_millis(1100));
     }
