@@ -39,6 +39,7 @@ pub use connector::Connector;
 pub use error::SendError;
 pub use link::BATCH_BYTES;
 pub use options::{PostcopyMode, SendOptions};
+pub use resume::TAKEN_UP_AGAIN;
 pub use vm::{SourceVm, shape_of};
 
 use self::disk::DiskCopy;
@@ -211,16 +212,18 @@ async fn attempt(
             Err(SendError::Cancelled(why))
         }
     };
-    *slot = Some(run.link.session.clone());
     run.unthrottle_disks();
-    match result {
+    let result = match result {
         Err(e) if matches!(e, SendError::Cancelled(_)) => Err(e),
-        Err(e) => match run.link.peer_reason().await {
+        Err(e) => match resume::heard_abort(&mut run).await {
             Some(reason) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
             None => Err(e),
         },
         ok => ok,
-    }
+    };
+    // What the failure means is judged by the session as it ended.
+    *slot = Some(run.link.session.clone());
+    result
 }
 
 fn open_store(opts: &SendOptions) -> Result<Option<Arc<wanmig_dedup::ChunkStore>>, SendError> {
@@ -435,6 +438,7 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
                 postcopy::run_postcopy(run, journal, rec, pending, why).await.map(|()| Stage::Done)
             }
             Stage::StopAndCopy(pending) => switchover::stop_and_copy(run, pending).await.map(Stage::Commit),
+            Stage::Resend(pages) => switchover::resend(run, pages).await.map(Stage::Commit),
             Stage::Commit(paused_at) => {
                 run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
                 switchover::commit(run, journal, rec, paused_at).await.map(|()| Stage::Done)
@@ -444,7 +448,7 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
         stage = match next {
             Ok(Stage::Done) => return Ok(()),
             Ok(s) => s,
-            Err(e) if resume::resumable(run, &e) => resume::after_outage(run, e).await?,
+            Err(e) if resume::resumable(run, &e) => resume::after_outage(run, e, journal, rec).await?,
             Err(e) => return Err(e),
         };
     }

@@ -253,7 +253,7 @@ pub async fn run_postcopy(
     run.report.phase(Phase::StopAndCopy);
     let paused_at = Instant::now();
     run.vm.pause()?;
-    run.paused = true;
+    run.paused = Some(paused_at);
     run.vm.sync_disks()?;
     run.link.session.postcopy_switch()?;
     // Missing at the destination: what pre-copy left, and what the guest
@@ -398,7 +398,13 @@ async fn resume(
 ) -> Result<(), SendError> {
     let began = Instant::now();
     run.summary.outages += 1;
-    let (ctl, rx, point) = super::resume::reconnect(run, &cause, began).await?;
+    let (ctl, rx, point) = match super::resume::reconnect(run, &cause, began).await? {
+        super::resume::Answer::Resumed(ctl, rx, point) => (ctl, rx, point),
+        // The destination's attempt is over, so the guest it ran is gone.
+        super::resume::Answer::Settled(_, outcome) => {
+            return Err(SendError::PostcopyLost(format!("the destination answered a resume with {outcome:?}")));
+        }
+    };
     let mut session = run.link.session.clone();
     session.on_resumed(&point)?;
     let zstd = run.opts.compress && session.features() & wanmig_types::features::ZSTD != 0;

@@ -1,5 +1,6 @@
-//! The end of a migration at the source: stop-and-copy, then the two-phase
-//! commit (journalled), then the network hand-over.
+//! The end of a migration at the source: stop-and-copy (sent again, still
+//! paused, when an early commit is resumed before the destination
+//! decided), then the commit (journalled), then the network hand-over.
 
 use std::time::Instant;
 
@@ -25,7 +26,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     run.vm.sync_disks()?;
     let paused_at = Instant::now();
     run.vm.pause()?;
-    run.paused = true;
+    run.paused = Some(paused_at);
     // On shared storage the destination opens these very images: the
     // writes the guest saw complete must be on them first. A copied disk
     // is read here through the page cache, which holds them already; its
@@ -34,15 +35,34 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
         run.vm.sync_disks()?;
     }
     run.link.session.stop_and_copy()?;
+    let pages = match run.opts.sync {
+        true => DirtyPages { regions: Vec::new() },
+        false => union(&pending, &run.vm.harvest_dirty()?),
+    };
+    send_rest(run, &pages, paused_at).await?;
+    Ok(paused_at)
+}
+
+/// After an early commit the destination took up again before it decided
+/// (the guest has stayed paused since `paused_at`): sends `pages` (what of
+/// the cut round it lacks), then the rest again as the stop-and-copy did.
+pub async fn resend(run: &mut Run<'_>, pages: DirtyPages) -> Result<Instant, SendError> {
+    let paused_at = run.paused.ok_or_else(|| SendError::Refused("a stop-and-copy resent, yet no pause".into()))?;
+    run.report.phase(Phase::StopAndCopy);
+    send_rest(run, &pages, paused_at).await?;
+    Ok(paused_at)
+}
+
+/// Inside the stop-and-copy (the guest paused since `paused_at`): `pages`,
+/// the disks' last written blocks and digests, the round's end, then the
+/// device state.
+async fn send_rest(run: &mut Run<'_>, pages: &DirtyPages, paused_at: Instant) -> Result<(), SendError> {
     let round = run.link.session.round();
     let mut last_pages = 0;
     if !run.opts.sync {
-        let last = run.vm.harvest_dirty()?;
-        run.start_round(&union(&pending, &last));
+        run.start_round(pages);
         let ram = run.vm.ram();
-        let (p1, _) = run.link.bulk.send_pages(ram, &pending, round, &mut run.summary.bytes).await?;
-        let (p2, _) = run.link.bulk.send_pages(ram, &last, round, &mut run.summary.bytes).await?;
-        last_pages = p1 + p2;
+        (last_pages, _) = run.link.bulk.send_pages(ram, pages, round, &mut run.summary.bytes).await?;
     }
     if let Some(d) = &mut run.disks {
         d.finish(&mut run.link, &mut run.summary.bytes).await?;
@@ -68,7 +88,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     let msg = run.link.session.device_state(state)?;
     run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
     run.summary.downtime_breakdown.state_ms = ms_since(paused_at);
-    Ok(paused_at)
+    Ok(())
 }
 
 /// The pages of `a` and `b` (same regions, in the same order).
@@ -130,6 +150,18 @@ pub async fn commit(
         SourceEvent::CommitAcked => {}
         e => return Err(SendError::Peer(format!("{e:?} instead of CommitAck"))),
     }
+    acknowledged(run, journal, rec, paused_at)
+}
+
+/// The destination runs the guest (it acknowledged the commit, or its
+/// journal said so in answer to a resume): the downtime that began at
+/// `paused_at` ends, and the journal says the VM migrated.
+pub fn acknowledged(
+    run: &mut Run<'_>,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+    paused_at: Instant,
+) -> Result<(), SendError> {
     run.summary.downtime_ms = ms_since(paused_at);
     run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
     if !run.opts.sync {
