@@ -90,11 +90,14 @@ fn destination_lost_in_stop_and_copy_before_commit_resumes_the_source() {
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
     // The destination dies after receiving the device state, before Ready;
-    // the source waits for Ready before it commits (the default).
+    // the source waits for Ready before it commits (--commit-after-ready).
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
+    let mut req = migrate_request(&dst.addr, &keys, None, false);
+    let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
+    migration.commit_after_ready = true;
     let mut events = Vec::new();
-    let resp = migrate(&src, &dst.addr, &keys, &mut |e| events.push(e.to_string()));
+    let resp = migrate_with(&src, req, &mut |e| events.push(e.to_string()));
     assert!(events.iter().any(|e| e == "stop_and_copy"), "{events:?}");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
@@ -111,16 +114,23 @@ fn destination_lost_before_deciding_an_early_commit_leaves_the_source_in_doubt_u
     let keys = Keys::new(vm.dir.path());
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
-    // With --early-commit the commit follows the device state: the
-    // destination dies with both in hand, before it decided.
+    // With an early commit (the default) the commit follows the device
+    // state: the destination dies with both in hand, before it decided. The
+    // source, paused, tries to resume for the window (3 s here: nobody
+    // answers), then stays in doubt and says how to settle it.
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
     let mut req = migrate_request(&dst.addr, &keys, None, false);
     let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
-    migration.early_commit = true;
+    assert!(!migration.commit_after_ready, "the early commit is the default");
+    migration.resume_window_s = 3;
     let resp = migrate_with(&src, req, &mut |_| {});
     assert_eq!(resp.outcome, Some(MigrateOutcome::InDoubt), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
+    let summary = resp.summary.as_ref().expect("a summary");
+    let error = summary.error.as_deref().unwrap_or_default();
+    assert!(summary.outages == 1 && error.contains("resume window"), "{resp:?}");
+    assert!(error.contains("in doubt") && error.contains("wanmig settle"), "{error}");
     let p = src.progress().expect("status");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(src.progress().expect("status").steps, p.steps, "a guest in doubt stays paused");
