@@ -30,7 +30,7 @@ use wanmig_wire::{Message, PageData, PageRef, PageSpace, PagesBuilder, SourceEve
 use super::error::SendError;
 use super::link::{BulkSender, Link};
 use super::run::Run;
-use super::switchover::union;
+use super::switchover::{coalesce, union};
 use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
 use crate::report::{Phase, PostcopyDestStats, PostcopyStats};
 
@@ -61,27 +61,11 @@ struct Served {
 /// Page frames of `pages` (region-relative runs) as ascending, disjoint
 /// runs of guest page frame numbers.
 fn pfn_runs(pages: &DirtyPages) -> Vec<PageRange> {
-    let mut runs: Vec<PageRange> = pages
-        .regions
-        .iter()
-        .flat_map(|r| {
-            let base = r.start.0 / PAGE_SIZE_U64;
-            r.ranges.iter().map(move |x| PageRange { first: base + x.first, count: x.count })
-        })
-        .filter(|r| r.count > 0)
-        .collect();
-    runs.sort_by_key(|r| r.first);
-    let mut out: Vec<PageRange> = Vec::with_capacity(runs.len());
-    for r in runs {
-        match out.last_mut() {
-            Some(last) if r.first <= last.end() => {
-                let end = last.end().max(r.end());
-                last.count = end - last.first;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
+    let runs = pages.regions.iter().flat_map(|r| {
+        let base = r.start.0 / PAGE_SIZE_U64;
+        r.ranges.iter().map(move |x| PageRange { first: base + x.first, count: x.count })
+    });
+    coalesce(runs.collect())
 }
 
 /// Reads page `pfn` of `mem` and adds it to `b` (zero pages as such).

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use wanmig_mem_sync::compress;
-use wanmig_types::features;
+use wanmig_types::{PageRange, features};
 use wanmig_vmm::memory::DirtyPages;
 use wanmig_wire::SourceEvent;
 
@@ -91,16 +91,36 @@ async fn send_rest(run: &mut Run<'_>, pages: &DirtyPages, paused_at: Instant) ->
     Ok(())
 }
 
-/// The pages of `a` and `b` (same regions, in the same order).
+/// The pages of `a` and `b` (same regions, in the same order), each
+/// region's runs ascending and disjoint: pages go into a batch in
+/// ascending order, and a page dirty in both goes once.
 pub fn union(a: &DirtyPages, b: &DirtyPages) -> DirtyPages {
     let mut out = a.clone();
     for r in &b.regions {
         match out.regions.iter_mut().find(|o| o.start == r.start) {
             Some(o) => {
                 o.ranges.extend_from_slice(&r.ranges);
-                o.ranges.sort_by_key(|x| x.first);
+                o.ranges = coalesce(std::mem::take(&mut o.ranges));
             }
             None => out.regions.push(r.clone()),
+        }
+    }
+    out
+}
+
+/// `runs` sorted, with the ones that overlap or touch merged (empty ones
+/// dropped).
+pub fn coalesce(mut runs: Vec<PageRange>) -> Vec<PageRange> {
+    runs.retain(|r| r.count > 0);
+    runs.sort_by_key(|r| r.first);
+    let mut out: Vec<PageRange> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match out.last_mut() {
+            Some(last) if r.first <= last.end() => {
+                let end = last.end().max(r.end());
+                last.count = end - last.first;
+            }
+            _ => out.push(r),
         }
     }
     out
@@ -186,4 +206,29 @@ async fn decide(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceReco
     run.report.phase(Phase::Committed);
     run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+    use wanmig_vmm::memory::RegionDirty;
+
+    use super::*;
+
+    fn pages(regions: &[(u64, &[(u64, u64)])]) -> DirtyPages {
+        let regions = regions.iter().map(|&(start, runs)| RegionDirty {
+            start: GuestAddress(start),
+            ranges: runs.iter().map(|&(first, count)| PageRange { first, count }).collect(),
+        });
+        DirtyPages { regions: regions.collect() }
+    }
+
+    #[test]
+    fn a_union_is_ascending_and_disjoint_so_each_page_goes_once() {
+        // The pages left to send and those dirtied since overlap and touch.
+        let pending = pages(&[(0, &[(2, 3), (10, 2)]), (1 << 32, &[(0, 1)])]);
+        let last = pages(&[(0, &[(0, 1), (4, 4), (12, 1), (20, 0)]), (2 << 32, &[(5, 1)])]);
+        let u = union(&pending, &last);
+        assert_eq!(u, pages(&[(0, &[(0, 1), (2, 6), (10, 3)]), (1 << 32, &[(0, 1)]), (2 << 32, &[(5, 1)])]));
+    }
 }
