@@ -459,7 +459,10 @@ fn print_summary(outcome: Outcome, s: &Summary) {
             s.outages,
             s.outage_ms / 1e3,
             mib(s.resent_bytes as f64),
-            s.decided_on_resume.as_deref().map(|d| format!("; the destination's answer to the resume: {d}")).unwrap_or_default()
+            s.decided_on_resume
+                .as_deref()
+                .map(|d| format!("; the destination's answer to the resume: {d}"))
+                .unwrap_or_default()
         );
     }
     println!(

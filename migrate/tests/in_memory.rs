@@ -933,7 +933,8 @@ fn a_link_cut_during_postcopy_is_resumed_and_every_page_arrives() {
     let touched: Touched = Arc::new(Mutex::new(Vec::new()));
     let (src, dst, link) = Conn::mem_pair();
     let mut host = LazyHost { cut: Some((link.clone(), Duration::from_millis(300))), touched: Some(touched.clone()) };
-    let ResumableRun { outcome, summary, received, .. } = run_resumable(&s, &mut vm, &mut host, &steer, (src, dst, link));
+    let ResumableRun { outcome, summary, received, .. } =
+        run_resumable(&s, &mut vm, &mut host, &steer, (src, dst, link));
     let dest_error = received.as_ref().err().map(|e| wanmig_types::error_chain(e));
     assert_eq!(outcome, Outcome::Migrated, "{:?} / {dest_error:?}", summary.error);
     assert_eq!(summary.outages, 1, "one outage, ridden out");
