@@ -157,12 +157,12 @@ fn wrong_peer_keys_are_refused_and_the_source_keeps_running() {
     let stranger = "ab".repeat(32);
     let (code, out) = run_to_end(&send_args(&vm, &dst, &keys, &stranger));
     assert_eq!(code, 1, "{out}");
-    let (_, json) = json_of(&vm, &dst, &keys, &stranger);
+    let (_, json) = json_of(&vm, &dst, &keys, &stranger, &[]);
     assert!(json.contains("is not pinned"), "{json}");
 
     // The destination does not trust this source.
     let dst2 = Receiver::start(&keys, &stranger, &vm.path("dst2"), &[]);
-    let (code, json) = json_of(&vm, &dst2, &keys, &keys.dst_fp);
+    let (code, json) = json_of(&vm, &dst2, &keys, &keys.dst_fp, &[]);
     assert_eq!(code, 1);
     assert!(json.contains("refused our certificate"), "{json}");
     dst2.wait_log("is not pinned", Duration::from_secs(5));
@@ -172,8 +172,8 @@ fn wrong_peer_keys_are_refused_and_the_source_keeps_running() {
     assert_eq!(src.progress().expect("status").errors, 0);
 }
 
-fn json_of(vm: &VmDir, to: &Receiver, keys: &Keys, peer: &str) -> (i32, String) {
-    let out = crate::harness::wanmig().args(send_args(vm, to, keys, peer)).output().expect("send");
+fn json_of(vm: &VmDir, to: &Receiver, keys: &Keys, peer: &str, extra: &[&str]) -> (i32, String) {
+    let out = crate::harness::wanmig().args(send_args(vm, to, keys, peer)).args(extra).output().expect("send");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -259,9 +259,11 @@ fn a_lost_commit_acknowledgement_leaves_the_source_paused_and_in_doubt() {
         &vm.path("dst"),
         &[("WANMIG_FAILPOINT", "receive-exit-before-commit-ack")],
     );
-    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    // The source tries to hear the decision for the resume window (2 s:
+    // nobody answers), then stays in doubt and says how to settle it.
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp, &["--resume-window", "2s"]);
     assert_eq!(code, 3, "{json}");
-    assert!(json.contains("in_doubt"), "{json}");
+    assert!(json.contains("in_doubt") && json.contains("wanmig settle"), "{json}");
     // Paused, and it stays so: the guest may be running elsewhere.
     let status = control::request(src.socket(), &Request::Status).expect("status").status.expect("status");
     assert_eq!(status.state, "in-doubt");
@@ -307,7 +309,7 @@ fn disks_outside_the_shared_directory_are_refused() {
     // This destination shares another directory than the one holding the disk.
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let dst = Receiver::start(&keys, &keys.src_fp, &elsewhere.path().join("dst"), &[]);
-    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp, &[]);
     assert_eq!(code, 1, "{json}");
     assert!(json.contains("not an image under the shared directory"), "{json}");
     let p = src.progress().expect("status");
