@@ -4,9 +4,13 @@
 //! [`send`] connects, agrees on the session, copies the disks, runs the
 //! pre-copy rounds, stops and copies, and commits; an operator may watch,
 //! steer and cancel it meanwhile through its [`Steering`]. Any failure (or
-//! a cancel) before `Commit` resumes the guest here with nothing lost;
-//! after `Commit` the guest never runs here again, and a lost
-//! acknowledgement leaves it paused and in doubt until `wanmig settle`.
+//! a cancel) before `Commit` resumes the guest here with nothing lost.
+//! After `Commit` (by default right behind the device state) the guest
+//! stays paused until the destination's decision is heard: its
+//! acknowledgement, its abort, or its answer to a resume after an outage
+//! (`resume.rs`); it runs here again only if the destination did not
+//! commit. A decision never heard within the resume window leaves it paused
+//! and in doubt until `wanmig settle`.
 //!
 //! The files: [`options`] (what to do), [`vm`] (what it needs of the VM),
 //! `link.rs` (streams and the session machine), `progress.rs`, `run.rs`
@@ -253,9 +257,14 @@ async fn negotiate(
     if tunnel.is_none() {
         offer &= !features::TUNNEL;
     }
-    // A sync pauses nothing: it keeps the classic commit after Ready.
+    // A sync hands no VM over: it keeps the classic commit after Ready, and
+    // a failure after it lets the guest run on here at once rather than
+    // wait paused for the destination's decision.
     if opts.sync || !opts.early_commit {
         offer &= !features::EARLY_COMMIT;
+    }
+    if opts.sync {
+        offer &= !features::SETTLE_ON_RESUME;
     }
     if opts.resume_window.is_zero() {
         offer &= !features::RESUME;
