@@ -103,9 +103,6 @@ pub async fn after_outage(
     };
     let mut session = run.link.session.clone();
     let rewind = session.on_resumed(&point)?;
-    if committed {
-        take_back(run, journal, rec)?;
-    }
     let agreed = session.features();
     let xbzrle = if agreed & features::XBZRLE != 0 { run.opts.xbzrle_cache } else { 0 };
     let zstd = run.opts.compress && agreed & features::ZSTD != 0;
@@ -113,6 +110,11 @@ pub async fn after_outage(
     let bulk = BulkSender::new(run.conn.open_bulk().await?, xbzrle, zstd, run.steer.tunables().max_bandwidth)?;
     let deadline = run.link.deadline + began.elapsed();
     (run.link, _) = Link::new(ctl, rx, bulk, session, deadline);
+    // Only now: until the new session is in place a failure leaves the
+    // source in doubt, as its journal still says.
+    if committed {
+        take_back(run, journal, rec)?;
+    }
     let stage = next_stage(run, &rewind, &point, handed)?;
     run.summary.outage_ms += began.elapsed().as_secs_f64() * 1e3;
     Ok(stage)
