@@ -257,12 +257,18 @@ pub struct SendArgs {
     #[arg(long, default_value = "auto")]
     postcopy: wanmig_migrate::source::options::PostcopyMode,
     /// Send the commit right behind the device state and let the
-    /// destination decide: a round trip less of downtime, but a failure or
-    /// an outage after the state leaves the source paused in doubt (`wanmig
-    /// settle`) instead of running on or resuming. By default the commit
-    /// waits for the destination's Ready (the classic two-phase commit).
-    #[arg(long)]
+    /// destination decide: a round trip less of downtime. This is the
+    /// default (the flag stays accepted). The source stays paused from the
+    /// device state until it hears the decision; an outage there is resumed
+    /// like any other, and only a destination unreachable for the whole
+    /// resume window leaves it in doubt (`wanmig settle`).
+    #[arg(long, conflicts_with = "commit_after_ready")]
     early_commit: bool,
+    /// Commit only after the destination says Ready (the classic two-phase
+    /// order): a round trip more of downtime, and the source in doubt only
+    /// from its Commit on.
+    #[arg(long)]
+    commit_after_ready: bool,
 }
 
 fn mib(b: f64) -> String {
@@ -341,7 +347,7 @@ fn migrate_request(a: &SendArgs, sync: bool) -> Result<MigrateRequest> {
         sync,
         resume_window_s: a.resume_window.as_secs(),
         postcopy: a.postcopy,
-        early_commit: a.early_commit,
+        commit_after_ready: a.commit_after_ready && !a.early_commit,
         tunnel: a.tunnel_via.clone().map(|interface| TunnelRequest {
             interface,
             lifetime: match (a.tunnel_forever, a.tunnel_for) {
@@ -388,8 +394,13 @@ pub fn progress_line(p: &Progress) -> String {
         (Phase::Committing, _) => "committing: the destination verifies".into(),
         (Phase::Committed, _) => "commit sent: waiting for the destination's acknowledgement".into(),
         (Phase::Reconnecting, _) => format!(
-            "link down, reconnecting (attempt {}, {:.0} s left of the resume window); the VM runs on here",
-            p.reconnect_attempt, p.resume_left_s
+            "link down, reconnecting (attempt {}, {:.0} s left of the resume window); {}",
+            p.reconnect_attempt,
+            p.resume_left_s,
+            match p.awaiting_decision {
+                true => "the commit is out: the VM stays paused here until the destination's decision is heard",
+                false => "the VM runs on here",
+            }
         ),
         (Phase::Postcopy, _) => format!(
             "post-copy: the guest runs at the destination; {} pages still to send, {} page requests served",
@@ -441,6 +452,18 @@ fn print_summary(outcome: Outcome, s: &Summary) {
     }
     if let Some(pc) = &s.postcopy {
         print_postcopy(pc);
+    }
+    if s.outages > 0 {
+        println!(
+            "  link outages ridden out: {} ({:.1} s down, {} sent again){}",
+            s.outages,
+            s.outage_ms / 1e3,
+            mib(s.resent_bytes as f64),
+            s.decided_on_resume
+                .as_deref()
+                .map(|d| format!("; the destination's answer to the resume: {d}"))
+                .unwrap_or_default()
+        );
     }
     println!(
         "  total {:.2} s, downtime {:.1} ms, {} pre-copy round(s), throttle up to {}%",

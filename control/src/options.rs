@@ -31,6 +31,6 @@ pub fn send_options(req: &MigrateRequest, cfg: &VmConfig) -> Result<SendOptions,
     o.tunnel = req.tunnel.clone();
     o.resume_window = Duration::from_secs(req.resume_window_s);
     o.postcopy = req.postcopy;
-    o.early_commit = req.early_commit;
+    o.early_commit = !req.commit_after_ready;
     Ok(o)
 }

@@ -154,11 +154,11 @@ pub struct MigrateRequest {
     /// Whether the guest may move before all its pages (post-copy).
     #[serde(default)]
     pub postcopy: wanmig_migrate::source::options::PostcopyMode,
-    /// Send the commit right behind the device state and let the
-    /// destination decide (a round trip less of downtime), instead of after
-    /// its Ready.
+    /// Commit only after the destination's Ready (the classic order, a
+    /// round trip more of downtime), instead of right behind the device
+    /// state, letting the destination decide (the default).
     #[serde(default)]
-    pub early_commit: bool,
+    pub commit_after_ready: bool,
 }
 
 fn default_resume_window_s() -> u64 {

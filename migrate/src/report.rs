@@ -86,6 +86,10 @@ pub struct Progress {
     pub reconnect_attempt: u32,
     /// Seconds left of the resume window (while reconnecting).
     pub resume_left_s: f64,
+    /// While reconnecting: the commit is out, so the guest stays paused
+    /// here until the destination's decision is heard.
+    #[serde(default)]
+    pub awaiting_decision: bool,
     /// In post-copy: pages the destination still lacks.
     pub postcopy_pages_left: u64,
     /// In post-copy: page requests served so far.
@@ -219,6 +223,12 @@ pub struct Summary {
     pub outages: u32,
     /// Time the link was down, ms.
     pub outage_ms: f64,
+    /// After an outage past the commit, what the destination's answer to
+    /// the resume decided: `Committed` (its journal: the VM runs there),
+    /// `NotCommitted` (it never will), or `TakenUpAgain` (it had not
+    /// decided: the stop-and-copy and the commit went again).
+    #[serde(default)]
+    pub decided_on_resume: Option<String>,
     /// Guest data put on the wire again because an outage cut it
     /// (uncompressed: the pages of the round that was cut that had not
     /// arrived, that round's written blocks, and the disks' first copy

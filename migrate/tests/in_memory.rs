@@ -73,6 +73,9 @@ struct FakeVm {
     disks_owned: bool,
     /// RAM and disk as they were at the last pause.
     at_pause: Option<(Vec<u8>, Vec<u8>)>,
+    /// Run once, when the device state is first taken (inside the
+    /// stop-and-copy, the bulk stream just ended).
+    on_state: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FakeVm {
@@ -122,6 +125,7 @@ impl FakeVm {
             throttle: 0,
             disks_owned: true,
             at_pause: None,
+            on_state: Mutex::new(None),
         };
         vm.resume();
         vm
@@ -200,6 +204,9 @@ impl SourceVm for FakeVm {
         Ok(())
     }
     fn device_state(&self) -> Result<Vec<u8>, VmError> {
+        if let Some(hook) = self.on_state.lock().expect("lock").take() {
+            hook();
+        }
         Ok(format!("fake device state after {} writes", self.guest.writes.load(Ordering::SeqCst)).into_bytes())
     }
     fn set_throttle(&mut self, percent: u8) {
@@ -573,11 +580,50 @@ fn a_cancel_after_the_commit_is_refused_and_the_migration_completes() {
     assert!(ends.1.expect("received").is_some());
 }
 
+/// How a run with resuming on ended: the source's outcome and summary,
+/// what the destination received, and the bytes that crossed all links.
+struct ResumableRun {
+    outcome: Outcome,
+    summary: wanmig_migrate::report::Summary,
+    received: Result<Option<(Built, VmConfig)>, wanmig_migrate::destination::ReceiveError>,
+    crossed: u64,
+}
+
+/// One migration of `vm` to `host` over `src`/`dst` (whose cutter is
+/// `link`), with resuming on: the source reconnects in memory, and the
+/// destination hears those connections.
+fn run_resumable<H: VmHost<Vm = Built>>(
+    s: &Setup,
+    vm: &mut FakeVm,
+    host: &mut H,
+    steer: &Steering,
+    (src, dst, link): (Conn, Conn, wanmig_transport::mem::Link),
+) -> ResumableRun {
+    let (to_destination, more) = tokio::sync::mpsc::unbounded_channel();
+    let links: Arc<Mutex<Vec<wanmig_transport::mem::Link>>> = Arc::new(Mutex::new(vec![link]));
+    let mut connector = Connector::Mem { to_destination, links: links.clone() };
+    let ((outcome, summary, _), received) = runtime().block_on(async {
+        let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
+        let sending = send_on(src, &mut connector, vm, &s.send, steer, &mut quiet_src);
+        let receiving = receive_on_with(dst, Some(more), &s.receive, host, &mut quiet_dst);
+        tokio::join!(sending, receiving)
+    });
+    let crossed = links.lock().expect("links").iter().map(wanmig_transport::mem::Link::crossed).sum();
+    ResumableRun { outcome, summary, received, crossed }
+}
+
+/// Checks that the destination holds, byte for byte, what the source had
+/// at its (only) pause.
+fn assert_arrived_whole(vm: &FakeVm, got: &Built, why: &str) {
+    let (ram, disk) = vm.at_pause.clone().expect("paused once");
+    assert!(got.ram == ram, "{why}: the destination's RAM is the source's at the pause");
+    assert!(std::fs::read(&got.disks[0]).expect("image") == disk, "{why}: the image is the source's at the pause");
+}
+
 /// One run whose first link is cut after `cut` bytes, with resuming on:
 /// the source reconnects (in memory) and the migration goes on. Returns
-/// the outcome, the outages counted and the bytes that crossed all links.
-/// How a resumed run ended: its outcome, the outages counted, the bytes
-/// that crossed all links, the error if any.
+/// the outcome, the outages counted, the bytes that crossed all links and
+/// the error if any.
 type Resumed = (Outcome, u64, u64, Option<String>);
 
 fn one_resumed_cut(cut: u64) -> Resumed {
@@ -586,30 +632,106 @@ fn one_resumed_cut(cut: u64) -> Resumed {
     let mut vm = FakeVm::deterministic(&s.src_dir, 300);
     let (src, dst, link) = Conn::mem_pair();
     link.cut_after(cut);
-    let (to_destination, more) = tokio::sync::mpsc::unbounded_channel();
-    let links: Arc<Mutex<Vec<wanmig_transport::mem::Link>>> = Arc::new(Mutex::new(vec![link]));
-    let mut connector = Connector::Mem { to_destination, links: links.clone() };
     let mut host = FakeHost { refuse: false };
-    let steer = steady(&s);
-    let ((outcome, summary, _), received) = runtime().block_on(async {
-        let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
-        let sending = send_on(src, &mut connector, &mut vm, &s.send, &steer, &mut quiet_src);
-        let receiving = receive_on_with(dst, Some(more), &s.receive, &mut host, &mut quiet_dst);
-        tokio::join!(sending, receiving)
-    });
-    let why = format!("cut at {cut}: {:?}", summary.error);
-    if outcome == Outcome::Migrated {
-        let got = received.as_ref().expect(&why).as_ref().expect("the destination owns the VM");
-        let (ram, disk) = vm.at_pause.clone().expect("paused once");
-        assert!(got.0.ram == ram, "{why}: the destination's RAM is the source's at the pause");
-        assert!(
-            std::fs::read(&got.0.disks[0]).expect("image") == disk,
-            "{why}: the image is the source's at the pause"
-        );
+    let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
+    let why = format!("cut at {cut}: {:?}", r.summary.error);
+    if r.outcome == Outcome::Migrated {
+        let got = r.received.as_ref().expect(&why).as_ref().expect("the destination owns the VM");
+        assert_arrived_whole(&vm, &got.0, &why);
     }
-    let crossed = links.lock().expect("links").iter().map(wanmig_transport::mem::Link::crossed).sum();
-    let dest = received.err().map(|e| wanmig_types::error_chain(&e));
-    (outcome, summary.outages.into(), crossed, summary.error.map(|e| format!("{e}; destination: {dest:?}")))
+    let dest = r.received.err().map(|e| wanmig_types::error_chain(&e));
+    (r.outcome, r.summary.outages.into(), r.crossed, r.summary.error.map(|e| format!("{e}; destination: {dest:?}")))
+}
+
+/// Builds as [`FakeHost`] does, and cuts the link when told to start the
+/// VM: the destination has committed (its journal says so), and its
+/// acknowledgement never leaves.
+struct CutOnStart {
+    host: FakeHost,
+    link: wanmig_transport::mem::Link,
+}
+
+impl VmHost for CutOnStart {
+    type Vm = Built;
+
+    fn build(
+        &mut self,
+        config: &VmConfig,
+        ram: GuestRam,
+        state: &[u8],
+        disks: Option<Vec<std::fs::File>>,
+    ) -> Result<Built, String> {
+        self.host.build(config, ram, state, disks)
+    }
+
+    fn start(&mut self, vm: &mut Built, disks: &[PathBuf], paused: bool) -> Result<(), String> {
+        self.link.cut();
+        self.host.start(vm, disks, paused)
+    }
+}
+
+/// A migration with an early commit (the default) and resuming on, whose
+/// link fails after the device state left: the outcome must be the
+/// migration's (never in doubt, the destination being reachable again),
+/// with the destination's answer to the resume `decided`, the guest
+/// paused since the stop-and-copy (never run here again), and the
+/// destination holding what the source had at that pause.
+fn assert_decided_on_resume(s: &Setup, vm: &FakeVm, r: ResumableRun, decided: &str, writes_at_pause: u64) {
+    let dest_error = r.received.as_ref().err().map(|e| wanmig_types::error_chain(e));
+    assert_eq!(r.outcome, Outcome::Migrated, "{:?} / {dest_error:?}", r.summary.error);
+    assert_eq!((r.summary.outages, r.summary.decided_on_resume.as_deref()), (1, Some(decided)), "{:?}", r.summary);
+    let (got, _) = r.received.expect("received").expect("the destination owns the VM");
+    assert_arrived_whole(vm, &got, decided);
+    assert!(got.running && got.state.starts_with(b"fake device state"));
+    assert!(vm.guest.paused.load(Ordering::SeqCst) && !vm.disks_owned, "the source never runs it again");
+    assert_eq!(vm.guest.writes.load(Ordering::SeqCst), writes_at_pause, "the guest ran here after the pause");
+    let rec = SourceJournal::new(&s.src_dir, "fake").read().expect("journal").expect("a record");
+    assert_eq!(rec.phase, SourcePhase::Migrated);
+    let dest = DestJournal::new(&s.dst_dir).read(rec.migration_id).expect("journal").expect("a record");
+    assert_eq!(dest.phase, DestPhase::Committed);
+}
+
+/// An early commit (the default), resuming on, the guest's writes the
+/// same on every run.
+fn setup_early_resumable() -> Setup {
+    let mut s = setup_deterministic();
+    s.send.resume_window = Duration::from_secs(30);
+    assert!(s.send.early_commit, "the early commit is the default");
+    s
+}
+
+#[test]
+fn a_link_lost_after_an_early_commit_the_destination_decided_is_settled_by_the_resume() {
+    let s = setup_early_resumable();
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    let (src, dst, link) = Conn::mem_pair();
+    let mut host = CutOnStart { host: FakeHost { refuse: false }, link: link.clone() };
+    let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
+    let writes = vm.guest.writes.load(Ordering::SeqCst);
+    assert_decided_on_resume(&s, &vm, r, "Committed", writes);
+}
+
+#[test]
+fn a_link_lost_before_the_destination_decided_an_early_commit_sends_the_rest_again() {
+    let s = setup_early_resumable();
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    let (src, dst, link) = Conn::mem_pair();
+    // An outage from the moment the bulk stream ended: the device state and
+    // the early Commit leave this side and never arrive; the connection
+    // dies a little later.
+    let (outage, at_pause) = (link.clone(), Arc::new(AtomicU64::new(u64::MAX)));
+    let (guest, seen) = (vm.guest.clone(), at_pause.clone());
+    *vm.on_state.lock().expect("lock") = Some(Box::new(move || {
+        seen.store(guest.writes.load(Ordering::SeqCst), Ordering::SeqCst);
+        outage.stall();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            outage.cut();
+        });
+    }));
+    let mut host = FakeHost { refuse: false };
+    let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
+    assert_decided_on_resume(&s, &vm, r, wanmig_migrate::source::TAKEN_UP_AGAIN, at_pause.load(Ordering::SeqCst));
 }
 
 #[test]
@@ -810,15 +932,9 @@ fn a_link_cut_during_postcopy_is_resumed_and_every_page_arrives() {
     let steer = Steering::new(Tunables { downtime: Duration::from_millis(200), max_bandwidth: Some(4.0 * MIB as f64) });
     let touched: Touched = Arc::new(Mutex::new(Vec::new()));
     let (src, dst, link) = Conn::mem_pair();
-    let (to_destination, more) = tokio::sync::mpsc::unbounded_channel();
-    let mut connector = Connector::Mem { to_destination, links: Default::default() };
-    let mut host = LazyHost { cut: Some((link, Duration::from_millis(300))), touched: Some(touched.clone()) };
-    let ((outcome, summary, _), received) = runtime().block_on(async {
-        let (mut quiet_src, mut quiet_dst) = (|_: &wanmig_migrate::report::Progress| {}, |_: String| {});
-        let sending = send_on(src, &mut connector, &mut vm, &s.send, &steer, &mut quiet_src);
-        let receiving = receive_on_with(dst, Some(more), &s.receive, &mut host, &mut quiet_dst);
-        tokio::join!(sending, receiving)
-    });
+    let mut host = LazyHost { cut: Some((link.clone(), Duration::from_millis(300))), touched: Some(touched.clone()) };
+    let ResumableRun { outcome, summary, received, .. } =
+        run_resumable(&s, &mut vm, &mut host, &steer, (src, dst, link));
     let dest_error = received.as_ref().err().map(|e| wanmig_types::error_chain(e));
     assert_eq!(outcome, Outcome::Migrated, "{:?} / {dest_error:?}", summary.error);
     assert_eq!(summary.outages, 1, "one outage, ridden out");

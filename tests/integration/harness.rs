@@ -331,7 +331,7 @@ pub fn migrate_request(dest: &str, keys: &Keys, store: Option<&Path>, sync: bool
             tunnel: None,
             resume_window_s: 0,
             postcopy: wanmig_migrate::source::options::PostcopyMode::Off,
-            early_commit: false,
+            commit_after_ready: false,
         },
     }
 }

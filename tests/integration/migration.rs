@@ -90,11 +90,14 @@ fn destination_lost_in_stop_and_copy_before_commit_resumes_the_source() {
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
     // The destination dies after receiving the device state, before Ready;
-    // the source waits for Ready before it commits (the default).
+    // the source waits for Ready before it commits (--commit-after-ready).
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
+    let mut req = migrate_request(&dst.addr, &keys, None, false);
+    let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
+    migration.commit_after_ready = true;
     let mut events = Vec::new();
-    let resp = migrate(&src, &dst.addr, &keys, &mut |e| events.push(e.to_string()));
+    let resp = migrate_with(&src, req, &mut |e| events.push(e.to_string()));
     assert!(events.iter().any(|e| e == "stop_and_copy"), "{events:?}");
     assert_eq!(resp.outcome, Some(MigrateOutcome::FailedSourceRunning), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
@@ -111,16 +114,23 @@ fn destination_lost_before_deciding_an_early_commit_leaves_the_source_in_doubt_u
     let keys = Keys::new(vm.dir.path());
     let mut src = VmProcess::run(&vm);
     src.wait_for("the guest to run", Duration::from_secs(120), |g| g.phase == 2);
-    // With --early-commit the commit follows the device state: the
-    // destination dies with both in hand, before it decided.
+    // With an early commit (the default) the commit follows the device
+    // state: the destination dies with both in hand, before it decided. The
+    // source, paused, tries to resume for the window (3 s here: nobody
+    // answers), then stays in doubt and says how to settle it.
     let dst =
         Receiver::start(&keys, &keys.src_fp, &vm.path("dst"), &[("WANMIG_FAILPOINT", "receive-exit-before-ready")]);
     let mut req = migrate_request(&dst.addr, &keys, None, false);
     let Request::Migrate { migration } = &mut req else { unreachable!("a migrate request") };
-    migration.early_commit = true;
+    assert!(!migration.commit_after_ready, "the early commit is the default");
+    migration.resume_window_s = 3;
     let resp = migrate_with(&src, req, &mut |_| {});
     assert_eq!(resp.outcome, Some(MigrateOutcome::InDoubt), "{resp:?}");
     assert!(dst.log().contains("failpoint receive-exit-before-ready"), "{}", dst.log());
+    let summary = resp.summary.as_ref().expect("a summary");
+    let error = summary.error.as_deref().unwrap_or_default();
+    assert!(summary.outages == 1 && error.contains("resume window"), "{resp:?}");
+    assert!(error.contains("in doubt") && error.contains("wanmig settle"), "{error}");
     let p = src.progress().expect("status");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(src.progress().expect("status").steps, p.steps, "a guest in doubt stays paused");
@@ -147,12 +157,12 @@ fn wrong_peer_keys_are_refused_and_the_source_keeps_running() {
     let stranger = "ab".repeat(32);
     let (code, out) = run_to_end(&send_args(&vm, &dst, &keys, &stranger));
     assert_eq!(code, 1, "{out}");
-    let (_, json) = json_of(&vm, &dst, &keys, &stranger);
+    let (_, json) = json_of(&vm, &dst, &keys, &stranger, &[]);
     assert!(json.contains("is not pinned"), "{json}");
 
     // The destination does not trust this source.
     let dst2 = Receiver::start(&keys, &stranger, &vm.path("dst2"), &[]);
-    let (code, json) = json_of(&vm, &dst2, &keys, &keys.dst_fp);
+    let (code, json) = json_of(&vm, &dst2, &keys, &keys.dst_fp, &[]);
     assert_eq!(code, 1);
     assert!(json.contains("refused our certificate"), "{json}");
     dst2.wait_log("is not pinned", Duration::from_secs(5));
@@ -162,8 +172,8 @@ fn wrong_peer_keys_are_refused_and_the_source_keeps_running() {
     assert_eq!(src.progress().expect("status").errors, 0);
 }
 
-fn json_of(vm: &VmDir, to: &Receiver, keys: &Keys, peer: &str) -> (i32, String) {
-    let out = crate::harness::wanmig().args(send_args(vm, to, keys, peer)).output().expect("send");
+fn json_of(vm: &VmDir, to: &Receiver, keys: &Keys, peer: &str, extra: &[&str]) -> (i32, String) {
+    let out = crate::harness::wanmig().args(send_args(vm, to, keys, peer)).args(extra).output().expect("send");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -249,9 +259,11 @@ fn a_lost_commit_acknowledgement_leaves_the_source_paused_and_in_doubt() {
         &vm.path("dst"),
         &[("WANMIG_FAILPOINT", "receive-exit-before-commit-ack")],
     );
-    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    // The source tries to hear the decision for the resume window (2 s:
+    // nobody answers), then stays in doubt and says how to settle it.
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp, &["--resume-window", "2s"]);
     assert_eq!(code, 3, "{json}");
-    assert!(json.contains("in_doubt"), "{json}");
+    assert!(json.contains("in_doubt") && json.contains("wanmig settle"), "{json}");
     // Paused, and it stays so: the guest may be running elsewhere.
     let status = control::request(src.socket(), &Request::Status).expect("status").status.expect("status");
     assert_eq!(status.state, "in-doubt");
@@ -297,7 +309,7 @@ fn disks_outside_the_shared_directory_are_refused() {
     // This destination shares another directory than the one holding the disk.
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let dst = Receiver::start(&keys, &keys.src_fp, &elsewhere.path().join("dst"), &[]);
-    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp);
+    let (code, json) = json_of(&vm, &dst, &keys, &keys.dst_fp, &[]);
     assert_eq!(code, 1, "{json}");
     assert!(json.contains("not an image under the shared directory"), "{json}");
     let p = src.progress().expect("status");

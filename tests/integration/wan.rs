@@ -103,12 +103,13 @@ fn migrate_across(tag: &str, at: At, outage: Duration, window: &str) -> (i32, Su
     }
     let counters = [wan.counters(wanmig_linkem::Direction::AtoB), wan.counters(wanmig_linkem::Direction::BtoA)];
     eprintln!(
-        "{tag}: exit {code}, {} bytes sent by the source, {} crossed the link A→B; outages {}, {:.1} s down, {} bytes sent again",
+        "{tag}: exit {code}, {} bytes sent by the source, {} crossed the link A→B; outages {}, {:.1} s down, {} bytes sent again; decided on resume: {:?}",
         summary.bytes.total,
         counters[0].forwarded_bytes,
         summary.outages,
         summary.outage_ms / 1e3,
-        summary.resent_bytes
+        summary.resent_bytes,
+        summary.decided_on_resume
     );
     (code, summary, format!("{stderr}\n{}", dst.log()))
 }

@@ -7,7 +7,9 @@
 //! and a [`Link`] handle that cuts the connection now or after a number of
 //! bytes have crossed it in either direction. A cut fails every pending
 //! and later read, write, open and accept on both ends, as a dead link or a
-//! crashed peer would; a close by either end does the same.
+//! crashed peer would; a close by either end does the same. A stalled link
+//! delivers nothing until it is cut (an outage the ends have not yet
+//! noticed: their writes still succeed).
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,6 +39,8 @@ struct Fate {
     notify: Notify,
     /// Set when an end closed with [`CLOSE_CANCELLED`].
     cancelled: AtomicBool,
+    /// Nothing is delivered (reads wait) until the cut: an outage.
+    stalled: AtomicBool,
 }
 
 impl Fate {
@@ -103,6 +107,10 @@ impl AsyncRead for MemStream {
         // Checked again after registering: a cut in between is not missed.
         if self.fate.is_cut() {
             return Poll::Ready(Err(self.fate.reset()));
+        }
+        // Woken by the cut, which loses what was written meanwhile.
+        if self.fate.stalled.load(Ordering::SeqCst) {
+            return Poll::Pending;
         }
         Pin::new(&mut self.pipe).poll_read(cx, buf)
     }
@@ -246,6 +254,13 @@ impl Link {
         self.fate.budget.store(crossed.saturating_add(bytes), Ordering::SeqCst);
     }
 
+    /// Stops delivering, as a link outage does before the connection
+    /// times out: reads at both ends wait, and what is written meanwhile
+    /// (up to each stream's window) is held, and lost at the cut.
+    pub fn stall(&self) {
+        self.fate.stalled.store(true, Ordering::SeqCst);
+    }
+
     /// Whether it has been cut (or closed by an end).
     pub fn is_cut(&self) -> bool {
         self.fate.is_cut()
@@ -314,6 +329,21 @@ mod tests {
         assert!(tx.send(&Message::Ready).await.is_err());
         assert!(a.open_bulk().await.is_err());
         assert!(tokio::time::timeout(Duration::from_secs(5), b.accept_bulk()).await.expect("no hang").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_link_takes_writes_delivers_nothing_and_loses_them_at_the_cut() {
+        let (mut a, mut b, link) = Conn::mem_pair();
+        let (mut tx, _rx) = a.open_control().await.expect("open");
+        let (_b_tx, mut b_rx) = b.accept_control().await.expect("accept");
+        link.stall();
+        tx.send(&Message::Ready).await.expect("a write still succeeds");
+        let waiting = tokio::spawn(async move { b_rx.recv().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing is delivered while stalled");
+        link.cut();
+        let r = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").expect("joined");
+        assert!(r.is_err(), "what was written in the outage is lost: {r:?}");
     }
 
     #[tokio::test]

@@ -63,13 +63,32 @@ pub mod features {
     /// the destination's `Ready`: the destination then decides (commits, or
     /// aborts and the source runs on), a round trip less of downtime.
     pub const EARLY_COMMIT: u64 = 1 << 7;
+    /// With `RESUME`: a migration whose link fails after the source's
+    /// `Commit` (sent early, or after `Ready`) and before it heard the
+    /// destination's decision is resumed too. The source, paused, sends
+    /// `Resume`; the destination answers `Resumed` while it has not
+    /// decided (it parked before `Ready`: the source sends again what it
+    /// lacks, the device state and the `Commit` last), or, once it has, its
+    /// journal's `SettleAnswer` (committed: the VM is the destination's;
+    /// not committed: the source's). Without it such a source is in doubt
+    /// at once, until `wanmig settle`.
+    pub const SETTLE_ON_RESUME: u64 = 1 << 8;
     /// A disk may start from an earlier sync's replica the destination
     /// holds: the hello names the sync each disk's write tracking counts
     /// from, the accept says which disks start from it, and those get only
     /// the blocks written since, no first copy.
-    pub const DISK_BASE: u64 = 1 << 8;
+    pub const DISK_BASE: u64 = 1 << 9;
     /// Everything this build speaks.
-    pub const ALL: u64 = XBZRLE | ZSTD | DISK_COPY | SYNC_ONLY | TUNNEL | RESUME | POSTCOPY | EARLY_COMMIT | DISK_BASE;
+    pub const ALL: u64 = XBZRLE
+        | ZSTD
+        | DISK_COPY
+        | SYNC_ONLY
+        | TUNNEL
+        | RESUME
+        | POSTCOPY
+        | EARLY_COMMIT
+        | SETTLE_ON_RESUME
+        | DISK_BASE;
 }
 
 /// An error and its causes (its `source()` chain), joined with ": ", as
@@ -129,6 +148,7 @@ mod tests {
             features::RESUME,
             features::POSTCOPY,
             features::EARLY_COMMIT,
+            features::SETTLE_ON_RESUME,
             features::DISK_BASE,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), features::ALL);

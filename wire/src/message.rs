@@ -27,7 +27,7 @@
 //! | 19 | `TunnelClose`: the tunnel ends, and why | either way |
 //! | 20 | `TunnelKeepalive`: nothing to carry, the tunnel lives | either way |
 //! | 21 | `SettleQuery`: did this migration commit here? | source → destination |
-//! | 22 | `SettleAnswer`: committed, not committed, or unknown | destination → source |
+//! | 22 | `SettleAnswer`: committed, not committed, or unknown (also the answer to a `Resume` no attempt waits for) | destination → source |
 //! | 23 | `Resume`: take migration X up again on this connection | source → destination |
 //! | 24 | `Resumed`: what the destination holds ([`crate::resume`]) | destination → source |
 //! | 25 | `PostcopyDiscard`: pages the destination must treat as missing ([`crate::postcopy`]) | source → destination |
@@ -42,7 +42,9 @@
 //! 5), the request stream (destination → source) page requests (27).
 //! Tunnel messages (18–20) travel after the commit, on the stream the
 //! network tunnel (`wanmig-tunnel`) runs over, and nowhere else. A settle
-//! query (21, 22) is a connection's only exchange, on its control stream.
+//! query (21, 22) is a connection's only exchange, on its control stream;
+//! so is a `Resume` (23) the destination answers from its journal (22)
+//! because no attempt there waits for it (`features::SETTLE_ON_RESUME`).
 //!
 //! Type 0, and every tag 0 inside messages, is invalid.
 

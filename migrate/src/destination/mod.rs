@@ -3,7 +3,9 @@
 //! build the VM from the device state, say `Ready`, and run the VM only once
 //! `Commit` arrives. An attempt that fails before commit is discarded and
 //! the listener waits for the next one; so does a completed `sync`. A
-//! settle query is answered from the journal, before and after a VM arrives.
+//! settle query is answered from the journal, before and after a VM arrives;
+//! so is a source's `Resume` once no attempt here waits for it (the attempt
+//! decided, or failed): the source hears whether its migration committed.
 //!
 //! One attempt runs at a time; while it runs, other connections are still
 //! heard: settle queries are answered, and a second source's hello is
@@ -169,13 +171,20 @@ async fn hear_or_fail(mut conn: Conn) -> Result<Heard, ReceiveError> {
     Ok(Heard { conn, tx, rx, first, peer })
 }
 
-/// Answers a settle query on its own task; `notes` hears the outcome.
-fn answer_settle(mut h: Heard, journal: DestJournal, notes: tokio::sync::mpsc::UnboundedSender<String>) {
-    let Message::SettleQuery { migration_id } = h.first else { return };
+/// Answers a settle query on its own task; `notes` hears the outcome. So
+/// is a `Resume` of a migration no attempt here waits for (any more): what
+/// the journal says of it is the source's answer (committed: the VM is
+/// ours; not committed: it never will be), as `wanmig settle` would hear.
+fn answer_settle(mut h: Heard, journal: DestJournal, notes: UnboundedSender<String>) {
+    let (what, migration_id) = match h.first {
+        Message::SettleQuery { migration_id } => ("settle query", migration_id),
+        Message::Resume { migration_id, .. } => ("resume, answered from the journal,", migration_id),
+        _ => return,
+    };
     tokio::spawn(async move {
         let note = match crate::settle::answer(&mut h.tx, &mut h.rx, migration_id, &journal).await {
-            Ok(outcome) => format!("settle query for migration {migration_id}: {outcome:?}"),
-            Err(e) => format!("settle query for {migration_id}: {}", error_chain(&e)),
+            Ok(outcome) => format!("{what} for migration {migration_id} from {}: {outcome:?}", h.peer),
+            Err(e) => format!("{what} for {migration_id}: {}", error_chain(&e)),
         };
         let _ = notes.send(note);
         drop(h.conn);
@@ -189,19 +198,23 @@ fn settle_running(id: MigrationId, journal: &DestJournal, say: &dyn Fn(String)) 
     journal.settle(id).map_err(|e| say(format!("settle query for {id}: {}", error_chain(&e)))).ok()
 }
 
-/// A source coming back to resume: handed to the running attempt (which
-/// checks that it is its own), or refused when nothing waits for it.
-fn route_resume(h: Heard, rejoin: Option<&UnboundedSender<session::Rejoin>>, say: &dyn Fn(String)) {
-    let Message::Resume { migration_id: id, .. } = h.first else { return };
+/// A source coming back to resume its migration: handed to the attempt
+/// running it (which checks the secret); when that attempt is over, the
+/// journal answers ([`answer_settle`]).
+fn route_resume(
+    h: Heard,
+    rejoin: Option<&UnboundedSender<session::Rejoin>>,
+    journal: &DestJournal,
+    notes: &UnboundedSender<String>,
+) {
     let Heard { conn, tx, rx, first, peer } = h;
     let r = session::Rejoin { conn, tx, rx, first, peer };
     let unheard = match rejoin {
         Some(t) => t.send(r).err().map(|e| e.0),
         None => Some(r),
     };
-    if let Some(r) = unheard {
-        say(format!("refused a resume of migration {id} from {}: nothing waits for it here", r.peer));
-        refuse(r.conn, r.tx, format!("migration {id} is not waiting here"));
+    if let Some(session::Rejoin { conn, tx, rx, first, peer }) = unheard {
+        answer_settle(Heard { conn, tx, rx, first, peer }, journal.clone(), notes.clone());
     }
 }
 
@@ -289,7 +302,12 @@ async fn accept_until_received<H: VmHost>(
                             reply_settled(h, id, outcome);
                         }
                     }
-                    (Message::SettleQuery { .. }, _) => answer_settle(h, journal.clone(), notes_tx.clone()),
+                    (&Message::Resume { migration_id: id, .. }, true) if id == running_id => {
+                        route_resume(h, rejoin.as_ref(), journal, &notes_tx);
+                    }
+                    (Message::SettleQuery { .. } | Message::Resume { .. }, _) => {
+                        answer_settle(h, journal.clone(), notes_tx.clone());
+                    }
                     (Message::Hello { shape, .. }, true) => {
                         say(format!("refused VM {} from {}: busy receiving VM {vm_name}", shape.name, h.peer));
                         refuse(h.conn, h.tx, format!("busy: this host is receiving VM {vm_name} from another source; try again when it is done"));
@@ -305,7 +323,6 @@ async fn accept_until_received<H: VmHost>(
                         let (host, say) = (&host, &say);
                         running = Some(Box::pin(async move { (peer, attempt.run(first, host, say).await) }));
                     }
-                    (Message::Resume { .. }, _) => route_resume(h, rejoin.as_ref(), &say),
                     _ => {}
                 }
             }
@@ -358,11 +375,13 @@ pub async fn receive_on_with<H: VmHost>(
     let say = |s: String| (log.borrow_mut())(s);
     let rejoins = more.map(|mut more| {
         let (rejoin_tx, rejoins) = unbounded_channel();
+        let journal = journal.clone();
+        // Nobody reads the notes of this one-session listener.
+        let (notes, _) = unbounded_channel();
         tokio::spawn(async move {
             while let Some(conn) = more.recv().await {
-                let Ok(Heard { conn, tx, rx, first, peer }) = hear_or_fail(conn).await else { continue };
-                if rejoin_tx.send(session::Rejoin { conn, tx, rx, first, peer }).is_err() {
-                    return;
+                if let Ok(h) = hear_or_fail(conn).await {
+                    route_resume(h, Some(&rejoin_tx), &journal, &notes);
                 }
             }
         });
@@ -395,12 +414,10 @@ async fn serve_after(mut listener: Listener, journal: DestJournal, busy: String)
                     Err(_) => continue,
                 };
                 match &h.first {
-                    Message::SettleQuery { .. } => answer_settle(h, journal.clone(), notes_tx.clone()),
-                    Message::Hello { .. } => refuse(h.conn, h.tx, busy.clone()),
-                    Message::Resume { migration_id, .. } => {
-                        let why = format!("migration {migration_id} is not waiting here (this host runs a VM it received)");
-                        refuse(h.conn, h.tx, why);
+                    Message::SettleQuery { .. } | Message::Resume { .. } => {
+                        answer_settle(h, journal.clone(), notes_tx.clone());
                     }
+                    Message::Hello { .. } => refuse(h.conn, h.tx, busy.clone()),
                     _ => {}
                 }
             }

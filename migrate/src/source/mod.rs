@@ -4,9 +4,13 @@
 //! [`send`] connects, agrees on the session, copies the disks, runs the
 //! pre-copy rounds, stops and copies, and commits; an operator may watch,
 //! steer and cancel it meanwhile through its [`Steering`]. Any failure (or
-//! a cancel) before `Commit` resumes the guest here with nothing lost;
-//! after `Commit` the guest never runs here again, and a lost
-//! acknowledgement leaves it paused and in doubt until `wanmig settle`.
+//! a cancel) before `Commit` resumes the guest here with nothing lost.
+//! After `Commit` (by default right behind the device state) the guest
+//! stays paused until the destination's decision is heard: its
+//! acknowledgement, its abort, or its answer to a resume after an outage
+//! (`resume.rs`); it runs here again only if the destination did not
+//! commit. A decision never heard within the resume window leaves it paused
+//! and in doubt until `wanmig settle`.
 //!
 //! The files: [`options`] (what to do), [`vm`] (what it needs of the VM),
 //! `link.rs` (streams and the session machine), `progress.rs`, `run.rs`
@@ -39,6 +43,7 @@ pub use connector::Connector;
 pub use error::SendError;
 pub use link::BATCH_BYTES;
 pub use options::{DiskBase, PostcopyMode, SendOptions};
+pub use resume::TAKEN_UP_AGAIN;
 pub use vm::{SourceVm, shape_of};
 
 use self::disk::DiskCopy;
@@ -215,16 +220,18 @@ async fn attempt(
             Err(SendError::Cancelled(why))
         }
     };
-    *slot = Some(run.link.session.clone());
     run.unthrottle_disks();
-    match result {
+    let result = match result {
         Err(e) if matches!(e, SendError::Cancelled(_)) => Err(e),
-        Err(e) => match run.link.peer_reason().await {
+        Err(e) => match resume::heard_abort(&mut run).await {
             Some(reason) => Err(SendError::Peer(format!("destination aborted: {reason}"))),
             None => Err(e),
         },
         ok => ok,
-    }
+    };
+    // What the failure means is judged by the session as it ended.
+    *slot = Some(run.link.session.clone());
+    result
 }
 
 fn open_store(opts: &SendOptions) -> Result<Option<Arc<wanmig_dedup::ChunkStore>>, SendError> {
@@ -254,9 +261,14 @@ async fn negotiate(
     if tunnel.is_none() {
         offer &= !features::TUNNEL;
     }
-    // A sync pauses nothing: it keeps the classic commit after Ready.
+    // A sync hands no VM over: it keeps the classic commit after Ready, and
+    // a failure after it lets the guest run on here at once rather than
+    // wait paused for the destination's decision.
     if opts.sync || !opts.early_commit {
         offer &= !features::EARLY_COMMIT;
+    }
+    if opts.sync {
+        offer &= !features::SETTLE_ON_RESUME;
     }
     if opts.resume_window.is_zero() {
         offer &= !features::RESUME;
@@ -441,6 +453,7 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
                 postcopy::run_postcopy(run, journal, rec, pending, why).await.map(|()| Stage::Done)
             }
             Stage::StopAndCopy(pending) => switchover::stop_and_copy(run, pending).await.map(Stage::Commit),
+            Stage::Resend(pages) => switchover::resend(run, pages).await.map(Stage::Commit),
             Stage::Commit(paused_at) => {
                 run.summary.disk = run.disks.as_ref().map(|d| d.stats.clone());
                 switchover::commit(run, journal, rec, paused_at).await.map(|()| Stage::Done)
@@ -450,7 +463,7 @@ async fn transfer(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRe
         stage = match next {
             Ok(Stage::Done) => return Ok(()),
             Ok(s) => s,
-            Err(e) if resume::resumable(run, &e) => resume::after_outage(run, e).await?,
+            Err(e) if resume::resumable(run, &e) => resume::after_outage(run, e, journal, rec).await?,
             Err(e) => return Err(e),
         };
     }

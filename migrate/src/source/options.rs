@@ -59,8 +59,12 @@ pub struct SendOptions {
     pub postcopy: PostcopyMode,
     /// Send `Commit` right behind the device state, before the
     /// destination's `Ready`, and let it decide: a round trip less of
-    /// downtime, but the source is in doubt from the device state on (an
-    /// outage then is not resumed), not only from the commit on.
+    /// downtime (the default). The source is paused and in doubt from the
+    /// device state on, not only from the commit on; an outage there is
+    /// resumed like one before the commit (the destination's answer to the
+    /// `Resume` says whether it committed), and only a destination that
+    /// stays unreachable for the resume window leaves it for `wanmig
+    /// settle`. `false`: commit after `Ready` (the classic order).
     pub early_commit: bool,
 }
 
@@ -130,7 +134,7 @@ impl SendOptions {
             state_dir,
             resume_window: Duration::from_secs(600),
             postcopy: PostcopyMode::default(),
-            early_commit: false,
+            early_commit: true,
         }
     }
 }

@@ -30,7 +30,7 @@ use wanmig_wire::{Message, PageData, PageRef, PageSpace, PagesBuilder, SourceEve
 use super::error::SendError;
 use super::link::{BulkSender, Link};
 use super::run::Run;
-use super::switchover::union;
+use super::switchover::{coalesce, union};
 use crate::journal::{SourceJournal, SourcePhase, SourceRecord};
 use crate::report::{Phase, PostcopyDestStats, PostcopyStats};
 
@@ -61,27 +61,11 @@ struct Served {
 /// Page frames of `pages` (region-relative runs) as ascending, disjoint
 /// runs of guest page frame numbers.
 fn pfn_runs(pages: &DirtyPages) -> Vec<PageRange> {
-    let mut runs: Vec<PageRange> = pages
-        .regions
-        .iter()
-        .flat_map(|r| {
-            let base = r.start.0 / PAGE_SIZE_U64;
-            r.ranges.iter().map(move |x| PageRange { first: base + x.first, count: x.count })
-        })
-        .filter(|r| r.count > 0)
-        .collect();
-    runs.sort_by_key(|r| r.first);
-    let mut out: Vec<PageRange> = Vec::with_capacity(runs.len());
-    for r in runs {
-        match out.last_mut() {
-            Some(last) if r.first <= last.end() => {
-                let end = last.end().max(r.end());
-                last.count = end - last.first;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
+    let runs = pages.regions.iter().flat_map(|r| {
+        let base = r.start.0 / PAGE_SIZE_U64;
+        r.ranges.iter().map(move |x| PageRange { first: base + x.first, count: x.count })
+    });
+    coalesce(runs.collect())
 }
 
 /// Reads page `pfn` of `mem` and adds it to `b` (zero pages as such).
@@ -253,7 +237,7 @@ pub async fn run_postcopy(
     run.report.phase(Phase::StopAndCopy);
     let paused_at = Instant::now();
     run.vm.pause()?;
-    run.paused = true;
+    run.paused = Some(paused_at);
     run.vm.sync_disks()?;
     run.link.session.postcopy_switch()?;
     // Missing at the destination: what pre-copy left, and what the guest
@@ -398,7 +382,13 @@ async fn resume(
 ) -> Result<(), SendError> {
     let began = Instant::now();
     run.summary.outages += 1;
-    let (ctl, rx, point) = super::resume::reconnect(run, &cause, began).await?;
+    let (ctl, rx, point) = match super::resume::reconnect(run, &cause, began).await? {
+        super::resume::Answer::Resumed(ctl, rx, point) => (ctl, rx, point),
+        // The destination's attempt is over, so the guest it ran is gone.
+        super::resume::Answer::Settled(_, outcome) => {
+            return Err(SendError::PostcopyLost(format!("the destination answered a resume with {outcome:?}")));
+        }
+    };
     let mut session = run.link.session.clone();
     session.on_resumed(&point)?;
     let zstd = run.opts.compress && session.features() & wanmig_types::features::ZSTD != 0;

@@ -46,8 +46,9 @@ pub struct Run<'a> {
     pub hybrid: Option<HybridPolicy>,
     /// The first memory round.
     pub first_round: Option<u32>,
-    /// Whether the guest is paused by this migration (stop-and-copy).
-    pub paused: bool,
+    /// Since when the guest is paused by this migration (stop-and-copy,
+    /// or the switch to post-copy).
+    pub paused: Option<Instant>,
 }
 
 impl std::fmt::Debug for Run<'_> {
@@ -66,6 +67,10 @@ pub(crate) enum Stage {
     Precopy(Option<DirtyPages>),
     /// Pausing and sending the rest.
     StopAndCopy(DirtyPages),
+    /// After an early commit the destination had not decided on, resumed:
+    /// sending again, the guest still paused, these pages and what the
+    /// disks and the device state need.
+    Resend(DirtyPages),
     /// The switch to post-copy, with the pages pre-copy left to send and
     /// why it switched.
     Postcopy(DirtyPages, String),
@@ -103,7 +108,7 @@ impl<'a> Run<'a> {
             policy: None,
             hybrid: None,
             first_round: None,
-            paused: false,
+            paused: None,
         }
     }
 }

@@ -1,10 +1,11 @@
-//! The end of a migration at the source: stop-and-copy, then the two-phase
-//! commit (journalled), then the network hand-over.
+//! The end of a migration at the source: stop-and-copy (sent again, still
+//! paused, when an early commit is resumed before the destination
+//! decided), then the commit (journalled), then the network hand-over.
 
 use std::time::Instant;
 
 use wanmig_mem_sync::compress;
-use wanmig_types::features;
+use wanmig_types::{PageRange, features};
 use wanmig_vmm::memory::DirtyPages;
 use wanmig_wire::SourceEvent;
 
@@ -25,7 +26,7 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     run.vm.sync_disks()?;
     let paused_at = Instant::now();
     run.vm.pause()?;
-    run.paused = true;
+    run.paused = Some(paused_at);
     // On shared storage the destination opens these very images: the
     // writes the guest saw complete must be on them first. A copied disk
     // is read here through the page cache, which holds them already; its
@@ -34,15 +35,34 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
         run.vm.sync_disks()?;
     }
     run.link.session.stop_and_copy()?;
+    let pages = match run.opts.sync {
+        true => DirtyPages { regions: Vec::new() },
+        false => union(&pending, &run.vm.harvest_dirty()?),
+    };
+    send_rest(run, &pages, paused_at).await?;
+    Ok(paused_at)
+}
+
+/// After an early commit the destination took up again before it decided
+/// (the guest has stayed paused since `paused_at`): sends `pages` (what of
+/// the cut round it lacks), then the rest again as the stop-and-copy did.
+pub async fn resend(run: &mut Run<'_>, pages: DirtyPages) -> Result<Instant, SendError> {
+    let paused_at = run.paused.ok_or_else(|| SendError::Refused("a stop-and-copy resent, yet no pause".into()))?;
+    run.report.phase(Phase::StopAndCopy);
+    send_rest(run, &pages, paused_at).await?;
+    Ok(paused_at)
+}
+
+/// Inside the stop-and-copy (the guest paused since `paused_at`): `pages`,
+/// the disks' last written blocks and digests, the round's end, then the
+/// device state.
+async fn send_rest(run: &mut Run<'_>, pages: &DirtyPages, paused_at: Instant) -> Result<(), SendError> {
     let round = run.link.session.round();
     let mut last_pages = 0;
     if !run.opts.sync {
-        let last = run.vm.harvest_dirty()?;
-        run.start_round(&union(&pending, &last));
+        run.start_round(pages);
         let ram = run.vm.ram();
-        let (p1, _) = run.link.bulk.send_pages(ram, &pending, round, &mut run.summary.bytes).await?;
-        let (p2, _) = run.link.bulk.send_pages(ram, &last, round, &mut run.summary.bytes).await?;
-        last_pages = p1 + p2;
+        (last_pages, _) = run.link.bulk.send_pages(ram, pages, round, &mut run.summary.bytes).await?;
     }
     if let Some(d) = &mut run.disks {
         d.finish(&mut run.link, &mut run.summary.bytes).await?;
@@ -68,19 +88,39 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     let msg = run.link.session.device_state(state)?;
     run.link.send_ctl(&msg, &mut run.summary.bytes).await?;
     run.summary.downtime_breakdown.state_ms = ms_since(paused_at);
-    Ok(paused_at)
+    Ok(())
 }
 
-/// The pages of `a` and `b` (same regions, in the same order).
+/// The pages of `a` and `b` (same regions, in the same order), each
+/// region's runs ascending and disjoint: pages go into a batch in
+/// ascending order, and a page dirty in both goes once.
 pub fn union(a: &DirtyPages, b: &DirtyPages) -> DirtyPages {
     let mut out = a.clone();
     for r in &b.regions {
         match out.regions.iter_mut().find(|o| o.start == r.start) {
             Some(o) => {
                 o.ranges.extend_from_slice(&r.ranges);
-                o.ranges.sort_by_key(|x| x.first);
+                o.ranges = coalesce(std::mem::take(&mut o.ranges));
             }
             None => out.regions.push(r.clone()),
+        }
+    }
+    out
+}
+
+/// `runs` sorted, with the ones that overlap or touch merged (empty ones
+/// dropped).
+pub fn coalesce(mut runs: Vec<PageRange>) -> Vec<PageRange> {
+    runs.retain(|r| r.count > 0);
+    runs.sort_by_key(|r| r.first);
+    let mut out: Vec<PageRange> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match out.last_mut() {
+            Some(last) if r.first <= last.end() => {
+                let end = last.end().max(r.end());
+                last.count = end - last.first;
+            }
+            _ => out.push(r),
         }
     }
     out
@@ -130,6 +170,18 @@ pub async fn commit(
         SourceEvent::CommitAcked => {}
         e => return Err(SendError::Peer(format!("{e:?} instead of CommitAck"))),
     }
+    acknowledged(run, journal, rec, paused_at)
+}
+
+/// The destination runs the guest (it acknowledged the commit, or its
+/// journal said so in answer to a resume): the downtime that began at
+/// `paused_at` ends, and the journal says the VM migrated.
+pub fn acknowledged(
+    run: &mut Run<'_>,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+    paused_at: Instant,
+) -> Result<(), SendError> {
     run.summary.downtime_ms = ms_since(paused_at);
     run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
     if !run.opts.sync {
@@ -154,4 +206,29 @@ async fn decide(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceReco
     run.report.phase(Phase::Committed);
     run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+    use wanmig_vmm::memory::RegionDirty;
+
+    use super::*;
+
+    fn pages(regions: &[(u64, &[(u64, u64)])]) -> DirtyPages {
+        let regions = regions.iter().map(|&(start, runs)| RegionDirty {
+            start: GuestAddress(start),
+            ranges: runs.iter().map(|&(first, count)| PageRange { first, count }).collect(),
+        });
+        DirtyPages { regions: regions.collect() }
+    }
+
+    #[test]
+    fn a_union_is_ascending_and_disjoint_so_each_page_goes_once() {
+        // The pages left to send and those dirtied since overlap and touch.
+        let pending = pages(&[(0, &[(2, 3), (10, 2)]), (1 << 32, &[(0, 1)])]);
+        let last = pages(&[(0, &[(0, 1), (4, 4), (12, 1), (20, 0)]), (2 << 32, &[(5, 1)])]);
+        let u = union(&pending, &last);
+        assert_eq!(u, pages(&[(0, &[(0, 1), (2, 6), (10, 3)]), (1 << 32, &[(0, 1)]), (2 << 32, &[(5, 1)])]));
+    }
 }

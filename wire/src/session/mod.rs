@@ -41,6 +41,29 @@
 //! asks the destination (`SettleQuery` → `SettleAnswer` on a connection of
 //! its own) whether that migration committed.
 //!
+//! With `features::EARLY_COMMIT` the `Commit` follows the device state at
+//! once and the destination decides (`Ready` then `CommitAck`, or `Abort`).
+//! With `features::SETTLE_ON_RESUME` (and `RESUME`) a source in doubt
+//! resumes too, the guest still paused, and the destination's answer to its
+//! `Resume` decides:
+//!
+//! ```text
+//! source (CommittedEarly / CommitSent)        destination
+//!   ──Resume{id, secret}──────────────────────▶ parked (Receiving, HaveState):
+//!   ◀─────────────────────────Resumed(point)──  not decided, and cannot be
+//! Transfer(paused): what the point lacks,        without a new Commit
+//!   the disks' last data, DeviceState, Commit ▶ (as in the stop-and-copy)
+//!                                             attempt over (decided, or failed):
+//!   ◀──────SettleAnswer{id, Committed}────────  its journal: the VM runs there
+//! Done                                          (source: migrated)
+//!   ◀──────SettleAnswer{id, NotCommitted}─────  it never will: the guest
+//! Aborted (the guest runs on here)              is the source's
+//! ```
+//!
+//! A destination parks only before `Ready`, so `Resumed` after `Ready` is
+//! refused ([`SourceSession::on_resumed`]), as is any other settlement
+//! ([`SourceSession::on_settled`]): the source then stays in doubt.
+//!
 //! Post-copy (`features::POSTCOPY`) moves the guest before all its pages
 //! did: the switch replaces the stop-and-copy's last pages with the list of
 //! pages the destination lacks, and after the commit the source keeps

@@ -7,7 +7,7 @@ use wanmig_types::{ChunkId, MigrationId, PAGE_SIZE, features};
 use super::postcopy::PageSpace;
 use super::rules::{FailureOutcome, ProtocolError, Stream, check_stream, violation};
 use crate::disk::{ChunkParams, DiskDone, Manifest};
-use crate::message::{Message, PROTOCOL_VERSION, VmShape};
+use crate::message::{Message, PROTOCOL_VERSION, Settlement, VmShape};
 use crate::postcopy::{MAX_DISCARD_RUNS, PostcopyReport};
 use wanmig_types::PageRange;
 
@@ -241,15 +241,20 @@ impl SourceSession {
     }
 
     /// The `Resume` that opens a new connection for this migration, after
-    /// the link failed before the commit; `None` when it cannot resume
-    /// (not agreed, or past the commit, or ended).
+    /// the link failed before the commit (or, with `SETTLE_ON_RESUME`,
+    /// after it and before the destination's decision was heard); `None`
+    /// when it cannot resume (not agreed, or decided, or ended).
     pub fn resume_request(&self) -> Option<Message> {
         let live = match self.postcopy {
             // Before the commit the guest can run here again; after it, the
             // destination (if it committed) needs the pages.
             Postcopy::Started => matches!(self.phase, Phase::CommitSent | Phase::Postcopy),
             Postcopy::Switching => false,
-            Postcopy::Off => matches!(self.phase, Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit),
+            Postcopy::Off => match self.phase {
+                Phase::Transfer { .. } | Phase::AwaitReady | Phase::ReadyToCommit => true,
+                Phase::CommittedEarly | Phase::CommitSent => self.features & features::SETTLE_ON_RESUME != 0,
+                _ => false,
+            },
         };
         (live && self.features & features::RESUME != 0)
             .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
@@ -258,12 +263,30 @@ impl SourceSession {
     /// The destination's answer to a `Resume`: checked against what was
     /// sent, it moves the session back to pre-copy at the round the
     /// destination is in, with each disk's first copy at its point there.
+    /// After an early commit the destination had not decided (it parked
+    /// before `Ready`): the session goes back into the stop-and-copy, the
+    /// guest still paused, to send again what the destination lacks, the
+    /// device state and the `Commit`.
     pub fn on_resumed(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
         if self.resume_request().is_none() {
             return Err(self.unexpected("Resumed"));
         }
         if self.postcopy == Postcopy::Started {
             return self.on_resumed_postcopy(point);
+        }
+        // A destination that said Ready has decided: it answers from its
+        // journal, never takes the session up.
+        if self.phase == Phase::CommitSent {
+            return Err(self.unexpected("Resumed"));
+        }
+        let early = self.phase == Phase::CommittedEarly;
+        // The stop-and-copy starts once every manifest is answered and the
+        // first copy's round applied: the destination holds each disk whole.
+        if early && !self.disks_whole(point) {
+            return Err(violation(format!(
+                "an early commit resumed with a disk's first copy incomplete ({:?})",
+                point.disks
+            )));
         }
         // The destination is in the oldest round not acknowledged here, or
         // (having applied it) in the next; never elsewhere.
@@ -302,21 +325,52 @@ impl SourceSession {
         for (p, d) in point.disks.iter().zip(&mut self.disks) {
             (d.next_seq, d.next_offset, d.done) = (p.next_seq, p.next_offset, false);
         }
-        self.phase = Phase::Transfer { paused: false };
+        self.phase = Phase::Transfer { paused: early };
         Ok(Rewind { round: point.round, round_was_ended, disks: point.disks.clone() })
+    }
+
+    /// Whether `point` has every disk's first copy where this side ended it.
+    fn disks_whole(&self, point: &crate::resume::ResumePoint) -> bool {
+        point.disks.len() == self.disks.len()
+            && point
+                .disks
+                .iter()
+                .zip(&self.disks)
+                .all(|(p, d)| (p.next_seq, p.next_offset) == (d.next_seq, d.next_offset))
+    }
+
+    /// The destination's answer to a `Resume` once the attempt there is
+    /// over: its journal's decision about migration `id` (with
+    /// `SETTLE_ON_RESUME` agreed). Committed (only after `Commit`): the VM
+    /// is the destination's. Not committed: it never will be, the guest is
+    /// this side's again. Anything else decides nothing: the session stays
+    /// where it was (after the commit: in doubt).
+    pub fn on_settled(&mut self, id: MigrationId, outcome: Settlement) -> Result<SourceEvent, ProtocolError> {
+        if self.resume_request().is_none() || self.features & features::SETTLE_ON_RESUME == 0 {
+            return Err(self.unexpected("SettleAnswer"));
+        }
+        if id != self.id {
+            return Err(violation(format!("a settle answer about migration {id}, not {}", self.id)));
+        }
+        match outcome {
+            Settlement::Committed if self.committed() && self.postcopy == Postcopy::Off => {
+                self.phase = Phase::Done;
+                Ok(SourceEvent::CommitAcked)
+            }
+            Settlement::NotCommitted if self.postcopy == Postcopy::Off => {
+                let reason = "the destination did not commit (it ended the attempt)".to_string();
+                self.phase = Phase::Aborted(reason.clone());
+                Ok(SourceEvent::Aborted(reason))
+            }
+            o => Err(violation(format!("the destination answered {o:?} to a resume while {}", self.phase.name()))),
+        }
     }
 
     /// The destination took a post-copy up again: it committed (a resume
     /// after `Commit` finds it in post-copy or nowhere), it is in post-copy's
     /// round, and it holds every disk whole.
     fn on_resumed_postcopy(&mut self, point: &crate::resume::ResumePoint) -> Result<Rewind, ProtocolError> {
-        let disks_whole = point.disks.len() == self.disks.len()
-            && point
-                .disks
-                .iter()
-                .zip(&self.disks)
-                .all(|(p, d)| (p.next_seq, p.next_offset) == (d.next_seq, d.next_offset));
-        if point.round != self.round || !disks_whole {
+        if point.round != self.round || !self.disks_whole(point) {
             return Err(violation(format!(
                 "post-copy resumed at round {} (post-copy is round {}) or with a disk incomplete",
                 point.round, self.round
@@ -575,6 +629,12 @@ impl SourceSession {
         out.push(Message::PostcopyStart { missing: total });
         self.postcopy = Postcopy::Started;
         Ok(out)
+    }
+
+    /// Whether the session is in its stop-and-copy (the guest paused for
+    /// it): the pages, the disks' last data and the device state go now.
+    pub fn stopped(&self) -> bool {
+        self.phase == Phase::Transfer { paused: true }
     }
 
     /// Whether the guest moves (or moved) in post-copy.

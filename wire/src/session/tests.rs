@@ -40,6 +40,12 @@ enum Step {
 /// commits right behind the device state. Returns what the failure means
 /// for the source and whether the destination owns the VM.
 fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
+    let (src, dst, crossed) = drive(fail_at, early);
+    (src.on_failure(), dst.owns_vm(), crossed)
+}
+
+/// [`run`], returning both machines as the cut left them.
+fn drive(fail_at: usize, early: bool) -> (SourceSession, DestSession, usize) {
     let mut src = SourceSession::new();
     let mut dst = DestSession::new();
     let mut crossed = 0usize;
@@ -65,7 +71,7 @@ fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
         ($s:expr) => {
             let s = $s;
             if !step(&mut src, &mut dst, s) {
-                return (src.on_failure(), dst.owns_vm(), crossed);
+                return (src, dst, crossed);
             }
         };
     }
@@ -123,7 +129,7 @@ fn run(fail_at: usize, early: bool) -> (FailureOutcome, bool, usize) {
         cross!(Step::ToDst(commit));
     }
     cross!(Step::ToSrc(Message::CommitAck));
-    (src.on_failure(), dst.owns_vm(), crossed)
+    (src, dst, crossed)
 }
 
 #[test]
@@ -153,6 +159,121 @@ fn one_side_runs_the_vm(early: bool) {
     assert!(outcomes.contains(&FailureOutcome::ResumeSource));
     assert!(outcomes.contains(&FailureOutcome::InDoubt));
     assert_eq!(outcomes.last(), Some(&FailureOutcome::Done));
+}
+
+/// How a cut after the commit was resolved by resuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolved {
+    /// No cut, or one before the commit (the source runs the guest on).
+    NoDoubt,
+    /// The destination's journal said committed.
+    Committed,
+    /// The destination's journal said not committed (it ended the attempt).
+    NotCommitted,
+    /// The destination had parked before deciding: the stop-and-copy went
+    /// again and the early commit after it.
+    TakenUpAgain,
+}
+
+/// After the cut `drive` left, the source resumes as its driver does when
+/// `SETTLE_ON_RESUME` is agreed and its commit is out: the destination
+/// takes the session up if it parked before `Ready` (its driver parks in
+/// `Receiving` and `HaveState`), or answers from its journal: committed
+/// when it owns the VM, else not (its driver ended the attempt). Returns
+/// whether the source runs the guest, whether the destination owns it, and
+/// how it was decided.
+fn resume_after_cut(mut src: SourceSession, mut dst: DestSession) -> (bool, bool, Resolved) {
+    let id = src.id();
+    if src.on_failure() != FailureOutcome::InDoubt {
+        return (src.on_failure() == FailureOutcome::ResumeSource, dst.owns_vm(), Resolved::NoDoubt);
+    }
+    assert_eq!(src.resume_request(), Some(Message::Resume { migration_id: id, secret: [7; 32] }));
+    let how = if dst.owns_vm() {
+        assert_eq!(src.on_settled(id, Settlement::Committed), Ok(SourceEvent::CommitAcked));
+        Resolved::Committed
+    } else if !dst.can_resume() {
+        dst.abort("the link went while deciding").expect("not committed");
+        assert!(matches!(src.on_settled(id, Settlement::NotCommitted), Ok(SourceEvent::Aborted(_))));
+        Resolved::NotCommitted
+    } else {
+        let point = dst.resume(Vec::new()).expect("parked before deciding");
+        src.on_resumed(&point).expect("an early commit taken up again");
+        assert!(src.stopped() && !src.committed(), "back inside the stop-and-copy, before the commit");
+        assert_eq!(src.on_failure(), FailureOutcome::ResumeSource, "nothing is committed there now");
+        assert!(src.manifest(0, 9, 0, &[]).is_err() && src.stop_and_copy().is_err(), "the guest stays paused");
+        recopy_and_commit(&mut src, &mut dst);
+        Resolved::TakenUpAgain
+    };
+    (src.on_failure() == FailureOutcome::ResumeSource, dst.owns_vm(), how)
+}
+
+/// The stop-and-copy sent again over the new connection (the round's
+/// pages, the disk closed, the round ended, the state), the early commit
+/// behind it, and the destination's answers: the migration ends.
+fn recopy_and_commit(src: &mut SourceSession, dst: &mut DestSession) {
+    let to_dst = |dst: &mut DestSession, m: &Message| {
+        dst.on_message(stream_of(m).expect("a migration message"), m).expect("valid for the destination")
+    };
+    let round = src.round();
+    to_dst(dst, &pages(round, 2));
+    to_dst(dst, &src.disk_done(DiskDone { disk: 0, size: DISK, digest: [0; 32] }).expect("disk closed again"));
+    to_dst(dst, &src.round_done(2).expect("round ended again"));
+    dst.on_bulk_end().expect("bulk ends");
+    to_dst(dst, &src.device_state(vec![1, 2, 3]).expect("state again"));
+    let commit = src.commit().expect("committed early again");
+    let ready = dst.ready().expect("ready");
+    assert_eq!(to_dst(dst, &commit), DestAction::Commit);
+    for m in [Message::RoundApplied { round }, ready, Message::CommitAck] {
+        src.on_message(Stream::Control, &m).expect("valid for the source");
+    }
+    assert!(src.done());
+}
+
+#[test]
+fn a_cut_after_the_commit_is_resumed_to_exactly_one_owner() {
+    for early in [false, true] {
+        let (_, _, total) = drive(usize::MAX, early);
+        let mut seen = Vec::new();
+        for fail_at in 0..=total {
+            let (src, dst, _) = drive(fail_at, early);
+            let (source_runs, dest_owns, how) = resume_after_cut(src, dst);
+            assert!(source_runs != dest_owns, "fail at {fail_at} (early: {early}): {how:?}");
+            seen.push(how);
+        }
+        assert!(seen.contains(&Resolved::Committed) && seen.contains(&Resolved::NotCommitted), "{seen:?}");
+        assert_eq!(seen.contains(&Resolved::TakenUpAgain), early, "only an early commit is taken up: {seen:?}");
+    }
+}
+
+#[test]
+fn a_resume_after_the_commit_is_answered_by_the_decision_only() {
+    let id = MigrationId([3; 16]);
+    // Without SETTLE_ON_RESUME, a commit in doubt waits for `wanmig settle`.
+    let mut src = state_sent(features::ALL & !features::SYNC_ONLY & !features::SETTLE_ON_RESUME);
+    src.commit().expect("early commit");
+    assert!(src.resume_request().is_none());
+    assert!(src.on_settled(id, Settlement::Committed).is_err());
+    // With it, only the decision about this migration settles it.
+    let mut src = state_sent(features::ALL & !features::SYNC_ONLY);
+    assert!(src.clone().on_settled(id, Settlement::Committed).is_err(), "committed before any Commit");
+    src.commit().expect("early commit");
+    for (who, said) in [
+        (MigrationId([4; 16]), Settlement::Committed),
+        (id, Settlement::Unknown),
+        (id, Settlement::PostcopyRunning),
+        (id, Settlement::PostcopyLost),
+    ] {
+        let mut s = src.clone();
+        assert!(s.on_settled(who, said).is_err(), "{who} {said:?}");
+        assert_eq!(s.on_failure(), FailureOutcome::InDoubt, "{said:?} decides nothing");
+    }
+    // A destination that said Ready has decided: it never takes the session up.
+    let mut after_ready = src.clone();
+    after_ready.on_message(Stream::Control, &Message::Ready).expect("ready");
+    let point = crate::resume::ResumePoint { round: after_ready.round(), received: Vec::new(), disks: Vec::new() };
+    assert!(after_ready.clone().on_resumed(&point).is_err());
+    assert_eq!(after_ready.on_settled(id, Settlement::Committed), Ok(SourceEvent::CommitAcked));
+    assert!(after_ready.done() && after_ready.resume_request().is_none());
 }
 
 /// A destination that accepted the VM with every feature and has answered
@@ -207,7 +328,7 @@ fn an_early_commit_is_the_destinations_to_decide() {
     assert!(src.committed());
     assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
     assert!(src.abort("too late").is_err(), "no abort after a commit");
-    assert!(src.resume_request().is_none(), "no resume after a commit");
+    assert!(src.resume_request().is_some(), "resumed to hear the decision (SETTLE_ON_RESUME)");
     assert!(src.on_message(Stream::Control, &Message::CommitAck).is_err(), "an ack before Ready");
     // The destination aborts: it never commits, and the guest is ours again.
     let mut aborted = src.clone();
