@@ -12,7 +12,8 @@
 //! runs); `WANMIG_BENCH_BASELINE=PATH` runs another `wanmig` binary (an
 //! earlier build) in turn with this one, for a side-by-side comparison;
 //! `WANMIG_BENCH_WAN=0` skips the WAN runs; `WANMIG_BENCH_BUDGET_MS`
-//! gives every run that downtime budget instead of the goal. Each guest pays first touch of its fresh memory at both ends
+//! gives every run that downtime budget instead of the goal;
+//! `WANMIG_BENCH_POSTCOPY=off|auto|now` passes `--postcopy`. Each guest pays first touch of its fresh memory at both ends
 //! (~3.7 s/GiB on this VM) before the figures start; that is not in them.
 
 #[allow(dead_code)]
@@ -59,6 +60,11 @@ fn run(name: &str, gib: u64, wan: Option<&WanPair>, rtt_ms: f64) {
     // baseline binary from before (`WANMIG_BENCH_BASELINE`, whose default
     // was the classic order) is measured in the same order.
     cmd.args(["--downtime", &format!("{budget}ms"), "--early-commit"]);
+    // Pre-copy alone (`off`) shows what the switch-over itself costs where
+    // the hybrid policy would move the guest in post-copy instead.
+    if let Ok(mode) = std::env::var("WANMIG_BENCH_POSTCOPY") {
+        cmd.args(["--postcopy", &mode]);
+    }
     if wan.is_some() {
         cmd.args(["--link-bandwidth", "200Mbit", "--rtt", "50ms"]);
     }
