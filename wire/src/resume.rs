@@ -44,13 +44,7 @@ pub struct ResumePoint {
 impl ResumePoint {
     pub(crate) fn write(&self, w: &mut Writer) {
         w.u32(self.round);
-        w.u32(self.received.len() as u32);
-        let mut next = 0u64;
-        for r in &self.received {
-            w.uleb(r.first - next);
-            w.uleb(r.count);
-            next = r.first + r.count;
-        }
+        crate::postcopy::write_runs(w, &self.received);
         w.u32(self.disks.len() as u32);
         for d in &self.disks {
             w.u32(d.next_seq);
@@ -61,21 +55,7 @@ impl ResumePoint {
     /// Reads a point of a VM with at most `max_disks` disks.
     pub(crate) fn read(r: &mut Reader<'_>, max_disks: u32) -> Result<Self, DecodeError> {
         let round = r.u32("resume round")?;
-        let n = r.count("received runs", MAX_RESUME_RUNS)?;
-        // Each run takes at least two bytes: refuse a count the frame cannot hold.
-        if r.remaining() < 2 * n {
-            return Err(DecodeError::Truncated { field: "received runs", need: 2 * n, have: r.remaining() });
-        }
-        let bad = |reason| DecodeError::Invalid { field: "received run", reason };
-        let mut received = Vec::with_capacity(n);
-        let mut next = 0u64;
-        for _ in 0..n {
-            let first = next.checked_add(r.uleb("run gap")?).ok_or(bad("page number overflows"))?;
-            let count = r.uleb("run length")?;
-            let end = first.checked_add(count).filter(|&e| count > 0 && e <= u64::MAX >> 12);
-            next = end.ok_or(bad("empty, or past any guest address"))?;
-            received.push(PageRange { first, count });
-        }
+        let received = crate::postcopy::read_runs(r, "received runs", MAX_RESUME_RUNS)?;
         let n = r.count("disk points", max_disks)?;
         let mut disks = Vec::with_capacity(n);
         for _ in 0..n {

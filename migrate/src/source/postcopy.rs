@@ -544,14 +544,7 @@ async fn commit(
     paused_at: Instant,
 ) -> Result<(), SendError> {
     run.summary.downtime_breakdown.ready_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    run.steer.try_commit().map_err(|c| SendError::Cancelled(c.0))?;
-    journal.record(rec, SourcePhase::CommitSent)?;
-    crate::failpoint("send-exit-before-commit", Duration::ZERO);
-    run.vm.release_disks();
-    let commit = run.link.session.commit()?;
-    run.report.phase(Phase::Committed);
-    run.link.send_ctl(&commit, &mut run.summary.bytes).await?;
-    Ok(())
+    super::switchover::decide(run, journal, rec).await
 }
 
 #[cfg(test)]

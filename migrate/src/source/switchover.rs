@@ -192,7 +192,11 @@ pub fn acknowledged(
 
 /// The point of no return: a cancel that came first wins; then
 /// `commit_sent` is journalled, the disks let go and `Commit` sent.
-async fn decide(run: &mut Run<'_>, journal: &SourceJournal, rec: &mut SourceRecord) -> Result<(), SendError> {
+pub(super) async fn decide(
+    run: &mut Run<'_>,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+) -> Result<(), SendError> {
     run.steer.try_commit().map_err(|c| SendError::Cancelled(c.0))?;
     // A sync hands no VM over: nothing to journal.
     if !run.opts.sync {
