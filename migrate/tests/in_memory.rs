@@ -479,12 +479,19 @@ fn a_cut_anywhere_leaves_exactly_one_owner() {
 
 #[test]
 fn a_destination_that_cannot_build_the_vm_resumes_the_source() {
-    let s = setup();
-    let mut vm = FakeVm::new(&s.src_dir);
-    let ends = runtime().block_on(migrate(&s, &mut vm, &mut FakeHost { refuse: true }, &tunables(), None));
-    assert_source_runs_on(&s, &vm, &ends, "host refused");
-    let error = ends.error.unwrap_or_default();
-    assert!(error.contains("this fake host refuses to build the VM"), "the source says why: {error}");
+    // In post-copy the commit went with the device state (the early
+    // commit): the destination's abort gives the guest, and its disks,
+    // back to the source.
+    for mode in [PostcopyMode::Off, PostcopyMode::Now] {
+        let mut s = setup();
+        s.send.postcopy = mode;
+        let mut vm = FakeVm::new(&s.src_dir);
+        let ends = runtime().block_on(migrate(&s, &mut vm, &mut FakeHost { refuse: true }, &tunables(), None));
+        assert_source_runs_on(&s, &vm, &ends, &format!("host refused ({mode:?})"));
+        let error = ends.error.unwrap_or_default();
+        assert!(error.contains("this fake host refuses to build the VM"), "the source says why: {error}");
+        assert_eq!(ends.postcopy.is_some(), mode == PostcopyMode::Now, "post-copy {mode:?}");
+    }
 }
 
 #[test]
@@ -732,6 +739,42 @@ fn a_link_lost_before_the_destination_decided_an_early_commit_sends_the_rest_aga
     let mut host = FakeHost { refuse: false };
     let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
     assert_decided_on_resume(&s, &vm, r, wanmig_migrate::source::TAKEN_UP_AGAIN, at_pause.load(Ordering::SeqCst));
+}
+
+#[test]
+fn a_link_lost_before_the_destination_decided_a_postcopy_gives_the_guest_back_on_the_resume() {
+    let mut s = setup_early_resumable();
+    s.send.postcopy = PostcopyMode::Now;
+    // The attempt parks undecided; this in-memory listener answers the
+    // settle query from the journal but lets the attempt wait its window out.
+    s.receive.resume_window = Duration::from_secs(2);
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    let (src, dst, link) = Conn::mem_pair();
+    // The device state and the early Commit never arrive, nor (here) the
+    // start of post-copy: the destination parks undecided, where it would
+    // resume at the point a committed post-copy gives. So the source asks
+    // for the decision first (a settle query) and hears "not committed".
+    let outage = link.clone();
+    *vm.on_state.lock().expect("lock") = Some(Box::new(move || {
+        outage.stall();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            outage.cut();
+        });
+    }));
+    let mut host = FakeHost { refuse: false };
+    let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
+    let ends = Ends {
+        outcome: r.outcome,
+        error: r.summary.error.clone(),
+        postcopy: r.summary.postcopy.clone(),
+        received: None,
+        dest_error: r.received.as_ref().err().map(|e| wanmig_types::error_chain(e)),
+    };
+    assert!(matches!(r.received, Err(_)), "the destination holds no VM");
+    assert_eq!(r.summary.decided_on_resume.as_deref(), Some("NotCommitted"), "{:?}", r.summary);
+    assert!(ends.postcopy.is_some(), "it moved in post-copy");
+    assert_source_runs_on(&s, &vm, &ends, "a post-copy the destination never committed");
 }
 
 #[test]

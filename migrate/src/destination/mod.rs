@@ -380,8 +380,15 @@ pub async fn receive_on_with<H: VmHost>(
         let (notes, _) = unbounded_channel();
         tokio::spawn(async move {
             while let Some(conn) = more.recv().await {
-                if let Ok(h) = hear_or_fail(conn).await {
-                    route_resume(h, Some(&rejoin_tx), &journal, &notes);
+                match hear_or_fail(conn).await {
+                    // Answered from the journal (an undecided attempt is
+                    // recorded as aborted; unlike `receive`'s listener this
+                    // one does not end it: it waits out its resume window).
+                    Ok(h) if matches!(h.first, Message::SettleQuery { .. }) => {
+                        answer_settle(h, journal.clone(), notes.clone());
+                    }
+                    Ok(h) => route_resume(h, Some(&rejoin_tx), &journal, &notes),
+                    Err(_) => {}
                 }
             }
         });

@@ -10,10 +10,14 @@
 //!   next to the latest faults first (Hines' bubbling), paced like
 //!   pre-copy.
 //!
-//! The guest stays paused here from the switch on. Once `Commit` is sent
-//! it never runs here again: a destination that is lost before it had every
-//! page leaves the guest split between the hosts, which is reported as
-//! such ([`SendError::PostcopyLost`]); the pages stay here, paused.
+//! The guest stays paused here from the switch on. `Commit` follows the
+//! device state at once when the early commit is agreed (the destination
+//! decides), or waits for `Ready`. Once it is sent the guest never runs
+//! here again, unless the destination says it did not commit (its `Abort`,
+//! or its journal in answer to a resume): a destination that is lost after
+//! committing, before it had every page, leaves the guest split between the
+//! hosts, which is reported as such ([`SendError::PostcopyLost`]); the pages
+//! stay here, paused.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -233,12 +237,7 @@ pub async fn run_postcopy(
     pending: DirtyPages,
     why: String,
 ) -> Result<(), SendError> {
-    run.unthrottle_disks();
-    run.report.phase(Phase::StopAndCopy);
-    let paused_at = Instant::now();
-    run.vm.pause()?;
-    run.paused = Some(paused_at);
-    run.vm.sync_disks()?;
+    let paused_at = super::switchover::pause(run)?;
     run.link.session.postcopy_switch()?;
     // Missing at the destination: what pre-copy left, and what the guest
     // wrote since (none was harvested when dirty logging never ran).
@@ -270,7 +269,6 @@ pub async fn run_postcopy(
 
     send_state(run).await?;
     run.summary.downtime_breakdown.state_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    let mut urgent_task = streams.serve(run, urgent).await?;
 
     // The push keeps to the cap in force, as pre-copy did, and below the
     // link's bandwidth: a queue of pushed pages at the bottleneck would
@@ -280,32 +278,73 @@ pub async fn run_postcopy(
     let cap = run.steer.tunables().max_bandwidth.map_or(link, |c| c.min(link));
     run.link.bulk.set_rate(Some(cap));
     let served = streams.served.clone();
+    // An early commit goes with the state: the destination commits as soon
+    // as the VM is built there, a round trip sooner than after `Ready`.
+    let mut commit_early = run.link.session.features() & wanmig_types::features::EARLY_COMMIT != 0;
+    let mut urgent = Some(urgent);
+    let mut task: Option<UrgentTask> = None;
     let result = loop {
-        let r = serve(run, journal, rec, &prepager, &mem, &space, round, paused_at, &mut urgent_task, &served).await;
+        let r = match task.as_mut() {
+            Some(t) => {
+                serve(run, journal, rec, &prepager, &mem, &space, round, paused_at, t, &served).await.map(|()| true)
+            }
+            None => {
+                let commit = std::mem::take(&mut commit_early);
+                let opened = open_serving(run, journal, rec, &streams, urgent.take(), commit).await;
+                opened.map(|t| task = Some(t)).map(|()| false)
+            }
+        };
         match r {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
             // The guest runs there (or may): ride the outage out on a new
             // connection; the pages stay here until they all arrived.
             Err(e) if outage_after_commit(run, &e) => {
-                urgent_task.abort();
-                if let Err(e) = resume(run, e, &missing, &prepager, &space, round).await {
-                    break Err(e);
+                if let Some(t) = task.take() {
+                    t.abort();
                 }
-                urgent_task = match streams.open(run).await {
-                    Ok(t) => t,
+                match resume(run, e, &missing, &prepager, &space, round).await {
+                    Ok(true) => run.report.phase(Phase::Postcopy),
+                    // Every page is there already.
+                    Ok(false) => break journal.record(rec, SourcePhase::Migrated).map_err(SendError::from),
                     Err(e) => break Err(e),
-                };
-                run.report.phase(Phase::Postcopy);
+                }
             }
-            r => break r,
+            Err(e) => break Err(e),
         }
     };
-    urgent_task.abort();
+    if let Some(t) = task {
+        t.abort();
+    }
     let pc = run.summary.postcopy.get_or_insert_with(PostcopyStats::default);
     pc.requests_served = served.requests.load(Ordering::Relaxed);
     pc.pages_faulted = served.faulted.load(Ordering::Relaxed);
     pc.pages_requested = served.sent.load(Ordering::Relaxed);
     pc.postcopy_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     result
+}
+
+/// The task that answers page requests ([`serve_urgent`]).
+type UrgentTask = tokio::task::JoinHandle<Result<(), SendError>>;
+
+/// Starts answering requests: on `urgent`, the stream the switch opened
+/// (after the early `Commit` when `commit` says so), or on new streams
+/// after a resume.
+async fn open_serving(
+    run: &mut Run<'_>,
+    journal: &SourceJournal,
+    rec: &mut SourceRecord,
+    streams: &Streams,
+    urgent: Option<FrameSender>,
+    commit: bool,
+) -> Result<UrgentTask, SendError> {
+    if commit {
+        super::switchover::decide(run, journal, rec).await?;
+    }
+    match urgent {
+        Some(u) => streams.serve(run, u).await,
+        None => streams.open(run).await,
+    }
 }
 
 /// What serves requests: opened at the switch and again after a resume.
@@ -322,7 +361,7 @@ impl Streams {
     /// the peer with its first bytes, and the destination opens its request
     /// stream once it has it), accepts the request stream, and starts the
     /// urgent task on them.
-    async fn open(&self, run: &mut Run<'_>) -> Result<tokio::task::JoinHandle<Result<(), SendError>>, SendError> {
+    async fn open(&self, run: &mut Run<'_>) -> Result<UrgentTask, SendError> {
         let urgent = self.open_urgent(run).await?;
         self.serve(run, urgent).await
     }
@@ -335,11 +374,7 @@ impl Streams {
     }
 
     /// Accepts the request stream and starts the urgent task.
-    async fn serve(
-        &self,
-        run: &mut Run<'_>,
-        urgent: FrameSender,
-    ) -> Result<tokio::task::JoinHandle<Result<(), SendError>>, SendError> {
+    async fn serve(&self, run: &mut Run<'_>, urgent: FrameSender) -> Result<UrgentTask, SendError> {
         let requests = tokio::time::timeout(OPEN_TIMEOUT, run.conn.accept_bulk())
             .await
             .map_err(|_| SendError::Timeout(OPEN_TIMEOUT))??;
@@ -371,7 +406,13 @@ fn outage_after_commit(run: &Run<'_>, e: &SendError) -> bool {
 
 /// Reconnects after `cause` (within the resume window), takes the
 /// migration up again where the destination stands, and puts back for
-/// sending every missing page that did not arrive there.
+/// sending every missing page that did not arrive there: `true`. `false`
+/// when the destination's journal says it holds every page already.
+///
+/// Committed early and the decision not heard, the source first asks for
+/// it (the session's request is a settle query): not committed, the guest
+/// is this side's again (an error: the migration failed, the guest runs on
+/// here); running there, it reconnects again to resume.
 async fn resume(
     run: &mut Run<'_>,
     cause: SendError,
@@ -379,14 +420,27 @@ async fn resume(
     prepager: &Mutex<Prepager>,
     space: &PageSpace,
     round: u32,
-) -> Result<(), SendError> {
+) -> Result<bool, SendError> {
     let began = Instant::now();
     run.summary.outages += 1;
-    let (ctl, rx, point) = match super::resume::reconnect(run, &cause, began).await? {
-        super::resume::Answer::Resumed(ctl, rx, point) => (ctl, rx, point),
-        // The destination's attempt is over, so the guest it ran is gone.
-        super::resume::Answer::Settled(_, outcome) => {
-            return Err(SendError::PostcopyLost(format!("the destination answered a resume with {outcome:?}")));
+    let (ctl, rx, point) = loop {
+        let (id, outcome) = match super::resume::reconnect(run, &cause, began).await? {
+            super::resume::Answer::Resumed(ctl, rx, point) => break (ctl, rx, point),
+            super::resume::Answer::Settled(id, outcome) => (id, outcome),
+        };
+        run.summary.decided_on_resume = Some(format!("{outcome:?}"));
+        match run.link.session.on_settled(id, outcome) {
+            // Running there: the next connection resumes it.
+            Ok(SourceEvent::CommitAcked) if !run.link.session.done() => continue,
+            Ok(SourceEvent::CommitAcked) => {
+                run.summary.outage_ms += began.elapsed().as_secs_f64() * 1e3;
+                return Ok(false);
+            }
+            // It never committed (the commit had not reached it, or it
+            // failed before it decided): the guest never ran there.
+            Ok(SourceEvent::Aborted(reason)) => return Err(SendError::Peer(reason)),
+            // It committed and its attempt is over: the guest it ran is gone.
+            _ => return Err(SendError::PostcopyLost(format!("the destination answered a resume with {outcome:?}"))),
         }
     };
     let mut session = run.link.session.clone();
@@ -410,7 +464,7 @@ async fn resume(
     }
     run.summary.resent_bytes += (p.remaining() - before) * PAGE_SIZE_U64;
     run.summary.outage_ms += began.elapsed().as_secs_f64() * 1e3;
-    Ok(())
+    Ok(true)
 }
 
 /// What the serving loop waits on next.
@@ -438,11 +492,7 @@ impl Push<'_> {
 
     /// Pushes one batch, unless a control message is waiting; with nothing
     /// left to push, waits for the destination (or the urgent task).
-    async fn step(
-        &mut self,
-        run: &mut Run<'_>,
-        urgent: &mut tokio::task::JoinHandle<Result<(), SendError>>,
-    ) -> Result<Step, SendError> {
+    async fn step(&mut self, run: &mut Run<'_>, urgent: &mut UrgentTask) -> Result<Step, SendError> {
         let pages = (run.capacity() * PUSH_SLICE / PAGE_SIZE as f64).clamp(8.0, PUSH_PAGES as f64) as u64;
         let to_push = self.prepager().next_push_batch(pages);
         if !to_push.is_empty() {
@@ -489,7 +539,7 @@ async fn serve(
     space: &PageSpace,
     round: u32,
     paused_at: Instant,
-    urgent: &mut tokio::task::JoinHandle<Result<(), SendError>>,
+    urgent: &mut UrgentTask,
     served: &Served,
 ) -> Result<(), SendError> {
     let mut push = Push { prepager, mem, space, round, pushed: 0, urgent_done: false, all_sent_at: None };
@@ -516,7 +566,7 @@ async fn serve(
             }
             Step::Event(e) => match e? {
                 SourceEvent::RoundApplied(_) => {}
-                SourceEvent::Ready => commit(run, journal, rec, paused_at).await?,
+                SourceEvent::Ready => ready(run, journal, rec, paused_at).await?,
                 SourceEvent::CommitAcked => {
                     run.summary.downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
                     run.summary.downtime_breakdown.commit_ack_ms = run.summary.downtime_ms;
@@ -535,16 +585,20 @@ async fn serve(
     }
 }
 
-/// Ready came: the two-phase commit's second half. From `Commit` on the
-/// guest never runs here again.
-async fn commit(
+/// Ready came: the destination built the VM. Unless the commit went early
+/// (the destination then committed as it said so), the two-phase commit's
+/// second half. From `Commit` on the guest never runs here again.
+async fn ready(
     run: &mut Run<'_>,
     journal: &SourceJournal,
     rec: &mut SourceRecord,
     paused_at: Instant,
 ) -> Result<(), SendError> {
     run.summary.downtime_breakdown.ready_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    super::switchover::decide(run, journal, rec).await
+    match run.link.session.committed() {
+        true => Ok(()),
+        false => super::switchover::decide(run, journal, rec).await,
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use wanmig_mem_sync::to_ranges;
 use wanmig_transport::{FrameReceiver, FrameSender, TransportError};
 use wanmig_types::{MigrationId, PAGE_SIZE_U64, PageRange, features};
 use wanmig_vmm::memory::{DirtyPages, RegionDirty};
-use wanmig_wire::{Message, ResumePoint, Rewind, Settlement, SourceEvent, Stream};
+use wanmig_wire::{FailureOutcome, Message, ResumePoint, Rewind, Settlement, SourceEvent, Stream};
 
 use super::error::SendError;
 use super::link::{ANSWER_TIMEOUT, BulkSender, Link};
@@ -216,10 +216,10 @@ pub(super) async fn reconnect(run: &mut Run<'_>, cause: &SendError, began: Insta
     unreachable!("the attempts are unbounded; the window ends them")
 }
 
-/// Whether the commit is out (not in post-copy, where the guest moved):
-/// the guest stays paused here until the destination's decision is heard.
+/// Whether the commit is out and the destination's decision not heard:
+/// the guest stays paused here until it is.
 fn awaiting_decision(run: &Run<'_>) -> bool {
-    run.link.session.committed() && !run.link.session.is_postcopy()
+    run.link.session.on_failure() == FailureOutcome::InDoubt
 }
 
 /// The resume window ended with the link still down (`why`): before the

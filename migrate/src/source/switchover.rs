@@ -18,6 +18,19 @@ use crate::report::Phase;
 /// written blocks and each disk's digest, then the device state. Returns
 /// when the pause began.
 pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Instant, SendError> {
+    let paused_at = pause(run)?;
+    run.link.session.stop_and_copy()?;
+    let pages = match run.opts.sync {
+        true => DirtyPages { regions: Vec::new() },
+        false => union(&pending, &run.vm.harvest_dirty()?),
+    };
+    send_rest(run, &pages, paused_at).await?;
+    Ok(paused_at)
+}
+
+/// Pauses the guest for the switch-over (the stop-and-copy, or post-copy's
+/// switch); returns when the pause began.
+pub(super) fn pause(run: &mut Run<'_>) -> Result<Instant, SendError> {
     // A throttled disk write must not hold up the pause.
     run.unthrottle_disks();
     run.report.phase(Phase::StopAndCopy);
@@ -34,12 +47,6 @@ pub async fn stop_and_copy(run: &mut Run<'_>, pending: DirtyPages) -> Result<Ins
     if run.disks.is_none() {
         run.vm.sync_disks()?;
     }
-    run.link.session.stop_and_copy()?;
-    let pages = match run.opts.sync {
-        true => DirtyPages { regions: Vec::new() },
-        false => union(&pending, &run.vm.harvest_dirty()?),
-    };
-    send_rest(run, &pages, paused_at).await?;
     Ok(paused_at)
 }
 

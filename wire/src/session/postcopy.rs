@@ -18,13 +18,20 @@
 //!          ◀─────────────────────────PostcopyComplete────[C]─
 //! ```
 //!
+//! With `features::EARLY_COMMIT` the `Commit` follows the `DeviceState` at
+//! once and the destination decides, as in pre-copy: it commits once the
+//! VM is built (its `Ready` and `CommitAck` then come back together), or
+//! aborts. That takes a round trip out of the guest's downtime.
+//!
 //! `[U]` is the urgent stream, `[R]` the request stream (both one-way,
 //! opened at the switch). Pages in post-copy are whole or zero (never a
 //! delta: the destination dropped the page it would apply to) and must be
 //! among the pages the discards named; each may arrive twice (pushed and
 //! requested), never a page the destination holds (the guest may have
 //! written it since). Before `Commit` a failure resumes the guest at the
-//! source as in pre-copy (its memory is whole). After it, neither side
+//! source as in pre-copy (its memory is whole), as does a destination
+//! that answers a resume after the `Commit` with its journal's "not
+//! committed" (the guest never ran there). Otherwise, after it, neither side
 //! alone holds the guest: a failure of the link is ridden out by resuming
 //! on a new connection (the destination says which of the pages arrived,
 //! and asks again for those its vCPUs wait on), and the source keeps every

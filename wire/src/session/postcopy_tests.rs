@@ -82,10 +82,14 @@ enum Step {
     Pump(Stream, Message),
 }
 
-/// A whole post-copy, the link failing before message `fail_at` crosses.
-/// Returns what the failure means for the source, whether the destination
-/// owns the VM, and how many messages crossed.
-fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
+/// Both machines and the destination's page flow where a run stopped, and
+/// how many messages crossed.
+type Stopped = (SourceSession, DestSession, PostcopyPages, usize);
+
+/// A whole post-copy, the link failing before message `fail_at` crosses;
+/// `early`: the `Commit` goes with the device state (the destination reads
+/// it once it is ready, as its driver does).
+fn run(fail_at: usize, early: bool) -> Stopped {
     let (mut src, mut dst) = agreed();
     let mut flow = switched(&mut src, &mut dst);
     let round = flow.round();
@@ -110,13 +114,14 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
         ($s:expr) => {
             let s = $s;
             if !step(&mut src, &mut dst, &mut flow, s) {
-                return (src.on_failure(), dst.owns_vm(), crossed);
+                return (src, dst, flow, crossed);
             }
         };
     }
     cross!(Step::Pump(Stream::Urgent, pages_at(round, &[])));
     cross!(Step::ToSrc(Stream::Requests, PostcopyPages::opening_request()));
     let state = src.device_state(vec![1, 2, 3]).expect("state");
+    let early_commit = early.then(|| src.commit().expect("an early commit"));
     cross!(Step::ToDst(Stream::Control, state));
     // Loading the state faulted on page 15; the answer brings 15..18.
     let ask = flow.request(&[15, 2]).expect("15 is missing");
@@ -126,38 +131,133 @@ fn run(fail_at: usize) -> (FailureOutcome, bool, usize) {
     cross!(Step::Pump(Stream::Bulk, pages_at(round, &[10, 11, 12, 13, 14])));
     cross!(Step::ToSrc(Stream::Control, Message::RoundApplied { round: 0 }));
     let ready = dst.ready().expect("ready");
-    cross!(Step::ToSrc(Stream::Control, ready));
-    let commit = src.commit().expect("commit");
-    cross!(Step::ToDst(Stream::Control, commit));
+    match early_commit {
+        // The destination decides: it takes the commit waiting for it,
+        // then says Ready.
+        Some(commit) => {
+            cross!(Step::ToDst(Stream::Control, commit));
+            cross!(Step::ToSrc(Stream::Control, ready));
+        }
+        None => {
+            cross!(Step::ToSrc(Stream::Control, ready));
+            let commit = src.commit().expect("commit");
+            cross!(Step::ToDst(Stream::Control, commit));
+        }
+    }
     cross!(Step::ToSrc(Stream::Control, Message::CommitAck));
     cross!(Step::Pump(Stream::Bulk, pages_at(round, &[18, 19, 100])));
     assert!(flow.is_complete());
     let complete = dst.postcopy_complete(&flow, PostcopyReport::default()).expect("complete");
     cross!(Step::ToSrc(Stream::Control, complete));
-    (src.on_failure(), dst.owns_vm(), crossed)
+    (src, dst, flow, crossed)
 }
 
 #[test]
 fn a_postcopy_leaves_exactly_one_owner_whatever_fails() {
-    let (last, owns, total) = run(usize::MAX);
-    assert_eq!((last, owns, total), (FailureOutcome::Done, true, 12));
-    let mut seen = Vec::new();
-    for fail_at in 0..=total {
-        let (src, dst_owns, _) = run(fail_at);
-        match src {
-            FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
-            FailureOutcome::InDoubt => {}
-            // The guest ran at the destination: the source must keep it
-            // paused and its pages, and never run it.
-            FailureOutcome::Postcopy | FailureOutcome::Done => {
-                assert!(dst_owns, "nobody runs the VM (fail at {fail_at})")
+    for early in [false, true] {
+        let (src, dst, _, total) = run(usize::MAX, early);
+        assert_eq!((src.on_failure(), dst.owns_vm(), total), (FailureOutcome::Done, true, 12));
+        let mut seen = Vec::new();
+        for fail_at in 0..=total {
+            let (mut src, mut dst, flow, _) = run(fail_at, early);
+            let outcome = src.on_failure();
+            let dst_owns = dst.owns_vm();
+            match outcome {
+                FailureOutcome::ResumeSource => assert!(!dst_owns, "both run the VM (fail at {fail_at})"),
+                // The source reconnects: a destination that committed
+                // takes post-copy up again; one that did not (its attempt
+                // failed with the link) answers from its journal, and the
+                // guest is the source's again.
+                // Committed early, the source first asks for the decision
+                // (a destination that parked before it committed would
+                // resume at the same point as one that runs the guest).
+                FailureOutcome::InDoubt => {
+                    let request = src.resume_request().expect("in doubt, yet no resume");
+                    let journal = if dst_owns { Settlement::PostcopyRunning } else { Settlement::NotCommitted };
+                    if matches!(request, Message::SettleQuery { .. }) {
+                        assert!(early, "a settle query after Ready (fail at {fail_at})");
+                        let heard = src.on_settled(src.id(), journal).expect("the decision");
+                        let want =
+                            if dst_owns { SourceEvent::CommitAcked } else { SourceEvent::Aborted(String::new()) };
+                        assert_eq!(std::mem::discriminant(&heard), std::mem::discriminant(&want), "fail at {fail_at}");
+                    }
+                    match (dst_owns, src.on_failure()) {
+                        (true, _) => {
+                            assert!(matches!(src.resume_request(), Some(Message::Resume { .. })));
+                            let point = dst.resume(flow.arrived_runs()).expect("the destination resumes");
+                            src.on_resumed(&point).expect("the source takes the point");
+                            assert_eq!(src.on_failure(), FailureOutcome::Postcopy);
+                        }
+                        (false, FailureOutcome::InDoubt) => {
+                            let answer = src.on_settled(src.id(), journal);
+                            assert!(matches!(answer, Ok(SourceEvent::Aborted(_))), "fail at {fail_at}: {answer:?}");
+                        }
+                        (false, _) => {}
+                    }
+                    if !dst_owns {
+                        assert_eq!(src.on_failure(), FailureOutcome::ResumeSource, "fail at {fail_at}");
+                    }
+                }
+                // The guest ran at the destination: the source must keep it
+                // paused and its pages, and never run it.
+                FailureOutcome::Postcopy | FailureOutcome::Done => {
+                    assert!(dst_owns, "nobody runs the VM (fail at {fail_at})")
+                }
             }
+            seen.push(outcome);
         }
-        seen.push(src);
+        let all =
+            [FailureOutcome::ResumeSource, FailureOutcome::InDoubt, FailureOutcome::Postcopy, FailureOutcome::Done];
+        for o in all {
+            assert!(seen.contains(&o), "{o:?} never happened (early {early}): {seen:?}");
+        }
     }
-    for o in [FailureOutcome::ResumeSource, FailureOutcome::InDoubt, FailureOutcome::Postcopy, FailureOutcome::Done] {
-        assert!(seen.contains(&o), "{o:?} never happened: {seen:?}");
-    }
+}
+
+#[test]
+fn an_early_commit_in_postcopy_is_the_destinations_to_decide() {
+    let (mut src, mut dst) = agreed();
+    let flow = switched(&mut src, &mut dst);
+    let state = src.device_state(vec![1]).expect("state");
+    src.commit().expect("the commit goes with the state");
+    assert_eq!(src.on_failure(), FailureOutcome::InDoubt);
+    // Requests go on while the destination builds the VM.
+    let req = Message::PageRequest { pages: vec![12] };
+    assert_eq!(src.on_message(Stream::Requests, &req), Ok(SourceEvent::PagesRequested(vec![12])));
+    // It aborts (the state does not load): the guest is the source's again.
+    let mut aborted = src.clone();
+    let abort = Message::Abort { reason: "the device state does not load".into() };
+    assert!(matches!(aborted.on_message(Stream::Control, &abort), Ok(SourceEvent::Aborted(_))));
+    assert_eq!(aborted.on_failure(), FailureOutcome::ResumeSource);
+    // After an outage it asks for the decision before it resumes anything.
+    assert_eq!(src.resume_request(), Some(Message::SettleQuery { migration_id: src.id() }));
+    // Not committed (the attempt there ended, or parked undecided and was
+    // discarded by the query): the guest is the source's again.
+    let mut settled = src.clone();
+    assert!(matches!(settled.on_settled(src.id(), Settlement::NotCommitted), Ok(SourceEvent::Aborted(_))));
+    assert_eq!(settled.on_failure(), FailureOutcome::ResumeSource);
+    // Running there: post-copy goes on, resumed.
+    let mut running = src.clone();
+    assert_eq!(running.on_settled(src.id(), Settlement::PostcopyRunning), Ok(SourceEvent::CommitAcked));
+    assert_eq!(running.on_failure(), FailureOutcome::Postcopy);
+    assert!(matches!(running.resume_request(), Some(Message::Resume { .. })));
+    // Committed with every page there: done. Lost there: nothing decided.
+    let mut whole = src.clone();
+    assert_eq!(whole.on_settled(src.id(), Settlement::Committed), Ok(SourceEvent::CommitAcked));
+    assert!(whole.done());
+    assert!(src.clone().on_settled(src.id(), Settlement::PostcopyLost).is_err());
+    // It committed: Ready, then the acknowledgement, and the pages go on.
+    dst.on_message(Stream::Control, &state).expect("state");
+    src.on_message(Stream::Control, &Message::RoundApplied { round: 0 }).expect("applied");
+    let ready = dst.ready().expect("ready");
+    dst.on_message(Stream::Control, &Message::Commit).expect("commit");
+    assert!(dst.owns_vm());
+    assert_eq!(src.on_message(Stream::Control, &ready), Ok(SourceEvent::Ready));
+    assert!(src.commit().is_err(), "committed already");
+    assert_eq!(src.on_message(Stream::Control, &Message::CommitAck), Ok(SourceEvent::CommitAcked));
+    assert_eq!(src.on_failure(), FailureOutcome::Postcopy);
+    assert!(src.clone().on_settled(src.id(), Settlement::NotCommitted).is_err(), "acknowledged: it committed");
+    assert!(!flow.is_complete());
 }
 
 #[test]

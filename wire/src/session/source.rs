@@ -244,7 +244,18 @@ impl SourceSession {
     /// the link failed before the commit (or, with `SETTLE_ON_RESUME`,
     /// after it and before the destination's decision was heard); `None`
     /// when it cannot resume (not agreed, or decided, or ended).
+    ///
+    /// In post-copy, before the decision on an early commit was heard, it
+    /// is a `SettleQuery` instead: a destination that lost the link before
+    /// it committed (before post-copy started there) may have parked to be
+    /// resumed at the very point a committed one would give, so the source
+    /// asks for the decision first ([`SourceSession::on_settled`]), and
+    /// resumes only a destination that runs the guest.
     pub fn resume_request(&self) -> Option<Message> {
+        if self.postcopy == Postcopy::Started && self.phase == Phase::CommittedEarly {
+            let agreed = features::RESUME | features::SETTLE_ON_RESUME;
+            return (self.features & agreed == agreed).then_some(Message::SettleQuery { migration_id: self.id });
+        }
         let live = match self.postcopy {
             // Before the commit the guest can run here again; after it, the
             // destination (if it committed) needs the pages.
@@ -340,11 +351,15 @@ impl SourceSession {
     }
 
     /// The destination's answer to a `Resume` once the attempt there is
-    /// over: its journal's decision about migration `id` (with
-    /// `SETTLE_ON_RESUME` agreed). Committed (only after `Commit`): the VM
-    /// is the destination's. Not committed: it never will be, the guest is
-    /// this side's again. Anything else decides nothing: the session stays
-    /// where it was (after the commit: in doubt).
+    /// over, or to the `SettleQuery` of a post-copy committed early: its
+    /// journal's decision about migration `id` (with `SETTLE_ON_RESUME`
+    /// agreed). Committed (only after `Commit`): the VM is the
+    /// destination's (in post-copy: with every page). Not committed: it
+    /// never will be, the guest is this side's again. A post-copy running
+    /// there: committed, and the session goes on in post-copy, to be
+    /// resumed (`CommitAcked`; [`SourceSession::resume_request`] is a
+    /// `Resume` now). Anything else decides nothing: the session stays where
+    /// it was (after the commit: in doubt).
     pub fn on_settled(&mut self, id: MigrationId, outcome: Settlement) -> Result<SourceEvent, ProtocolError> {
         if self.resume_request().is_none() || self.features & features::SETTLE_ON_RESUME == 0 {
             return Err(self.unexpected("SettleAnswer"));
@@ -352,12 +367,19 @@ impl SourceSession {
         if id != self.id {
             return Err(violation(format!("a settle answer about migration {id}, not {}", self.id)));
         }
+        let undecided = matches!(self.phase, Phase::CommittedEarly | Phase::CommitSent);
         match outcome {
-            Settlement::Committed if self.committed() && self.postcopy == Postcopy::Off => {
+            Settlement::Committed if self.committed() => {
                 self.phase = Phase::Done;
                 Ok(SourceEvent::CommitAcked)
             }
-            Settlement::NotCommitted if self.postcopy == Postcopy::Off => {
+            Settlement::PostcopyRunning if self.postcopy == Postcopy::Started && undecided => {
+                self.phase = Phase::Postcopy;
+                Ok(SourceEvent::CommitAcked)
+            }
+            // In post-copy too, before the acknowledgement: the guest never
+            // ran there, and its memory here is whole.
+            Settlement::NotCommitted if self.postcopy == Postcopy::Off || undecided => {
                 let reason = "the destination did not commit (it ended the attempt)".to_string();
                 self.phase = Phase::Aborted(reason.clone());
                 Ok(SourceEvent::Aborted(reason))
@@ -393,6 +415,7 @@ impl SourceSession {
             Phase::Transfer { paused: true }
                 | Phase::AwaitReady
                 | Phase::ReadyToCommit
+                | Phase::CommittedEarly
                 | Phase::CommitSent
                 | Phase::Postcopy
         );
