@@ -15,7 +15,7 @@ use wanmig_dedup::ChunkId;
 use wanmig_wire::ChunkParams;
 
 use crate::digest::BlockDigest;
-use crate::io::read_exact_at;
+use crate::io::read_exact_at_sparse;
 
 /// One chunk of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,7 @@ impl<'a> ImageChunker<'a> {
         let want = (self.batch_bytes as u64).min(self.size - self.read_at) as usize;
         let old = data.len();
         data.resize(old + want, 0);
-        read_exact_at(self.file, &mut data[old..], self.read_at)?;
+        read_exact_at_sparse(self.file, &mut data[old..], self.read_at)?;
         if let Some(digest) = digest {
             digest.feed(self.read_at, &data[old..]);
         }

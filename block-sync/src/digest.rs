@@ -16,9 +16,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
-use crate::io::read_exact_at;
+use crate::io::{next_data, read_exact_at};
 
 /// Digest block size.
 pub const BLOCK: u64 = 64 * 1024;
@@ -173,29 +172,6 @@ impl BlockDigest {
 
 /// How a block of zeros is kept in the list (see the module docs).
 const ZERO_BLOCK: [u8; 32] = [0; 32];
-
-/// The file's next data extent `[data, hole)` at or after `from`, or
-/// `(size, size)` when only holes follow. A filesystem without
-/// `SEEK_DATA` reports everything as data.
-fn next_data(file: &File, from: u64, size: u64) -> io::Result<(u64, u64)> {
-    let fd = file.as_raw_fd();
-    // SAFETY: lseek on an open descriptor; no memory is passed.
-    let data = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok((size, size)),
-            Some(libc::EINVAL) => Ok((from, size)),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-    if hole < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(((data as u64).min(size), (hole as u64).min(size)))
-}
 
 #[cfg(test)]
 mod tests {
