@@ -7,7 +7,7 @@
 //! and returns their union as page ranges.
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wanmig_mem_sync::bitmap::{PageRange, merge_into, to_ranges};
@@ -75,6 +75,10 @@ impl DirtyPages {
 /// Guest RAM and its registration with KVM.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// A KVM VM made ahead of its state, this RAM registered with it
+    /// ([`crate::vm::Vm::prepare`]). Declared before `mem`: dropped first,
+    /// so KVM never holds a slot whose mapping is gone.
+    shell: Option<(Kvm, VmFd)>,
     mem: GuestMem,
     dirty_logging: bool,
 }
@@ -95,7 +99,17 @@ impl GuestRam {
             // changes no contents. A refusal (THP disabled) is harmless.
             unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
         }
-        Ok(GuestRam { mem, dirty_logging: false })
+        Ok(GuestRam { shell: None, mem, dirty_logging: false })
+    }
+
+    /// Keeps `vm` (this RAM registered with it) until a VM is built on it.
+    pub(crate) fn keep_shell(&mut self, kvm: Kvm, vm: VmFd) {
+        self.shell = Some((kvm, vm));
+    }
+
+    /// The VM made ahead for this RAM, if any (its slots registered).
+    pub(crate) fn take_shell(&mut self) -> Option<(Kvm, VmFd)> {
+        self.shell.take()
     }
 
     /// The memory, for devices and loaders.

@@ -142,6 +142,18 @@ pub enum VmError {
     Tracking(#[from] crate::tracking::TrackingError),
 }
 
+/// A KVM VM with its in-kernel irqchip and PIT, `ram` registered with it.
+fn shell_for(ram: &mut GuestRam) -> Result<(Kvm, VmFd), VmError> {
+    let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let vm_fd = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
+    vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm("set the TSS address"))?;
+    vm_fd.create_irq_chip().map_err(kvm("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm_fd.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))?;
+    ram.register(&vm_fd, false)?;
+    Ok((kvm_sys, vm_fd))
+}
+
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
@@ -278,17 +290,14 @@ impl Vm {
             true => lock_all(config)?,
             false => Vec::new(),
         };
-        let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-        let vm_fd = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
-        vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm("set the TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm_fd.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))?;
         let mut ram = match ram {
             Some(r) => r,
             None => GuestRam::new(config.memory_bytes())?,
         };
-        ram.register(&vm_fd, false)?;
+        let (kvm_sys, vm_fd) = match ram.take_shell() {
+            Some(shell) => shell,
+            None => shell_for(&mut ram)?,
+        };
 
         let irqfd = |gsi: u32| -> Result<EventFd, VmError> {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -397,6 +406,17 @@ impl Vm {
             vm.attach_tracking();
         }
         Ok(vm)
+    }
+
+    /// Makes the KVM VM that a VM built on `ram` will use, and registers
+    /// `ram` with it, ahead of the state (a destination does this while
+    /// the pages arrive): registering the slots of a large RAM costs KVM
+    /// milliseconds, which would otherwise fall inside the downtime. The
+    /// VM is kept with the RAM until [`Vm::from_incoming`] takes both.
+    pub fn prepare(ram: &mut GuestRam) -> Result<(), VmError> {
+        let (kvm_sys, vm_fd) = shell_for(ram)?;
+        ram.keep_shell(kvm_sys, vm_fd);
+        Ok(())
     }
 
     /// Creates a VM, writes its ACPI tables and loads its guest, ready to

@@ -321,7 +321,14 @@ impl Attempt<'_> {
         };
         let ram = match sync {
             true => None,
-            false => Some(GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?),
+            false => {
+                let mut ram = GuestRam::new(admission.config.memory_bytes()).map_err(|e| error_chain(&e))?;
+                // The KVM VM is made (and the RAM registered with it) now,
+                // not inside the downtime. Best effort: where it fails, the
+                // VM's build makes its own, and says why if it cannot.
+                let _ = wanmig_vmm::vm::Vm::prepare(&mut ram);
+                Some(ram)
+            }
         };
         Ok((disks, ram))
     }
