@@ -718,14 +718,10 @@ fn a_link_lost_after_an_early_commit_the_destination_decided_is_settled_by_the_r
     assert_decided_on_resume(&s, &vm, r, "Committed", writes);
 }
 
-#[test]
-fn a_link_lost_before_the_destination_decided_an_early_commit_sends_the_rest_again() {
-    let s = setup_early_resumable();
-    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
-    let (src, dst, link) = Conn::mem_pair();
-    // An outage from the moment the bulk stream ended: the device state and
-    // the early Commit leave this side and never arrive; the connection
-    // dies a little later.
+/// An outage from the moment the source reads the device state: the link
+/// stalls (what is sent from then on never arrives) and is cut 200 ms
+/// later. Returns where the guest's write count will be kept at that moment.
+fn outage_from_the_state(vm: &FakeVm, link: &wanmig_transport::mem::Link) -> Arc<AtomicU64> {
     let (outage, at_pause) = (link.clone(), Arc::new(AtomicU64::new(u64::MAX)));
     let (guest, seen) = (vm.guest.clone(), at_pause.clone());
     *vm.on_state.lock().expect("lock") = Some(Box::new(move || {
@@ -736,6 +732,18 @@ fn a_link_lost_before_the_destination_decided_an_early_commit_sends_the_rest_aga
             outage.cut();
         });
     }));
+    at_pause
+}
+
+#[test]
+fn a_link_lost_before_the_destination_decided_an_early_commit_sends_the_rest_again() {
+    let s = setup_early_resumable();
+    let mut vm = FakeVm::deterministic(&s.src_dir, 300);
+    let (src, dst, link) = Conn::mem_pair();
+    // An outage from the moment the bulk stream ended: the device state and
+    // the early Commit leave this side and never arrive; the connection
+    // dies a little later.
+    let at_pause = outage_from_the_state(&vm, &link);
     let mut host = FakeHost { refuse: false };
     let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
     assert_decided_on_resume(&s, &vm, r, wanmig_migrate::source::TAKEN_UP_AGAIN, at_pause.load(Ordering::SeqCst));
@@ -754,14 +762,7 @@ fn a_link_lost_before_the_destination_decided_a_postcopy_gives_the_guest_back_on
     // start of post-copy: the destination parks undecided, where it would
     // resume at the point a committed post-copy gives. So the source asks
     // for the decision first (a settle query) and hears "not committed".
-    let outage = link.clone();
-    *vm.on_state.lock().expect("lock") = Some(Box::new(move || {
-        outage.stall();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            outage.cut();
-        });
-    }));
+    outage_from_the_state(&vm, &link);
     let mut host = FakeHost { refuse: false };
     let r = run_resumable(&s, &mut vm, &mut host, &steady(&s), (src, dst, link));
     let ends = Ends {
