@@ -291,7 +291,10 @@ pub async fn run_postcopy(
             None => {
                 let commit = std::mem::take(&mut commit_early);
                 let opened = open_serving(run, journal, rec, &streams, urgent.take(), commit).await;
-                opened.map(|t| task = Some(t)).map(|()| false)
+                opened.map(|t| {
+                    task = Some(t);
+                    false
+                })
             }
         };
         match r {

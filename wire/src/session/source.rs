@@ -252,13 +252,11 @@ impl SourceSession {
     /// asks for the decision first ([`SourceSession::on_settled`]), and
     /// resumes only a destination that runs the guest.
     pub fn resume_request(&self) -> Option<Message> {
-        if self.postcopy == Postcopy::Started && self.phase == Phase::CommittedEarly {
-            let agreed = features::RESUME | features::SETTLE_ON_RESUME;
-            return (self.features & agreed == agreed).then_some(Message::SettleQuery { migration_id: self.id });
-        }
+        let early_postcopy = self.postcopy == Postcopy::Started && self.phase == Phase::CommittedEarly;
         let live = match self.postcopy {
             // Before the commit the guest can run here again; after it, the
             // destination (if it committed) needs the pages.
+            Postcopy::Started if early_postcopy => self.features & features::SETTLE_ON_RESUME != 0,
             Postcopy::Started => matches!(self.phase, Phase::CommitSent | Phase::Postcopy),
             Postcopy::Switching => false,
             Postcopy::Off => match self.phase {
@@ -267,8 +265,13 @@ impl SourceSession {
                 _ => false,
             },
         };
-        (live && self.features & features::RESUME != 0)
-            .then_some(Message::Resume { migration_id: self.id, secret: self.secret })
+        if !live || self.features & features::RESUME == 0 {
+            return None;
+        }
+        Some(match early_postcopy {
+            true => Message::SettleQuery { migration_id: self.id },
+            false => Message::Resume { migration_id: self.id, secret: self.secret },
+        })
     }
 
     /// The destination's answer to a `Resume`: checked against what was
